@@ -1,0 +1,92 @@
+"""Command line: a table of subcommands, each mapped to `module:function`.
+
+Only argparse is imported here, so `tunelab --help` answers instantly; the module behind a subcommand (and torch) is
+imported when that subcommand runs. Each target function takes the parsed `argparse.Namespace` and returns an exit
+code (or None for 0). A `UserError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+A = lambda *flags, **kw: (flags, kw)  # noqa: E731  (an argument spec: flags + argparse kwargs)
+
+OVERRIDES = A("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. training.learning_rate=1e-4")
+MODEL_ARGS = [
+    A("--model", default="embedded:smollm2-135m-instruct", help="hub id, local dir or embedded:NAME"),
+    A("--adapter", default=None, help="a PEFT adapter directory to apply over --model"),
+    A("--run", default=None, help="a run directory: use its final model/adapter (and its base model)"),
+]
+
+# name -> (target, help, [argument specs])
+COMMANDS: dict[str, tuple[str, str, list]] = {
+    "train": ("tunelab.train:main", "train from a YAML config", [
+        A("config", help="path to a YAML config (see configs/)"),
+        OVERRIDES,
+        A("--overwrite", action="store_true", help="delete an existing run directory of the same name and start over"),
+    ]),
+    "quickstart": ("tunelab.quickstart:main", "fine-tune the embedded model on bundled GSM8K and show before/after", [
+        A("--config", default=None, help="config to use (default: configs/quickstart.yaml, or the packaged copy)"),
+        OVERRIDES,
+        A("--eval-n", type=int, default=50, help="held-out questions scored before and after"),
+        A("--overwrite", action="store_true", help="start the quickstart run over"),
+    ]),
+}
+
+
+def _add(sub, name: str, spec) -> None:
+    target, help_text, args = spec
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    for flags, kw in args:
+        p.add_argument(*flags, **kw)
+    p.set_defaults(_target=target)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune open LLMs end to end.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, spec in COMMANDS.items():
+        if isinstance(spec, dict):  # a command group, e.g. `tunelab data inspect`
+            group = sub.add_parser(name, help=spec["help"], description=spec["help"])
+            gsub = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+            for sub_name, sub_spec in spec["commands"].items():
+                _add(gsub, sub_name, sub_spec)
+        else:
+            _add(sub, name, spec)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from tunelab import __version__
+
+        print(__version__)
+        return 0
+    if not getattr(args, "_target", None):
+        parser.print_help()
+        return 0
+    from tunelab.errors import UserError
+
+    module_name, func_name = args._target.split(":")
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `tunelab ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,240 @@
+"""Typed run configuration.
+
+One pydantic model per concern (model, data, method, adapter, quantization, training, output, eval). Every model
+forbids unknown keys, so a typo is an error naming the nearest valid key instead of a silently ignored setting.
+A method's own options live in the method's file (`methods/<name>.py: Config`) and are checked against it here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tunelab.errors import UserError, suggest
+
+EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    source: str = Field(EMBEDDED_DEFAULT, description="hub id, local directory, or embedded:NAME")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weight dtype; auto follows training.precision")
+    trust_remote_code: bool = Field(False, description="run model code from the hub; off unless you trust it")
+    attn_implementation: str | None = Field(None, description="eager | sdpa | flash_attention_2; None = library default")
+    chat_template: str | None = Field(None, description="a Jinja chat template (or a file path) replacing the model's")
+
+
+class SourceConfig(Section):
+    path: str = Field(..., description="local file/dir/glob or hub dataset id")
+    weight: float = Field(1.0, gt=0, description="mixing weight relative to other sources")
+    split: str | None = Field(None, description="hub split (e.g. train)")
+    name: str | None = Field(None, description="hub dataset config name")
+
+
+class DataConfig(Section):
+    train: str | list[str | SourceConfig] = Field(
+        "bundled:gsm8k/train", description="training data: a path, bundled:NAME, or a list of sources with weights")
+    validation: str | list[str | SourceConfig] | None = Field(None, description="separate validation data")
+    format: str = Field("auto", description="auto, or messages | sharegpt | alpaca | qa | ... (see tunelab data inspect)")
+    columns: dict[str, str] = Field(default_factory=dict, description="rename map: your field -> expected field")
+    val_split: float = Field(0.0, ge=0, lt=1, description="fraction of train held out for validation")
+    subset: int | None = Field(None, gt=0, description="use only N randomly chosen training rows")
+    seed: int = Field(42, description="seed for subset, split and shuffling")
+    max_length: int = Field(1024, gt=8, description="max tokens per sample")
+    overlong: Literal["truncate", "drop", "error"] = Field("truncate", description="what to do with longer samples")
+    system_prompt: str | None = Field(None, description="system prompt added to conversations that have none")
+    dedupe: bool = Field(False, description="drop exact duplicate rows")
+    packing: bool = Field(False, description="pack samples into max_length rows (SFT)")
+    padding_free: bool = Field(False, description="concatenate a batch without padding, positions kept apart (SFT)")
+
+
+class MethodConfig(BaseModel):
+    """`name` picks the method; every other key is checked against that method's own Config."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field("sft", description="sft | dpo | orpo | kto | simpo | reward | ppo | grpo | distill")
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class AdapterConfig(Section):
+    type: Literal["none", "lora", "dora", "prefix", "prompt", "ptuning", "ia3"] = Field(
+        "lora", description="none = full fine-tuning")
+    r: int = Field(16, gt=0, description="LoRA rank")
+    alpha: int = Field(32, gt=0, description="LoRA alpha (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="which biases train")
+    target_modules: str | list[str] = Field("all-linear", description="'all-linear' or a list of module names")
+    modules_to_save: list[str] | None = Field(None, description="extra modules trained fully and saved")
+    use_rslora: bool = Field(False, description="rank-stabilized LoRA scaling alpha/sqrt(r)")
+    num_virtual_tokens: int = Field(20, gt=0, description="prefix / prompt / P-tuning: virtual tokens")
+    prompt_init_text: str | None = Field(None, description="prompt tuning: initialize from this text")
+    encoder_hidden_size: int = Field(128, gt=0, description="P-tuning prompt encoder width")
+    prefix_projection: bool = Field(False, description="prefix tuning: reparameterize through an MLP")
+
+
+class QuantizationConfig(Section):
+    bits: Literal[None, 4, 8] = Field(None, description="load the base in 4-bit (QLoRA) or 8-bit; None = off")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
+    double_quant: bool = Field(True, description="quantize the quantization constants too")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="4-bit matmul dtype")
+
+
+class TrainingConfig(Section):
+    epochs: float = Field(1.0, gt=0, description="passes over the training data (ignored when max_steps > 0)")
+    max_steps: int = Field(-1, description="optimizer steps; -1 = use epochs")
+    learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
+                       "polynomial", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of steps spent warming up")
+    warmup_steps: int = Field(0, ge=0, description="warmup steps (overrides warmup_ratio when > 0)")
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, gt=0, description="per-device batch size")
+    grad_accum: int = Field(1, gt=0, description="gradient accumulation steps")
+    optimizer: str = Field("adamw_torch", description="adamw_torch | adamw_8bit | paged_adamw_32bit | ... (TrainingArguments optim)")
+    max_grad_norm: float = Field(1.0, ge=0)
+    gradient_checkpointing: bool = False
+    group_by_length: bool = Field(True, description="batch samples of similar length (less padding); TRL default False")
+    logging_steps: int = Field(1, gt=0)
+    eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps (needs validation data)")
+    save_steps: int = Field(50, gt=0, description="checkpoint every N steps")
+    save_total_limit: int | None = Field(2, gt=0, description="keep the last K checkpoints")
+    seed: int = 42
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto = bf16 where the hardware has it (also on CPU), else fp32")
+    report_to: list[str] = Field(default_factory=list, description="tensorboard | wandb | mlflow")
+
+
+class OutputConfig(Section):
+    dir: str = Field("runs", description="parent directory of runs")
+    name: str | None = Field(None, description="run name; default: the config file's name")
+    resume: Literal["auto", "never"] = Field(
+        "auto", description="auto: continue from the last complete checkpoint; never: refuse an existing run")
+
+
+class EvalConfig(Section):
+    task: str | None = Field(None, description="optional task metric during training, e.g. gsm8k")
+    task_samples: int = Field(50, gt=0)
+    early_stopping_patience: int | None = Field(None, gt=0)
+    early_stopping_min_delta: float = 0.0
+    metric: str = Field("eval_loss", description="metric used for best checkpoint / early stopping")
+    greater_is_better: bool = False
+
+
+class RunConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: MethodConfig) -> MethodConfig:
+        from tunelab.methods import METHODS
+
+        if v.name not in METHODS:
+            raise ValueError(f"unknown method '{v.name}'{suggest(v.name, METHODS)}; known: {', '.join(METHODS)}")
+        return v
+
+    def method_options(self):
+        """The method's own typed options (its `Config`), validated; imports the method module."""
+        from tunelab.methods import method_module
+
+        mod = method_module(self.method.name)
+        try:
+            return mod.Config(**self.method.options())
+        except ValidationError as e:
+            raise UserError(_explain(e, prefix="method", model=mod.Config)) from None
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json")
+        data["method"] = {"name": self.method.name, **self.method.options()}
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def _valid_keys(model: type[BaseModel], path: tuple) -> list[str]:
+    """All dotted keys under `path` of a pydantic model class (for suggestions)."""
+    for part in path:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _explain(err: ValidationError, prefix: str = "", model: type[BaseModel] = RunConfig) -> str:
+    e = err.errors()[0]
+    loc = tuple(x for x in e["loc"] if not isinstance(x, int))
+    key = ".".join([prefix, *map(str, loc)] if prefix else map(str, loc))
+    if e["type"] == "extra_forbidden":
+        parent, leaf = loc[:-1], str(loc[-1])
+        choices = _valid_keys(model, parent)
+        hint = suggest(leaf, choices)
+        if not hint and choices:
+            hint = f" (valid keys here: {', '.join(choices)})"
+        return f"unknown config key '{key}'{hint}"
+    got = e.get("input")
+    got_s = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+    return f"config key '{key}': {e['msg']}{got_s}"
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['training.learning_rate=1e-4', ...] -> nested dict; values are parsed as YAML (numbers, lists, bools)."""
+    out: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not key=value (e.g. training.learning_rate=1e-4)")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+    return out
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, **defaults) -> RunConfig:
+    """Read a YAML config, apply dotted overrides, validate. Errors are one-line `UserError`s."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise UserError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: a config must be a mapping of sections (model:, data:, training:, ...)")
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    try:
+        cfg = RunConfig(**raw)
+    except ValidationError as e:
+        raise UserError(_explain(e)) from None
+    if path is not None and cfg.output.name is None:
+        cfg.output.name = Path(path).stem
+    cfg.method_options()  # check the method's own keys now, not after the model has loaded
+    return cfg

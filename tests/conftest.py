@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random models built from configs (2 layers, hidden 64) with SmolLM2's real tokenizer.
+
+The tokenizer under tests/assets/tokenizer is SmolLM2-135M-Instruct's (with its chat template), so tests exercise
+the real template, EOS and loss-mask logic while the model stays small enough for 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ASSETS = Path(__file__).parent / "assets"
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def build_tiny_model(path: Path, arch: str = "llama", seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
+    cfg = AutoConfig.for_model(
+        arch, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """Directory of a tiny random Llama with SmolLM2's tokenizer and chat template."""
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_data(tmp_path_factory) -> str:
+    """A small OpenAI-messages JSONL: the same few short Q/A pairs repeated, so a tiny model can fit them."""
+    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    pairs = [("What is 2+2?", "2+2 = 4.\n#### 4"), ("What is 3+5?", "3+5 = 8.\n#### 8"),
+             ("Say hi.", "Hi there!"), ("Name a color.", "Blue.")]
+    with open(path, "w") as f:
+        for i in range(32):
+            q, a = pairs[i % len(pairs)]
+            f.write(json.dumps({"messages": [{"role": "user", "content": q},
+                                             {"role": "assistant", "content": a}]}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def embedded_model() -> str:
+    """Path of the embedded SmolLM2-135M-Instruct (converted once into the tunelab cache)."""
+    from tunelab.models import embedded_path
+
+    return str(embedded_path("smollm2-135m-instruct"))
+
+
+def shared_data(rel: str) -> Path:
+    p = SHARED_DATA / rel
+    if not p.exists():
+        pytest.skip(f"../shared/data/{rel} is not present")
+    return p
