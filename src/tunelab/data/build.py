@@ -78,3 +78,12 @@ def encode_records(tok, records: list[dict], data_cfg) -> tuple[list[dict], dict
         raise UserError("no trainable samples after filtering (all were dropped as over-long or had no assistant "
                         "reply); check data.max_length and the data")
     return rows, stats
+
+
+def prepare_sft(data_cfg, tok) -> tuple[list[dict], list[dict], dict]:
+    """Tokenized train and validation rows for SFT-style methods, plus counts for the report."""
+    train_rec, val_rec = train_val_records(data_cfg)
+    train, stats = encode_records(tok, train_rec, data_cfg)
+    val = encode_records(tok, val_rec, data_cfg)[0] if val_rec else []
+    stats["validation_samples"] = len(val)
+    return train, val, stats
