@@ -33,27 +33,84 @@ class ModelConfig(Section):
 
 
 class SourceConfig(Section):
-    path: str = Field(..., description="local file/dir/glob or hub dataset id")
-    weight: float = Field(1.0, gt=0, description="mixing weight relative to other sources")
-    split: str | None = Field(None, description="hub split (e.g. train)")
+    path: str = Field(..., description="local file/dir/glob, bundled:NAME, or hub dataset id")
+    weight: float = Field(1.0, gt=0, description="mixing weight: 2 = every row twice, 0.5 = a random half")
+    split: str | None = Field(None, description="hub split (default train)")
     name: str | None = Field(None, description="hub dataset config name")
+    revision: str | None = Field(None, description="hub revision (pin it so the preprocessing cache cannot drift)")
+    format: str | None = Field(None, description="this source's format when it differs from data.format")
+    columns: dict[str, str] | None = Field(None, description="this source's rename map (your field -> expected)")
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v):
+        return _check_format(v) if v is not None else v
+
+
+def _check_format(v: str) -> str:
+    from tunelab.data.formats import ALIASES, FORMATS
+
+    if v != "auto" and v not in FORMATS and v not in ALIASES:
+        raise ValueError(f"unknown data format '{v}'{suggest(v, [*FORMATS, *ALIASES])}; "
+                         f"known: auto, {', '.join(FORMATS)}")
+    return v
+
+
+Sources = str | SourceConfig | list[str | SourceConfig]
 
 
 class DataConfig(Section):
-    train: str | list[str | SourceConfig] = Field(
-        "bundled:gsm8k/train", description="training data: a path, bundled:NAME, or a list of sources with weights")
-    validation: str | list[str | SourceConfig] | None = Field(None, description="separate validation data")
-    format: str = Field("auto", description="auto, or messages | sharegpt | alpaca | qa | ... (see tunelab data inspect)")
+    train: Sources = Field(
+        "bundled:gsm8k/train", description="training data: a path, dir, glob, bundled:NAME, hub id, or a list of "
+        "sources (with weights) mixed together")
+    validation: Sources | None = Field(None, description="separate validation data (then val_split is not used)")
+    format: str = Field("auto", description="auto (detect from field names and values), or one of: messages, "
+                        "sharegpt, alpaca, dolly, prompt_completion, text, qa, dialogue_summary, preference, hh_rlhf, "
+                        "kto (see tunelab data inspect)")
     columns: dict[str, str] = Field(default_factory=dict, description="rename map: your field -> expected field")
     val_split: float = Field(0.0, ge=0, lt=1, description="fraction of train held out for validation")
     subset: int | None = Field(None, gt=0, description="use only N randomly chosen training rows")
-    seed: int = Field(42, description="seed for subset, split and shuffling")
+    shuffle: bool = Field(True, description="shuffle the (mixed) training rows before subset/split")
+    seed: int = Field(42, description="seed for mixing, subset, split and shuffling")
     max_length: int = Field(1024, gt=8, description="max tokens per sample")
     overlong: Literal["truncate", "drop", "error"] = Field("truncate", description="what to do with longer samples")
+    on_invalid: Literal["error", "skip"] = Field(
+        "error", description="a malformed or invalid row: stop with its file:line, or skip it (counted and reported)")
     system_prompt: str | None = Field(None, description="system prompt added to conversations that have none")
     dedupe: bool = Field(False, description="drop exact duplicate rows")
     packing: bool = Field(False, description="pack samples into max_length rows (SFT)")
     padding_free: bool = Field(False, description="concatenate a batch without padding, positions kept apart (SFT)")
+    cache: bool = Field(True, description="cache tokenized data on disk, keyed by data, tokenizer, template, settings")
+    cache_dir: str | None = Field(None, description="where the data cache lives (default: $TUNELAB_CACHE/data)")
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v):
+        return _check_format(v)
+
+    @field_validator("train", "validation", mode="before")
+    @classmethod
+    def _sources(cls, v):
+        # Build source mappings here so a mistake in one reads as one line about that source, not as pydantic's
+        # report on every member of the str | SourceConfig | list union.
+        if not isinstance(v, (list, dict)):
+            return v
+        out = []
+        for item in v if isinstance(v, list) else [v]:
+            if not isinstance(item, dict):
+                out.append(item)
+                continue
+            unknown = [k for k in item if k not in SourceConfig.model_fields]
+            if unknown:
+                raise ValueError(f"unknown source key '{unknown[0]}'{suggest(unknown[0], SourceConfig.model_fields)} "
+                                 f"(valid: {', '.join(SourceConfig.model_fields)})")
+            try:
+                out.append(SourceConfig(**item))
+            except ValidationError as e:
+                err = e.errors()[0]
+                where = ".".join(str(x) for x in err["loc"]) or "path"
+                raise ValueError(f"source {item.get('path', '(no path)')!r}: {where}: {err['msg']}") from None
+        return out if isinstance(v, list) else out[0]
 
 
 class MethodConfig(BaseModel):

@@ -1,76 +1,170 @@
-"""From `cfg.data` to tokenized train/validation sets: read -> normalize -> dedupe/subset/split -> encode."""
+"""From `cfg.data` to what a method trains on: read -> normalize -> dedupe/mix -> shuffle/subset/split -> encode.
+
+`prepare_sft` gives tokenized rows with the assistant-only loss mask (cached on disk); `prepare_preference`,
+`prepare_kto` and `prepare_prompts` give TRL-ready conversational rows for DPO/ORPO/SimPO/reward, KTO and GRPO/PPO.
+Each returns (train rows, validation rows, stats); the stats are JSON-ready counts for the run report.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 
-from tunelab.data import formats, render
-from tunelab.data.sources import read_source
+from tunelab.data import cache, formats, render
+from tunelab.data.sources import fingerprint, read_source
 from tunelab.errors import UserError
 
+log = logging.getLogger(__name__)
+MAX_PROBLEMS_SHOWN = 5
 
-def _source_list(spec) -> list[str]:
+
+def _source_list(spec) -> list:
     if spec is None:
         return []
-    items = spec if isinstance(spec, list) else [spec]
-    return [s if isinstance(s, str) else s.path for s in items]
+    return list(spec) if isinstance(spec, list) else [spec]
 
 
-def load_records(spec, data_cfg) -> list[dict]:
-    records = []
-    for src in _source_list(spec):
-        rows = read_source(src)
-        records += formats.normalize(rows, data_cfg.format, src, data_cfg.columns)
-    if data_cfg.system_prompt:
-        for r in records:
-            msgs = r.get("messages")
-            if msgs and msgs[0]["role"] != "system":
-                msgs.insert(0, {"role": "system", "content": data_cfg.system_prompt})
-    if data_cfg.dedupe:
-        seen, kept = set(), []
-        for r in records:
-            key = json.dumps(r, sort_keys=True)
-            if key not in seen:
-                seen.add(key)
-                kept.append(r)
-        records = kept
+def _src_path(src) -> str:
+    return src if isinstance(src, str) else src.path
+
+
+def _dedupe_key(rec: dict) -> str:
+    return json.dumps({k: v for k, v in rec.items() if k != "origin"}, sort_keys=True)
+
+
+def _new_info() -> dict:
+    return {"formats": {}, "rows": 0, "invalid_skipped": 0, "problems": [], "duplicates": 0, "duplicates_removed": 0}
+
+
+def load_source(src, data_cfg, info: dict | None = None) -> list[dict]:
+    """Normalized records of one source, with that source's own format/columns when it sets them."""
+    info = info if info is not None else _new_info()
+    skip = getattr(data_cfg, "on_invalid", "error") == "skip"
+    problems: list[str] | None = [] if skip else None
+    rows = read_source(src, problems)
+    unreadable = len(problems or [])  # malformed lines skipped while reading
+    path = _src_path(src)
+    own = not isinstance(src, str)  # a SourceConfig may set its own format and columns
+    fmt = (own and src.format) or data_cfg.format
+    columns = (own and src.columns) or data_cfg.columns
+    name, records = formats.normalize_rows(rows, fmt, path, columns, problems)
+    info["formats"][path] = name
+    info["rows"] += len(rows) + unreadable
+    if problems:
+        info["invalid_skipped"] += len(problems)
+        info["problems"] += problems[: MAX_PROBLEMS_SHOWN - len(info["problems"])]
+    if not records:
+        raise UserError(f"{path}: no usable rows" + (f" ({len(problems)} invalid rows skipped; first: {problems[0]})"
+                                                     if problems else ""))
     return records
 
 
-def train_val_records(data_cfg) -> tuple[list[dict], list[dict]]:
-    train = load_records(data_cfg.train, data_cfg)
+def _weighted(records: list[dict], weight: float, rng: random.Random) -> list[dict]:
+    """weight 2 -> every record twice; 0.5 -> a random half; 1.5 -> all once plus a random half."""
+    whole, frac = int(weight), weight - int(weight)
+    out = records * whole
+    extra = round(frac * len(records))
+    if extra:
+        out += [records[i] for i in sorted(rng.sample(range(len(records)), extra))]
+    return out
+
+
+def load_records(spec, data_cfg, info: dict | None = None) -> list[dict]:
+    """All records of one or more sources: normalized, deduplicated (if asked) and mixed by their weights.
+
+    `info` (optional dict) receives what happened: formats per source, rows read, invalid rows skipped, duplicates.
+    """
+    info = info if info is not None else _new_info()
+    for k, v in _new_info().items():
+        info.setdefault(k, v)
+    sources = _source_list(spec)
+    rng = random.Random(data_cfg.seed)
+    seen: set[str] = set()
+    records: list[dict] = []
+    for src in sources:
+        recs = load_source(src, data_cfg, info)
+        if data_cfg.system_prompt:
+            for r in recs:
+                msgs = r.get("messages", r.get("prompt"))
+                if msgs and msgs[0]["role"] != "system":
+                    msgs.insert(0, {"role": "system", "content": data_cfg.system_prompt})
+        kept = []
+        for r in recs:
+            key = _dedupe_key(r)
+            if key in seen:
+                info["duplicates"] += 1
+                if data_cfg.dedupe:
+                    info["duplicates_removed"] += 1
+                    continue
+            seen.add(key)
+            kept.append(r)
+        weight = 1.0 if isinstance(src, str) else src.weight
+        records += _weighted(kept, weight, rng) if weight != 1.0 else kept
+    if sources and not records:
+        raise UserError(f"data: nothing left of {', '.join(map(_src_path, sources))} after filtering")
+    return records
+
+
+def train_val_records(data_cfg, info: dict | None = None) -> tuple[list[dict], list[dict]]:
+    info = info if info is not None else _new_info()
+    train = load_records(data_cfg.train, data_cfg, info)
     if not train:
         raise UserError("data.train: the training data is empty")
     rng = random.Random(data_cfg.seed)
+    if getattr(data_cfg, "shuffle", True):
+        rng.shuffle(train)
     if data_cfg.subset and data_cfg.subset < len(train):
         train = [train[i] for i in sorted(rng.sample(range(len(train)), data_cfg.subset))]
-    val = load_records(data_cfg.validation, data_cfg) if data_cfg.validation else []
-    if data_cfg.val_split and not val:
+    val = load_records(data_cfg.validation, data_cfg, info) if data_cfg.validation else []
+    if data_cfg.val_split and not data_cfg.validation:
+        n_val = max(1, int(round(len(train) * data_cfg.val_split)))
+        if n_val >= len(train):
+            raise UserError(f"data.val_split={data_cfg.val_split} leaves no training rows out of {len(train)}; "
+                            "lower it or add data")
         idx = list(range(len(train)))
         rng.shuffle(idx)
-        n_val = max(1, int(round(len(train) * data_cfg.val_split)))
         val_idx = set(idx[:n_val])
         val = [r for i, r in enumerate(train) if i in val_idx]
         train = [r for i, r in enumerate(train) if i not in val_idx]
     return train, val
 
 
+# ------------------------------------------------------------------------------------------------------------ SFT
+
+def encode_text(tok, text: str, max_length: int | None = None) -> render.Encoded:
+    """Language-modelling sample: every token trained, ending with EOS so the model learns to stop."""
+    ids = tok(text, add_special_tokens=True)["input_ids"]
+    if tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
+        ids = ids + [tok.eos_token_id]
+    truncated = max_length is not None and len(ids) > max_length
+    ids = ids[:max_length] if truncated else ids
+    return render.Encoded(list(ids), list(ids), truncated)
+
+
+def encode_record(tok, rec: dict, max_length: int | None = None) -> render.Encoded:
+    if "text" in rec:
+        return encode_text(tok, rec["text"], max_length)
+    return render.encode_conversation(tok, formats.conversation(rec), max_length)
+
+
 def encode_records(tok, records: list[dict], data_cfg) -> tuple[list[dict], dict]:
     """Token rows {input_ids, labels} and counts of what happened to over-long samples."""
-    rows, stats = [], {"samples": 0, "truncated": 0, "dropped": 0}
+    rows, stats = [], {"samples": 0, "truncated": 0, "dropped": 0, "no_reply": 0}
     for i, r in enumerate(records):
-        enc = render.encode_conversation(tok, r["messages"], data_cfg.max_length)
+        enc = encode_record(tok, r, data_cfg.max_length)
         if enc.truncated:
             if data_cfg.overlong == "error":
-                raise UserError(f"sample {i} is longer than data.max_length={data_cfg.max_length} tokens; raise "
+                where = r.get("origin", f"sample {i}")
+                raise UserError(f"{where}: sample is longer than data.max_length={data_cfg.max_length} tokens; raise "
                                 "data.max_length or set data.overlong to truncate or drop")
             if data_cfg.overlong == "drop":
                 stats["dropped"] += 1
                 continue
             stats["truncated"] += 1
         if all(lab == render.IGNORE for lab in enc.labels):
-            stats["dropped"] += 1  # nothing to learn from (e.g. truncated before the reply)
+            stats["no_reply"] += 1  # nothing to learn from (no assistant turn, or truncated before the reply)
+            stats["dropped"] += 1
             continue
         rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
     stats["samples"] = len(rows)
@@ -80,10 +174,141 @@ def encode_records(tok, records: list[dict], data_cfg) -> tuple[list[dict], dict
     return rows, stats
 
 
+def _report(info: dict) -> dict:
+    return {"formats": info["formats"], "rows_read": info["rows"], "invalid_skipped": info["invalid_skipped"],
+            "invalid_examples": info["problems"], "duplicates": info["duplicates"],
+            "duplicates_removed": info["duplicates_removed"]}
+
+
+def _source_prints(data_cfg) -> list[str]:
+    return [fingerprint(s) for s in _source_list(data_cfg.train) + _source_list(data_cfg.validation)]
+
+
 def prepare_sft(data_cfg, tok) -> tuple[list[dict], list[dict], dict]:
-    """Tokenized train and validation rows for SFT-style methods, plus counts for the report."""
-    train_rec, val_rec = train_val_records(data_cfg)
+    """Tokenized train and validation rows for SFT-style methods, plus counts for the report.
+
+    Cached on disk (see `cache`): a repeated or resumed job with the same data, tokenizer, template and settings
+    reads the rows back instead of re-tokenizing; a damaged cache file is rebuilt.
+    """
+    use_cache = getattr(data_cfg, "cache", True)
+    key = path = None
+    status = "off"
+    if use_cache:
+        key = cache.make_key("sft", data_cfg, tok, _source_prints(data_cfg))
+        path = cache.path_for(data_cfg, "sft", key)
+        payload, status = cache.load(path, key)
+        if payload is not None:
+            stats = dict(payload["stats"], cache="hit", cache_path=str(path))
+            return payload["train"], payload["validation"], stats
+        if status == "corrupt":
+            log.warning("data cache %s is damaged; rebuilding it", path)
+    info = _new_info()
+    train_rec, val_rec = train_val_records(data_cfg, info)
     train, stats = encode_records(tok, train_rec, data_cfg)
-    val = encode_records(tok, val_rec, data_cfg)[0] if val_rec else []
+    val, val_stats = encode_records(tok, val_rec, data_cfg) if val_rec else ([], {})
     stats["validation_samples"] = len(val)
+    stats["validation_truncated"] = val_stats.get("truncated", 0)
+    stats["validation_dropped"] = val_stats.get("dropped", 0)
+    stats.update(_report(info))
+    if use_cache:
+        try:
+            cache.save(path, key, {"train": train, "validation": val, "stats": stats})
+        except OSError as e:  # a read-only or full disk costs the cache, not the run
+            log.warning("could not write the data cache %s: %s", path, e)
+            status = "unwritable"
+        stats["cache"] = {"miss": "built", "corrupt": "rebuilt"}.get(status, status)
+        stats["cache_path"] = str(path)
+    else:
+        stats["cache"] = "off"
+    return train, val, stats
+
+
+# ------------------------------------------------------------------------------------ preference / KTO / prompts
+
+def _need(records: list[dict], kinds: set[str], method_kind: str, data_cfg) -> None:
+    bad = next((r for r in records if formats.kind_of(r) not in kinds), None)
+    if bad is not None:
+        raise UserError(f"{bad.get('origin', 'data')}: this method needs {method_kind} data, but the data is "
+                        f"{formats.kind_of(bad)} records (format {data_cfg.format}); see `tunelab data inspect`")
+
+
+def _length_filter(tok, records: list[dict], data_cfg, parts, stats: dict) -> list[dict]:
+    """Apply data.overlong to the rendered length of each record's longest conversation."""
+    if tok is None:
+        return records
+    out = []
+    for r in records:
+        n = max(len(tok(render.render(tok, msgs), add_special_tokens=False)["input_ids"]) for msgs in parts(r))
+        if n > data_cfg.max_length:
+            stats["overlong"] += 1
+            if data_cfg.overlong == "error":
+                raise UserError(f"{r.get('origin', 'data')}: sample is {n} tokens, longer than data.max_length="
+                                f"{data_cfg.max_length}; raise it or set data.overlong to truncate or drop")
+            if data_cfg.overlong == "drop":
+                stats["dropped"] += 1
+                continue
+            stats["truncated"] += 1  # the trainer truncates to max_length
+        out.append(r)
+    return out
+
+
+def _prepare(data_cfg, tok, kinds, method_kind, convert, parts):
+    info = _new_info()
+    train_rec, val_rec = train_val_records(data_cfg, info)
+    _need(train_rec + val_rec, kinds, method_kind, data_cfg)
+    stats = {"samples": 0, "overlong": 0, "truncated": 0, "dropped": 0}
+    train = [convert(r) for r in _length_filter(tok, train_rec, data_cfg, parts, stats)]
+    train = [x for rows in train for x in (rows if isinstance(rows, list) else [rows])]
+    val = [convert(r) for r in _length_filter(tok, val_rec, data_cfg, parts, dict(stats))]
+    val = [x for rows in val for x in (rows if isinstance(rows, list) else [rows])]
+    if not train:
+        raise UserError("no training samples left after filtering over-long ones; raise data.max_length")
+    stats.update(samples=len(train), validation_samples=len(val), **_report(info))
+    return train, val, stats
+
+
+def prepare_preference(data_cfg, tok=None) -> tuple[list[dict], list[dict], dict]:
+    """Rows {prompt, chosen, rejected} as conversational message lists (TRL's DPO/ORPO/SimPO/reward format)."""
+    return _prepare(data_cfg, tok, {"preference"}, "preference (prompt/chosen/rejected)",
+                    lambda r: {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]},
+                    lambda r: (r["prompt"] + r["chosen"], r["prompt"] + r["rejected"]))
+
+
+def _kto_rows(r: dict):
+    if "chosen" in r:  # a preference pair gives one desirable and one undesirable example
+        return [{"prompt": r["prompt"], "completion": r["chosen"], "label": True},
+                {"prompt": r["prompt"], "completion": r["rejected"], "label": False}]
+    return {"prompt": r["prompt"], "completion": r["completion"], "label": r["label"]}
+
+
+def prepare_kto(data_cfg, tok=None) -> tuple[list[dict], list[dict], dict]:
+    """Rows {prompt, completion, label} (TRL's unpaired KTO format); preference pairs are split into one of each."""
+    return _prepare(data_cfg, tok, {"kto", "preference"}, "KTO (prompt/completion/label) or preference", _kto_rows,
+                    lambda r: ([r["prompt"] + r["chosen"], r["prompt"] + r["rejected"]] if "chosen" in r
+                               else [r["prompt"] + r["completion"]]))
+
+
+def _prompt_row(r: dict) -> dict:
+    if "messages" in r:
+        msgs = r["messages"]
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+        prompt = msgs[:last] if last is not None else msgs
+        answer = r.get("answer", msgs[last]["content"] if last is not None else None)
+    else:
+        prompt, answer = r["prompt"], r.get("answer")
+    row = {"prompt": prompt, "answer": answer}
+    if "aliases" in r:
+        row["aliases"] = r["aliases"]
+    return row
+
+
+def prepare_prompts(data_cfg, tok=None) -> tuple[list[dict], list[dict], dict]:
+    """Prompt-only rows {prompt: messages, answer: gold or None} for GRPO/PPO (and eval); the gold answer is the
+    GSM8K number, the summary, or the final reply. Rows carry `aliases` when the data has them (TriviaQA)."""
+    train, val, stats = _prepare(data_cfg, tok, {"conversation", "prompt", "preference", "kto"}, "prompt",
+                                 _prompt_row, lambda r: [_prompt_row(r)["prompt"]])
+    for rows in (train, val):  # one schema for every row, so `datasets.Dataset.from_list` keeps the column
+        if any("aliases" in x for x in rows):
+            for x in rows:
+                x.setdefault("aliases", [])
     return train, val, stats

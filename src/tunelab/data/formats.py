@@ -1,40 +1,124 @@
 """Format detection and normalization.
 
-Each format is a small class: `fields` it is recognized by, and `normalize(row) -> record`. Detection looks at the
-field names of the first rows; an explicit `data.format` skips detection. Every problem names the row's origin.
+Each format is a small class: the `fields` it needs, `optional` fields it understands, a `shape` check on values
+(used only by detection, e.g. hh-rlhf's `\\n\\nHuman:` transcripts vs. preference message lists), and
+`normalize(row) -> record` into one of the record kinds of `tunelab.data`. Detection scores every format whose
+fields and value shapes fit the first rows, preferring the one that explains most of the fields; an explicit
+`data.format` skips detection. Every problem names the row's origin (`file:line`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 from tunelab.data.sources import Row
-from tunelab.errors import UserError
+from tunelab.errors import UserError, suggest
 
 ROLES = ("system", "user", "assistant")
+SUMMARIZE_PROMPT = "Summarize the following dialogue."
 
 
-def _check_messages(messages, origin: str) -> list[dict]:
+# ----------------------------------------------------------------------------------------------------- value checks
+
+def _text(data: dict, key: str, origin: str, optional: bool = False) -> str:
+    """A non-empty string field (numbers from CSV/Parquet are not silently turned into text)."""
+    v = data.get(key)
+    if v is None or (optional and v == ""):
+        if optional:
+            return ""
+        raise UserError(f"{origin}: missing field '{key}'")
+    if not isinstance(v, str):
+        raise UserError(f"{origin}: '{key}' must be text, got {type(v).__name__}")
+    if not v.strip():
+        if optional:
+            return ""
+        raise UserError(f"{origin}: '{key}' is empty")
+    return v
+
+
+def _maybe_json(v):
+    """CSV cells hold message lists as JSON text; decode those so a CSV can carry any format."""
+    if isinstance(v, str) and v.lstrip().startswith(("[", "{")):
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return v
+    return v
+
+
+def _content(c, origin: str, where: str) -> str:
+    # multimodal-style content: [{"type": "text", "text": ...}, ...] -> its text parts joined
+    if isinstance(c, list) and all(isinstance(p, dict) for p in c):
+        if any(p.get("type", "text") != "text" for p in c):
+            raise UserError(f"{origin}: {where} has non-text content parts; only text is supported")
+        c = "".join(str(p.get("text", "")) for p in c)
+    if not isinstance(c, str):
+        raise UserError(f"{origin}: {where} content must be text, got {type(c).__name__}")
+    if not c.strip():
+        raise UserError(f"{origin}: {where} has empty content")
+    return c
+
+
+def _check_messages(messages, origin: str, key: str = "messages", need_user_first: bool = True) -> list[dict]:
+    """Validated [{role, content}] list: known roles, text content, system first only, user/assistant alternating."""
+    messages = _maybe_json(messages)
     if not isinstance(messages, list) or not messages:
-        raise UserError(f"{origin}: 'messages' must be a non-empty list of {{role, content}} objects")
+        raise UserError(f"{origin}: '{key}' must be a non-empty list of {{role, content}} objects")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise UserError(f"{origin}: message {i} needs 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise UserError(f"{origin}: message {i} has role '{m['role']}'; expected one of {', '.join(ROLES)}")
-        if not isinstance(m["content"], str) or not m["content"].strip():
-            raise UserError(f"{origin}: message {i} ({m['role']}) has empty or non-text content")
-        if m["role"] == "system" and i != 0:
-            raise UserError(f"{origin}: a system message may only come first (found at position {i})")
-        out.append({"role": m["role"], "content": m["content"]})
+            raise UserError(f"{origin}: {key}[{i}] needs 'role' and 'content'")
+        role = m["role"]
+        if role not in ROLES:
+            raise UserError(f"{origin}: {key}[{i}] has role '{role}'{suggest(role, ROLES)}; "
+                            f"expected one of {', '.join(ROLES)}")
+        content = _content(m["content"], origin, f"{key}[{i}] ({role})")
+        if role == "system" and i != 0:
+            raise UserError(f"{origin}: {key}[{i}]: a system message may only come first")
+        out.append({"role": role, "content": content})
     turns = [m["role"] for m in out if m["role"] != "system"]
-    for a, b in zip(turns, turns[1:]):
+    for j, (a, b) in enumerate(zip(turns, turns[1:])):
         if a == b:
-            raise UserError(f"{origin}: two '{a}' messages in a row; turns must alternate user/assistant")
-    if not turns or turns[0] != "user":
-        raise UserError(f"{origin}: the first non-system message must be from the user")
+            raise UserError(f"{origin}: {key}: two '{a}' messages in a row; turns must alternate user/assistant")
+    if not turns:
+        raise UserError(f"{origin}: '{key}' holds only a system message")
+    if need_user_first and turns[0] != "user":
+        raise UserError(f"{origin}: {key}: the first non-system message must be from the user (found '{turns[0]}')")
     return out
+
+
+def _as_messages(v, role: str, origin: str, key: str) -> list[dict]:
+    """A string becomes one message of `role`; a list is validated as messages."""
+    v = _maybe_json(v)
+    if isinstance(v, str):
+        if not v.strip():
+            raise UserError(f"{origin}: '{key}' is empty")
+        return [{"role": role, "content": v}]
+    if isinstance(v, list):
+        return _check_messages(v, origin, key, need_user_first=(role == "user"))
+    if v is None:
+        raise UserError(f"{origin}: missing field '{key}'")
+    raise UserError(f"{origin}: '{key}' must be text or a list of messages, got {type(v).__name__}")
+
+
+def _split_shared_prompt(chosen: list[dict], rejected: list[dict], origin: str) -> tuple[list, list, list]:
+    """Full conversations that share their opening -> (shared prompt turns, chosen reply, rejected reply)."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    # back up to the start of the differing assistant reply: the prompt must end with the user's turn
+    while n > 0 and chosen[n - 1]["role"] == "assistant":
+        n -= 1
+    prompt, c, r = chosen[:n], chosen[n:], rejected[n:]
+    if not c or not r or c == r:
+        raise UserError(f"{origin}: 'chosen' and 'rejected' are identical; a preference pair needs two different replies")
+    if not prompt or prompt[-1]["role"] != "user":
+        raise UserError(f"{origin}: 'chosen' and 'rejected' do not share the conversation before their final reply")
+    if any(m["role"] != "assistant" for m in c + r):
+        raise UserError(f"{origin}: 'chosen' and 'rejected' differ before the final assistant reply "
+                        "(they must share every turn up to it)")
+    return prompt, c, r
 
 
 def final_number(answer: str) -> str | None:
@@ -45,86 +129,385 @@ def final_number(answer: str) -> str | None:
 
 # GSM8K answers carry calculator annotations (`<<48/2=24>>`) that a model would learn to imitate as noise.
 _CALC = re.compile(r"<<[^<>]*=[^<>]*>>")
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
 
 
-class Messages:
-    name, fields, kind = "messages", ("messages",), "conversation"
+def parse_hh(transcript, origin: str, key: str) -> list[dict]:
+    """'\\n\\nHuman: hi\\n\\nAssistant: hello' -> [{user: hi}, {assistant: hello}]."""
+    if not isinstance(transcript, str):
+        raise UserError(f"{origin}: '{key}' must be a transcript string, got {type(transcript).__name__}")
+    parts = _HH_TURN.split(transcript)
+    if parts[0].strip() or len(parts) < 3:
+        raise UserError(f"{origin}: '{key}' is not a '\\n\\nHuman: …\\n\\nAssistant: …' transcript")
+    msgs = []
+    for i in range(1, len(parts), 2):
+        role = "user" if parts[i] == "Human" else "assistant"
+        content = parts[i + 1].strip()
+        if not content:
+            raise UserError(f"{origin}: '{key}' has an empty {'Human' if role == 'user' else 'Assistant'} turn "
+                            f"(turn {i // 2 + 1})")
+        msgs.append({"role": role, "content": content})
+    return _check_messages(msgs, origin, key)
+
+
+def _label(v, origin: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return v.strip().lower() in ("true", "1", "yes")
+    raise UserError(f"{origin}: 'label' must be true/false (desirable or not), got {v!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------- formats
+
+class Format:
+    name = ""
+    kind = "conversation"
+    fields: tuple[str, ...] = ()  # all needed
+    optional: tuple[str, ...] = ()  # understood when present (they count towards detection)
+    fallback = False  # only chosen when nothing else fits (plain `text` sits beside many other fields)
+    doc = ""
+
+    def shape(self, data: dict) -> bool:
+        """Whether the values look like this format (detection only; normalize checks fully)."""
+        return True
 
     def normalize(self, row: Row) -> dict:
-        return {"messages": _check_messages(row.data["messages"], row.origin)}
+        raise NotImplementedError
 
 
-class ShareGPT:
-    name, fields, kind = "sharegpt", ("conversations",), "conversation"
+class Messages(Format):
+    name, fields, optional = "messages", ("messages",), ("system",)
+    doc = 'OpenAI chat: {"messages": [{"role": "system|user|assistant", "content": ...}, ...]}'
+
+    def shape(self, data):
+        return isinstance(_maybe_json(data["messages"]), list)
+
+    def normalize(self, row):
+        msgs = _check_messages(row.data["messages"], row.origin)
+        system = row.data.get("system")
+        if isinstance(system, str) and system.strip() and msgs[0]["role"] != "system":
+            msgs.insert(0, {"role": "system", "content": system})
+        return {"messages": msgs}
+
+
+class ShareGPT(Format):
+    name, fields, optional = "sharegpt", ("conversations",), ("system",)
+    doc = 'ShareGPT: {"conversations": [{"from": "system|human|gpt", "value": ...}, ...]}'
     ROLE_MAP = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+                "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant"}
 
-    def normalize(self, row: Row) -> dict:
-        conv = row.data["conversations"]
-        if not isinstance(conv, list):
-            raise UserError(f"{row.origin}: 'conversations' must be a list of {{from, value}} objects")
+    def shape(self, data):
+        return isinstance(_maybe_json(data["conversations"]), list)
+
+    def normalize(self, row):
+        conv = _maybe_json(row.data["conversations"])
+        if not isinstance(conv, list) or not conv:
+            raise UserError(f"{row.origin}: 'conversations' must be a non-empty list of {{from, value}} objects")
         msgs = []
         for i, t in enumerate(conv):
+            if isinstance(t, dict) and "role" in t and "content" in t:  # some ShareGPT dumps use OpenAI keys
+                t = {"from": t["role"], "value": t["content"]}
             if not isinstance(t, dict) or "from" not in t or "value" not in t:
-                raise UserError(f"{row.origin}: turn {i} needs 'from' and 'value'")
+                raise UserError(f"{row.origin}: conversations[{i}] needs 'from' and 'value'")
             role = self.ROLE_MAP.get(str(t["from"]).lower())
             if role is None:
-                raise UserError(f"{row.origin}: turn {i} has from='{t['from']}'; expected system/human/gpt")
+                raise UserError(f"{row.origin}: conversations[{i}] has from='{t['from']}'; expected system/human/gpt")
             msgs.append({"role": role, "content": t["value"]})
-        return {"messages": _check_messages(msgs, row.origin)}
+        system = row.data.get("system")
+        if isinstance(system, str) and system.strip() and msgs[0]["role"] != "system":
+            msgs.insert(0, {"role": "system", "content": system})
+        return {"messages": _check_messages(msgs, row.origin, "conversations")}
 
 
-class QuestionAnswer:
-    name, fields, kind = "qa", ("question", "answer"), "conversation"
+class Alpaca(Format):
+    name, fields, optional = "alpaca", ("instruction", "output"), ("input", "system", "history")
+    doc = 'Alpaca: {"instruction", "input" (may be empty), "output"} (+ optional "system", "history": [[q, a], ...])'
 
-    def normalize(self, row: Row) -> dict:
-        q, a = row.data["question"], row.data["answer"]
-        if not isinstance(q, str) or not q.strip():
-            raise UserError(f"{row.origin}: 'question' is empty or not text")
+    def normalize(self, row):
+        d, o = row.data, row.origin
+        user = _text(d, "instruction", o)
+        extra = _text(d, "input", o, optional=True)
+        if extra:
+            user = f"{user}\n\n{extra}"
+        msgs = []
+        system = _text(d, "system", o, optional=True)
+        if system:
+            msgs.append({"role": "system", "content": system})
+        history = _maybe_json(d.get("history")) or []
+        if not isinstance(history, list) or not all(isinstance(h, list) and len(h) == 2 for h in history):
+            raise UserError(f"{o}: 'history' must be a list of [instruction, response] pairs")
+        for q, a in history:
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": _text(d, "output", o)}]
+        return {"messages": _check_messages(msgs, o)}
+
+
+class Dolly(Format):
+    name, fields, optional = "dolly", ("instruction", "response"), ("context", "category")
+    doc = 'Dolly: {"instruction", "context" (may be empty), "response", "category"}'
+
+    def normalize(self, row):
+        d, o = row.data, row.origin
+        user = _text(d, "instruction", o)
+        context = _text(d, "context", o, optional=True)
+        if context:
+            user = f"{user}\n\nContext:\n{context}"
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": _text(d, "response", o)}]}
+
+
+class PromptCompletion(Format):
+    name, fields = "prompt_completion", ("prompt", "completion")
+    doc = 'Prompt/completion: {"prompt", "completion"} as text or message lists'
+
+    def normalize(self, row):
+        d, o = row.data, row.origin
+        prompt = _as_messages(d.get("prompt"), "user", o, "prompt")
+        completion = _as_messages(d.get("completion"), "assistant", o, "completion")
+        return {"messages": _check_messages(prompt + completion, o, "prompt + completion")}
+
+
+class Text(Format):
+    name, kind, fields, fallback = "text", "text", ("text",), True
+    doc = 'Plain text for language modelling: {"text"} (or a .txt file, one sample per line)'
+
+    def shape(self, data):
+        return isinstance(data["text"], str)
+
+    def normalize(self, row):
+        return {"text": _text(row.data, "text", row.origin)}
+
+
+class QuestionAnswer(Format):
+    name, fields = "qa", ("question", "answer")
+    doc = ('Question/answer: {"question", "answer"}; GSM8K "#### N" answers keep N as the gold answer, '
+           'TriviaQA-style {"value", "aliases"} answers keep their aliases')
+
+    def normalize(self, row):
+        d, o = row.data, row.origin
+        q = _text(d, "question", o)
+        a = _maybe_json(d.get("answer"))
+        aliases = None
+        if isinstance(a, dict):  # TriviaQA: {"value": "Paris", "aliases": ["Paris", "paris, france"], ...}
+            aliases = a.get("aliases") or a.get("normalized_aliases") or []
+            a = a.get("value") if a.get("value") is not None else (aliases[0] if aliases else None)
+        elif isinstance(a, list):  # a list of acceptable answers, the first one canonical
+            aliases, a = a, (a[0] if a else None)
         if not isinstance(a, str) or not a.strip():
-            raise UserError(f"{row.origin}: 'answer' is empty or not text")
+            raise UserError(f"{o}: 'answer' is empty or not text (got {type(a).__name__})")
+        if aliases is not None and not all(isinstance(x, str) for x in aliases):
+            raise UserError(f"{o}: answer aliases must all be text")
         a = _CALC.sub("", a)
         rec = {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
         gold = final_number(a)
-        if gold is not None:
-            rec["answer"] = gold
+        rec["answer"] = gold if gold is not None else a.strip()
+        if aliases:
+            rec["aliases"] = list(dict.fromkeys([a.strip(), *aliases]))
         return rec
 
 
-FORMATS = {f.name: f for f in (Messages(), ShareGPT(), QuestionAnswer())}
+class DialogueSummary(Format):
+    name, fields, optional = "dialogue_summary", ("dialogue", "summary"), ("topic", "fname", "id")
+    doc = f'Dialogue summarization (DialogSum): {{"dialogue", "summary"}} -> "{SUMMARIZE_PROMPT}" + dialogue'
+
+    def normalize(self, row):
+        d, o = row.data, row.origin
+        dialogue, summary = _text(d, "dialogue", o), _text(d, "summary", o)
+        return {"messages": [{"role": "user", "content": f"{SUMMARIZE_PROMPT}\n\n{dialogue}"},
+                             {"role": "assistant", "content": summary}], "answer": summary}
+
+
+class Preference(Format):
+    name, kind, fields, optional = "preference", "preference", ("chosen", "rejected"), ("prompt",)
+    doc = ('Preference pairs: {"prompt", "chosen", "rejected"} as text or message lists; without "prompt", '
+           'chosen/rejected are full conversations sharing their opening')
+
+    def shape(self, data):
+        # without a prompt, only message lists can carry it (transcript strings are the hh-rlhf format)
+        return "prompt" in data or isinstance(_maybe_json(data["chosen"]), list)
+
+    def normalize(self, row):
+        d, o = row.data, row.origin
+        if d.get("prompt") is None:
+            if not isinstance(_maybe_json(d.get("chosen")), list):
+                raise UserError(f"{o}: without a 'prompt' field, 'chosen' and 'rejected' must be full conversations "
+                                "(message lists) or hh-rlhf transcripts; add a prompt field or map one with data.columns")
+            chosen = _as_messages(d.get("chosen"), "user", o, "chosen")
+            rejected = _as_messages(d.get("rejected"), "user", o, "rejected")
+            prompt, chosen, rejected = _split_shared_prompt(chosen, rejected, o)
+            return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        prompt = _as_messages(d.get("prompt"), "user", o, "prompt")
+        chosen = _as_messages(d.get("chosen"), "assistant", o, "chosen")
+        rejected = _as_messages(d.get("rejected"), "assistant", o, "rejected")
+        # some datasets repeat the prompt inside chosen/rejected (full conversations): keep only the replies
+        n = len(prompt)
+        if chosen[:n] == prompt and rejected[:n] == prompt and len(chosen) > n and len(rejected) > n:
+            chosen, rejected = chosen[n:], rejected[n:]
+        for key, msgs in (("chosen", chosen), ("rejected", rejected)):
+            if msgs[0]["role"] != "assistant":
+                raise UserError(f"{o}: '{key}' must be the assistant's reply to the prompt (starts with "
+                                f"'{msgs[0]['role']}')")
+        _check_messages(prompt + chosen, o, "prompt + chosen")
+        if chosen == rejected:
+            raise UserError(f"{o}: 'chosen' and 'rejected' are identical; a preference pair needs two different replies")
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+class HHRLHF(Format):
+    name, kind, fields = "hh_rlhf", "preference", ("chosen", "rejected")
+    doc = ('Anthropic hh-rlhf: {"chosen", "rejected"} transcripts "\\n\\nHuman: …\\n\\nAssistant: …" -> shared '
+           'prompt turns + the differing final reply')
+
+    def shape(self, data):
+        c = data["chosen"]
+        return "prompt" not in data and isinstance(c, str) and "\n\nHuman:" in c
+
+    def normalize(self, row):
+        d, o = row.data, row.origin
+        chosen = parse_hh(d.get("chosen"), o, "chosen")
+        rejected = parse_hh(d.get("rejected"), o, "rejected")
+        prompt, chosen, rejected = _split_shared_prompt(chosen, rejected, o)
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+class KTO(Format):
+    name, kind, fields = "kto", "kto", ("prompt", "completion", "label")
+    doc = 'KTO: {"prompt", "completion", "label": true|false} (text or message lists)'
+
+    def normalize(self, row):
+        d, o = row.data, row.origin
+        prompt = _as_messages(d.get("prompt"), "user", o, "prompt")
+        completion = _as_messages(d.get("completion"), "assistant", o, "completion")
+        _check_messages(prompt + completion, o, "prompt + completion")
+        return {"prompt": prompt, "completion": completion, "label": _label(d.get("label"), o)}
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Messages(), ShareGPT(), Alpaca(), Dolly(), PromptCompletion(), Text(), QuestionAnswer(), DialogueSummary(),
+    Preference(), HHRLHF(), KTO())}
+ALIASES = {"openai": "messages", "chatml": "messages", "hh-rlhf": "hh_rlhf", "dialogsum": "dialogue_summary",
+           "prompt-completion": "prompt_completion", "gsm8k": "qa", "question_answer": "qa", "dpo": "preference"}
+
+
+# --------------------------------------------------------------------------------------------- detection + normalize
+
+def _fits(f: Format, data: dict) -> bool:
+    if not set(f.fields) <= set(data):
+        return False
+    try:
+        return bool(f.shape(data))
+    except Exception:  # noqa: BLE001 - a value of an unexpected type simply does not fit this format
+        return False
 
 
 def detect(rows: list[Row], source: str) -> str:
+    """The format of a source, from the field names and value shapes of its first rows."""
     if not rows:
         raise UserError(f"{source}: no rows (the dataset is empty)")
-    keys = set(rows[0].data)
-    matches = [f.name for f in FORMATS.values() if set(f.fields) <= keys]
-    if len(matches) == 1:
-        return matches[0]
-    near = [f.name for f in FORMATS.values() if set(f.fields) & keys]
-    if not matches:
-        raise UserError(f"{source}: could not detect the data format from fields {sorted(keys)}; "
-                        f"nearly matched: {', '.join(near) or 'none'}; set data.format (one of {', '.join(FORMATS)}) "
-                        "and data.columns to rename fields")
-    raise UserError(f"{source}: fields {sorted(keys)} fit several formats ({', '.join(matches)}); set data.format")
+    sample = rows[: min(len(rows), 20)]
+    keys = set(sample[0].data)
+    for r in sample[1:]:
+        keys &= set(r.data)
+    fits = [f for f in FORMATS.values() if all(_fits(f, r.data) for r in sample)]
+    if fits and not all(f.fallback for f in fits):
+        fits = [f for f in fits if not f.fallback]
+    if fits:
+        score = {f.name: len((set(f.fields) | set(f.optional)) & keys) for f in fits}
+        best = max(score.values())
+        top = [n for n, s in score.items() if s == best]
+        if len(top) == 1:
+            return top[0]
+        raise UserError(f"{source}: fields {sorted(keys)} fit several formats ({', '.join(top)}); "
+                        f"set data.format to one of them")
+    near = []
+    for f in FORMATS.values():
+        have = [k for k in f.fields if k in keys]
+        if have:
+            missing = [k for k in f.fields if k not in keys]
+            near.append(f"{f.name} (missing {', '.join(missing)})" if missing else f"{f.name} (values do not fit)")
+    raise UserError(f"{source}: could not detect the data format from fields {sorted(keys)}; "
+                    f"nearly matched: {'; '.join(near) or 'none'}; set data.format "
+                    f"(one of {', '.join(FORMATS)}) and data.columns to map your field names")
 
 
-def normalize(rows: list[Row], fmt: str, source: str, columns: dict[str, str] | None = None) -> list[dict]:
-    if columns:
-        for r in rows:
-            for src, dst in columns.items():
-                if src in r.data:
-                    r.data[dst] = r.data.pop(src)
-    name = detect(rows, source) if fmt == "auto" else fmt
-    if name not in FORMATS:
-        from tunelab.errors import suggest
+def resolve_format(fmt: str) -> str:
+    name = ALIASES.get(fmt, fmt)
+    if name != "auto" and name not in FORMATS:
+        raise UserError(f"data.format '{fmt}' is unknown{suggest(fmt, [*FORMATS, *ALIASES])}; "
+                        f"known: auto, {', '.join(FORMATS)}")
+    return name
 
-        raise UserError(f"data.format '{name}' is unknown{suggest(name, FORMATS)}; known: {', '.join(FORMATS)}")
+
+def rename_columns(rows: list[Row], columns: dict[str, str] | None, source: str) -> None:
+    """Apply `data.columns` (your field -> expected field) in place."""
+    if not columns:
+        return
+    if rows and not any(src in rows[0].data for src in columns):
+        raise UserError(f"{source}: none of the data.columns keys ({', '.join(columns)}) is a field of the data "
+                        f"(fields: {', '.join(sorted(rows[0].data))})")
+    for r in rows:
+        for src, dst in columns.items():
+            if src in r.data:
+                r.data[dst] = r.data.pop(src)
+
+
+def normalize_rows(rows: list[Row], fmt: str, source: str, columns: dict[str, str] | None = None,
+                   problems: list[str] | None = None) -> tuple[str, list[dict]]:
+    """(format name, records). Each record carries its row's `origin`.
+
+    `problems`: when given, invalid rows are recorded there (as one-line messages) and skipped instead of raising.
+    """
+    rename_columns(rows, columns, source)
+    name = resolve_format(fmt)
+    if name == "auto":
+        name = detect(rows, source)
     f = FORMATS[name]
     out = []
     for r in rows:
-        missing = [k for k in f.fields if k not in r.data]
-        if missing:
-            raise UserError(f"{r.origin}: missing field(s) {', '.join(missing)} for format '{name}'")
-        out.append(f.normalize(r))
-    return out
+        try:
+            missing = [k for k in f.fields if k not in r.data]
+            if missing:
+                raise UserError(f"{r.origin}: missing field(s) {', '.join(missing)} for format '{name}' "
+                                f"(fields here: {', '.join(sorted(r.data))}; map yours with data.columns)")
+            rec = f.normalize(r)
+        except UserError as e:
+            if problems is None:
+                raise
+            problems.append(str(e))
+            continue
+        rec["origin"] = r.origin
+        out.append(rec)
+    return name, out
+
+
+def normalize(rows: list[Row], fmt: str, source: str, columns: dict[str, str] | None = None) -> list[dict]:
+    return normalize_rows(rows, fmt, source, columns)[1]
+
+
+# ----------------------------------------------------------------------------------------------- record kind views
+
+def conversation(rec: dict) -> list[dict] | None:
+    """The messages a record trains on as a conversation (preference: prompt + chosen; kto: prompt + completion)."""
+    if "messages" in rec:
+        return rec["messages"]
+    if "chosen" in rec:
+        return rec["prompt"] + rec["chosen"]
+    if "completion" in rec:
+        return rec["prompt"] + rec["completion"]
+    if "prompt" in rec:
+        return rec["prompt"]
+    return None
+
+
+def kind_of(rec: dict) -> str:
+    if "messages" in rec:
+        return "conversation"
+    if "chosen" in rec:
+        return "preference"
+    if "label" in rec:
+        return "kto"
+    if "text" in rec:
+        return "text"
+    return "prompt"

@@ -24,7 +24,48 @@ class Encoded:
 
 
 def _render(tok, messages, add_generation_prompt=False) -> str:
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if not getattr(tok, "chat_template", None):
+        raise UserError("the tokenizer has no chat template; set model.chat_template (a Jinja template or a file)")
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # noqa: BLE001 - templates raise their own errors (e.g. "roles must alternate")
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"the chat template cannot render this conversation: {str(e).splitlines()[0]}") from None
+
+
+render = _render
+
+
+def default_system_prompt(tok) -> str | None:
+    """The system prompt the chat template inserts by itself when a conversation has none (SmolLM2 does), or None.
+
+    Found by rendering a conversation with a marker system prompt (to learn how a system turn looks) and one without,
+    and looking for a system turn in the second.
+    """
+    marker, user = "\x1fSYSTEM\x1f", "\x1fUSER\x1f"
+    try:
+        with_sys = _render(tok, [{"role": "system", "content": marker}, {"role": "user", "content": user}])
+        without = _render(tok, [{"role": "user", "content": user}])
+    except UserError:
+        return None  # templates without a system role
+    if marker not in with_sys or user not in with_sys:
+        return None
+    start = with_sys.index(marker)
+    header = with_sys[:start]
+    between = with_sys[start + len(marker): with_sys.index(user)]  # end of system turn + user header
+    # strip what both renderings open with (e.g. a BOS token) from the system header
+    common = 0
+    while common < min(len(header), len(without)) and header[common] == without[common]:
+        common += 1
+    sys_header = header[common:] or header
+    pos = without.find(sys_header) if sys_header else -1
+    if pos < 0:
+        return None
+    body_start = pos + len(sys_header)
+    end = without.find(between, body_start)
+    text = without[body_start:end] if end >= 0 else ""
+    return text.strip() or None
 
 
 def assistant_spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -66,6 +107,27 @@ def end_of_turn_ids(tok, model_config=None) -> set[int]:
     elif isinstance(gen_eos, list):
         ids.update(gen_eos)
     return ids
+
+
+def eos_trained(tok, enc: Encoded, model_config=None) -> bool:
+    """Whether some end-of-turn token is among the trained labels (else the model never learns to stop)."""
+    eot = end_of_turn_ids(tok, model_config)
+    return any(lab in eot for lab in enc.labels if lab != IGNORE)
+
+
+def mask_segments(tok, enc: Encoded) -> list[tuple[str, bool]]:
+    """The sample as (text, trained) runs, for highlighting."""
+    out, cur, trained = [], [], False
+    for tid, lab in zip(enc.input_ids, enc.labels):
+        t = lab != IGNORE
+        if t != trained and cur:
+            out.append((tok.decode(cur), trained))
+            cur = []
+        trained = t
+        cur.append(tid)
+    if cur:
+        out.append((tok.decode(cur), trained))
+    return out
 
 
 def show_mask(tok, enc: Encoded, width: int = 2000) -> str:

@@ -1,24 +1,36 @@
-"""Reading rows from where the user keeps them: local JSONL/JSON/CSV/Parquet/text files, bundled samples, hub ids.
+"""Reading rows from where the user keeps them: local files, directories and globs, bundled samples, hub datasets.
 
-Every row keeps its origin (`file:line`) so that a bad row can be reported exactly where it is.
+Local files: .jsonl/.ndjson, .json, .csv/.tsv, .parquet, .txt, each optionally gzipped (`.jsonl.gz`); a directory or a
+glob reads every such file in it, sorted by name. Every row keeps its origin (`file:line`, or `file:row N` where a
+format has no lines) so that a bad row can be reported exactly where it is.
+
+A source is a string (`data/train.jsonl`, `data/*.csv`, `bundled:gsm8k/train`, `owner/name` on the hub) or a
+`SourceConfig`-like object with `path`, `split`, `name` and `revision`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import glob
 import gzip
+import hashlib
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import UserError
 
 SAMPLES = Path(__file__).parent / "samples"
+READERS = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".txt")
+_GLOB_CHARS = set("*?[")
 
 
 @dataclass
 class Row:
     data: dict
-    origin: str  # "path:line" (or "hub-id[index]")
+    origin: str  # "path:line" (or "path:row N", "hub-id[index]")
 
 
 def bundled(name: str) -> Path:
@@ -30,71 +42,222 @@ def bundled(name: str) -> Path:
     return p
 
 
+def _kind(path: Path) -> str:
+    """The reader a file needs: its last suffix other than .gz."""
+    suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
+    return suffixes[-1] if suffixes else ""
+
+
 def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+    # utf-8-sig: spreadsheets and some editors write a byte-order mark that would otherwise end up in the first key
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
-def read_jsonl(path: Path) -> list[Row]:
+@contextlib.contextmanager
+def _reading(path: Path):
+    """Turn decoding/decompression failures into one line naming the file."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise UserError(f"{path}: not a valid gzip file ({e}); re-compress it or drop the .gz suffix") from None
+
+
+def read_jsonl(path: Path, problems: list[str] | None = None) -> list[Row]:
+    """One JSON object per line. Read by hand (not `datasets`) so a malformed line is named by its number.
+
+    With `problems` given, malformed lines are recorded there and skipped instead of raising.
+    """
     rows = []
-    with _open_text(path) as fh:
+    with _reading(path), _open_text(path) as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); "
-                                "each line must be one JSON object") from None
+                msg = (f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); "
+                       "each line must be one JSON object")
+                if problems is None:
+                    raise UserError(msg) from None
+                problems.append(msg)
+                continue
             if not isinstance(obj, dict):
-                raise UserError(f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}")
+                msg = f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}"
+                if problems is None:
+                    raise UserError(msg)
+                problems.append(msg)
+                continue
             rows.append(Row(obj, f"{path}:{n}"))
     return rows
 
 
 def read_json(path: Path) -> list[Row]:
-    with _open_text(path) as fh:
+    """A JSON array of objects (or an object holding exactly one such array, e.g. {"data": [...]})."""
+    with _reading(path), _open_text(path) as fh:
         try:
             obj = json.load(fh)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-    if isinstance(obj, dict):  # {"data": [...]} or {"train": [...]} style
+            raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
         if len(lists) != 1:
             raise UserError(f"{path}: expected a list of objects (or an object holding one list)")
         obj = lists[0]
     if not isinstance(obj, list):
         raise UserError(f"{path}: expected a list of objects")
-    return [Row(o, f"{path}[{i}]") for i, o in enumerate(obj)]
+    rows = []
+    for i, o in enumerate(obj, 1):
+        if not isinstance(o, dict):
+            raise UserError(f"{path}:row {i}: expected an object, got {type(o).__name__}")
+        rows.append(Row(o, f"{path}:row {i}"))
+    return rows
 
 
-def read_source(spec: str) -> list[Row]:
-    """Rows of one source: `bundled:NAME`, a local file, or (when no such file exists) a hub dataset id."""
-    if spec.startswith("bundled:"):
-        return read_jsonl(bundled(spec.split(":", 1)[1]))
-    path = Path(spec).expanduser()
+def read_csv(path: Path) -> list[Row]:
+    """CSV/TSV with a header row. The stdlib reader (rather than pandas) reports where each record starts, so a bad
+    row is named by its real line even when quoted cells span several lines."""
+    rows = []
+    with _reading(path), _open_text(path) as fh:
+        reader = csv.DictReader(fh, delimiter="\t" if _kind(path) == ".tsv" else ",")
+        start = 2
+        try:
+            for rec in reader:
+                if None in rec:
+                    raise UserError(f"{path}:{start}: more cells than the header has columns")
+                missing = [k for k, v in rec.items() if v is None]
+                if missing:
+                    raise UserError(f"{path}:{start}: too few cells (no value for {', '.join(missing)})")
+                rows.append(Row(dict(rec), f"{path}:{start}"))
+                start = reader.line_num + 1
+        except csv.Error as e:
+            raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+        if reader.fieldnames is None:
+            return []
+        if len(set(reader.fieldnames)) != len(reader.fieldnames):
+            raise UserError(f"{path}:1: duplicate column names in the header {reader.fieldnames}")
+    return rows
+
+
+def read_parquet(path: Path) -> list[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged or foreign file
+        raise UserError(f"{path}: cannot read as Parquet ({str(e).splitlines()[0]})") from None
+    return [Row(r, f"{path}:row {i}") for i, r in enumerate(table.to_pylist(), 1)]
+
+
+def read_text(path: Path) -> list[Row]:
+    """Plain text for language modelling: one sample per non-empty line (as `datasets`' text loader does)."""
+    with _reading(path), _open_text(path) as fh:
+        return [Row({"text": line.rstrip("\r\n")}, f"{path}:{n}") for n, line in enumerate(fh, 1) if line.strip()]
+
+
+def read_file(path: Path, problems: list[str] | None = None) -> list[Row]:
+    kind = _kind(path)
+    if kind in (".jsonl", ".ndjson"):
+        return read_jsonl(path, problems)
+    if kind == ".json":
+        with _reading(path), _open_text(path) as fh:
+            head = fh.read(4096).lstrip()
+        # A .json file that is really JSON Lines is common: an array (or one object holding an array) is JSON,
+        # objects one after another are JSON Lines.
+        if head.startswith("[") or not head:
+            return read_json(path)
+        try:
+            return read_json(path)
+        except UserError:
+            return read_jsonl(path, problems)
+    if kind in (".csv", ".tsv"):
+        return read_csv(path)
+    if kind == ".parquet":
+        return read_parquet(path)
+    if kind == ".txt":
+        return read_text(path)
+    raise UserError(f"{path}: unsupported file type '{kind or path.name}' "
+                    f"(use {', '.join(READERS)}, optionally .gz)")
+
+
+def _is_data_file(p: Path) -> bool:
+    return p.is_file() and not p.name.startswith(".") and _kind(p) in READERS
+
+
+def _spec_parts(spec) -> tuple[str, str | None, str | None, str | None]:
+    if isinstance(spec, str):
+        return spec, None, None, None
+    return spec.path, getattr(spec, "split", None), getattr(spec, "name", None), getattr(spec, "revision", None)
+
+
+def resolve_files(spec) -> list[Path] | None:
+    """The local files a source stands for, or None when it is a hub dataset id."""
+    path_s = _spec_parts(spec)[0]
+    if path_s.startswith("bundled:"):
+        return [bundled(path_s.split(":", 1)[1])]
+    if path_s.startswith("hub:"):
+        return None
+    if _GLOB_CHARS & set(path_s):
+        files = sorted(Path(p) for p in glob.glob(str(Path(path_s).expanduser()), recursive=True))
+        files = [p for p in files if _is_data_file(p)]
+        if not files:
+            raise UserError(f"no data files match '{path_s}' (readable: {', '.join(READERS)}, optionally .gz)")
+        return files
+    path = Path(path_s).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if _is_data_file(p))
+        if not files:
+            raise UserError(f"directory {path_s} holds no data files ({', '.join(READERS)}, optionally .gz)")
+        return files
     if path.is_file():
-        suffixes = [s for s in path.suffixes if s != ".gz"]
-        kind = suffixes[-1] if suffixes else ""
-        if kind == ".jsonl":
-            return read_jsonl(path)
-        if kind == ".json":
-            # a .json file that is really JSON Lines is common; try the strict reading first
-            try:
-                return read_json(path)
-            except UserError:
-                return read_jsonl(path)
-        raise UserError(f"{spec}: unsupported file type '{kind}' (use .jsonl or .json)")
-    if path.suffix or "/" not in spec:
-        raise UserError(f"data file not found: {spec}")
-    return read_hub(spec)
+        return [path]
+    # owner/name without a file suffix and not on disk: a hub dataset id
+    if path.suffix or "/" not in path_s or path_s.startswith((".", "/", "~")):
+        raise UserError(f"data file not found: {path_s}")
+    return None
 
 
-def read_hub(dataset_id: str, split: str = "train", name: str | None = None) -> list[Row]:
+def read_source(spec, problems: list[str] | None = None) -> list[Row]:
+    """Rows of one source: `bundled:NAME`, a local file/dir/glob, or (when no such path exists) a hub dataset id.
+
+    `problems`: when given, malformed JSON lines are collected there and skipped instead of raising.
+    """
+    files = resolve_files(spec)
+    if files is None:
+        path_s, split, name, revision = _spec_parts(spec)
+        return read_hub(path_s.removeprefix("hub:"), split or "train", name, revision)
+    rows = []
+    for f in files:
+        rows += read_file(f, problems)
+    return rows
+
+
+def read_hub(dataset_id: str, split: str = "train", name: str | None = None, revision: str | None = None) -> list[Row]:
     """A hub dataset through `datasets.load_dataset` (needs network access to the hub)."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(dataset_id, name, split=split)
+        ds = datasets.load_dataset(dataset_id, name, split=split, revision=revision)
     except Exception as e:  # noqa: BLE001 - any failure to fetch is the same user problem
-        raise UserError(f"could not load dataset '{dataset_id}' from the hub: {str(e).splitlines()[0]}") from None
-    return [Row(dict(r), f"{dataset_id}[{i}]") for i, r in enumerate(ds)]
+        raise UserError(f"could not load dataset '{dataset_id}' (split {split}) from the hub: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return [Row(dict(r), f"{dataset_id}[{split}][{i}]") for i, r in enumerate(ds)]
+
+
+def fingerprint(spec) -> str:
+    """A hash of what a source holds: the bytes of its local files, or the id/split/config/revision of a hub dataset
+    (the hub copy is cached by `datasets` itself; pin `revision` for a key that cannot drift)."""
+    h = hashlib.sha256()
+    files = resolve_files(spec)
+    if files is None:
+        h.update(json.dumps(["hub", *_spec_parts(spec)]).encode())
+        return h.hexdigest()
+    for f in files:
+        h.update(str(f.name).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()

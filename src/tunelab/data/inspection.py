@@ -1,0 +1,188 @@
+"""`tunelab data inspect SOURCE`: what the data layer makes of a dataset, before any training is spent on it.
+
+Reports the detected format, row counts, token lengths under the model's chat template (min/median/p95/max and a
+histogram), over-long samples, exact duplicates, invalid rows (with file:line), the first sample rendered with its
+trained tokens highlighted, and warnings: EOS never trained, a system prompt the template inserts by itself,
+duplicates, over-long samples.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from tunelab.data import build, formats, render
+from tunelab.errors import UserError
+
+DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+
+
+def load_tokenizer(model: str):
+    """The tokenizer of a model source; a directory holding only a tokenizer (no config.json) works too."""
+    p = Path(model).expanduser()
+    if p.is_dir() and not (p / "config.json").is_file() and (p / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(p)
+    from tunelab.models import load_tokenizer as load
+
+    return load(model)
+
+
+def _percentile(sorted_vals: list[int], q: float) -> int:
+    # nearest-rank: a value that actually occurs, which is what a user compares with max_length
+    k = max(0, min(len(sorted_vals) - 1, int(round(q * len(sorted_vals) + 0.5)) - 1))
+    return sorted_vals[k]
+
+
+def histogram(lengths: list[int], bins: int = 10) -> list[dict]:
+    if not lengths:
+        return []
+    lo, hi = min(lengths), max(lengths)
+    width = max(1, -(-(hi - lo + 1) // bins))
+    out = [{"from": lo + i * width, "to": lo + (i + 1) * width - 1, "count": 0} for i in range(bins)]
+    for n in lengths:
+        out[min(bins - 1, (n - lo) // width)]["count"] += 1
+    while out and out[-1]["count"] == 0:
+        out.pop()
+    return out
+
+
+def inspect(source, tok, data_cfg, limit: int | None = None) -> dict:
+    """The report as a JSON-ready dict (what `--json` prints)."""
+    info = build._new_info()
+    records = build.load_records(source, data_cfg, info)
+    kinds: dict[str, int] = {}
+    for r in records:
+        k = formats.kind_of(r)
+        kinds[k] = kinds.get(k, 0) + 1
+    sample = records[:limit] if limit else records
+    lengths, no_reply, eos_missing, overlong = [], 0, 0, 0
+    first = None
+    for r in sample:
+        enc = build.encode_record(tok, r)
+        n = len(enc.input_ids)
+        if "rejected" in r:  # a preference pair is as long as its longer side
+            n = max(n, len(render.encode_conversation(tok, r["prompt"] + r["rejected"]).input_ids))
+        lengths.append(n)
+        overlong += n > data_cfg.max_length
+        trained = any(lab != render.IGNORE for lab in enc.labels)
+        if not trained:
+            no_reply += 1
+        elif not render.eos_trained(tok, enc):
+            eos_missing += 1
+        if first is None:
+            first = (r, enc)
+    srt = sorted(lengths)
+    stats = ({"min": srt[0], "median": int(statistics.median(srt)), "p95": _percentile(srt, 0.95), "max": srt[-1],
+              "mean": round(sum(srt) / len(srt), 1)} if srt else {})
+    fmt_names = sorted(set(info["formats"].values()))
+    report = {
+        "source": source if isinstance(source, str) else [getattr(s, "path", s) for s in source],
+        "format": fmt_names[0] if len(fmt_names) == 1 else fmt_names,
+        "kinds": kinds,
+        "rows": {"read": info["rows"], "valid": len(records), "invalid": info["invalid_skipped"],
+                 "duplicates": info["duplicates"]},
+        "tokens": {"measured": len(lengths), "max_length": data_cfg.max_length, "overlong": overlong, **stats},
+        "histogram": histogram(lengths),
+        "invalid_examples": info["problems"],
+        "warnings": [],
+    }
+    if first is not None:
+        r, enc = first
+        report["first_sample"] = {
+            "origin": r.get("origin"),
+            "tokens": len(enc.input_ids),
+            "trained_tokens": sum(lab != render.IGNORE for lab in enc.labels),
+            "rendered": render.show_mask(tok, enc, width=100_000),
+            "segments": render.mask_segments(tok, enc),
+        }
+        if "answer" in r:
+            report["first_sample"]["answer"] = r["answer"]
+    w = report["warnings"]
+    if info["invalid_skipped"]:
+        w.append(f"{info['invalid_skipped']} invalid rows skipped (training stops at the first one unless "
+                 f"data.on_invalid: skip); first: {info['problems'][0]}")
+    if eos_missing:
+        w.append(f"EOS not trained in {eos_missing} samples: the model would not learn to stop; check the chat "
+                 "template and that max_length does not cut replies")
+    if no_reply and kinds.get("prompt", 0) < len(records):
+        w.append(f"{no_reply} samples have no trained tokens (no assistant reply); SFT drops them")
+    default_sys = render.default_system_prompt(tok)
+    if default_sys:
+        without = sum(1 for r in records if (msgs := formats.conversation(r)) and msgs[0]["role"] != "system")
+        if without:
+            w.append(f"the chat template inserts its own system prompt into {without} conversations that have none "
+                     f"({default_sys!r}); set data.system_prompt to choose one")
+    if info["duplicates"]:
+        w.append(f"{info['duplicates']} exact duplicate rows; set data.dedupe: true to drop them")
+    if overlong:
+        w.append(f"{overlong} samples are longer than max_length={data_cfg.max_length} tokens "
+                 f"(data.overlong={data_cfg.overlong})")
+    return report
+
+
+def _print(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    con = Console()
+    src = report["source"]
+    fmt = report["format"] if isinstance(report["format"], str) else ", ".join(report["format"])
+    kinds = ", ".join(f"{n} {k}" for k, n in report["kinds"].items())
+    rows, tok = report["rows"], report["tokens"]
+    con.print(Text.assemble(("source  ", "bold"), str(src)))
+    con.print(Text.assemble(("format  ", "bold"), f"{fmt}  ({kinds})"))
+    con.print(Text.assemble(("rows    ", "bold"), f"{rows['read']} read, {rows['valid']} valid, "
+                                                  f"{rows['invalid']} invalid, {rows['duplicates']} duplicates"))
+    if "min" in tok:
+        table = Table(title=f"tokens per sample (chat template applied; {tok['measured']} measured)",
+                      title_justify="left")
+        for col in ("min", "median", "p95", "max", "mean", f"> {tok['max_length']}"):
+            table.add_column(col, justify="right")
+        table.add_row(*(str(tok[k]) for k in ("min", "median", "p95", "max", "mean")), str(tok["overlong"]))
+        con.print(table)
+        hist = report["histogram"]
+        top = max(b["count"] for b in hist) or 1
+        for b in hist:
+            bar = "█" * max(1 if b["count"] else 0, round(30 * b["count"] / top))
+            con.print(Text(f"  {b['from']:>6}-{b['to']:<6} {bar} {b['count']}"))
+    first = report.get("first_sample")
+    if first:
+        con.print(Text.assemble(("\nfirst sample", "bold"), f" ({first['origin']}; {first['trained_tokens']} of "
+                                f"{first['tokens']} tokens trained, highlighted):"))
+        if con.is_terminal:
+            con.print(Text.assemble(*((t, "black on green") if trained else (t, "") for t, trained in first["segments"])))
+        else:  # piped or redirected: colours are lost, so mark the trained text the way the pre-flight does
+            con.print(Text(first["rendered"]))
+    for line in report["warnings"]:
+        con.print(Text.assemble(("warning: ", "bold yellow"), line))
+
+
+def main(args) -> int:
+    from tunelab.config import DataConfig, SourceConfig
+
+    columns = {}
+    for item in args.column or []:
+        if "=" not in item:
+            raise UserError(f"--column '{item}' is not yours=expected (e.g. --column instruction_text=instruction)")
+        k, v = item.split("=", 1)
+        columns[k] = v
+    try:
+        source = SourceConfig(path=args.source, split=args.split, name=args.name)
+        data_cfg = DataConfig(train=[source], format=args.format, columns=columns, max_length=args.max_length,
+                              on_invalid="error" if args.strict else "skip", shuffle=False, cache=False)
+    except ValueError as e:  # pydantic's ValidationError: a bad --format or --max-length
+        err = e.errors()[0] if hasattr(e, "errors") else {"msg": str(e), "loc": ()}
+        raise UserError(f"{'.'.join(map(str, err['loc'])) or 'option'}: {err['msg']}") from None
+    tok = load_tokenizer(args.model)
+    report = inspect([source], tok, data_cfg, limit=args.limit)
+    report["source"] = args.source
+    report["model"] = args.model
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        _print(report)
+    return 0
