@@ -34,21 +34,25 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
         A("--eval-n", type=int, default=50, help="held-out questions scored before and after"),
         A("--overwrite", action="store_true", help="start the quickstart run over"),
     ]),
-    "data": {"help": "look at a dataset the way training will see it", "commands": {
-        "inspect": ("tunelab.data.inspection:main", "detected format, counts, token lengths, the first sample with its "
-                    "trained tokens highlighted, and warnings", [
-            A("source", help="a file, directory, glob, bundled:NAME or hub dataset id"),
-            A("--model", default="embedded:smollm2-135m-instruct", help="whose tokenizer and chat template to use"),
-            A("--json", action="store_true", help="print the report as JSON"),
-            A("--format", default="auto", help="the data format (default: detect)"),
-            A("--column", action="append", metavar="YOURS=EXPECTED", help="rename a field (repeatable)"),
-            A("--max-length", type=int, default=1024, help="count samples longer than this many tokens"),
-            A("--split", default=None, help="hub dataset split (default train)"),
-            A("--name", default=None, help="hub dataset config name"),
-            A("--limit", type=int, default=None, help="measure token lengths on the first N samples only"),
-            A("--strict", action="store_true", help="stop at the first invalid row instead of counting them"),
-        ]),
-    }},
+    "export": ("tunelab.export:main", "export a run: merged model, verified GGUF, Ollama Modelfile, or Hub push", [
+        A("run", help="a run directory (runs/NAME) or run name"),
+        A("--to", required=True, choices=["merged", "gguf", "ollama", "hub"], help="what to produce"),
+        A("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="merged: weight dtype (default fp32)"),
+        A("--type", default="q8_0", help="gguf/ollama: f32 f16 bf16 q8_0 q4_0 (Python) or q4_k_m ... (llama.cpp)"),
+        A("--out", default=None, help="output path (default: RUN/export/...)"),
+        A("--repo", default=None, help="hub: repository id, e.g. you/my-model"),
+        A("--private", action="store_true", help="hub: create the repository private"),
+        A("--dry-run", action="store_true", help="hub: list exactly the files that would be uploaded, upload nothing"),
+        A("--overwrite", action="store_true", help="replace an existing export output"),
+    ]),
+    "infer": ("tunelab.export:infer", "CPU inference on a GGUF file through llama.cpp (needs llama-cpp-python)", [
+        A("--gguf", required=True, help="the GGUF file"),
+        A("--prompt", default=None, help="one prompt; without it, read prompts from stdin"),
+        A("--system", default=None, help="system prompt"),
+        A("--max-new-tokens", type=int, default=256),
+        A("--n-ctx", type=int, default=2048, help="context window in tokens"),
+        A("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)"),
+    ]),
 }
 
 

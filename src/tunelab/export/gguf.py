@@ -1,0 +1,338 @@
+"""GGUF export for llama.cpp / Ollama, written with the `gguf` package and verified by reading it back.
+
+The writer is `gguf.GGUFWriter`; tensor names come from `gguf.get_tensor_name_map`, quantization from `gguf.quants`,
+merges / special tokens / chat template from `gguf.SpecialVocab`, a sentencepiece vocabulary from
+`gguf.vocab.LlamaHfVocab`. What is written by hand is the glue that lives in llama.cpp's converter script (which is
+not part of the `gguf` package): the hyper-parameter keys, the Q/K row order llama.cpp expects, and the name of the
+pre-tokenizer. Every file is then loaded back with transformers (`gguf_file=`) and compared with the source model:
+logits on a few prompts (tolerance by type) and tokenization of tricky text; a broken file is never left behind.
+
+Types f32, f16, bf16, q8_0 and q4_0 are produced here in Python. K-quants (q4_k_m, ...) need llama.cpp's own
+quantizer, reached through llama-cpp-python when it is installed (`pip install -e .[llamacpp]`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from pathlib import Path
+
+from tunelab.errors import UserError
+from tunelab.export.common import ParityError, all_logits, atomic_path, check_target, logit_table, print_table, \
+    prompt_ids
+
+# HF model_type -> GGUF architecture. llama.cpp runs Mistral (without sliding-window use) as "llama", as its own
+# converter does; SmolLM / SmolLM2 are plain Llama checkpoints.
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+PYTHON_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+LLAMACPP_TYPES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q3_k_m", "q2_k")
+TYPES = PYTHON_TYPES + LLAMACPP_TYPES
+
+# Relative logit error (RMS of the difference / std of the source logits) allowed when the GGUF is read back.
+# Measured on a tiny random Llama and on SmolLM2-135M with the prompts in common.py; the limits sit a few times above
+# what a correct file shows, and far below what a wrong tensor layout or a lost tensor gives (rel ~ 1).
+TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "bf16": 5e-2, "q8_0": 5e-2, "q4_0": 0.3,
+             "q6_k": 0.1, "q5_k_m": 0.2, "q5_k_s": 0.2, "q4_k_m": 0.3, "q4_k_s": 0.3, "q3_k_m": 0.5, "q2_k": 0.8}
+
+# Texts whose tokenization must be identical between the source tokenizer and the one rebuilt from the GGUF.
+TOKENIZER_TEXTS = [
+    "Hello world",
+    " leading space, then  two spaces and a\ttab\n\nnew lines",
+    "Digits: 1234567890, 3.14159, -42, 2024-06-01",
+    "Unicode: café naïve Ωmega 日本語 한국어 🙂👍",
+    "code: def f(x):\n    return x ** 2  # square",
+]
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def _check_supported(config) -> str:
+    arch = ARCHITECTURES.get(config.model_type)
+    if arch is None:
+        raise UserError(f"GGUF export of '{config.model_type}' models is not supported yet; supported: "
+                        f"{', '.join(ARCHITECTURES)} (Llama family, including SmolLM). Export with --to merged and "
+                        "convert with llama.cpp's convert_hf_to_gguf.py instead")
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type != "default":
+        raise UserError(f"GGUF export of models with rope scaling '{rope_type}' is not supported yet "
+                        "(export with --to merged and convert with llama.cpp)")
+    return arch
+
+
+def _llama_qk_rows(w, n_head: int):
+    """Reorder Q/K rows for llama.cpp.
+
+    HF Llama checkpoints apply rotary embeddings to the two halves of each head (`rotate_half`); llama.cpp's "llama"
+    architecture rotates adjacent pairs. Its converter therefore interleaves the halves of every head, and
+    transformers' GGUF loader undoes exactly this (`_reverse_permute_weights`). Qwen2 uses the half layout in
+    llama.cpp too, so it is written as is.
+    """
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tensor_type(gname: str, shape, qtype: str):
+    """GGML type for one tensor: 1-D tensors (norms, biases) stay float32, as llama.cpp expects."""
+    from gguf import GGMLQuantizationType as T
+
+    if len(shape) == 1 or qtype == "f32":
+        return T.F32
+    simple = {"f16": T.F16, "bf16": T.BF16}
+    if qtype in simple:
+        return simple[qtype]
+    blocked = {"q8_0": T.Q8_0, "q4_0": T.Q4_0}[qtype]
+    if qtype == "q4_0" and gname in ("token_embd.weight", "output.weight"):
+        # The embedding (and the output head, tied to it in small models) is kept at 8 bits: at 4 bits it costs far
+        # more quality than it saves space. llama.cpp's quantizer keeps these at a higher precision for the same reason.
+        blocked = T.Q8_0
+    if shape[-1] % 32:  # both block formats need rows that are a multiple of 32 values
+        return T.F16
+    return blocked
+
+
+def _pre_tokenizer_name(tj: dict, vocab: dict) -> str:
+    """llama.cpp's name for how text is split before BPE (`tokenizer.ggml.pre`).
+
+    llama.cpp's converter recognizes a tokenizer by hashing its output on a test text against a table it maintains;
+    here we read the pre-tokenizer from tokenizer.json instead, for the splitting schemes of the supported families.
+    """
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import _LLAMA3_SPLIT, _QWEN2_SPLIT
+
+    pre = tj.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        # GPT-2's split. A vocabulary with no token mixing digits with anything else tokenizes identically when
+        # every digit is split off first, which is what llama.cpp's "smollm" scheme does (and what it picks for
+        # SmolLM2's tokenizer); otherwise the plain GPT-2 scheme.
+        digit_mixed = any(any(c.isdigit() for c in t) and not t.lstrip("Ġ").isdigit() for t in vocab)
+        multi_digit = any(sum(c.isdigit() for c in t) > 1 for t in vocab)
+        return "gpt-2" if (digit_mixed or multi_digit) else "smollm"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        return "smollm"
+    if kinds and kinds[0] == "Split" and kinds[-1] == "ByteLevel":
+        regex = (steps[0].get("pattern") or {}).get("Regex")
+        if regex == _LLAMA3_SPLIT:
+            return "llama-bpe"
+        if regex == _QWEN2_SPLIT:
+            return "qwen2"
+    raise UserError(f"the tokenizer's pre-tokenizer ({', '.join(map(str, kinds)) or 'none'}) is not one tunelab "
+                    "knows how to describe in GGUF yet (GPT-2/SmolLM, Llama 3, Qwen2); convert with llama.cpp")
+
+
+def _add_tokenizer(writer, tok, config, n_vocab: int) -> None:
+    import gguf
+
+    with tempfile.TemporaryDirectory() as td:
+        tok.save_pretrained(td)
+        config.to_json_file(str(Path(td) / "config.json"))  # SpecialVocab falls back to its bos/eos ids
+        tj = json.loads((Path(td) / "tokenizer.json").read_text())
+        model = tj.get("model", {})
+        byte_level = (tj.get("decoder") or {}).get("type") == "ByteLevel"
+        if model.get("type") == "BPE" and byte_level:
+            vocab = tok.get_vocab()
+            if max(vocab.values()) >= n_vocab:
+                raise UserError(f"the tokenizer has ids up to {max(vocab.values())} but the model's embedding has "
+                                f"{n_vocab} rows; resize the embedding before exporting")
+            added = {i: t for i, t in tok.added_tokens_decoder.items()}
+            tokens = [f"[PAD{i}]" for i in range(n_vocab)]  # rows no token uses, as llama.cpp pads them
+            types = [gguf.TokenType.UNUSED] * n_vocab
+            for text, i in vocab.items():
+                tokens[i] = text
+                a = added.get(i)
+                types[i] = (gguf.TokenType.NORMAL if a is None else
+                            gguf.TokenType.CONTROL if a.special else gguf.TokenType.USER_DEFINED)
+            writer.add_tokenizer_model("gpt2")
+            writer.add_tokenizer_pre(_pre_tokenizer_name(tj, vocab))
+            writer.add_token_list(tokens)
+            writer.add_token_types(types)
+            special = gguf.SpecialVocab(td, load_merges=True, n_vocab=n_vocab)
+        elif model.get("type") == "BPE" and model.get("byte_fallback"):  # a sentencepiece (Llama 2 / Mistral) vocab
+            from gguf.vocab import LlamaHfVocab
+
+            sp = LlamaHfVocab(Path(td))
+            tokens, scores, types = [], [], []
+            for text, score, ttype in sp.all_tokens():
+                tokens.append(text)
+                scores.append(score)
+                types.append(ttype)
+            if len(tokens) > n_vocab:
+                raise UserError(f"the tokenizer has {len(tokens)} tokens but the embedding only {n_vocab} rows")
+            for i in range(len(tokens), n_vocab):
+                tokens.append(f"[PAD{i}]".encode())
+                scores.append(-1000.0)
+                types.append(gguf.TokenType.UNUSED)
+            writer.add_tokenizer_model("llama")
+            writer.add_tokenizer_pre("default")
+            writer.add_token_list(tokens)
+            writer.add_token_scores(scores)
+            writer.add_token_types(types)
+            special = gguf.SpecialVocab(td, load_merges=False, n_vocab=n_vocab)
+        else:
+            raise UserError(f"tokenizer model '{model.get('type')}' is not supported for GGUF export yet "
+                            "(byte-level BPE and sentencepiece-style BPE are)")
+        # Whether BOS/EOS get added is taken from what the tokenizer actually does, not from config flags that
+        # may be absent: llama.cpp's defaults differ by vocabulary type and a wrong BOS shifts every logit.
+        probe = tok("a").input_ids
+        special.add_special_token["bos"] = tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id]
+        special.add_special_token["eos"] = tok.eos_token_id is not None and probe[-1:] == [tok.eos_token_id]
+        if tok.chat_template and not special.chat_template:
+            special.chat_template = tok.chat_template
+        special.add_to_gguf(writer, quiet=True)
+
+
+def write_gguf(model, tok, path: Path, qtype: str, name: str = "model") -> None:
+    """Write `model` (a float32 transformers Llama/Mistral/Qwen2) and its tokenizer as one GGUF file."""
+    import gguf
+    import numpy as np
+
+    config = model.config
+    arch = _check_supported(config)
+    if qtype not in PYTHON_TYPES:
+        raise UserError(f"GGUF type {qtype} cannot be produced in Python; choose one of {', '.join(PYTHON_TYPES)}")
+    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    n_vocab = config.vocab_size
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_type("model")
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(n_vocab)
+    if arch == "llama":
+        writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // n_head:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                  "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+    writer.add_file_type(file_types[qtype])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_tokenizer(writer, tok, config, n_vocab)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2,
+                                     config.num_hidden_layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for hf_name, t in model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp reuses token_embd when output.weight is absent
+        gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise UserError(f"tensor {hf_name} has no GGUF name for architecture {arch}; this checkpoint has parts "
+                            "the GGUF export does not know yet")
+        data = t.detach().float().cpu().numpy()
+        if arch == "llama" and re.search(r"attn_[qk]\.weight$", gname):
+            data = _llama_qk_rows(data, n_head if "attn_q" in gname else n_kv)
+        ttype = _tensor_type(gname, data.shape, qtype)
+        if ttype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(gname, np.ascontiguousarray(data, dtype=np.float32))
+        elif ttype == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(gname, data.astype(np.float16))
+        else:
+            writer.add_tensor(gname, gguf.quants.quantize(data, ttype), raw_dtype=ttype)
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def llamacpp_quantize(src: Path, dst: Path, qtype: str) -> None:
+    """K-quants through llama.cpp's own quantizer (its C API, as exposed by llama-cpp-python)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError(f"GGUF type {qtype} needs llama.cpp's quantizer: pip install -e '.[llamacpp]' "
+                        f"(builds llama-cpp-python, several minutes), or use one of {', '.join(PYTHON_TYPES)}") from None
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise ParityError(f"llama.cpp quantize to {qtype} failed (return code {rc})")
+
+
+def check_tokenizer(tok, gguf_tok) -> list[list]:
+    """Rows (text, same?, source ids, gguf ids) for plain text, specials and a rendered chat."""
+    texts = list(TOKENIZER_TEXTS)
+    if tok.chat_template:
+        texts.append(tok.apply_chat_template([{"role": "user", "content": "Hi! 2+2?"},
+                                              {"role": "assistant", "content": "4."}], tokenize=False))
+    rows = []
+    for t in texts:
+        a, b = tok.encode(t), gguf_tok.encode(t)
+        rows.append([t, a == b, a, b])
+    return rows
+
+
+def verify_gguf(path: Path, model, tok, qtype: str) -> bool:
+    """Load `path` back with transformers and compare tokenization and logits with the source; print the tables."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, f = str(path.parent), path.name
+    gtok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    gmodel = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+
+    tok_rows = check_tokenizer(tok, gtok)
+    meta = [["bos token", tok.bos_token, gtok.bos_token], ["eos token", tok.eos_token, gtok.eos_token],
+            ["chat template", "present" if tok.chat_template else "none",
+             "identical" if gtok.chat_template == tok.chat_template else "DIFFERENT"]]
+    meta_ok = meta[0][1] == meta[0][2] and meta[1][1] == meta[1][2] and meta[2][2] == "identical"
+    print_table("tokenizer round trip (source vs GGUF read back by transformers):", ["text", "tokens", "same"],
+                [[repr(t[:40]), len(a), "yes" if same else "NO"] for t, same, a, _ in tok_rows] +
+                [[m[0], m[1], m[2]] for m in meta])
+    tok_ok = all(r[1] for r in tok_rows) and meta_ok
+
+    ids = prompt_ids(tok)
+    from tunelab.export.common import compare_logits
+
+    rows = compare_logits(all_logits(model, ids), all_logits(gmodel, ids))
+    tol = TOLERANCE[qtype]
+    logits_ok = logit_table(f"logits, source (float32) vs GGUF {qtype} read back by transformers:", rows, tol)
+    return tok_ok and logits_ok
+
+
+def export_gguf(model, tok, out: Path, qtype: str = "f16", overwrite: bool = False, name: str = "model") -> Path:
+    """Write, verify, and only then move the GGUF into place."""
+    qtype = qtype.lower()
+    if qtype not in TYPES:
+        raise UserError(f"--type {qtype} is not a GGUF type tunelab writes; choose one of {', '.join(TYPES)}")
+    check_target(out, overwrite)
+    _check_supported(model.config)
+    if qtype in LLAMACPP_TYPES:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            llamacpp_quantize(out, out, qtype)  # raises the install hint before any work is done
+    # the temporary file keeps a .gguf suffix: transformers and llama.cpp read it back under that name for the check
+    with atomic_path(out, overwrite, is_dir=False, suffix=".gguf") as tmp:
+        if qtype in LLAMACPP_TYPES:
+            with tempfile.TemporaryDirectory(dir=out.parent) as td:
+                f32 = Path(td) / "f32.gguf"  # quantize from full precision, not from an already rounded file
+                write_gguf(model, tok, f32, "f32", name=name)
+                llamacpp_quantize(f32, tmp, qtype)
+        else:
+            write_gguf(model, tok, tmp, qtype, name=name)
+        from tunelab.export import llamacpp
+
+        ok = verify_gguf(tmp, model, tok, qtype)
+        ok = llamacpp.verify(tmp, model, tok, qtype) and ok
+        if not ok:
+            raise ParityError(f"GGUF {qtype} export does not reproduce the source model (see the tables above); "
+                              "nothing was written")
+    size = out.stat().st_size / 2**20
+    print(f"GGUF ({qtype}, {size:.1f} MiB) written to {out}")
+    return out
