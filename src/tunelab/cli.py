@@ -34,6 +34,21 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
         A("--eval-n", type=int, default=50, help="held-out questions scored before and after"),
         A("--overwrite", action="store_true", help="start the quickstart run over"),
     ]),
+    "data": {"help": "look at a dataset the way training will see it", "commands": {
+        "inspect": ("tunelab.data.inspection:main", "detected format, counts, token lengths, the first sample with its "
+                    "trained tokens highlighted, and warnings", [
+            A("source", help="a file, directory, glob, bundled:NAME or hub dataset id"),
+            A("--model", default="embedded:smollm2-135m-instruct", help="whose tokenizer and chat template to use"),
+            A("--json", action="store_true", help="print the report as JSON"),
+            A("--format", default="auto", help="the data format (default: detect)"),
+            A("--column", action="append", metavar="YOURS=EXPECTED", help="rename a field (repeatable)"),
+            A("--max-length", type=int, default=1024, help="count samples longer than this many tokens"),
+            A("--split", default=None, help="hub dataset split (default train)"),
+            A("--name", default=None, help="hub dataset config name"),
+            A("--limit", type=int, default=None, help="measure token lengths on the first N samples only"),
+            A("--strict", action="store_true", help="stop at the first invalid row instead of counting them"),
+        ]),
+    }},
     "export": ("tunelab.export:main", "export a run: merged model, verified GGUF, Ollama Modelfile, or Hub push", [
         A("run", help="a run directory (runs/NAME) or run name"),
         A("--to", required=True, choices=["merged", "gguf", "ollama", "hub"], help="what to produce"),
