@@ -21,6 +21,16 @@ MODEL_ARGS = [
     A("--run", default=None, help="a run directory: use its final model/adapter (and its base model)"),
 ]
 
+# Shared by chat / serve / ui. --model has no default here so that --run can bring its own base model.
+INFER_ARGS = [
+    A("--model", default=None, help="base model: hub id, local dir or embedded:NAME (default: the --run's base, "
+      "else embedded:smollm2-135m-instruct)"),
+    A("--run", action="append", default=[], help="a run directory: its final adapter (over its base) or full model"),
+    A("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype of the base"),
+    A("--load-in-4bit", action="store_true",
+      help="load the base in 4 bits (bitsandbytes NF4); adapters stay full precision"),
+]
+
 # name -> (target, help, [argument specs])
 COMMANDS: dict[str, tuple[str, str, list]] = {
     "train": ("tunelab.train:main", "train from a YAML config", [
@@ -67,6 +77,29 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
         A("--max-new-tokens", type=int, default=256),
         A("--n-ctx", type=int, default=2048, help="context window in tokens"),
         A("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)"),
+    ]),
+    "chat": ("tunelab.inference.chat:main", "chat with a model (and adapter) in the terminal, streaming replies", [
+        *INFER_ARGS,
+        A("--adapter", default=None, help="a PEFT adapter directory to apply over --model"),
+        A("--merge", action="store_true", help="merge the adapter into the base weights first (faster replies)"),
+        A("--system", default=None, help="system prompt text, or @FILE"),
+        A("--persona", default=None, help="a built-in system prompt: assistant, tutor, pirate, storyteller"),
+        A("--temperature", type=float, default=0.7, help="0 = greedy"),
+        A("--top-p", type=float, default=0.9),
+        A("--max-tokens", type=int, default=256, help="longest reply, in tokens"),
+        A("--seed", type=int, default=None),
+    ]),
+    "serve": ("tunelab.inference.server:main", "OpenAI-compatible API: one base, any number of adapters", [
+        *INFER_ARGS,
+        A("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+          help="an adapter to serve as model NAME (default: its directory name); repeat for more"),
+        A("--served-model-name", default=None, help="the base model's name in the API (default: its dir name or id)"),
+        A("--host", default="127.0.0.1", help="address to bind (default loopback only; 0.0.0.0 exposes it)"),
+        A("--port", type=int, default=8000),
+        A("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $TUNELAB_API_KEY if set)"),
+        A("--max-concurrency", type=int, default=1, help="generations running at once"),
+        A("--max-queue", type=int, default=16, help="requests waiting beyond those; more get 429"),
+        A("--max-tokens", type=int, default=512, help="default and largest max_tokens per request"),
     ]),
 }
 

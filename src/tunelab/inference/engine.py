@@ -1,11 +1,14 @@
 """One generation engine for eval, chat, the API server and the web UI.
 
 Batched generation with the KV cache (transformers `generate`), left padding so every prompt ends where its reply
-starts, and stopping on EOS / end-of-turn tokens and on stop strings.
+starts, and stopping on EOS / end-of-turn tokens and on stop strings. `complete` returns text with token counts and
+why it stopped (what the API reports as usage and finish_reason); `TextStream` yields a reply piece by piece while
+`generate` runs on a worker thread, and can be cancelled (a client that went away, Ctrl-C in the terminal).
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 
@@ -14,8 +17,17 @@ class GenParams:
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
+    # torch's global RNG: reproducible when one generation runs at a time (the terminal chat, eval, the UI).
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (EOS, end of turn or a stop string) | "length" (max_new_tokens reached)
 
 
 def chat_prompts(tok, conversations: list[list[dict]]) -> list[str]:
@@ -36,17 +48,65 @@ def stop_token_ids(tok, model) -> list[int]:
     return sorted(ids)
 
 
-def _cut_at_stop(text: str, stops: list[str]) -> str:
+def context_length(model, tok) -> int:
+    """How many tokens (prompt + reply) the model can attend to."""
+    n = getattr(model.config, "max_position_embeddings", None)
+    tok_max = getattr(tok, "model_max_length", None)
+    # Tokenizers without a recorded limit report a huge sentinel (1e30); only a real value narrows the model's.
+    if isinstance(tok_max, int) and tok_max < 10**7:
+        n = min(n, tok_max) if n else tok_max
+    return int(n or 2048)
+
+
+def count_tokens(tok, text: str) -> int:
+    return len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     cut = len(text)
     for s in stops:
-        i = text.find(s)
-        if s and i != -1:
+        i = text.find(s) if s else -1
+        if i != -1:
             cut = min(cut, i)
-    return text[:cut]
+    return text[:cut], cut < len(text)
 
 
-def generate(model, tok, prompts: list[str], params: GenParams | None = None, batch_size: int = 16) -> list[str]:
-    """Completions for raw prompt strings (already chat-templated where needed), in input order."""
+def _partial_stop(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that could be the start of a stop string (held back while streaming)."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def _gen_kwargs(tok, model, params: GenParams) -> dict:
+    kw = dict(max_new_tokens=params.max_new_tokens, eos_token_id=stop_token_ids(tok, model),
+              pad_token_id=tok.pad_token_id, use_cache=True)
+    if params.temperature > 0:
+        kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
+    else:
+        # Greedy: clear the sampling knobs a checkpoint's generation_config may carry, or transformers warns.
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if params.stop:
+        kw.update(stop_strings=params.stop, tokenizer=tok)
+    return kw
+
+
+def _reply_ids(ids: list[int], eos: set[int], pad: int | None) -> tuple[list[int], bool]:
+    """The generated ids up to and including the first EOS (True) or all of them (False), without right padding."""
+    for k, t in enumerate(ids):
+        if t in eos:
+            return ids[:k + 1], True
+    while ids and pad is not None and ids[-1] == pad:  # a row that stopped on a stop string, padded to the batch
+        ids = ids[:-1]
+    return ids, False
+
+
+def complete(model, tok, prompts: list[str], params: GenParams | None = None, batch_size: int = 16) -> list[Completion]:
+    """Completions with usage and finish reason for raw prompt strings (already chat-templated), in input order."""
     import torch
 
     params = params or GenParams()
@@ -54,67 +114,138 @@ def generate(model, tok, prompts: list[str], params: GenParams | None = None, ba
         torch.manual_seed(params.seed)
     old_side = tok.padding_side
     tok.padding_side = "left"
-    outs: list[str] = [""] * len(prompts)
+    outs: list[Completion | None] = [None] * len(prompts)
     # Longest prompts first: batches of similar length waste less compute on padding.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    eos = stop_token_ids(tok, model)
+    kw = _gen_kwargs(tok, model, params)
+    eos = set(kw["eos_token_id"])
     try:
         for b in range(0, len(order), batch_size):
             idx = order[b: b + batch_size]
             enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(model.device) for k, v in enc.items()}
-            kw = dict(max_new_tokens=params.max_new_tokens, eos_token_id=eos, pad_token_id=tok.pad_token_id,
-                      use_cache=True)
-            if params.temperature > 0:
-                kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
-            else:
-                kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            if params.stop:
-                kw.update(stop_strings=params.stop, tokenizer=tok)
             with torch.inference_mode():
                 out = model.generate(**enc, **kw)
-            new = out[:, enc["input_ids"].shape[1]:]
+            new = out[:, enc["input_ids"].shape[1]:].tolist()
             for j, i in enumerate(idx):
-                outs[i] = _cut_at_stop(tok.decode(new[j], skip_special_tokens=True), params.stop)
+                ids, hit_eos = _reply_ids(new[j], eos, tok.pad_token_id)
+                text, hit_stop = _cut_at_stop(tok.decode(ids, skip_special_tokens=True), params.stop)
+                stopped = hit_eos or hit_stop or len(ids) < params.max_new_tokens
+                outs[i] = Completion(text, int(enc["attention_mask"][j].sum()), len(ids),
+                                     "stop" if stopped else "length")
     finally:
         tok.padding_side = old_side
-    return outs
+    return outs  # type: ignore[return-value]
+
+
+def generate(model, tok, prompts: list[str], params: GenParams | None = None, batch_size: int = 16) -> list[str]:
+    """Completions for raw prompt strings (already chat-templated where needed), in input order."""
+    return [c.text for c in complete(model, tok, prompts, params, batch_size)]
 
 
 def chat(model, tok, conversations: list[list[dict]], params: GenParams | None = None, batch_size: int = 16):
     return generate(model, tok, chat_prompts(tok, conversations), params, batch_size)
 
 
+class TextStream:
+    """One completion generated on a worker thread and read piece by piece as it is produced.
+
+    Iterate it for text pieces; afterwards `finish_reason`, `prompt_tokens` and `completion_tokens` are set.
+    `cancel()` makes `generate` stop at the next token (a StoppingCriteria watching an event); `close()` cancels and
+    waits for the worker, so the caller knows the model is free again (the server switches adapters only then).
+    Stop strings are honoured across piece boundaries: text that might begin a stop string is held back until the
+    next piece shows whether it does.
+    """
+
+    def __init__(self, model, tok, prompt: str, params: GenParams | None = None):
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        self.params = params or GenParams()
+        self._cancel = threading.Event()
+        cancel = self._cancel
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+        self.prompt_tokens = int(enc["input_ids"].shape[1])
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self._hit_stop = False
+        self._streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        kw = _gen_kwargs(tok, model, self.params)
+        kw.update(streamer=self._streamer, stopping_criteria=StoppingCriteriaList([_Cancelled()]))
+        eos, pad = set(kw["eos_token_id"]), tok.pad_token_id
+        if self.params.seed is not None:
+            torch.manual_seed(self.params.seed)
+
+        def run():
+            try:
+                with torch.inference_mode():
+                    out = model.generate(**enc, **kw)
+                ids, hit_eos = _reply_ids(out[0, self.prompt_tokens:].tolist(), eos, pad)
+                self.completion_tokens = len(ids)
+                self._hit_eos = hit_eos
+            except BaseException as e:  # handed to the reader, which re-raises it in its own thread
+                self.error = e
+                self._streamer.end()
+
+        self._hit_eos = False
+        self._worker = threading.Thread(target=run, name="tunelab-generate", daemon=True)
+        self._worker.start()
+
+    def __iter__(self):
+        stops = self.params.stop
+        text, sent = "", 0
+        for piece in self._streamer:
+            text += piece
+            if stops:
+                head, hit = _cut_at_stop(text, stops)
+                if hit:
+                    self._hit_stop = True
+                    if len(head) > sent:
+                        yield head[sent:]
+                    self.cancel()
+                    break
+                safe = len(text) - _partial_stop(text, stops)
+            else:
+                safe = len(text)
+            if safe > sent:
+                yield text[sent:safe]
+                sent = safe
+        else:
+            # The streamer ended: generation is over. Text held back for a stop string that never came is the reply's.
+            tail, self._hit_stop = _cut_at_stop(text, stops)
+            if len(tail) > sent:
+                yield tail[sent:]
+        self.close()
+        if self.error is not None:
+            raise self.error
+        stopped = self._hit_eos or self._hit_stop or self.completion_tokens < self.params.max_new_tokens
+        self.finish_reason = "stop" if stopped else "length"
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def close(self) -> None:
+        """Stop generating (if still running) and wait until the model is no longer in use."""
+        self._cancel.set()
+        self._worker.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def stream(model, tok, prompt: str, params: GenParams | None = None):
-    """Yield text pieces of one completion as they are generated (TextIteratorStreamer on a worker thread)."""
-    import threading
-
-    import torch
-    from transformers import TextIteratorStreamer
-
-    params = params or GenParams()
-    enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
-    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    kw = dict(max_new_tokens=params.max_new_tokens, eos_token_id=stop_token_ids(tok, model),
-              pad_token_id=tok.pad_token_id, streamer=streamer)
-    if params.temperature > 0:
-        kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
-    else:
-        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if params.seed is not None:
-        torch.manual_seed(params.seed)
-
-    def run():
-        with torch.inference_mode():
-            model.generate(**enc, **kw)
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    text = ""
-    for piece in streamer:
-        text += piece
-        if params.stop and any(s in text for s in params.stop):
-            yield _cut_at_stop(piece, params.stop)
-            break
-        yield piece
-    worker.join()
+    """Yield text pieces of one completion as they are generated; closing the generator stops the generation."""
+    s = TextStream(model, tok, prompt, params)
+    try:
+        yield from s
+    finally:
+        s.close()

@@ -1,0 +1,171 @@
+"""One loaded base model with any number of named adapters over it: what chat, the server and the web UI serve.
+
+Adapters share the base's weights (PEFT multi-adapter: `load_adapter` for each, `set_adapter` to pick one,
+`disable_adapter` for the plain base), so N fine-tunes of one model cost one model's memory plus N small adapters.
+Which adapter is active is one setting of the whole model, so callers must not generate with two different names at
+once: the terminal chat and the UI take `lock`; the server's scheduler lets same-name requests run together and
+switches only when the model is idle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from pathlib import Path
+
+from tunelab.errors import UserError
+
+DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+
+
+def run_artifact(run: str) -> tuple[str, str | None]:
+    """(base model source, adapter dir or None) for a finished run directory."""
+    final = Path(run) / "final"
+    if not final.is_dir():
+        raise UserError(f"run {run} has no final model yet (train it to the end, or pass a checkpoint as --adapter)")
+    if (final / "adapter_config.json").is_file():
+        import yaml
+
+        cfg = Path(run) / "config.yaml"
+        if not cfg.is_file():
+            raise UserError(f"run {run} has an adapter but no config.yaml naming its base model (pass --model)")
+        return yaml.safe_load(cfg.read_text())["model"]["source"], str(final)
+    return str(final), None
+
+
+def _default_name(source: str) -> str:
+    p = Path(source).expanduser()
+    return p.name if p.exists() else source
+
+
+def _parse_adapter(spec: str) -> tuple[str, str]:
+    """`NAME=PATH` or `PATH` (named after its directory) -> (name, path)."""
+    name, sep, path = spec.partition("=")
+    if not sep or Path(spec).exists():
+        path = spec
+        name = Path(spec.rstrip("/")).name
+    if not (Path(path) / "adapter_config.json").is_file():
+        raise UserError(f"--adapter {spec}: {path} is not a PEFT adapter directory (no adapter_config.json)")
+    return name, path
+
+
+class Host:
+    def __init__(self, model, tok, base_name: str, adapters: dict[str, str] | None = None):
+        self.model, self.tok = model, tok
+        self.base_name = base_name
+        # served name -> PEFT adapter name inside the model (None: the base, adapters disabled)
+        self.routes: dict[str, str | None] = {base_name: None, **(adapters or {})}
+        self.lock = threading.Lock()
+        self._base_ctx: contextlib.ExitStack | None = None
+        self._active: str | None = None
+        from tunelab.inference.engine import context_length
+
+        self.context_length = context_length(model, tok)
+        if adapters:
+            self.activate(next(iter(adapters)))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.routes)
+
+    @property
+    def default_name(self) -> str:
+        """The first adapter when there is one (what `--adapter`/`--run` asked for), else the base."""
+        return self.names[1] if len(self.names) > 1 else self.base_name
+
+    @classmethod
+    def load(cls, model: str | None = None, adapters: list[str] | tuple = (), runs: list[str] | tuple = (),
+             dtype: str = "float32", load_in_4bit: bool = False, merge: bool = False,
+             served_name: str | None = None) -> Host:
+        """Load a base once and every adapter over it.
+
+        `adapters` are `NAME=PATH` or `PATH`; `runs` are run directories (a run with an adapter adds it, named after
+        the run; a run with a full model is the base). `merge` folds a single adapter into the base weights (faster
+        generation, no adapter switching).
+        """
+        from tunelab.models import load_for_inference
+
+        named = [_parse_adapter(a) for a in adapters]
+        bases = [model] if model else []
+        for run in runs:
+            base, adapter = run_artifact(run)
+            bases.append(base)
+            if adapter:
+                named.append((Path(run.rstrip("/")).name, adapter))
+        if len({str(b) for b in bases}) > 1:
+            raise UserError(f"adapters must share one base model, got {', '.join(sorted(set(map(str, bases))))} "
+                            "(serve each base in its own process)")
+        base = bases[0] if bases else DEFAULT_MODEL
+        names = [n for n, _ in named]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise UserError(f"two adapters are named {dupes[0]}: name them with --adapter NAME=PATH")
+        served_name = served_name or _default_name(base)
+        if served_name in names:
+            raise UserError(f"adapter name {served_name} is also the base model's name: rename it with NAME=PATH")
+        if merge and len(named) != 1:
+            raise UserError("--merge needs exactly one adapter (--adapter or --run)")
+        if merge and load_in_4bit:
+            raise UserError("--merge folds the adapter into full-precision weights: drop --load-in-4bit")
+
+        m, tok = load_for_inference(base, adapter=named[0][1] if named else None, dtype=dtype,
+                                    load_in_4bit=load_in_4bit)
+        if merge:
+            return cls(m.merge_and_unload(), tok, f"{served_name}+{named[0][0]}")
+        routes = {}
+        for i, (name, path) in enumerate(named):
+            # load_for_inference loads the first adapter under PEFT's name "default"; the rest get their own.
+            internal = "default" if i == 0 else f"adapter_{i}"
+            if i:
+                m.load_adapter(path, adapter_name=internal)
+            routes[name] = internal
+        return cls(m, tok, served_name, routes)
+
+    def activate(self, name: str) -> None:
+        """Make the model answer as `name` (an adapter, or the base). Only call while no generation is running."""
+        if name not in self.routes:
+            raise KeyError(name)
+        if name == self._active or len(self.routes) == 1:
+            self._active = name
+            return
+        internal = self.routes[name]
+        if internal is None:
+            # disable_adapter() is PEFT's own way to run the bare base (it also covers prompt-learning adapters);
+            # it is a context manager, held open for as long as the base stays selected.
+            self._base_ctx = contextlib.ExitStack()
+            self._base_ctx.enter_context(self.model.disable_adapter())
+        else:
+            if self._base_ctx is not None:
+                self._base_ctx.close()
+                self._base_ctx = None
+            self.model.set_adapter(internal)
+        self._active = name
+
+    def stream(self, name: str, prompt: str, params):
+        """Text pieces of one completion as `name`; holds `lock` until the generation has ended or been closed."""
+        from tunelab.inference.engine import TextStream
+
+        with self.lock:
+            self.activate(name)
+            s = TextStream(self.model, self.tok, prompt, params)
+            try:
+                yield from s
+            finally:
+                s.close()
+
+    def fit_messages(self, messages: list[dict], max_new_tokens: int) -> tuple[list[dict], str]:
+        """Drop the oldest turns (keeping system prompts and the last message) until prompt + reply fit the context.
+
+        Returns the kept messages and their rendered prompt.
+        """
+        from tunelab.inference.engine import chat_prompts, count_tokens
+
+        msgs = list(messages)
+        while True:
+            prompt = chat_prompts(self.tok, [msgs])[0]
+            if count_tokens(self.tok, prompt) + max_new_tokens <= self.context_length:
+                return msgs, prompt
+            droppable = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
+            if not droppable:
+                return msgs, prompt
+            del msgs[droppable[0]]

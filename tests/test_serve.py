@@ -1,0 +1,283 @@
+"""The OpenAI-compatible server, live on 127.0.0.1, driven by the official `openai` client and by raw HTTP.
+
+One tiny base with two LoRA adapters is loaded once per module; each test talks to a real uvicorn server on a free
+loopback port (in a thread of the test process, so start-up costs no second model load).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+KEY = "test-key-123"
+
+
+def make_adapter(base: str, path: Path, seed: int) -> str:
+    """A LoRA adapter with random non-zero B matrices (a fresh LoRA is a no-op), so it changes the model's answers."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                    task_type="CAUSAL_LM"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    pm.save_pretrained(path)
+    return str(path)
+
+
+class LiveServer:
+    """uvicorn serving `app` on a free 127.0.0.1 port, in a daemon thread; start-up and shutdown are bounded."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                return self
+            time.sleep(0.05)
+        raise RuntimeError("server did not start in 10 s")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("adapters")
+    return make_adapter(tiny_model, d / "alpha", seed=1), make_adapter(tiny_model, d / "beta", seed=2)
+
+
+@pytest.fixture(scope="module")
+def host(tiny_model, adapters):
+    from tunelab.inference.host import Host
+
+    return Host.load(tiny_model, adapters=[f"alpha={adapters[0]}", adapters[1]], served_name="tiny")
+
+
+@pytest.fixture(scope="module")
+def server(host):
+    from tunelab.inference.server import create_app
+
+    with LiveServer(create_app(host, api_key=KEY, max_concurrency=1, max_queue=8, max_tokens=64)) as s:
+        yield s
+
+
+@pytest.fixture()
+def client(server):
+    # max_retries=0: the client would otherwise retry 429/5xx and hide what the server answered.
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def greedy_chat(client, model, text="Tell me a story.", n=8):
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
+                                       max_tokens=n, temperature=0)
+    return r.choices[0].message.content
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == ["tiny", "alpha", "beta"]
+    assert client.models.retrieve("alpha").id == "alpha"
+    h = httpx.get(server.url + "/health")  # no key needed: a liveness probe
+    assert h.status_code == 200 and h.json()["status"] == "ok"
+
+
+def test_chat_completion(client):
+    r = client.chat.completions.create(model="tiny", max_tokens=6, temperature=0,
+                                       messages=[{"role": "system", "content": "Be brief."},
+                                                 {"role": "user", "content": "Hi!"}])
+    assert r.object == "chat.completion" and r.model == "tiny"
+    c = r.choices[0]
+    assert c.message.role == "assistant" and isinstance(c.message.content, str) and c.message.content
+    assert c.finish_reason in ("stop", "length")
+    assert 1 <= r.usage.completion_tokens <= 6 and r.usage.prompt_tokens > 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_completion_and_batch(client):
+    r = client.completions.create(model="alpha", prompt="Once upon a time", max_tokens=5, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].text
+    assert r.choices[0].finish_reason in ("stop", "length")
+    # A list of prompts is one batched generate (left padding): each answer equals its single-prompt answer.
+    batch = client.completions.create(model="alpha", prompt=["Once upon a time", "The capital of France is"],
+                                      max_tokens=5, temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert batch.choices[0].text == r.choices[0].text
+
+
+def test_streaming_matches_non_streaming(client):
+    want = greedy_chat(client, "beta", n=10)
+    chunks = list(client.chat.completions.create(model="beta", max_tokens=10, temperature=0, stream=True,
+                                                 messages=[{"role": "user", "content": "Tell me a story."}],
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals and finals[-1] in ("stop", "length")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 10
+
+    stream = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0,
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in stream) == \
+        client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0).choices[0].text
+
+
+def test_sse_wire_format_ends_with_done(server):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert all(ln.startswith("data: ") for ln in lines)
+    assert lines[-1] == "data: [DONE]"
+    json.loads(lines[0][6:])  # every event before [DONE] is one JSON chunk
+
+
+def test_bad_requests_are_400_in_openai_shape(client, server):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[])
+    assert e.value.status_code == 400 and e.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], temperature=7)
+    assert "temperature" in e.value.body["param"]
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    for raw in (b"{not json", b"[1, 2]", b'{"model": "tiny"}', b'{"model": "tiny", "messages": [{"role": "x"}]}'):
+        r = httpx.post(server.url + "/v1/chat/completions", content=raw, headers=auth)
+        assert r.status_code == 400, raw
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    # A prompt longer than the context (512 tokens for the tiny model) is refused; a huge max_tokens is capped.
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="word " * 600, max_tokens=5)
+    assert e.value.code == "context_length_exceeded"
+    r = client.completions.create(model="tiny", prompt="Hello", max_tokens=100000, temperature=0)
+    assert r.usage.completion_tokens <= 64  # the server's --max-tokens in this fixture
+
+
+def test_api_key_missing_or_wrong_is_401(server):
+    for key in ("wrong-key",):
+        bad = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as e:
+            bad.models.list()
+        assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": []})  # no header at all
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "Hi"}])
+    assert e.value.status_code == 404 and e.value.code == "model_not_found"
+
+
+def test_adapters_answer_differently_from_each_other_and_the_base(client):
+    answers = {m: greedy_chat(client, m) for m in ("tiny", "alpha", "beta")}
+    assert len(set(answers.values())) == 3, answers
+    # Switching back and forth does not leak one adapter into another.
+    assert greedy_chat(client, "alpha") == answers["alpha"]
+    assert greedy_chat(client, "tiny") == answers["tiny"]
+
+
+def test_client_gone_mid_stream_frees_the_slot(server):
+    body = {"model": "alpha", "prompt": "Once", "max_tokens": 64, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        next(r.iter_lines())
+    for _ in range(100):  # bounded: the generation is cancelled at its next token
+        h = httpx.get(server.url + "/health").json()
+        if h["running"] == 0 and h["queued"] == 0:
+            break
+        time.sleep(0.1)
+    assert h["running"] == 0 and h["queued"] == 0
+
+
+def test_load_is_bounded_200_or_429(host):
+    """20 parallel requests, 1 running + 4 queued at most: each gets 200 or a prompt 429; nothing hangs."""
+    from tunelab.inference.server import create_app
+
+    with LiveServer(create_app(host, max_concurrency=1, max_queue=4, max_tokens=16)) as s:
+        def one(i):
+            body = {"model": ["tiny", "alpha", "beta"][i % 3], "max_tokens": 16, "temperature": 0,
+                    "messages": [{"role": "user", "content": f"Count to {i}"}], "stream": i % 2 == 0}
+            r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60)
+            return r.status_code, r.text
+
+        with ThreadPoolExecutor(20) as pool:
+            results = list(pool.map(one, range(20), timeout=120))
+        codes = [c for c, _ in results]
+        assert set(codes) <= {200, 429}, results
+        assert codes.count(200) >= 5 and codes.count(429) >= 1, codes
+        for code, text in results:
+            if code == 429:
+                assert json.loads(text)["error"]["code"] == "rate_limit_exceeded"
+            elif text.startswith("data:"):
+                assert text.rstrip().endswith("data: [DONE]")
+        h = httpx.get(s.url + "/health").json()
+        assert h["status"] == "ok" and h["running"] == 0 and h["queued"] == 0
+        ok = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 2}, timeout=60)
+        assert ok.status_code == 200
+
+
+def test_cli_serve_binds_loopback(tiny_model, adapters, tmp_path):
+    """`tunelab serve` as a user runs it: loads, answers on 127.0.0.1, refuses a missing key."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", "--model", tiny_model, "--adapter",
+                             f"alpha={adapters[0]}", "--port", str(port), "--api-key", KEY],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):  # bounded: up to 60 s for imports and loading on a busy machine
+            if proc.poll() is not None:
+                pytest.fail(proc.stdout.read())
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.25)
+        else:
+            pytest.fail("tunelab serve did not come up in 60 s")
+        assert httpx.get(url + "/v1/models").status_code == 401
+        models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+        assert [m["id"] for m in models["data"]] == [Path(tiny_model).name, "alpha"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_cli_serve_user_errors(tiny_model, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tunelab", "serve", "--model", tiny_model, "--adapter", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not a PEFT adapter directory" in r.stderr
+    assert "Traceback" not in r.stderr
