@@ -403,14 +403,13 @@ def _fits(f: Format, data: dict) -> bool:
 
 
 def detect(rows: list[Row], source: str) -> str:
-    """The format of a source, from the field names and value shapes of its first rows."""
+    """The format of a source, from the field names and value shapes of its first row (every row is then checked
+    against that format, so a row that differs is reported by its own file:line)."""
     if not rows:
         raise UserError(f"{source}: no rows (the dataset is empty)")
-    sample = rows[: min(len(rows), 20)]
-    keys = set(sample[0].data)
-    for r in sample[1:]:
-        keys &= set(r.data)
-    fits = [f for f in FORMATS.values() if all(_fits(f, r.data) for r in sample)]
+    first = rows[0]
+    keys = set(first.data)
+    fits = [f for f in FORMATS.values() if _fits(f, first.data)]
     if fits and not all(f.fallback for f in fits):
         fits = [f for f in fits if not f.fallback]
     if fits:
@@ -419,7 +418,7 @@ def detect(rows: list[Row], source: str) -> str:
         top = [n for n, s in score.items() if s == best]
         if len(top) == 1:
             return top[0]
-        raise UserError(f"{source}: fields {sorted(keys)} fit several formats ({', '.join(top)}); "
+        raise UserError(f"{first.origin}: fields {sorted(keys)} fit several formats ({', '.join(top)}); "
                         f"set data.format to one of them")
     near = []
     for f in FORMATS.values():
@@ -427,7 +426,7 @@ def detect(rows: list[Row], source: str) -> str:
         if have:
             missing = [k for k in f.fields if k not in keys]
             near.append(f"{f.name} (missing {', '.join(missing)})" if missing else f"{f.name} (values do not fit)")
-    raise UserError(f"{source}: could not detect the data format from fields {sorted(keys)}; "
+    raise UserError(f"{first.origin}: could not detect the data format from fields {sorted(keys)}; "
                     f"nearly matched: {'; '.join(near) or 'none'}; set data.format "
                     f"(one of {', '.join(FORMATS)}) and data.columns to map your field names")
 

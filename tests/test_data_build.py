@@ -1,0 +1,159 @@
+"""Tokenized SFT rows (loss mask, over-long handling, text), the on-disk cache, and preference/KTO/prompt rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from tunelab.config import DataConfig
+from tunelab.data import build, cache, render
+from tunelab.errors import UserError
+
+ASSETS = Path(__file__).parent / "assets"
+FMT = ASSETS / "data" / "formats"
+
+
+@pytest.fixture()
+def tok():
+    return AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
+
+
+def write_chat(path: Path, n: int, reply: str = "Fine.") -> str:
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"How are you, number {i}?"},
+                                                     {"role": "assistant", "content": reply}]}) + "\n"
+                            for i in range(n)))
+    return str(path)
+
+
+def test_sft_rows_train_only_the_reply_and_eos(tok, tmp_path):
+    p = write_chat(tmp_path / "c.jsonl", 4)
+    train, val, stats = build.prepare_sft(DataConfig(train=p, cache=False, val_split=0.25), tok)
+    assert len(train) == 3 and len(val) == 1 and stats["samples"] == 3 and stats["cache"] == "off"
+    row = train[0]
+    trained = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != render.IGNORE]
+    assert tok.decode(trained) == "Fine.<|im_end|>\n"
+    assert tok.eos_token_id in trained
+
+
+def test_text_records_train_every_token(tok):
+    train, _, _ = build.prepare_sft(DataConfig(train=str(FMT / "text.txt"), cache=False, shuffle=False), tok)
+    assert train[0]["labels"] == train[0]["input_ids"] and train[0]["input_ids"][-1] == tok.eos_token_id
+
+
+def test_overlong_truncate_drop_error(tok, tmp_path):
+    long_reply = "word " * 60
+    p = tmp_path / "mix.jsonl"
+    write_chat(p, 3)
+    with open(p, "a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "Long?"},
+                                         {"role": "assistant", "content": long_reply}]}) + "\n")
+    base = dict(train=str(p), max_length=48, cache=False, shuffle=False)
+    _, _, stats = build.prepare_sft(DataConfig(**base, overlong="truncate"), tok)
+    assert stats["truncated"] == 1 and stats["samples"] == 4
+    _, _, stats = build.prepare_sft(DataConfig(**base, overlong="drop"), tok)
+    assert stats["dropped"] == 1 and stats["samples"] == 3
+    with pytest.raises(UserError, match=r"mix.jsonl:4: sample is longer than data.max_length=48"):
+        build.prepare_sft(DataConfig(**base, overlong="error"), tok)
+
+
+def test_no_trainable_samples(tok, tmp_path):
+    p = tmp_path / "prompts.jsonl"
+    p.write_text(json.dumps({"messages": [{"role": "user", "content": "Only a question"}]}) + "\n")
+    with pytest.raises(UserError, match="no trainable samples"):
+        build.prepare_sft(DataConfig(train=str(p), cache=False), tok)
+
+
+# ------------------------------------------------------------------------------------------------------------ cache
+
+def test_cache_reused_and_invalidated(tok, tmp_path):
+    p = tmp_path / "c.jsonl"
+    write_chat(p, 6)
+    cfg = DataConfig(train=str(p), cache_dir=str(tmp_path / "cache"), val_split=0.2)
+    first = build.prepare_sft(cfg, tok)
+    assert first[2]["cache"] == "built"
+    files = list((tmp_path / "cache").glob("sft-*.json"))
+    assert len(files) == 1 and not list((tmp_path / "cache").glob(".*.tmp"))  # written atomically, no leftovers
+
+    again = build.prepare_sft(cfg, tok)
+    assert again[2]["cache"] == "hit" and again[:2] == first[:2]
+
+    write_chat(p, 6, reply="Great.")  # content change -> a new key
+    changed = build.prepare_sft(cfg, tok)
+    assert changed[2]["cache"] == "built" and changed[0] != first[0]
+
+    tok.chat_template = tok.chat_template.replace("helpful AI assistant", "careful AI assistant")  # template change
+    assert build.prepare_sft(cfg, tok)[2]["cache"] == "built"
+    tok.add_tokens(["<extra_token_for_test>"])  # tokenizer change
+    assert build.prepare_sft(cfg, tok)[2]["cache"] == "built"
+    assert build.prepare_sft(cfg, tok)[2]["cache"] == "hit"
+
+    cfg2 = cfg.model_copy(update={"max_length": 64})  # settings change
+    assert build.prepare_sft(cfg2, tok)[2]["cache"] == "built"
+    cfg3 = cfg.model_copy(update={"packing": True})  # applied by the trainer later: same rows, same cache
+    assert build.prepare_sft(cfg3, tok)[2]["cache"] == "hit"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
+def test_corrupted_cache_is_rebuilt(tok, tmp_path, damage):
+    p = write_chat(tmp_path / "c.jsonl", 3)
+    cfg = DataConfig(train=p, cache_dir=str(tmp_path / "cache"))
+    rows = build.prepare_sft(cfg, tok)
+    (f,) = (tmp_path / "cache").glob("sft-*.json")
+    raw = f.read_bytes()
+    f.write_bytes({"truncate": raw[: len(raw) // 2], "flip": raw[:-10] + b"9" + raw[-9:],
+                   "garbage": b"\x00\xffnot a cache", "empty": b""}[damage])
+    rebuilt = build.prepare_sft(cfg, tok)
+    assert rebuilt[2]["cache"] == "rebuilt" and rebuilt[:2] == rows[:2]
+    assert build.prepare_sft(cfg, tok)[2]["cache"] == "hit"
+
+
+def test_cache_save_is_atomic(tmp_path):
+    target = tmp_path / "x.json"
+    cache.save(target, "k", {"a": [1, 2]})
+    assert cache.load(target, "k") == ({"a": [1, 2]}, "hit")
+    assert cache.load(target, "other-key")[1] == "corrupt"
+    assert cache.load(tmp_path / "missing.json", "k") == (None, "miss")
+
+
+# ------------------------------------------------------------------------------------- preference / KTO / prompts
+
+def test_prepare_preference_conversational_rows(tok):
+    cfg = DataConfig(train=[str(FMT / "preference_strings.jsonl"), str(FMT / "hh_rlhf.jsonl")], shuffle=False)
+    train, val, stats = build.prepare_preference(cfg, tok)
+    assert len(train) == 3 and val == [] and stats["samples"] == 3
+    assert set(train[0]) == {"prompt", "chosen", "rejected"}
+    assert train[0]["prompt"] == [{"role": "user", "content": "Write a greeting."}]
+    with pytest.raises(UserError, match="needs preference"):
+        build.prepare_preference(DataConfig(train=str(FMT / "qa_gsm8k.jsonl")), tok)
+
+
+def test_prepare_preference_overlong(tok):
+    cfg = DataConfig(train=str(FMT / "hh_rlhf.jsonl"), max_length=20, overlong="drop")
+    with pytest.raises(UserError, match="no training samples left"):
+        build.prepare_preference(cfg, tok)
+    with pytest.raises(UserError, match=r"hh_rlhf.jsonl:1: sample is \d+ tokens, longer than data.max_length=20"):
+        build.prepare_preference(cfg.model_copy(update={"overlong": "error"}), tok)
+
+
+def test_prepare_kto_from_kto_and_pairs():
+    train, _, _ = build.prepare_kto(DataConfig(train=str(FMT / "kto.csv"), shuffle=False))
+    assert [r["label"] for r in train] == [True, False] and set(train[0]) == {"prompt", "completion", "label"}
+    pairs, _, _ = build.prepare_kto(DataConfig(train=str(FMT / "preference_strings.jsonl"), shuffle=False))
+    assert len(pairs) == 4 and [r["label"] for r in pairs[:2]] == [True, False]
+
+
+def test_prepare_prompts_keep_gold_answers():
+    train, _, _ = build.prepare_prompts(DataConfig(train=str(FMT / "qa_gsm8k.jsonl"), shuffle=False))
+    assert train[0] == {"prompt": [{"role": "user", "content": "Tom has 3 apples and buys 4 more. How many does he "
+                                                               "have?"}], "answer": "7"}
+    trivia, _, _ = build.prepare_prompts(DataConfig(train=str(FMT / "qa_trivia.jsonl"), shuffle=False))
+    assert trivia[0]["aliases"][:2] == ["Paris", "Paris, France"]
+    summ, _, _ = build.prepare_prompts(DataConfig(train=str(FMT / "dialogue_summary.jsonl"), shuffle=False,
+                                                  system_prompt="Be brief."))
+    assert summ[0]["prompt"][0] == {"role": "system", "content": "Be brief."}
+    assert summ[0]["answer"].startswith("#Person2#")
+    with pytest.raises(UserError, match="needs prompt data"):
+        build.prepare_prompts(DataConfig(train=str(FMT / "text.txt")))

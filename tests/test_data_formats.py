@@ -1,0 +1,193 @@
+"""Every supported format is detected from its fixture and normalized into the documented record kinds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tunelab.data import formats
+from tunelab.data.sources import Row, read_source
+from tunelab.errors import UserError
+
+DATA = Path(__file__).parent / "assets" / "data"
+FMT = DATA / "formats"
+
+
+def load(name: str, fmt: str = "auto", columns=None):
+    path = str(FMT / name)
+    return formats.normalize_rows(read_source(path), fmt, path, columns)
+
+
+@pytest.mark.parametrize("fixture, expected", [
+    ("messages.jsonl", "messages"), ("sharegpt.json", "sharegpt"), ("alpaca.json", "alpaca"),
+    ("dolly.jsonl", "dolly"), ("prompt_completion.jsonl", "prompt_completion"), ("text.txt", "text"),
+    ("qa_gsm8k.jsonl", "qa"), ("qa_trivia.jsonl", "qa"), ("dialogue_summary.jsonl", "dialogue_summary"),
+    ("preference_strings.jsonl", "preference"), ("preference_messages.jsonl", "preference"),
+    ("hh_rlhf.jsonl", "hh_rlhf"), ("kto.csv", "kto"),
+])
+def test_every_format_is_detected(fixture, expected):
+    name, records = load(fixture)
+    assert name == expected
+    assert records and all(r["origin"].startswith(str(FMT / fixture)) for r in records)
+    # the explicit format gives the same records as detection
+    assert load(fixture, fmt=expected)[1] == records
+
+
+def test_messages_keep_system_and_turns():
+    _, (a, b) = load("messages.jsonl")
+    assert [m["role"] for m in a["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+    assert b["messages"][-1] == {"role": "assistant", "content": "Hi!"}
+    assert a["origin"].endswith("messages.jsonl:1") and b["origin"].endswith("messages.jsonl:2")
+
+
+def test_sharegpt_roles_mapped():
+    _, (a, _b) = load("sharegpt.json")
+    assert a["messages"] == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "How are you?"},
+                             {"role": "assistant", "content": "Fine, thanks."}]
+    assert a["origin"].endswith("sharegpt.json:row 1")
+
+
+def test_alpaca_and_dolly_join_input_and_context():
+    _, (a, b) = load("alpaca.json")
+    assert a["messages"][0]["content"] == "Translate to French.\n\nGood morning"
+    assert b["messages"][0]["content"] == "Name a primary colour."  # empty input adds nothing
+    _, (d, _e) = load("dolly.jsonl")
+    assert d["messages"][0]["content"].endswith("Context:\nThe Eiffel Tower was finished in 1889.")
+    assert d["messages"][1] == {"role": "assistant", "content": "In 1889."}
+
+
+def test_prompt_completion_text_and_lists():
+    _, (a, b) = load("prompt_completion.jsonl")
+    assert a["messages"] == [{"role": "user", "content": "The sky is"}, {"role": "assistant", "content": " blue."}]
+    assert b["messages"][1]["content"] == "red."
+
+
+def test_text_lines():
+    _, recs = load("text.txt")
+    assert [r["text"] for r in recs] == ["The quick brown fox jumps over the lazy dog.", "A second line of plain text."]
+    assert recs[1]["origin"].endswith("text.txt:3")  # the blank line 2 is skipped, line numbers kept
+    assert formats.kind_of(recs[0]) == "text"
+
+
+def test_gsm8k_gold_answer_and_calculator_notes():
+    _, (a, b) = load("qa_gsm8k.jsonl")
+    assert a["answer"] == "7" and b["answer"] == "2000"
+    assert "<<" not in a["messages"][1]["content"]
+
+
+def test_trivia_aliases():
+    _, (a, b) = load("qa_trivia.jsonl")
+    assert a["answer"] == "Paris" and a["messages"][1]["content"] == "Paris"
+    assert a["aliases"] == ["Paris", "Paris, France", "City of Light"]
+    assert b["answer"] == "Jupiter" and b["aliases"] == ["Jupiter", "planet Jupiter"]
+
+
+def test_dialogue_summary():
+    _, (a, _b) = load("dialogue_summary.jsonl")
+    assert a["messages"][0]["content"].startswith(formats.SUMMARIZE_PROMPT)
+    assert a["answer"] == "#Person2# says the shop is open until six."
+
+
+def test_preference_strings_and_messages():
+    _, (a, _b) = load("preference_strings.jsonl")
+    assert a["prompt"] == [{"role": "user", "content": "Write a greeting."}]
+    assert a["chosen"] == [{"role": "assistant", "content": "Hello, nice to meet you!"}]
+    assert a["rejected"] == [{"role": "assistant", "content": "go away"}]
+    _, (m,) = load("preference_messages.jsonl")
+    assert [x["role"] for x in m["prompt"]] == ["user", "assistant", "user"]
+    assert m["rejected"] == [{"role": "assistant", "content": "No."}]
+    assert formats.kind_of(m) == "preference"
+
+
+def test_hh_rlhf_shared_prompt_and_final_reply():
+    _, (r,) = load("hh_rlhf.jsonl")
+    assert [m["role"] for m in r["prompt"]] == ["user", "assistant", "user"]
+    assert r["prompt"][-1]["content"] == "Soft or hard?"
+    assert r["chosen"][0]["content"].startswith("Eight minutes")
+    assert r["rejected"] == [{"role": "assistant", "content": "Whatever."}]
+
+
+def test_kto_labels_from_csv():
+    _, (a, b) = load("kto.csv")
+    assert a["label"] is True and b["label"] is False
+    assert a["completion"] == [{"role": "assistant", "content": "A cat sat on a mat."}]
+    assert a["origin"].endswith("kto.csv:2")
+
+
+def test_columns_map_custom_names():
+    rows = [Row({"q": "Why?", "a": "Because."}, "x:1")]
+    name, (rec,) = formats.normalize_rows(rows, "auto", "x", {"q": "question", "a": "answer"})
+    assert name == "qa" and rec["messages"][1]["content"] == "Because."
+
+
+def test_qa_normalize_still_callable_directly():
+    rec = formats.FORMATS["qa"].normalize(Row({"question": "1+1?", "answer": "2\n#### 2"}, "shot 0"))
+    assert rec["messages"][0]["content"] == "1+1?" and rec["answer"] == "2"
+
+
+# ---------------------------------------------------------------------------------------------------- error paths
+
+def err(path: Path, fmt: str = "auto") -> str:
+    with pytest.raises(UserError) as e:
+        formats.normalize_rows(read_source(str(path)), fmt, str(path))
+    msg = str(e.value)
+    assert "\n" not in msg  # one line
+    return msg
+
+
+def test_unknown_format_lists_fields_and_near_matches():
+    msg = err(DATA / "errors" / "unknown.jsonl")
+    assert "unknown.jsonl:1" in msg and "['id', 'instruction_text', 'reply']" in msg
+    assert "data.format" in msg and "data.columns" in msg
+
+
+def test_near_match_named():
+    rows = [Row({"instruction": "a", "answer": "b"}, "f.jsonl:1")]
+    with pytest.raises(UserError, match=r"alpaca \(missing output\).*dolly \(missing response\)"):
+        formats.normalize_rows(rows, "auto", "f.jsonl")
+
+
+def test_ambiguous_format():
+    msg = err(DATA / "errors" / "ambiguous.jsonl")
+    assert "fit several formats (messages, sharegpt)" in msg and "ambiguous.jsonl:1" in msg
+
+
+def test_unknown_explicit_format_suggests():
+    with pytest.raises(UserError, match="did you mean 'sharegpt'"):
+        formats.resolve_format("sharegtp")
+
+
+@pytest.mark.parametrize("fixture, fragment", [
+    ("wrong_type.jsonl", "wrong_type.jsonl:2: 'question' must be text, got int"),
+    ("empty_content.jsonl", "empty_content.jsonl:2: messages[1] (assistant) has empty content"),
+    ("missing_field.jsonl", "missing_field.jsonl:2: missing field(s) output for format 'alpaca'"),
+    ("role_order.jsonl", "role_order.jsonl:2: messages: two 'user' messages in a row"),
+    ("identical_pair.jsonl", "identical_pair.jsonl:1: 'chosen' and 'rejected' are identical"),
+    ("bad_label.csv", "bad_label.csv:3: 'label' must be true/false"),
+])
+def test_invalid_rows_named_by_file_and_line(fixture, fragment):
+    assert fragment in err(DATA / "errors" / fixture)
+
+
+def test_assistant_first_and_bad_role():
+    rows = [Row({"messages": [{"role": "assistant", "content": "hi"}]}, "a.jsonl:4")]
+    with pytest.raises(UserError, match="a.jsonl:4: messages: the first non-system message must be from the user"):
+        formats.normalize_rows(rows, "messages", "a.jsonl")
+    rows = [Row({"messages": [{"role": "usr", "content": "hi"}]}, "a.jsonl:5")]
+    with pytest.raises(UserError, match="a.jsonl:5: messages\\[0\\] has role 'usr' \\(did you mean 'user'\\?\\)"):
+        formats.normalize_rows(rows, "messages", "a.jsonl")
+
+
+def test_hh_pair_diverging_early_is_rejected():
+    rows = [Row({"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",
+                 "rejected": "\n\nHuman: a\n\nAssistant: X\n\nHuman: c\n\nAssistant: e"}, "hh.jsonl:9")]
+    with pytest.raises(UserError, match="hh.jsonl:9: 'chosen' and 'rejected' differ before the final assistant"):
+        formats.normalize_rows(rows, "auto", "hh.jsonl")
+
+
+def test_problems_collected_instead_of_raised():
+    path = DATA / "errors" / "role_order.jsonl"
+    problems: list[str] = []
+    _, recs = formats.normalize_rows(read_source(str(path)), "auto", str(path), problems=problems)
+    assert len(recs) == 1 and len(problems) == 1 and "role_order.jsonl:2" in problems[0]

@@ -1,0 +1,127 @@
+"""`tunelab data inspect` through the real CLI, and the real datasets under ../shared/data (marked `shared`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import shared_data
+from tunelab.cli import main
+from tunelab.config import DataConfig
+
+DATA = Path(__file__).parent / "assets" / "data"
+FMT = DATA / "formats"
+TOKENIZER = Path(__file__).parent / "assets" / "tokenizer"
+
+
+def run_json(capsys, *argv) -> dict:
+    assert main(["data", "inspect", *map(str, argv), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_inspect_json_report(capsys, tiny_model, tmp_path):
+    rows = [json.loads(x) for x in (FMT / "messages.jsonl").read_text().splitlines()]
+    p = tmp_path / "dup.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[1:]))  # one duplicate
+    rep = run_json(capsys, p, "--model", tiny_model, "--max-length", 40)
+    assert rep["format"] == "messages" and rep["kinds"] == {"conversation": 3}
+    assert rep["rows"] == {"read": 3, "valid": 3, "invalid": 0, "duplicates": 1}
+    t = rep["tokens"]
+    assert t["measured"] == 3 and t["min"] <= t["median"] <= t["p95"] <= t["max"]
+    assert t["overlong"] == 1 and t["max"] > 40  # the two-turn conversation
+    assert sum(b["count"] for b in rep["histogram"]) == 3
+    first = rep["first_sample"]
+    assert first["origin"].endswith("dup.jsonl:1")
+    assert "[[Paris.<|im_end|>\n]]" in first["rendered"] and "[[Rome.<|im_end|>\n]]" in first["rendered"]
+    assert first["rendered"].startswith("<|im_start|>system\nYou are terse.")
+    warnings = " ".join(rep["warnings"])
+    assert "1 exact duplicate" in warnings and "longer than max_length=40" in warnings
+    # the one conversation without a system message gets SmolLM2's own
+    assert "inserts its own system prompt into 2 conversations" in warnings and "SmolLM" in warnings
+
+
+def test_inspect_text_output_highlights_trained_tokens(capsys, tiny_model):
+    assert main(["data", "inspect", str(FMT / "qa_gsm8k.jsonl"), "--model", tiny_model]) == 0
+    out = capsys.readouterr().out
+    assert "qa" in out and "median" in out and "p95" in out
+    assert "[[He has 3+4=7 apples." in out  # not a terminal: trained text in [[ ]]
+    assert "warning: the chat template inserts its own system prompt" in out
+
+
+def test_inspect_counts_invalid_rows_and_eos(capsys, tmp_path):
+    rep = run_json(capsys, DATA / "errors" / "role_order.jsonl", "--model", TOKENIZER)
+    assert rep["rows"]["invalid"] == 1 and "role_order.jsonl:2" in rep["invalid_examples"][0]
+    assert any("1 invalid rows skipped" in w for w in rep["warnings"])
+    # a template whose assistant turn has no end-of-turn token: EOS is never trained
+    tok_dir = tmp_path / "tok"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    tok.save_pretrained(tok_dir)
+    rep = run_json(capsys, FMT / "messages.jsonl", "--model", tok_dir)
+    assert any(w.startswith("EOS not trained in 2 samples") for w in rep["warnings"])
+    assert not any("system prompt" in w for w in rep["warnings"])
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["errors/malformed.jsonl", "--strict"], "malformed.jsonl:3: malformed JSON"),
+    (["errors/unknown.jsonl"], "could not detect the data format from fields ['id', 'instruction_text', 'reply']"),
+    (["errors/ambiguous.jsonl"], "fit several formats (messages, sharegpt)"),
+    (["missing.jsonl"], "data file not found"),
+    (["formats/kto.csv", "--format", "kot"], "unknown data format 'kot' (did you mean 'kto'?)"),
+    (["formats/kto.csv", "--column", "nonsense"], "--column 'nonsense' is not yours=expected"),
+    (["errors/wrong_type.jsonl", "--strict"], "wrong_type.jsonl:2: 'question' must be text, got int"),
+])
+def test_inspect_bad_input_is_one_line_exit_2(capsys, argv, fragment):
+    argv = [str(DATA / argv[0]) if not argv[0].startswith("missing") else argv[0], *argv[1:]]
+    code = main(["data", "inspect", *argv, "--model", str(TOKENIZER)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert fragment in err and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+
+
+def test_inspect_help_lists_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["data", "inspect", "--help"])
+    out = capsys.readouterr().out
+    assert "--model" in out and "--json" in out
+
+
+# ------------------------------------------------------------------------------------------- real data (../shared)
+
+@pytest.mark.shared
+def test_real_hh_rlhf(capsys):
+    from tunelab.data import build
+
+    path = str(shared_data("hh-rlhf/harmless-base-test.jsonl.gz"))
+    train, _, stats = build.prepare_preference(DataConfig(train=path, on_invalid="skip", shuffle=False))
+    assert stats["formats"] == {path: "hh_rlhf"} and stats["rows_read"] == 2312
+    # a handful of transcripts have empty or doubled turns; they are skipped, counted and named
+    assert 0 < stats["invalid_skipped"] < 30 and len(train) == 2312 - stats["invalid_skipped"]
+    assert all(p["prompt"][-1]["role"] == "user" and p["chosen"] != p["rejected"] for p in train)
+    assert all(len(p["chosen"]) == 1 and p["chosen"][0]["role"] == "assistant" for p in train)
+    rep = run_json(capsys, path, "--model", TOKENIZER, "--limit", 50)
+    assert rep["format"] == "hh_rlhf" and rep["rows"]["read"] == 2312 and rep["tokens"]["measured"] == 50
+
+
+@pytest.mark.shared
+def test_real_dialogsum(capsys, tmp_path):
+    from transformers import AutoTokenizer
+
+    from tunelab.data import build
+
+    path = str(shared_data("dialogsum/dev.jsonl"))
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    cfg = DataConfig(train=path, subset=40, val_split=0.25, max_length=512, cache_dir=str(tmp_path))
+    train, val, stats = build.prepare_sft(cfg, tok)
+    assert stats["formats"] == {path: "dialogue_summary"} and len(train) + stats["dropped"] == 30 and len(val) == 10
+    assert build.prepare_sft(cfg, tok)[2]["cache"] == "hit"
+    prompts, _, _ = build.prepare_prompts(DataConfig(train=path, subset=5))
+    assert all(p["answer"] and p["prompt"][-1]["content"].startswith("Summarize") for p in prompts)
+    rep = run_json(capsys, path, "--model", TOKENIZER, "--limit", 30)
+    assert rep["format"] == "dialogue_summary" and rep["rows"]["valid"] == 500

@@ -1,0 +1,196 @@
+"""Sources (file types, gzip, directories, globs), mixing, subset/split/shuffle/dedupe, and reading errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tunelab.config import DataConfig, SourceConfig
+from tunelab.data import build
+from tunelab.data.sources import fingerprint, read_source, resolve_files
+from tunelab.errors import UserError
+
+DATA = Path(__file__).parent / "assets" / "data"
+FMT = DATA / "formats"
+
+
+def qa_rows(n: int, start: int = 0) -> list[dict]:
+    return [{"question": f"question {i}?", "answer": f"answer {i}"} for i in range(start, start + n)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_gzip_parquet_and_json_lines_named_json(tmp_path):
+    src = (FMT / "qa_gsm8k.jsonl").read_bytes()
+    gz = tmp_path / "qa.jsonl.gz"
+    gz.write_bytes(gzip.compress(src))
+    rows = read_source(str(gz))
+    assert len(rows) == 2 and rows[1].origin == f"{gz}:2"
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(qa_rows(3)), tmp_path / "qa.parquet")
+    rows = read_source(str(tmp_path / "qa.parquet"))
+    assert rows[2].data == {"question": "question 2?", "answer": "answer 2"}
+    assert rows[2].origin.endswith("qa.parquet:row 3")
+
+    jl_as_json = tmp_path / "lines.json"
+    jl_as_json.write_bytes(src)
+    assert [r.data for r in read_source(str(jl_as_json))] == [r.data for r in read_source(str(FMT / "qa_gsm8k.jsonl"))]
+
+
+def test_csv_line_numbers_survive_multiline_cells():
+    with pytest.raises(UserError) as e:
+        read_source(str(DATA / "errors" / "bad_cells.csv"))
+    # record 1 spans lines 2-3, so the row with an extra cell starts on line 4
+    assert str(e.value).endswith("bad_cells.csv:4: more cells than the header has columns")
+
+
+def test_directory_and_glob(tmp_path):
+    rows = read_source(str(DATA / "dir"))
+    assert len(rows) == 6  # README.md is not data
+    assert rows[3].origin.endswith("part2.jsonl:1")
+    assert len(read_source(str(DATA / "dir" / "part*.jsonl"))) == 6
+    with pytest.raises(UserError, match="no data files match"):
+        read_source(str(tmp_path / "*.jsonl"))
+    with pytest.raises(UserError, match="holds no data files"):
+        read_source(str(tmp_path))
+
+
+def test_missing_file_and_unsupported_type(tmp_path):
+    with pytest.raises(UserError, match="data file not found: nope.jsonl"):
+        read_source("nope.jsonl")
+    (tmp_path / "x.xlsx").write_text("x")
+    with pytest.raises(UserError, match="unsupported file type '.xlsx'"):
+        read_source(str(tmp_path / "x.xlsx"))
+    assert resolve_files("someone/some-dataset") is None  # a hub id: read through `datasets.load_dataset`
+
+
+def test_malformed_json_line_named():
+    path = DATA / "errors" / "malformed.jsonl"
+    with pytest.raises(UserError) as e:
+        read_source(str(path))
+    assert str(e.value).startswith(f"{path}:3: malformed JSON")
+    problems: list[str] = []
+    assert len(read_source(str(path), problems)) == 2 and problems[0].startswith(f"{path}:3:")
+
+
+def test_not_utf8_and_bad_gzip(tmp_path):
+    (tmp_path / "latin.jsonl").write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8 text"):
+        read_source(str(tmp_path / "latin.jsonl"))
+    (tmp_path / "fake.jsonl.gz").write_text('{"text": "x"}\n')
+    with pytest.raises(UserError, match="not a valid gzip file"):
+        read_source(str(tmp_path / "fake.jsonl.gz"))
+
+
+def test_fingerprint_follows_content(tmp_path):
+    p = tmp_path / "a.jsonl"
+    write_jsonl(p, qa_rows(2))
+    before = fingerprint(str(p))
+    assert fingerprint(str(p)) == before
+    write_jsonl(p, qa_rows(3))
+    assert fingerprint(str(p)) != before
+
+
+# ------------------------------------------------------------------------------------ mixing, subset, split, dedupe
+
+def test_mixing_with_weights_and_formats(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", qa_rows(10))
+    cfg = DataConfig(train=[{"path": a, "weight": 2}, {"path": str(FMT / "messages.jsonl"), "weight": 0.5},
+                            str(FMT / "sharegpt.json")], shuffle=False)
+    info = {}
+    recs = build.load_records(cfg.train, cfg, info)
+    assert len(recs) == 20 + 1 + 2
+    assert info["formats"] == {a: "qa", str(FMT / "messages.jsonl"): "messages", str(FMT / "sharegpt.json"): "sharegpt"}
+
+
+def test_per_source_format_and_columns(tmp_path):
+    p = write_jsonl(tmp_path / "custom.jsonl", [{"ask": "Why?", "reply": "Because."}])
+    cfg = DataConfig(train=[{"path": p, "format": "qa", "columns": {"ask": "question", "reply": "answer"}}])
+    (rec,) = build.load_records(cfg.train, cfg)
+    assert rec["messages"][1]["content"] == "Because."
+
+
+def test_subset_split_shuffle_are_seeded(tmp_path):
+    p = write_jsonl(tmp_path / "a.jsonl", qa_rows(50))
+    cfg = DataConfig(train=p, subset=20, val_split=0.25, seed=7)
+    train, val = build.train_val_records(cfg)
+    assert len(train) == 15 and len(val) == 5
+    assert not {r["origin"] for r in train} & {r["origin"] for r in val}
+    assert build.train_val_records(cfg) == (train, val)  # same seed, same split
+    other = build.train_val_records(DataConfig(train=p, subset=20, val_split=0.25, seed=8))
+    assert other != (train, val)
+    unshuffled, _ = build.train_val_records(DataConfig(train=p, shuffle=False))
+    assert [r["origin"] for r in unshuffled] == [f"{p}:{i}" for i in range(1, 51)]
+
+
+def test_validation_source(tmp_path):
+    t = write_jsonl(tmp_path / "t.jsonl", qa_rows(8))
+    v = write_jsonl(tmp_path / "v.jsonl", qa_rows(3, start=100))
+    train, val = build.train_val_records(DataConfig(train=t, validation=v, val_split=0.5))
+    assert len(train) == 8 and len(val) == 3  # a validation source wins over val_split
+
+
+def test_val_split_leaving_nothing(tmp_path):
+    p = write_jsonl(tmp_path / "a.jsonl", qa_rows(1))
+    with pytest.raises(UserError, match="val_split=0.5 leaves no training rows"):
+        build.train_val_records(DataConfig(train=p, val_split=0.5))
+
+
+def test_dedupe_counts(tmp_path):
+    p = write_jsonl(tmp_path / "a.jsonl", qa_rows(3) + qa_rows(2))
+    info = {}
+    assert len(build.load_records(p, DataConfig(train=p), info)) == 5
+    assert info["duplicates"] == 2 and info["duplicates_removed"] == 0
+    info = {}
+    assert len(build.load_records(p, DataConfig(train=p, dedupe=True), info)) == 3
+    assert info["duplicates_removed"] == 2
+
+
+def test_on_invalid_skip_counts_and_reports(tmp_path):
+    src = DATA / "errors" / "malformed.jsonl"
+    with pytest.raises(UserError, match="malformed.jsonl:3"):
+        build.load_records(str(src), DataConfig(train=str(src)))
+    info = {}
+    recs = build.load_records(str(src), DataConfig(train=str(src), on_invalid="skip"), info)
+    assert len(recs) == 2 and info["rows"] == 3 and info["invalid_skipped"] == 1
+    assert "malformed.jsonl:3" in info["problems"][0]
+
+
+def test_empty_after_filtering(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps({"question": "", "answer": "x"}) + "\n")
+    with pytest.raises(UserError, match=r"bad.jsonl: no usable rows \(1 invalid rows skipped; first: .*bad.jsonl:1"):
+        build.load_records(str(p), DataConfig(train=str(p), on_invalid="skip"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(UserError, match="empty.jsonl: no rows"):
+        build.load_records(str(empty), DataConfig(train=str(empty)))
+
+
+def test_config_source_errors_are_one_line():
+    from tunelab.config import load_config
+
+    with pytest.raises(UserError, match="unknown source key 'wieght' \\(did you mean 'weight'\\?\\)"):
+        load_config(None, ["data.train=[{path: a.jsonl, wieght: 2}]"])
+    with pytest.raises(UserError, match="unknown data format 'alpacca' \\(did you mean 'alpaca'\\?\\)"):
+        load_config(None, ["data.format=alpacca"])
+    cfg = load_config(None, ["data.train=[a.jsonl, {path: b.jsonl, weight: 2, format: hh-rlhf}]"])
+    assert isinstance(cfg.data.train[1], SourceConfig) and cfg.data.train[1].weight == 2
+
+
+def test_bundled_sample_still_reads(tmp_path):
+    rows = read_source("bundled:gsm8k/train")
+    assert len(rows) == 1000 and rows[0].origin.endswith("train.jsonl:1")
+    shutil.copy(FMT / "kto.csv", tmp_path / "k.tsv")  # a .tsv is split on tabs: one column here, so not KTO
+    with pytest.raises(UserError, match="could not detect"):
+        build.load_records(str(tmp_path / "k.tsv"), DataConfig(train=str(tmp_path / "k.tsv")))
