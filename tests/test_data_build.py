@@ -66,6 +66,15 @@ def test_no_trainable_samples(tok, tmp_path):
         build.prepare_sft(DataConfig(train=str(p), cache=False), tok)
 
 
+def test_sft_on_kto_and_prompt_only_data(tok):
+    train, _, stats = build.prepare_sft(DataConfig(train=str(FMT / "kto.csv"), cache=False), tok)
+    assert len(train) == 1 and stats["undesirable"] == 1  # only the desirable completion is imitated
+    with pytest.raises(UserError, match="prompt_only.jsonl:\\d+: the data is prompts without replies"):
+        build.prepare_sft(DataConfig(train=str(FMT / "prompt_only.jsonl"), cache=False), tok)
+    prompts, _, _ = build.prepare_prompts(DataConfig(train=str(FMT / "prompt_only.jsonl"), shuffle=False))
+    assert [p["answer"] for p in prompts] == ["42", "5"]
+
+
 # ------------------------------------------------------------------------------------------------------------ cache
 
 def test_cache_reused_and_invalidated(tok, tmp_path):

@@ -24,7 +24,7 @@ def load(name: str, fmt: str = "auto", columns=None):
     ("dolly.jsonl", "dolly"), ("prompt_completion.jsonl", "prompt_completion"), ("text.txt", "text"),
     ("qa_gsm8k.jsonl", "qa"), ("qa_trivia.jsonl", "qa"), ("dialogue_summary.jsonl", "dialogue_summary"),
     ("preference_strings.jsonl", "preference"), ("preference_messages.jsonl", "preference"),
-    ("hh_rlhf.jsonl", "hh_rlhf"), ("kto.csv", "kto"),
+    ("hh_rlhf.jsonl", "hh_rlhf"), ("kto.csv", "kto"), ("prompt_only.jsonl", "prompt"),
 ])
 def test_every_format_is_detected(fixture, expected):
     name, records = load(fixture)
@@ -113,6 +113,17 @@ def test_kto_labels_from_csv():
     assert a["label"] is True and b["label"] is False
     assert a["completion"] == [{"role": "assistant", "content": "A cat sat on a mat."}]
     assert a["origin"].endswith("kto.csv:2")
+
+
+def test_prompt_only_with_gold():
+    _, (a, b) = load("prompt_only.jsonl")
+    assert a == {"prompt": [{"role": "user", "content": "What is 6*7?"}], "answer": "42", "origin": a["origin"]}
+    assert b["prompt"][0]["role"] == "system" and b["answer"] == "5"
+    assert formats.kind_of(a) == "prompt"
+    # prompt beside messages (as in UltraChat) is a conversation, not a prompt-only row
+    rows = [Row({"prompt": "hi", "prompt_id": "x", "messages": [{"role": "user", "content": "hi"},
+                                                                 {"role": "assistant", "content": "hello"}]}, "u:1")]
+    assert formats.normalize_rows(rows, "auto", "u")[0] == "messages"
 
 
 def test_columns_map_custom_names():

@@ -120,6 +120,21 @@ def test_per_source_format_and_columns(tmp_path):
     assert rec["messages"][1]["content"] == "Because."
 
 
+def test_columns_map_must_name_a_field(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"ask": "Why?", "answer": "Because."}])
+    b = str(FMT / "messages.jsonl")
+    cfg = DataConfig(train=[a, b], columns={"ask": "question"})  # shared map: fits a, ignored by b
+    assert len(build.load_records(cfg.train, cfg)) == 3
+    with pytest.raises(UserError, match="data.columns: 'aks' is not a field of"):
+        q = str(FMT / "qa_gsm8k.jsonl")
+        build.load_records([q, b], DataConfig(train=[q, b], columns={"aks": "question"}))
+    with pytest.raises(UserError, match="a.jsonl: none of the columns keys \\(aks\\) is a field"):
+        build.load_records(a, DataConfig(train=a, columns={"aks": "question"}))
+    with pytest.raises(UserError, match="none of the columns keys \\(aks\\) is a field"):
+        build.load_records([{"path": a, "columns": {"aks": "question"}}],
+                           DataConfig(train=[{"path": a, "columns": {"aks": "question"}}]))
+
+
 def test_subset_split_shuffle_are_seeded(tmp_path):
     p = write_jsonl(tmp_path / "a.jsonl", qa_rows(50))
     cfg = DataConfig(train=p, subset=20, val_split=0.25, seed=7)

@@ -22,7 +22,10 @@ MAX_PROBLEMS_SHOWN = 5
 def _source_list(spec) -> list:
     if spec is None:
         return []
-    return list(spec) if isinstance(spec, list) else [spec]
+    from tunelab.config import SourceConfig
+
+    items = list(spec) if isinstance(spec, list) else [spec]
+    return [SourceConfig(**s) if isinstance(s, dict) else s for s in items]  # callers may pass plain mappings
 
 
 def _src_path(src) -> str:
@@ -30,14 +33,14 @@ def _src_path(src) -> str:
 
 
 def _dedupe_key(rec: dict) -> str:
-    return json.dumps({k: v for k, v in rec.items() if k != "origin"}, sort_keys=True)
+    return json.dumps({k: v for k, v in rec.items() if k != "origin"}, sort_keys=True, default=str)
 
 
 def _new_info() -> dict:
     return {"formats": {}, "rows": 0, "invalid_skipped": 0, "problems": [], "duplicates": 0, "duplicates_removed": 0}
 
 
-def load_source(src, data_cfg, info: dict | None = None) -> list[dict]:
+def load_source(src, data_cfg, info: dict | None = None, shared_columns: bool = False) -> list[dict]:
     """Normalized records of one source, with that source's own format/columns when it sets them."""
     info = info if info is not None else _new_info()
     skip = getattr(data_cfg, "on_invalid", "error") == "skip"
@@ -47,8 +50,13 @@ def load_source(src, data_cfg, info: dict | None = None) -> list[dict]:
     path = _src_path(src)
     own = not isinstance(src, str)  # a SourceConfig may set its own format and columns
     fmt = (own and src.format) or data_cfg.format
-    columns = (own and src.columns) or data_cfg.columns
-    name, records = formats.normalize_rows(rows, fmt, path, columns, problems)
+    if own and src.columns:
+        columns, used = src.columns, None
+    elif shared_columns:  # data.columns shared by several sources: a key only has to fit one of them
+        columns, used = data_cfg.columns, info.setdefault("columns_used", set())
+    else:
+        columns, used = data_cfg.columns, None
+    name, records = formats.normalize_rows(rows, fmt, path, columns, problems, used)
     info["formats"][path] = name
     info["rows"] += len(rows) + unreadable
     if problems:
@@ -83,7 +91,7 @@ def load_records(spec, data_cfg, info: dict | None = None) -> list[dict]:
     seen: set[str] = set()
     records: list[dict] = []
     for src in sources:
-        recs = load_source(src, data_cfg, info)
+        recs = load_source(src, data_cfg, info, shared_columns=len(sources) > 1)
         if data_cfg.system_prompt:
             for r in recs:
                 msgs = r.get("messages", r.get("prompt"))
@@ -101,6 +109,11 @@ def load_records(spec, data_cfg, info: dict | None = None) -> list[dict]:
             kept.append(r)
         weight = 1.0 if isinstance(src, str) else src.weight
         records += _weighted(kept, weight, rng) if weight != 1.0 else kept
+    unused = [k for k in data_cfg.columns if k not in info.get("columns_used", set())]
+    if len(sources) > 1 and unused:
+        raise UserError(f"data.columns: {', '.join(repr(k) for k in unused)} is not a field of "
+                        f"{', '.join(map(_src_path, sources))}; the map is your field -> expected field")
+    info.pop("columns_used", None)
     if sources and not records:
         raise UserError(f"data: nothing left of {', '.join(map(_src_path, sources))} after filtering")
     return records
@@ -152,6 +165,10 @@ def encode_records(tok, records: list[dict], data_cfg) -> tuple[list[dict], dict
     """Token rows {input_ids, labels} and counts of what happened to over-long samples."""
     rows, stats = [], {"samples": 0, "truncated": 0, "dropped": 0, "no_reply": 0}
     for i, r in enumerate(records):
+        if r.get("label") is False:  # an undesirable KTO completion is not something to imitate
+            stats["dropped"] += 1
+            stats["undesirable"] = stats.get("undesirable", 0) + 1
+            continue
         enc = encode_record(tok, r, data_cfg.max_length)
         if enc.truncated:
             if data_cfg.overlong == "error":
@@ -168,6 +185,9 @@ def encode_records(tok, records: list[dict], data_cfg) -> tuple[list[dict], dict
             continue
         rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
     stats["samples"] = len(rows)
+    if not rows and records and all(formats.kind_of(r) == "prompt" for r in records):
+        raise UserError(f"{records[0].get('origin', 'data')}: the data is prompts without replies; SFT needs "
+                        "conversations with assistant replies (prompt-only data is for GRPO/PPO)")
     if not rows:
         raise UserError("no trainable samples after filtering (all were dropped as over-long or had no assistant "
                         "reply); check data.max_length and the data")

@@ -319,6 +319,28 @@ class DialogueSummary(Format):
                              {"role": "assistant", "content": summary}], "answer": summary}
 
 
+class PromptOnly(Format):
+    name, kind, fields, optional, fallback = "prompt", "prompt", ("prompt",), ("answer", "solution", "system"), True
+    doc = ('Prompt-only (GRPO/PPO): {"prompt"} as text or messages, with an optional gold "answer" (or "solution")')
+
+    def normalize(self, row):
+        d, o = row.data, row.origin
+        prompt = _as_messages(d.get("prompt"), "user", o, "prompt")
+        if prompt[-1]["role"] != "user":
+            raise UserError(f"{o}: 'prompt' must end with the user's turn")
+        system = d.get("system")
+        if isinstance(system, str) and system.strip() and prompt[0]["role"] != "system":
+            prompt.insert(0, {"role": "system", "content": system})
+        rec = {"prompt": prompt}
+        gold = d.get("answer", d.get("solution"))
+        if gold is not None:
+            if not isinstance(gold, (str, int, float)):
+                raise UserError(f"{o}: 'answer' must be text or a number, got {type(gold).__name__}")
+            gold = str(gold)
+            rec["answer"] = final_number(gold) or gold.strip()
+        return rec
+
+
 class Preference(Format):
     name, kind, fields, optional = "preference", "preference", ("chosen", "rejected"), ("prompt",)
     doc = ('Preference pairs: {"prompt", "chosen", "rejected"} as text or message lists; without "prompt", '
@@ -386,7 +408,7 @@ class KTO(Format):
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Messages(), ShareGPT(), Alpaca(), Dolly(), PromptCompletion(), Text(), QuestionAnswer(), DialogueSummary(),
-    Preference(), HHRLHF(), KTO())}
+    Preference(), HHRLHF(), KTO(), PromptOnly())}
 ALIASES = {"openai": "messages", "chatml": "messages", "hh-rlhf": "hh_rlhf", "dialogsum": "dialogue_summary",
            "prompt-completion": "prompt_completion", "gsm8k": "qa", "question_answer": "qa", "dpo": "preference"}
 
@@ -439,13 +461,21 @@ def resolve_format(fmt: str) -> str:
     return name
 
 
-def rename_columns(rows: list[Row], columns: dict[str, str] | None, source: str) -> None:
-    """Apply `data.columns` (your field -> expected field) in place."""
+def rename_columns(rows: list[Row], columns: dict[str, str] | None, source: str, used: set | None = None) -> None:
+    """Apply a rename map (your field -> expected field) in place.
+
+    `used`: None means the map belongs to this source, so a key it never finds is a mistake reported now; a set
+    collects the keys found, for a map shared by several sources (checked once all of them are read).
+    """
     if not columns:
         return
-    if rows and not any(src in rows[0].data for src in columns):
-        raise UserError(f"{source}: none of the data.columns keys ({', '.join(columns)}) is a field of the data "
-                        f"(fields: {', '.join(sorted(rows[0].data))})")
+    found = {src for src in columns if any(src in r.data for r in rows[:100])}
+    if used is None:
+        if rows and not found:
+            raise UserError(f"{source}: none of the columns keys ({', '.join(columns)}) is a field of the data "
+                            f"(fields: {', '.join(sorted(rows[0].data))})")
+    else:
+        used |= found
     for r in rows:
         for src, dst in columns.items():
             if src in r.data:
@@ -453,12 +483,13 @@ def rename_columns(rows: list[Row], columns: dict[str, str] | None, source: str)
 
 
 def normalize_rows(rows: list[Row], fmt: str, source: str, columns: dict[str, str] | None = None,
-                   problems: list[str] | None = None) -> tuple[str, list[dict]]:
+                   problems: list[str] | None = None, columns_used: set | None = None) -> tuple[str, list[dict]]:
     """(format name, records). Each record carries its row's `origin`.
 
     `problems`: when given, invalid rows are recorded there (as one-line messages) and skipped instead of raising.
+    `columns_used`: see `rename_columns`.
     """
-    rename_columns(rows, columns, source)
+    rename_columns(rows, columns, source, columns_used)
     name = resolve_format(fmt)
     if name == "auto":
         name = detect(rows, source)
@@ -509,4 +540,4 @@ def kind_of(rec: dict) -> str:
         return "kto"
     if "text" in rec:
         return "text"
-    return "prompt"
+    return "prompt"  # {"prompt": [...], "answer"?}
