@@ -20,7 +20,6 @@ from decimal import Decimal, InvalidOperation
 _NUM = (r"(?:(?<![\d)\]])(?<![\d)\]]\s)[-−]\s?)?[$€£¥₹]?\s?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?"
         r"|(?<![\w.])[-−]?\.\d+")
 _NUM_RE = re.compile(_NUM)
-_HASH_RE = re.compile(r"####\s*([^\n]*)")
 _FRAC_RE = re.compile(r"\\[dt]?frac\{\s*(-?\d+)\s*\}\{\s*(-?\d+)\s*\}")
 _SLASH_FRAC_RE = re.compile(r"^\s*(-?\d+)\s*/\s*(\d+)\s*$")
 
@@ -122,8 +121,8 @@ def extract_answer(text) -> str | None:
         text = "\n".join(m.get("content", "") if isinstance(m, dict) else str(m) for m in text)
     if not isinstance(text, str) or not text:
         return None
-    for m in reversed(list(_HASH_RE.finditer(text))):
-        n = _number_in(m.group(1))
+    for part in reversed(text.split("####")[1:]):  # each '####' up to the end of its line (or the next '####')
+        n = _number_in(part.split("\n", 1)[0])
         if n is not None:
             return n
     for content in reversed(boxed_contents(text)):
