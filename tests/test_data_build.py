@@ -129,6 +129,12 @@ def test_cache_save_is_atomic(tmp_path):
 
 # ------------------------------------------------------------------------------------- preference / KTO / prompts
 
+def test_sft_on_preference_trains_only_the_chosen_reply(tok):
+    train, _, _ = build.prepare_sft(DataConfig(train=str(FMT / "hh_rlhf.jsonl"), cache=False), tok)
+    trained = [t for t, lab in zip(train[0]["input_ids"], train[0]["labels"]) if lab != render.IGNORE]
+    assert tok.decode(trained) == "Eight minutes gives a hard-boiled egg; six gives a soft one.<|im_end|>\n"
+
+
 def test_prepare_preference_conversational_rows(tok):
     cfg = DataConfig(train=[str(FMT / "preference_strings.jsonl"), str(FMT / "hh_rlhf.jsonl")], shuffle=False)
     train, val, stats = build.prepare_preference(cfg, tok)

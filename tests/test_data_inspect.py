@@ -39,7 +39,7 @@ def test_inspect_json_report(capsys, tiny_model, tmp_path):
     warnings = " ".join(rep["warnings"])
     assert "1 exact duplicate" in warnings and "longer than max_length=40" in warnings
     # the one conversation without a system message gets SmolLM2's own
-    assert "inserts its own system prompt into 2 conversations" in warnings and "SmolLM" in warnings
+    assert "inserts its own system prompt into 2 conversation(s)" in warnings and "SmolLM" in warnings
 
 
 def test_inspect_text_output_highlights_trained_tokens(capsys, tiny_model):

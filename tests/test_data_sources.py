@@ -74,6 +74,21 @@ def test_missing_file_and_unsupported_type(tmp_path):
     assert resolve_files("someone/some-dataset") is None  # a hub id: read through `datasets.load_dataset`
 
 
+def test_hub_code_path(tmp_path):
+    # `hub:` forces `datasets.load_dataset`, which also accepts a local dataset folder: the same code path a hub id
+    # takes, exercised offline
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    write_jsonl(repo / "train.jsonl", qa_rows(4))
+    cfg = DataConfig(train=[{"path": f"hub:{repo}", "split": "train"}])
+    recs = build.load_records(cfg.train, cfg)
+    assert len(recs) == 4 and recs[0]["origin"] == f"{repo}[train][0]"
+    with pytest.raises(UserError) as e:  # offline in tests (conftest): fails at once, in one line
+        read_source(SourceConfig(path="someone/no-such-dataset", split="test"))
+    assert str(e.value).startswith("could not load dataset 'someone/no-such-dataset' (split test) from the hub")
+    assert "\n" not in str(e.value)
+
+
 def test_malformed_json_line_named():
     path = DATA / "errors" / "malformed.jsonl"
     with pytest.raises(UserError) as e:

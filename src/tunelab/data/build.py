@@ -158,7 +158,9 @@ def encode_text(tok, text: str, max_length: int | None = None) -> render.Encoded
 def encode_record(tok, rec: dict, max_length: int | None = None) -> render.Encoded:
     if "text" in rec:
         return encode_text(tok, rec["text"], max_length)
-    return render.encode_conversation(tok, formats.conversation(rec), max_length)
+    # preference / KTO: the prompt (even its earlier assistant turns) is context; only the reply is a target
+    train_from = len(rec["prompt"]) if "messages" not in rec and "prompt" in rec else 0
+    return render.encode_conversation(tok, formats.conversation(rec), max_length, train_from)
 
 
 def encode_records(tok, records: list[dict], data_cfg) -> tuple[list[dict], dict]:

@@ -98,8 +98,11 @@ def inspect(source, tok, data_cfg, limit: int | None = None) -> dict:
             "rendered": render.show_mask(tok, enc, width=100_000),
             "segments": render.mask_segments(tok, enc),
         }
-        if "answer" in r:
-            report["first_sample"]["answer"] = r["answer"]
+        for key in ("answer", "label"):
+            if key in r:
+                report["first_sample"][key] = r[key]
+        if "rejected" in r:
+            report["first_sample"]["rejected"] = "\n".join(m["content"] for m in r["rejected"])
     w = report["warnings"]
     if info["invalid_skipped"]:
         w.append(f"{info['invalid_skipped']} invalid rows skipped (training stops at the first one unless "
@@ -113,7 +116,7 @@ def inspect(source, tok, data_cfg, limit: int | None = None) -> dict:
     if default_sys:
         without = sum(1 for r in records if (msgs := formats.conversation(r)) and msgs[0]["role"] != "system")
         if without:
-            w.append(f"the chat template inserts its own system prompt into {without} conversations that have none "
+            w.append(f"the chat template inserts its own system prompt into {without} conversation(s) that have none "
                      f"({default_sys!r}); set data.system_prompt to choose one")
     if info["duplicates"]:
         w.append(f"{info['duplicates']} exact duplicate rows; set data.dedupe: true to drop them")
@@ -138,8 +141,7 @@ def _print(report: dict) -> None:
     con.print(Text.assemble(("rows    ", "bold"), f"{rows['read']} read, {rows['valid']} valid, "
                                                   f"{rows['invalid']} invalid, {rows['duplicates']} duplicates"))
     if "min" in tok:
-        table = Table(title=f"tokens per sample (chat template applied; {tok['measured']} measured)",
-                      title_justify="left")
+        table = Table(title=f"tokens per sample ({tok['measured']} measured)", title_justify="left")
         for col in ("min", "median", "p95", "max", "mean", f"> {tok['max_length']}"):
             table.add_column(col, justify="right")
         table.add_row(*(str(tok[k]) for k in ("min", "median", "p95", "max", "mean")), str(tok["overlong"]))
@@ -157,6 +159,10 @@ def _print(report: dict) -> None:
             con.print(Text.assemble(*((t, "black on green") if trained else (t, "") for t, trained in first["segments"])))
         else:  # piped or redirected: colours are lost, so mark the trained text the way the pre-flight does
             con.print(Text(first["rendered"]))
+        if "rejected" in first:
+            con.print(Text.assemble(("rejected reply: ", "bold"), first["rejected"]))
+        if "answer" in first:
+            con.print(Text.assemble(("gold answer: ", "bold"), str(first["answer"])))
     for line in report["warnings"]:
         con.print(Text.assemble(("warning: ", "bold yellow"), line))
 

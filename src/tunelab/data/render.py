@@ -68,12 +68,12 @@ def default_system_prompt(tok) -> str | None:
     return text.strip() or None
 
 
-def assistant_spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The full rendering and the character spans of each assistant turn in it."""
+def assistant_spans(tok, messages: list[dict], train_from: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    """The full rendering and the character spans of each assistant turn in it (from message `train_from` on)."""
     text = _render(tok, messages)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < train_from:
             continue
         before = _render(tok, messages[:i], add_generation_prompt=True)
         after = _render(tok, messages[: i + 1])
@@ -84,8 +84,10 @@ def assistant_spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int
     return text, spans
 
 
-def encode_conversation(tok, messages: list[dict], max_length: int | None = None) -> Encoded:
-    text, spans = assistant_spans(tok, messages)
+def encode_conversation(tok, messages: list[dict], max_length: int | None = None, train_from: int = 0) -> Encoded:
+    """Tokens of the rendered conversation; labels keep the assistant turns from message `train_from` on (a
+    preference pair's prompt may hold earlier assistant turns that are context, not targets)."""
+    text, spans = assistant_spans(tok, messages, train_from)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = []
