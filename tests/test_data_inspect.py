@@ -72,7 +72,8 @@ def test_inspect_counts_invalid_rows_and_eos(capsys, tmp_path):
     (["errors/unknown.jsonl"], "could not detect the data format from fields ['id', 'instruction_text', 'reply']"),
     (["errors/ambiguous.jsonl"], "fit several formats (messages, sharegpt)"),
     (["missing.jsonl"], "data file not found"),
-    (["formats/kto.csv", "--format", "kot"], "unknown data format 'kot' (did you mean 'kto'?)"),
+    (["formats/kto.csv", "--format", "kot"], "--format: unknown data format 'kot' (did you mean 'kto'?)"),
+    (["formats/kto.csv", "--max-length", "4"], "--max-length: Input should be greater than 8"),
     (["formats/kto.csv", "--column", "nonsense"], "--column 'nonsense' is not yours=expected"),
     (["errors/wrong_type.jsonl", "--strict"], "wrong_type.jsonl:2: 'question' must be text, got int"),
 ])

@@ -247,11 +247,12 @@ def prepare_sft(data_cfg, tok) -> tuple[list[dict], list[dict], dict]:
 
 # ------------------------------------------------------------------------------------ preference / KTO / prompts
 
-def _need(records: list[dict], kinds: set[str], method_kind: str, data_cfg) -> None:
+def _need(records: list[dict], kinds: set[str], method_kind: str, info: dict) -> None:
     bad = next((r for r in records if formats.kind_of(r) not in kinds), None)
     if bad is not None:
-        raise UserError(f"{bad.get('origin', 'data')}: this method needs {method_kind} data, but the data is "
-                        f"{formats.kind_of(bad)} records (format {data_cfg.format}); see `tunelab data inspect`")
+        found = ", ".join(sorted(set(info["formats"].values())))
+        raise UserError(f"{bad.get('origin', 'data')}: this method needs {method_kind} data, but this is "
+                        f"{formats.kind_of(bad)} data (format {found}); see `tunelab data inspect`")
 
 
 def _length_filter(tok, records: list[dict], data_cfg, parts, stats: dict) -> list[dict]:
@@ -275,14 +276,14 @@ def _length_filter(tok, records: list[dict], data_cfg, parts, stats: dict) -> li
 
 
 def _prepare(data_cfg, tok, kinds, method_kind, convert, parts):
+    """Shared by the conversational preparations: `convert(record) -> [rows]`, `parts(record) -> [messages, ...]`
+    whose rendered lengths decide over-long handling (with a tokenizer; without one, the trainer truncates)."""
     info = _new_info()
     train_rec, val_rec = train_val_records(data_cfg, info)
-    _need(train_rec + val_rec, kinds, method_kind, data_cfg)
+    _need(train_rec + val_rec, kinds, method_kind, info)
     stats = {"samples": 0, "overlong": 0, "truncated": 0, "dropped": 0}
-    train = [convert(r) for r in _length_filter(tok, train_rec, data_cfg, parts, stats)]
-    train = [x for rows in train for x in (rows if isinstance(rows, list) else [rows])]
-    val = [convert(r) for r in _length_filter(tok, val_rec, data_cfg, parts, dict(stats))]
-    val = [x for rows in val for x in (rows if isinstance(rows, list) else [rows])]
+    train = [row for r in _length_filter(tok, train_rec, data_cfg, parts, stats) for row in convert(r)]
+    val = [row for r in _length_filter(tok, val_rec, data_cfg, parts, dict(stats)) for row in convert(r)]
     if not train:
         raise UserError("no training samples left after filtering over-long ones; raise data.max_length")
     stats.update(samples=len(train), validation_samples=len(val), **_report(info))
@@ -292,7 +293,7 @@ def _prepare(data_cfg, tok, kinds, method_kind, convert, parts):
 def prepare_preference(data_cfg, tok=None) -> tuple[list[dict], list[dict], dict]:
     """Rows {prompt, chosen, rejected} as conversational message lists (TRL's DPO/ORPO/SimPO/reward format)."""
     return _prepare(data_cfg, tok, {"preference"}, "preference (prompt/chosen/rejected)",
-                    lambda r: {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]},
+                    lambda r: [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}],
                     lambda r: (r["prompt"] + r["chosen"], r["prompt"] + r["rejected"]))
 
 
@@ -300,7 +301,7 @@ def _kto_rows(r: dict):
     if "chosen" in r:  # a preference pair gives one desirable and one undesirable example
         return [{"prompt": r["prompt"], "completion": r["chosen"], "label": True},
                 {"prompt": r["prompt"], "completion": r["rejected"], "label": False}]
-    return {"prompt": r["prompt"], "completion": r["completion"], "label": r["label"]}
+    return [{"prompt": r["prompt"], "completion": r["completion"], "label": r["label"]}]
 
 
 def prepare_kto(data_cfg, tok=None) -> tuple[list[dict], list[dict], dict]:
@@ -328,7 +329,7 @@ def prepare_prompts(data_cfg, tok=None) -> tuple[list[dict], list[dict], dict]:
     """Prompt-only rows {prompt: messages, answer: gold or None} for GRPO/PPO (and eval); the gold answer is the
     GSM8K number, the summary, or the final reply. Rows carry `aliases` when the data has them (TriviaQA)."""
     train, val, stats = _prepare(data_cfg, tok, {"conversation", "prompt", "preference", "kto"}, "prompt",
-                                 _prompt_row, lambda r: [_prompt_row(r)["prompt"]])
+                                 lambda r: [_prompt_row(r)], lambda r: [_prompt_row(r)["prompt"]])
     for rows in (train, val):  # one schema for every row, so `datasets.Dataset.from_list` keeps the column
         if any("aliases" in x for x in rows):
             for x in rows:

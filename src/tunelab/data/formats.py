@@ -78,7 +78,7 @@ def _check_messages(messages, origin: str, key: str = "messages", need_user_firs
             raise UserError(f"{origin}: {key}[{i}]: a system message may only come first")
         out.append({"role": role, "content": content})
     turns = [m["role"] for m in out if m["role"] != "system"]
-    for j, (a, b) in enumerate(zip(turns, turns[1:])):
+    for a, b in zip(turns, turns[1:]):
         if a == b:
             raise UserError(f"{origin}: {key}: two '{a}' messages in a row; turns must alternate user/assistant")
     if not turns:
@@ -295,6 +295,8 @@ class QuestionAnswer(Format):
             a = a.get("value") if a.get("value") is not None else (aliases[0] if aliases else None)
         elif isinstance(a, list):  # a list of acceptable answers, the first one canonical
             aliases, a = a, (a[0] if a else None)
+        if isinstance(a, (int, float)) and not isinstance(a, bool):  # {"answer": 42}
+            a = str(a)
         if not isinstance(a, str) or not a.strip():
             raise UserError(f"{o}: 'answer' is empty or not text (got {type(a).__name__})")
         if aliases is not None and not all(isinstance(x, str) for x in aliases):

@@ -182,7 +182,8 @@ def main(args) -> int:
                               on_invalid="error" if args.strict else "skip", shuffle=False, cache=False)
     except ValueError as e:  # pydantic's ValidationError: a bad --format or --max-length
         err = e.errors()[0] if hasattr(e, "errors") else {"msg": str(e), "loc": ()}
-        raise UserError(f"{'.'.join(map(str, err['loc'])) or 'option'}: {err['msg']}") from None
+        flag = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "option"
+        raise UserError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
     tok = load_tokenizer(args.model)
     report = inspect([source], tok, data_cfg, limit=args.limit)
     report["source"] = args.source
