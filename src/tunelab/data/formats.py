@@ -2,9 +2,10 @@
 
 Each format is a small class: the `fields` it needs, `optional` fields it understands, a `shape` check on values
 (used only by detection, e.g. hh-rlhf's `\\n\\nHuman:` transcripts vs. preference message lists), and
-`normalize(row) -> record` into one of the record kinds of `tunelab.data`. Detection scores every format whose
-fields and value shapes fit the first rows, preferring the one that explains most of the fields; an explicit
-`data.format` skips detection. Every problem names the row's origin (`file:line`).
+`normalize(row) -> record` into one of the record kinds of `tunelab.data`. Detection takes every format whose
+fields and value shapes fit the first row and prefers the one that explains most of its fields (`text` and `prompt`
+only when nothing else fits); a tie is an error, never a guess. An explicit `data.format` skips detection. Every
+later row is checked against the chosen format, and every problem names the row's origin (`file:line`).
 """
 
 from __future__ import annotations

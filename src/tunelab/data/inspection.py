@@ -163,6 +163,8 @@ def _print(report: dict) -> None:
             con.print(Text.assemble(("rejected reply: ", "bold"), first["rejected"]))
         if "answer" in first:
             con.print(Text.assemble(("gold answer: ", "bold"), str(first["answer"])))
+        if "label" in first:
+            con.print(Text.assemble(("label: ", "bold"), "desirable" if first["label"] else "undesirable"))
     for line in report["warnings"]:
         con.print(Text.assemble(("warning: ", "bold yellow"), line))
 
