@@ -273,12 +273,15 @@ def check_tokenizer(tok, gguf_tok) -> list[list]:
     rows = []
     for t in texts:
         a, b = tok.encode(t), gguf_tok.encode(t)
-        rows.append([t, a == b, a, b])
+        rows.append([t, a == b and gguf_tok.decode(b) == tok.decode(a), a, b])
     return rows
 
 
-def verify_gguf(path: Path, model, tok, qtype: str) -> bool:
-    """Load `path` back with transformers and compare tokenization and logits with the source; print the tables."""
+def verify_gguf(path: Path, model, tok, qtype: str) -> dict:
+    """Load `path` back with transformers and compare tokenization and logits with the source; print the tables.
+
+    Returns {"ok", "tokenizer": rows (text, same?, source ids, gguf ids), "logits": LogitRows, "tolerance"}.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -302,11 +305,11 @@ def verify_gguf(path: Path, model, tok, qtype: str) -> bool:
     rows = compare_logits(all_logits(model, ids), all_logits(gmodel, ids))
     tol = TOLERANCE[qtype]
     logits_ok = logit_table(f"logits, source (float32) vs GGUF {qtype} read back by transformers:", rows, tol)
-    return tok_ok and logits_ok
+    return {"ok": tok_ok and logits_ok, "tokenizer": tok_rows, "logits": rows, "tolerance": tol}
 
 
-def export_gguf(model, tok, out: Path, qtype: str = "f16", overwrite: bool = False, name: str = "model") -> Path:
-    """Write, verify, and only then move the GGUF into place."""
+def export_gguf(model, tok, out: Path, qtype: str = "q8_0", overwrite: bool = False, name: str = "model") -> dict:
+    """Write, verify, and only then move the GGUF into place. Returns verify_gguf's report plus "path"."""
     qtype = qtype.lower()
     if qtype not in TYPES:
         raise UserError(f"--type {qtype} is not a GGUF type tunelab writes; choose one of {', '.join(TYPES)}")
@@ -328,11 +331,12 @@ def export_gguf(model, tok, out: Path, qtype: str = "f16", overwrite: bool = Fal
             write_gguf(model, tok, tmp, qtype, name=name)
         from tunelab.export import llamacpp
 
-        ok = verify_gguf(tmp, model, tok, qtype)
-        ok = llamacpp.verify(tmp, model, tok, qtype) and ok
-        if not ok:
+        report = verify_gguf(tmp, model, tok, qtype)
+        report["llamacpp"] = llamacpp.verify(tmp, model, tok, qtype)
+        if not (report["ok"] and report["llamacpp"]):
             raise ParityError(f"GGUF {qtype} export does not reproduce the source model (see the tables above); "
                               "nothing was written")
     size = out.stat().st_size / 2**20
     print(f"GGUF ({qtype}, {size:.1f} MiB) written to {out}")
-    return out
+    report["path"] = out
+    return report
