@@ -101,6 +101,12 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
         A("--max-queue", type=int, default=16, help="requests waiting beyond those; more get 429"),
         A("--max-tokens", type=int, default=512, help="default and largest max_tokens per request"),
     ]),
+    "ui": ("tunelab.inference.webui:main", "web UI (Gradio): Chatbot and Storymaker tabs", [
+        *INFER_ARGS,
+        A("--adapter", action="append", default=[], metavar="[NAME=]PATH", help="an adapter to offer; repeatable"),
+        A("--host", default="127.0.0.1", help="address to bind (default loopback only)"),
+        A("--port", type=int, default=7860),
+    ]),
 }
 
 
