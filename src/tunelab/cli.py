@@ -31,6 +31,20 @@ INFER_ARGS = [
       help="load the base in 4 bits (bitsandbytes NF4); adapters stay full precision"),
 ]
 
+# `tunelab eval` / `tunelab compare`: data, size and generation settings shared by both
+EVAL_ARGS = [
+    A("--data", default=None, help="evaluation data: a file the data layer reads or bundled:NAME "
+      "(default for gsm8k and perplexity: bundled:gsm8k/test)"),
+    A("--format", default="auto", help="data format when detection is not enough (see tunelab data inspect)"),
+    A("--n", type=int, default=None, help="evaluate only the first N samples (default: all)"),
+    A("--k-shot", type=int, default=0, help="gsm8k: solved training examples shown as earlier chat turns"),
+    A("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples"),
+    A("--top-p", type=float, default=1.0, help="nucleus sampling when --temperature > 0"),
+    A("--seed", type=int, default=None, help="seed for sampling"),
+    A("--max-new-tokens", type=int, default=256, help="longest generation per sample"),
+    A("--batch-size", type=int, default=16, help="samples generated (or scored) together"),
+]
+
 # name -> (target, help, [argument specs])
 COMMANDS: dict[str, tuple[str, str, list]] = {
     "train": ("tunelab.train:main", "train from a YAML config", [
@@ -106,6 +120,22 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
         A("--adapter", action="append", default=[], metavar="[NAME=]PATH", help="an adapter to offer; repeatable"),
         A("--host", default="127.0.0.1", help="address to bind (default loopback only)"),
         A("--port", type=int, default=7860),
+    ]),
+    "eval": ("tunelab.evaluation.main:main", "evaluate a model, adapter or run on gsm8k, summarization, perplexity "
+             "or a prompts file", [
+        *MODEL_ARGS,
+        A("--task", required=True, choices=["gsm8k", "summarization", "perplexity", "prompts"]),
+        *EVAL_ARGS,
+        A("--out", default=None, help="write results: FILE.json, or a directory for report.md/.html "
+          "(default with --run: RUN/eval/TASK.json)"),
+    ]),
+    "compare": ("tunelab.evaluation.main:compare", "compare models side by side (a run's base vs the run, or runs): "
+                "metric table and examples in report.md/report.html", [
+        A("models", nargs="+", metavar="RUN_OR_MODEL", help="one run (its base vs it), or two or more runs/models"),
+        A("--task", action="append", choices=["gsm8k", "summarization", "perplexity", "prompts"],
+          help="task to compare on; repeatable (default: gsm8k)"),
+        *EVAL_ARGS,
+        A("--out", default=None, help="report directory (default: the last run given)"),
     ]),
 }
 

@@ -1,0 +1,245 @@
+"""`tunelab eval` and `tunelab compare`: evaluate one model, or several side by side, on the evaluation tasks.
+
+    tunelab eval --run runs/gsm8k-sft --task gsm8k --n 50
+    tunelab compare runs/gsm8k-sft                 # the run's base model vs the run
+    tunelab compare runs/a runs/b --task gsm8k --task perplexity
+
+Models are loaded one at a time and freed before the next, so comparing two 1B models needs the memory of one.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from pathlib import Path
+
+from tunelab.errors import UserError
+
+TASKS = ("gsm8k", "summarization", "perplexity", "prompts")
+DEFAULT_DATA = {"gsm8k": "bundled:gsm8k/test", "perplexity": "bundled:gsm8k/test"}
+
+
+# --------------------------------------------------------------------------------------------------- model specs
+
+def resolve_run(run: str) -> Path:
+    """A run directory, given as a path or as a name under runs/."""
+    for p in (Path(run), Path("runs") / run):
+        if p.is_dir() and (p / "config.yaml").is_file():
+            return p
+    raise UserError(f"run '{run}' not found (expected a directory with config.yaml, e.g. runs/NAME)")
+
+
+def run_base_model(run_dir: Path) -> str:
+    import yaml
+
+    try:
+        return yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["source"]
+    except (KeyError, TypeError, yaml.YAMLError):
+        raise UserError(f"{run_dir}/config.yaml has no model.source; cannot tell the run's base model") from None
+
+
+def _is_run(spec: str) -> bool:
+    try:
+        resolve_run(spec)
+        return True
+    except UserError:
+        return False
+
+
+def model_specs(args) -> list[dict]:
+    """What `compare` evaluates: [{label, model, adapter, run}] from its positional arguments."""
+    items = list(args.models)
+    specs = []
+    if len(items) == 1 and _is_run(items[0]):  # one run: its base vs the run
+        run = resolve_run(items[0])
+        specs.append({"label": "base", "model": run_base_model(run), "adapter": None, "run": None})
+        specs.append({"label": run.name, "model": None, "adapter": None, "run": str(run)})
+    else:
+        if len(items) < 2:
+            raise UserError("compare needs a run (its base vs the run) or two or more models/runs")
+        for it in items:
+            if _is_run(it):
+                run = resolve_run(it)
+                specs.append({"label": run.name, "model": None, "adapter": None, "run": str(run)})
+            else:
+                specs.append({"label": it, "model": it, "adapter": None, "run": None})
+    seen: dict[str, int] = {}
+    for s in specs:  # the same run twice, or two runs with one name: keep labels apart
+        n = seen[s["label"]] = seen.get(s["label"], 0) + 1
+        if n > 1:
+            s["label"] = f"{s['label']} ({n})"
+    return specs
+
+
+def describe(spec: dict) -> str:
+    if spec.get("run"):
+        return f"run {spec['run']}"
+    return spec["model"] + (f" + adapter {spec['adapter']}" if spec.get("adapter") else "")
+
+
+def load(spec: dict):
+    from tunelab.models import load_for_inference
+
+    if spec.get("run"):
+        return load_for_inference(run=spec["run"])
+    return load_for_inference(spec["model"] or "embedded:smollm2-135m-instruct", adapter=spec.get("adapter"))
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+
+def gen_params(args):
+    from tunelab.inference.engine import GenParams
+
+    if args.temperature < 0:
+        raise UserError("--temperature must be >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:
+        raise UserError("--top-p must be in (0, 1]")
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    return GenParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                     seed=args.seed)
+
+
+def _check(args) -> None:
+    if args.n is not None and args.n < 1:
+        raise UserError("--n must be at least 1")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if args.k_shot < 0:
+        raise UserError("--k-shot must be >= 0")
+    gen_params(args)  # settings are checked before any model is loaded
+
+
+def task_data(task: str, args):
+    """The rows a task evaluates (loaded once, shared by every model of a comparison)."""
+    from tunelab.evaluation.common import load_records
+
+    spec = args.data or DEFAULT_DATA.get(task)
+    if spec is None:
+        raise UserError(f"--task {task} needs --data (a file the data layer reads, e.g. a DialogSum .jsonl)")
+    if task == "gsm8k":
+        from tunelab.data.sources import read_source
+
+        rows = [r.data for r in read_source(spec)]
+        if not rows:
+            raise UserError(f"{spec}: no rows to evaluate")
+        return rows[: args.n] if args.n else rows
+    return load_records(spec, getattr(args, "format", "auto") or "auto", args.n)
+
+
+def run_task(task: str, model, tok, data, args) -> dict:
+    params = gen_params(args)
+    if task == "gsm8k":
+        from tunelab.evaluation import gsm8k
+
+        return gsm8k.evaluate(model, tok, data, k_shot=args.k_shot, batch_size=args.batch_size, params=params)
+    if task == "summarization":
+        from tunelab.evaluation import summarization
+
+        return summarization.evaluate(model, tok, data, batch_size=args.batch_size, params=params)
+    if task == "perplexity":
+        from tunelab.evaluation import perplexity
+
+        return perplexity.evaluate(model, tok, data, batch_size=args.batch_size)
+    if task == "prompts":
+        from tunelab.evaluation import prompts
+
+        return prompts.evaluate(model, tok, data, batch_size=args.batch_size, params=params)
+    raise UserError(f"unknown task '{task}'; one of {', '.join(TASKS)}")
+
+
+def summary_line(task: str, res: dict) -> str:
+    from tunelab.evaluation.report import METRICS, fmt
+
+    keys = [k for k, _ in METRICS.get(task, [])]
+    return f"{task}: n={res['n']}" + "".join(f"  {k}={fmt(res[k])}" for k in keys if k in res)
+
+
+def _settings(args, tasks) -> dict:
+    return {"tasks": ",".join(tasks), "data": args.data, "n": args.n,
+            "k_shot": args.k_shot if "gsm8k" in tasks else None, "temperature": args.temperature,
+            "top_p": args.top_p if args.temperature > 0 else None, "seed": args.seed,
+            "max_new_tokens": args.max_new_tokens}
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------------ commands
+
+def main(args) -> int:
+    """tunelab eval: one model on one task; prints the metrics and a few examples, writes results if asked."""
+    _check(args)
+    if args.adapter and args.run:
+        raise UserError("give --adapter or --run, not both (a run already names its adapter)")
+    task = args.task
+    data = task_data(task, args)
+    spec = {"label": "model", "model": args.model, "adapter": args.adapter,
+            "run": str(resolve_run(args.run)) if args.run else None}
+    model, tok = load(spec)
+    t0 = time.time()
+    res = run_task(task, model, tok, data, args)
+    res["seconds"] = round(time.time() - t0, 2)
+    print(f"{describe(spec)}")
+    print(summary_line(task, res) + f"  ({res['seconds']:.0f}s)")
+    for ex in res.get("examples", [])[:3]:
+        prompt = (ex.get("question") or ex.get("prompt") or "").strip().replace("\n", " ")
+        out = (ex.get("output") or "").strip().replace("\n", " ")
+        print(f"- {prompt[:100]}{'…' if len(prompt) > 100 else ''}\n  → {out[:200]}{'…' if len(out) > 200 else ''}")
+    out = args.out or (str(Path(spec["run"]) / "eval" / f"{task}.json") if spec["run"] else None)
+    if out:
+        results = [{"label": spec["label"] if not spec["run"] else Path(spec["run"]).name, "model": describe(spec),
+                    "tasks": {task: res}}]
+        if out.endswith(".json"):
+            p = Path(out)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(json.dumps({"settings": _settings(args, [task]), "results": results}, indent=1,
+                                    default=str))
+            print(f"results: {p}")
+        else:
+            from tunelab.evaluation.report import write_report
+
+            paths = write_report(out, results, title=f"tunelab eval: {task}", settings=_settings(args, [task]),
+                                 include_training=False)
+            print(f"report: {paths['md']} and {paths['html']}")
+    return 0
+
+
+def compare(args) -> int:
+    """tunelab compare: the same tasks and data for each model; a metric table and per-example side by side."""
+    from tunelab.evaluation.report import write_report
+
+    _check(args)
+    tasks = list(dict.fromkeys(args.task or ["gsm8k"]))
+    for t in tasks:
+        if t not in TASKS:
+            raise UserError(f"unknown task '{t}'; one of {', '.join(TASKS)}")
+    specs = model_specs(args)
+    data = {t: task_data(t, args) for t in tasks}
+    runs = [s["run"] for s in specs if s["run"]]
+    out = Path(args.out) if args.out else (Path(runs[-1]) if runs else None)
+    if out is None:
+        raise UserError("compare of models without a run needs --out DIR for the report")
+    results = []
+    for spec in specs:
+        print(f"evaluating {spec['label']}: {describe(spec)}")
+        model, tok = load(spec)
+        tasks_res = {}
+        for t in tasks:
+            t0 = time.time()
+            tasks_res[t] = run_task(t, model, tok, data[t], args)
+            tasks_res[t]["seconds"] = round(time.time() - t0, 2)
+            print("  " + summary_line(t, tasks_res[t]) + f"  ({tasks_res[t]['seconds']:.0f}s)")
+        results.append({"label": spec["label"], "model": describe(spec), "tasks": tasks_res})
+        del model, tok
+        _free_memory()
+    paths = write_report(out, results, title="tunelab compare: " + " vs ".join(s["label"] for s in specs),
+                         settings=_settings(args, tasks))
+    print(f"report: {paths['md']} and {paths['html']}")
+    return 0

@@ -1,0 +1,103 @@
+"""Reports and the eval/compare commands: files contain the numbers; base vs run through the real CLI."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tunelab.cli import main as cli
+from tunelab.evaluation.report import fmt, write_report
+
+GSM = {"n": 2, "accuracy": 0.5, "format_rate": 1.0, "examples": [
+    {"question": "What is 2+2?", "gold": "4", "output": "2+2=4\n#### 4", "pred": "4", "correct": True, "formatted": True},
+    {"question": "What is 3*3?", "gold": "9", "output": "#### 6 | <b>", "pred": "6", "correct": False,
+     "formatted": True}]}
+GSM_BASE = {"n": 2, "accuracy": 0.0, "format_rate": 0.0, "examples": [
+    {"question": "What is 2+2?", "gold": "4", "output": "Five.", "pred": None, "correct": False, "formatted": False},
+    {"question": "What is 3*3?", "gold": "9", "output": "It is 8", "pred": "8", "correct": False, "formatted": False}]}
+
+
+def test_report_files_contain_the_numbers(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 1, "epoch": 1.0, "loss": 2.25, "elapsed": 3.0}\n{"step": 1, "epoch": 1.0, "eval_loss": 2.5}\n')
+    results = [{"label": "base", "model": "tiny", "tasks": {"gsm8k": GSM_BASE, "perplexity": {"n": 3, "loss": 1.7,
+                                                                                               "perplexity": 5.4739}}},
+               {"label": "run", "model": "tiny + adapter", "tasks": {"gsm8k": GSM, "perplexity": {
+                   "n": 3, "loss": 1.2, "perplexity": 3.3201}}}]
+    paths = write_report(tmp_path, results, title="t", settings={"n": 2})
+    md, page = paths["md"].read_text(), paths["html"].read_text()
+    for text in (md, page):
+        assert "0.5000" in text and "1.0000" in text and "5.4739" in text and "3.3201" in text
+        assert "+0.5000 ▲" in text  # accuracy up is better
+        assert "-2.1538 ▲" in text  # perplexity down is better
+        assert "2.2500" in text and "2.5000" in text  # the per-epoch table from metrics.jsonl
+        assert "What is 3*3?" in text and "pred 6 ✗" in text and "pred 4 ✓" in text
+    assert "| gsm8k | accuracy | 0.0000 | 0.5000 | +0.5000 ▲ |" in md
+    assert "<b>" not in page.split("<body>")[1].replace("<b>base</b>", "").replace("<b>run</b>", "")  # escaped
+    assert json.loads(paths["json"].read_text())["results"][1]["tasks"]["gsm8k"]["accuracy"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model, tmp_path_factory):
+    """A finished run directory as `tunelab train` leaves it: config.yaml, a LoRA adapter in final/, metrics."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path_factory.mktemp("runs") / "tiny-sft"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"model:\n  source: {tiny_model}\n")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                                peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(run / "final")
+    (run / "metrics.jsonl").write_text('{"step": 2, "epoch": 1.0, "loss": 3.5, "elapsed": 1.0}\n'
+                                       '{"step": 2, "epoch": 1.0, "eval_loss": 3.75, "elapsed": 1.2}\n')
+    return run
+
+
+def test_compare_base_vs_run_cli(tiny_run, capsys):
+    rc = cli(["compare", str(tiny_run), "--task", "gsm8k", "--task", "perplexity", "--n", "2",
+              "--max-new-tokens", "4", "--batch-size", "2"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "evaluating base" in out and "evaluating tiny-sft" in out
+    data = json.loads((tiny_run / "report.json").read_text())
+    base, run = data["results"]
+    assert base["label"] == "base" and run["label"] == "tiny-sft"
+    md = (tiny_run / "report.md").read_text()
+    html = (tiny_run / "report.html").read_text()
+    for r in (base, run):
+        ppl = fmt(r["tasks"]["perplexity"]["perplexity"])
+        assert ppl in md and ppl in html
+    assert base["tasks"]["perplexity"]["loss"] != run["tasks"]["perplexity"]["loss"]  # the adapter was applied
+    assert "3.5000" in md and "3.7500" in md  # training table of the run
+
+
+def test_eval_cli_writes_results(tiny_run, tmp_path, capsys):
+    shutil.rmtree(tiny_run / "eval", ignore_errors=True)
+    assert cli(["eval", "--run", str(tiny_run), "--task", "gsm8k", "--n", "2", "--max-new-tokens", "4",
+                "--k-shot", "1"]) == 0
+    res = json.loads((tiny_run / "eval" / "gsm8k.json").read_text())
+    assert res["results"][0]["tasks"]["gsm8k"]["n"] == 2 and res["settings"]["k_shot"] == 1
+    assert "gsm8k: n=2  accuracy=" in capsys.readouterr().out
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello?\n")
+    assert cli(["eval", "--model", str(Path(tiny_run / "config.yaml").read_text().split()[-1]), "--task", "prompts",
+                "--data", str(prompts), "--max-new-tokens", "3", "--out", str(tmp_path / "rep")]) == 0
+    assert "Hello?" in (tmp_path / "rep" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["eval", "--task", "summarization"], "needs --data"),
+    (["eval", "--task", "gsm8k", "--n", "0"], "--n must be at least 1"),
+    (["eval", "--task", "gsm8k", "--temperature", "-1", "--data", "bundled:gsm8k/test", "--n", "1"], "temperature"),
+    (["eval", "--task", "gsm8k", "--run", "no/such/run"], "not found"),
+    (["eval", "--task", "gsm8k", "--data", "missing.jsonl"], "not found"),
+    (["compare", "embedded:smollm2-135m-instruct"], "two or more"),
+])
+def test_cli_errors_are_one_line(argv, msg, capsys):
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1
