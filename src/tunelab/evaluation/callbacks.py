@@ -204,3 +204,40 @@ class PlotLosses(TrainerCallback):
     def on_train_end(self, args, state, control, **kw):
         if state.is_world_process_zero:
             plot_losses(self.run_dir)
+
+
+def best_model_args(metric: str = "eval_loss", direction: str | None = None) -> dict:
+    """TrainingArguments fields for keeping and restoring the best checkpoint by `metric` (and early stopping on it).
+
+    direction: "min" or "max"; by default losses and perplexity are minimized, anything else (accuracy, ROUGE)
+    maximized. Evaluation and saving must share a schedule (same strategy, save steps a multiple of eval steps).
+    """
+    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+    if direction is None:
+        direction = "min" if metric.endswith(("loss", "perplexity")) else "max"
+    if direction not in ("min", "max"):
+        raise ValueError("direction must be 'min' or 'max'")
+    return {"load_best_model_at_end": True, "metric_for_best_model": metric, "greater_is_better": direction == "max"}
+
+
+def training_callbacks(run_dir, *, task_rows: list | None = None, tokenizer=None, task_max_new_tokens: int = 256,
+                       task_batch_size: int = 16, early_stopping_patience: int | None = None,
+                       early_stopping_min_delta: float = 0.0, overfitting_patience: int | None = 3
+                       ) -> tuple[list, list]:
+    """The evaluation callbacks for a training run, as (before, after) the callback that writes metrics.jsonl.
+
+    `before` holds the task metric, which must add `eval_gsm8k_accuracy` to an evaluation's log entry before that
+    entry is written; `after` holds the overfitting warning, the per-epoch table, the loss plots and early stopping.
+    Early stopping needs `best_model_args(...)` in the TrainingArguments.
+    """
+    from transformers import EarlyStoppingCallback
+
+    before = [TaskMetricCallback(task_rows, tokenizer, max_new_tokens=task_max_new_tokens,
+                                 batch_size=task_batch_size)] if task_rows else []
+    after: list = [EpochTable(run_dir), PlotLosses(run_dir)]
+    if overfitting_patience:
+        after.insert(0, OverfittingWarning(overfitting_patience))
+    if early_stopping_patience:
+        after.append(EarlyStoppingCallback(early_stopping_patience=early_stopping_patience,
+                                           early_stopping_threshold=early_stopping_min_delta))
+    return before, after
