@@ -72,3 +72,12 @@ def test_prompts_file(tiny, tmp_path):
     res = prompts.evaluate(*tiny, load_records(str(p)), max_new_tokens=5)
     assert [e["prompt"] for e in res["examples"]] == ["Tell me a joke.", "What is 2+2?"]
     assert all(isinstance(e["output"], str) for e in res["examples"])
+
+
+@pytest.mark.shared
+def test_summarization_on_real_dialogsum(tiny):
+    from conftest import shared_data
+
+    records = load_records(str(shared_data("dialogsum/dev.jsonl")), n=2)
+    res = summarization.evaluate(*tiny, records, batch_size=2, max_new_tokens=4)
+    assert res["n"] == 2 and res["examples"][0]["reference"].startswith("#Person2# has trouble breathing")
