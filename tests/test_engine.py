@@ -40,7 +40,7 @@ def test_batched_left_padding_matches_one_by_one(lively):
     single = [generate(model, tok, [p], params)[0] for p in prompts]
     assert batched == single
     assert len(set(batched)) == 3 and all(batched)
-    assert tok.padding_side == side  # generation pads on the left and puts the tokenizer back as it was
+    assert tok.padding_side == side  # padding is done by the engine; the shared tokenizer is left alone
 
 
 def test_usage_and_finish_reason(lively):

@@ -247,6 +247,20 @@ def test_load_is_bounded_200_or_429(host):
         assert ok.status_code == 200
 
 
+def test_parallel_requests_across_adapters_get_their_own_answers(host, client):
+    """With 2 generations at a time, same-model requests run together and a switch waits for the model to idle:
+    every answer is exactly what that model says alone."""
+    from tunelab.inference.server import create_app
+
+    models = ["tiny", "alpha", "beta", "alpha", "alpha", "tiny", "beta", "beta"]
+    want = {m: greedy_chat(client, m) for m in set(models)}
+    with LiveServer(create_app(host, max_concurrency=2, max_queue=16)) as s:
+        par = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        with ThreadPoolExecutor(len(models)) as pool:
+            got = list(pool.map(lambda m: greedy_chat(par, m), models, timeout=180))
+    assert got == [want[m] for m in models]
+
+
 def test_cli_serve_binds_loopback(tiny_model, adapters, tmp_path):
     """`tunelab serve` as a user runs it: loads, answers on 127.0.0.1, refuses a missing key."""
     sock = socket.socket()
@@ -281,3 +295,19 @@ def test_cli_serve_user_errors(tiny_model, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not a PEFT adapter directory" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.e2e
+def test_embedded_model_answers_through_the_api(embedded_model):
+    """The real SmolLM2-135M-Instruct behind the API: a factual question gets the right answer, streamed or not."""
+    from tunelab.inference.host import Host
+    from tunelab.inference.server import create_app
+
+    with LiveServer(create_app(Host.load(embedded_model, served_name="smollm2"))) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        msgs = [{"role": "user", "content": "What is the capital of France?"}]
+        r = c.chat.completions.create(model="smollm2", messages=msgs, max_tokens=12, temperature=0)
+        assert "Paris" in r.choices[0].message.content
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model="smollm2", messages=msgs, max_tokens=12, temperature=0, stream=True))
+        assert streamed == r.choices[0].message.content

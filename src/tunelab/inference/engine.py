@@ -105,6 +105,22 @@ def _reply_ids(ids: list[int], eos: set[int], pad: int | None) -> tuple[list[int
     return ids, False
 
 
+def _left_pad(tok, texts: list[str], device) -> dict:
+    """Token ids of `texts`, left-padded into one batch, so every prompt ends where its reply starts.
+
+    Padding is done here rather than by the tokenizer (`padding=True`): that call reconfigures the shared fast
+    tokenizer, which races with other threads using it (the server tokenizes while another request generates).
+    """
+    import torch
+
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    width = max(len(x) for x in ids)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
 def complete(model, tok, prompts: list[str], params: GenParams | None = None, batch_size: int = 16) -> list[Completion]:
     """Completions with usage and finish reason for raw prompt strings (already chat-templated), in input order."""
     import torch
@@ -112,29 +128,22 @@ def complete(model, tok, prompts: list[str], params: GenParams | None = None, ba
     params = params or GenParams()
     if params.seed is not None:
         torch.manual_seed(params.seed)
-    old_side = tok.padding_side
-    tok.padding_side = "left"
     outs: list[Completion | None] = [None] * len(prompts)
     # Longest prompts first: batches of similar length waste less compute on padding.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     kw = _gen_kwargs(tok, model, params)
     eos = set(kw["eos_token_id"])
-    try:
-        for b in range(0, len(order), batch_size):
-            idx = order[b: b + batch_size]
-            enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(model.device) for k, v in enc.items()}
-            with torch.inference_mode():
-                out = model.generate(**enc, **kw)
-            new = out[:, enc["input_ids"].shape[1]:].tolist()
-            for j, i in enumerate(idx):
-                ids, hit_eos = _reply_ids(new[j], eos, tok.pad_token_id)
-                text, hit_stop = _cut_at_stop(tok.decode(ids, skip_special_tokens=True), params.stop)
-                stopped = hit_eos or hit_stop or len(ids) < params.max_new_tokens
-                outs[i] = Completion(text, int(enc["attention_mask"][j].sum()), len(ids),
-                                     "stop" if stopped else "length")
-    finally:
-        tok.padding_side = old_side
+    for b in range(0, len(order), batch_size):
+        idx = order[b: b + batch_size]
+        enc = _left_pad(tok, [prompts[i] for i in idx], model.device)
+        with torch.inference_mode():
+            out = model.generate(**enc, **kw)
+        new = out[:, enc["input_ids"].shape[1]:].tolist()
+        for j, i in enumerate(idx):
+            ids, hit_eos = _reply_ids(new[j], eos, tok.pad_token_id)
+            text, hit_stop = _cut_at_stop(tok.decode(ids, skip_special_tokens=True), params.stop)
+            stopped = hit_eos or hit_stop or len(ids) < params.max_new_tokens
+            outs[i] = Completion(text, int(enc["attention_mask"][j].sum()), len(ids), "stop" if stopped else "length")
     return outs  # type: ignore[return-value]
 
 

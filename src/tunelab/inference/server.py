@@ -123,8 +123,8 @@ class Scheduler:
         return self.active < self.max_active and (self.active == 0 or self._current == name)
 
     def _start(self, name: str) -> None:
-        if self.active == 0 and self._current != name:
-            self.host.activate(name)  # nothing is generating now: safe to switch
+        if self.active == 0:
+            self.host.activate(name)  # nothing is generating now: safe to switch (a no-op if already active)
             self._current = name
         self.active += 1
 
@@ -165,8 +165,7 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
     import anyio
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from fastapi.sse import EventSourceResponse, format_sse_event
+    from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -231,12 +230,12 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
 
-    class SlotStream(EventSourceResponse):
+    class SlotStream(StreamingResponse):
         """SSE that holds a scheduler slot and a running generation, both released however the response ends
         (finished, client gone, server stopping) and only after the generation thread has stopped."""
 
         def __init__(self, events, gen: TextStream):
-            super().__init__(events, headers={"Cache-Control": "no-cache"})
+            super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             self._gen = gen
 
         async def __call__(self, scope, receive, send):
@@ -248,7 +247,8 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
                 sched.release()
 
     def sse(obj) -> str:
-        return format_sse_event(data_str=json.dumps(obj) if not isinstance(obj, str) else obj)
+        # One `data:` line per event; json.dumps escapes newlines, so a chunk never spans lines.
+        return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
     async def pieces(gen: TextStream):
         """The generation's text pieces, each read on a worker thread so the event loop never blocks on the model."""

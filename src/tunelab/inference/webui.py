@@ -21,6 +21,9 @@ STORY_SYSTEM = (
     "Never make the choice for the reader. When the story reaches its ending, write THE END and offer no choices."
 )
 STORY_START = "Begin the story."
+# Small models follow the latest user turn far better than the system prompt, so each turn restates the format;
+# the story panel shows only the reader's own words.
+TURN_FORMAT = "\n\n(Continue the story in one short paragraph, then list three numbered choices for what I do next.)"
 # Offered when the model's turn has no numbered choices (small models often forget them): the story can go on.
 FALLBACK_CHOICES = ["Go on", "Look around carefully", "Turn back"]
 _CHOICE = re.compile(r"^\s*(?:\d+[.)]|[-*])\s+(.+?)\s*$", re.M)
@@ -65,7 +68,7 @@ def build_app(host, defaults: GenParams | None = None):
 
     def story_turn(state, action, name, temperature, top_p, max_tokens):
         """Stream one narrator turn after `action`; yields (chatbot, state, choices)."""
-        messages = state["messages"] + [{"role": "user", "content": action}]
+        messages = state["messages"] + [{"role": "user", "content": action + TURN_FORMAT}]
         shown = list(state["shown"])
         if action != STORY_START:
             shown.append({"role": "user", "content": action})
