@@ -320,3 +320,44 @@ def test_pre_tokenizer_name_follows_the_vocabulary():
     assert _pre_tokenizer_name({"pre_tokenizer": byte_level}, {"a": 0, "1": 1, "Â²": 2}) == "smollm"
     with pytest.raises(UserError, match="pre-tokenizer"):
         _pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}}, {})
+
+
+def _llama2_style_tokenizer(tmp_path: Path):
+    """A Llama-2-style tokenizer (sentencepiece BPE with byte fallback) trained here on a few lines of text."""
+    import sentencepiece as spm
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.tokenization_utils_base import generate_merges
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["The quick brown fox jumps over the lazy dog.", "Numbers 12345, cafe, naive.",
+                                 "def f(x):\n    return x ** 2  # square", "Leading space, then two spaces."] * 30))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2,
+                                   unk_id=0, pad_id=-1, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    merges = generate_merges(vocab, {p: sp.get_score(i) for p, i in vocab.items()})
+    t = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                   decoders.Strip(" ", 1, 0)])
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_gguf_sentencepiece_llama_tokenizer_round_trip(tmp_path):
+    """Llama 2 / Mistral-style vocabularies go through gguf's LlamaHfVocab; byte fallback covers unseen text."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunelab.export.gguf import export_gguf
+
+    tok = _llama2_style_tokenizer(tmp_path)
+    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    report = export_gguf(model, tok, tmp_path / "sp.gguf", "q8_0")
+    assert report["ok"] and all(same for _, same, _, _ in report["tokenizer"])
+    assert any(len(a) > 20 for _, _, a, _ in report["tokenizer"])  # the unicode line went through byte fallback

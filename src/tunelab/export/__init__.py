@@ -17,13 +17,15 @@ TARGETS = ("merged", "gguf", "ollama", "hub")
 
 def main(args) -> int:
     from tunelab.errors import UserError
-    from tunelab.export.common import ParityError, load_run
+    from tunelab.export.common import ParityError, check_target, load_run
 
     if args.to not in TARGETS:
         raise UserError(f"--to {args.to}: choose one of {', '.join(TARGETS)}")
     run = load_run(args.run)
     out = Path(args.out) if args.out else None
     qtype = (args.type or "q8_0").lower()
+    if args.to in ("gguf", "ollama"):
+        _check_type(qtype)  # before any model is loaded
     try:
         if args.to == "merged":
             from tunelab.export.merge import export_merged
@@ -34,7 +36,7 @@ def main(args) -> int:
             from tunelab.export.merge import merged_model
 
             target = out or run.path / "export" / f"{run.name}-{qtype}.gguf"
-            _early_gguf_checks(target, qtype, args.overwrite)
+            check_target(target, args.overwrite)
             model, tok, _ = merged_model(run)
             export_gguf(model, tok, target, qtype, overwrite=args.overwrite, name=run.name)
         elif args.to == "ollama":
@@ -51,20 +53,14 @@ def main(args) -> int:
     return 0
 
 
-def _early_gguf_checks(target: Path, qtype: str, overwrite: bool) -> None:
-    """Refuse a bad --type or an existing file before loading any model."""
+def _check_type(qtype: str) -> None:
     from tunelab.errors import UserError
-    from tunelab.export.common import check_target
-    from tunelab.export.gguf import LLAMACPP_TYPES, TYPES, llamacpp_quantize
+    from tunelab.export.gguf import LLAMACPP_TYPES, TYPES, require_llamacpp
 
     if qtype not in TYPES:
         raise UserError(f"--type {qtype} is not a GGUF type tunelab writes; choose one of {', '.join(TYPES)}")
-    check_target(target, overwrite)
     if qtype in LLAMACPP_TYPES:
-        from tunelab.export import llamacpp
-
-        if not llamacpp.available():
-            llamacpp_quantize(target, target, qtype)  # raises the install hint
+        require_llamacpp(qtype)
 
 
 def infer(args) -> int:

@@ -303,13 +303,20 @@ def write_gguf(model, tok, path: Path, qtype: str, name: str = "model") -> None:
     writer.close()
 
 
+def require_llamacpp(qtype: str) -> None:
+    """K-quants need llama.cpp's quantizer; say how to get it before any work is done."""
+    from tunelab.export import llamacpp
+
+    if not llamacpp.available():
+        raise UserError(f"GGUF type {qtype} needs llama.cpp's quantizer: pip install -e '.[llamacpp]' "
+                        f"(builds llama-cpp-python, several minutes), or use one of {', '.join(PYTHON_TYPES)}")
+
+
 def llamacpp_quantize(src: Path, dst: Path, qtype: str) -> None:
     """K-quants through llama.cpp's own quantizer (its C API, as exposed by llama-cpp-python)."""
-    try:
-        import llama_cpp
-    except ImportError:
-        raise UserError(f"GGUF type {qtype} needs llama.cpp's quantizer: pip install -e '.[llamacpp]' "
-                        f"(builds llama-cpp-python, several minutes), or use one of {', '.join(PYTHON_TYPES)}") from None
+    require_llamacpp(qtype)
+    import llama_cpp
+
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
@@ -384,10 +391,7 @@ def export_gguf(model, tok, out: Path, qtype: str = "q8_0", overwrite: bool = Fa
     check_target(out, overwrite)
     _check_supported(model.config)
     if qtype in LLAMACPP_TYPES:
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
-            llamacpp_quantize(out, out, qtype)  # raises the install hint before any work is done
+        require_llamacpp(qtype)
     # the temporary file keeps a .gguf suffix: transformers and llama.cpp read it back under that name for the check
     with atomic_path(out, overwrite, is_dir=False, suffix=".gguf") as tmp:
         if qtype in LLAMACPP_TYPES:

@@ -42,9 +42,12 @@ def merged_model(run: Run, quiet: bool = False):
     from tunelab.models import _from_pretrained
 
     tok = run.tokenizer()
-    if not run.is_adapter:
-        model = _from_pretrained(AutoModelForCausalLM, str(run.final), dtype=torch.float32)
-        return model.eval(), tok, None
+    if not run.is_adapter:  # a full fine-tune: nothing to merge; its own logits are the reference for the copy
+        model = _from_pretrained(AutoModelForCausalLM, str(run.final), dtype=torch.float32).eval()
+        if quiet:
+            return model, tok, None
+        ids = prompt_ids(tok)
+        return model, tok, (all_logits(model, ids), ids)
     if run.adapter_type not in MERGEABLE:
         raise UserError(f"adapter.type '{run.adapter_type}' adds virtual tokens instead of changing weights and cannot "
                         f"be merged; only {', '.join(MERGEABLE)} adapters can be exported as a merged model")
@@ -90,8 +93,9 @@ def export_merged(run: Run, out: Path, dtype: str = "fp32", overwrite: bool = Fa
             saved = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
             rows = compare_logits(before, all_logits(saved, ids))
             tol = MERGE_TOLERANCE[dtype]
-            if not logit_table(f"merged model as saved ({dtype}, read back) vs adapter model:", rows, tol):
-                raise ParityError(f"merged {dtype} model drifts from the adapter model beyond rel {tol:g}; "
+            what = "adapter model" if run.is_adapter else "run's final model"
+            if not logit_table(f"merged model as saved ({dtype}, read back) vs {what}:", rows, tol):
+                raise ParityError(f"merged {dtype} model drifts from the {what} beyond rel {tol:g}; "
                                        "nothing was written")
     print(f"merged model written to {out}")
     return out
