@@ -15,15 +15,16 @@ from tunelab.errors import UserError
 from tunelab.inference.engine import GenParams
 
 STORY_SYSTEM = (
-    'You are the narrator of an interactive choose-your-own-adventure story titled "{title}". Write in the second '
-    "person and the present tense. Each turn, continue the story in one or two short paragraphs that follow from the "
-    "reader's choice, then end with exactly three numbered choices, one per line:\n1. ...\n2. ...\n3. ...\n"
-    "Never make the choice for the reader. When the story reaches its ending, write THE END and offer no choices."
+    'You are the narrator of an interactive choose-your-own-adventure story titled "{title}". You tell it to the '
+    'reader in the second person ("you"), a short part at a time. Each part follows from the reader\'s last choice '
+    "and ends with three numbered choices of what to do next, one per line. Never make the choice for the reader."
 )
 STORY_START = "Begin the story."
 # Small models follow the latest user turn far better than the system prompt, so each turn restates the format;
 # the story panel shows only the reader's own words.
 TURN_FORMAT = "\n\n(Continue the story in one short paragraph, then list three numbered choices for what I do next.)"
+CHOICE_PROMPT = "\n\nWhat do you do next?\n1."
+CHOICE_TOKENS = 64
 # Offered when the model's turn has no numbered choices (small models often forget them): the story can go on.
 FALLBACK_CHOICES = ["Go on", "Look around carefully", "Turn back"]
 _CHOICE = re.compile(r"^\s*(?:\d+[.)]|[-*])\s+(.+?)\s*$", re.M)
@@ -52,10 +53,11 @@ def build_app(host, defaults: GenParams | None = None):
 
     d = defaults or GenParams(max_new_tokens=256, temperature=0.7, top_p=0.9)
 
-    def reply(name, messages, temperature, top_p, max_tokens):
-        params = GenParams(max_new_tokens=int(max_tokens), temperature=float(temperature), top_p=float(top_p))
-        _, prompt = host.fit_messages(messages, params.max_new_tokens)
-        text = ""
+    def gen_params(temperature, top_p, max_tokens) -> GenParams:
+        return GenParams(max_new_tokens=int(max_tokens), temperature=float(temperature), top_p=float(top_p))
+
+    def reply(name, prompt, params, text=""):
+        """The growing text of one streamed reply, starting from `text`."""
         for piece in host.stream(name, prompt, params):
             text += piece
             yield text
@@ -64,7 +66,8 @@ def build_app(host, defaults: GenParams | None = None):
         messages = [{"role": "system", "content": system}] if system.strip() else []
         messages += [{"role": m["role"], "content": _text(m["content"])} for m in history]
         messages.append({"role": "user", "content": _text(message)})
-        yield from reply(name, messages, temperature, top_p, max_tokens)
+        params = gen_params(temperature, top_p, max_tokens)
+        yield from reply(name, host.fit_messages(messages, params.max_new_tokens)[1], params)
 
     def story_turn(state, action, name, temperature, top_p, max_tokens):
         """Stream one narrator turn after `action`; yields (chatbot, state, choices)."""
@@ -72,13 +75,28 @@ def build_app(host, defaults: GenParams | None = None):
         shown = list(state["shown"])
         if action != STORY_START:
             shown.append({"role": "user", "content": action})
+        params = gen_params(temperature, top_p, max_tokens)
+        messages, prompt = host.fit_messages(messages, params.max_new_tokens + CHOICE_TOKENS)
         text = ""
-        for text in reply(name, messages, temperature, top_p, max_tokens):
+        for text in reply(name, prompt, params):
             yield shown + [{"role": "assistant", "content": text}], state, gr.skip()
+        text = text.rstrip()
+        choices = parse_choices(text)
+        if not choices:
+            # No choices in the turn (small models drift away from the format): continue the narrator's own message
+            # from a numbered list's first line, which even a 135M model completes into choices.
+            head = text + CHOICE_PROMPT
+            cp = GenParams(max_new_tokens=CHOICE_TOKENS, temperature=params.temperature or 0.7, top_p=params.top_p,
+                           stop=["\n\n"])
+            for text in reply(name, prompt + head, cp, text=head):
+                yield shown + [{"role": "assistant", "content": text}], state, gr.skip()
+            narrative, text = head[:-len(CHOICE_PROMPT)], text.rstrip()
+            choices = list(dict.fromkeys(parse_choices(text[len(narrative):])))
+            if len(choices) < 2:  # nothing usable: keep the story clean and offer generic moves
+                text, choices = narrative, FALLBACK_CHOICES
         new_state = {"messages": messages + [{"role": "assistant", "content": text}],
                      "shown": shown + [{"role": "assistant", "content": text}]}
-        choices = [] if "THE END" in text else parse_choices(text) or FALLBACK_CHOICES
-        yield new_state["shown"], new_state, gr.update(choices=choices, value=None, interactive=bool(choices))
+        yield new_state["shown"], new_state, gr.update(choices=choices, value=None, interactive=True)
 
     def story_begin(title, name, temperature, top_p, max_tokens):
         title = title.strip()
