@@ -87,11 +87,14 @@ class Host:
 
         named = [_parse_adapter(a) for a in adapters]
         bases = [model] if model else []
+        labels = {}  # a run's full model is served under the run's name
         for run in runs:
             base, adapter = run_artifact(run)
             bases.append(base)
             if adapter:
                 named.append((Path(run.rstrip("/")).name, adapter))
+            else:
+                labels[base] = Path(run.rstrip("/")).name
         if len({str(b) for b in bases}) > 1:
             raise UserError(f"adapters must share one base model, got {', '.join(sorted(set(map(str, bases))))} "
                             "(serve each base in its own process)")
@@ -100,7 +103,7 @@ class Host:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise UserError(f"two adapters are named {dupes[0]}: name them with --adapter NAME=PATH")
-        served_name = served_name or _default_name(base)
+        served_name = served_name or labels.get(base) or _default_name(base)
         if served_name in names:
             raise UserError(f"adapter name {served_name} is also the base model's name: rename it with NAME=PATH")
         if merge and len(named) != 1:
