@@ -186,22 +186,33 @@ def test_gguf_quantized_within_tolerance(merged, tmp_path, qtype, tol):
         assert types["token_embd.weight"] == "Q8_0"  # the (tied) embedding stays at 8 bits
 
 
-@pytest.mark.parametrize("arch", ["qwen2"])  # Mistral is written as "llama", the path tested above
-def test_gguf_other_llama_family_architectures(tmp_path, arch):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
-    from conftest import build_tiny_model
+
+@pytest.mark.parametrize("arch,extra", [("qwen2", {}), ("mistral", {}), ("llama", {"rope_parameters": LLAMA3_ROPE})],
+                         ids=["qwen2", "mistral", "llama3-rope"])
+def test_gguf_other_llama_family_models(sp_tokenizer, tmp_path, arch, extra):
+    """Qwen2 (Q/K/V biases, no Q/K reordering), Mistral (written as llama), Llama 3.1+ rope scaling (rope_freqs)."""
+    import gguf
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     from tunelab.export.gguf import export_gguf
 
-    src = build_tiny_model(tmp_path / arch, arch=arch)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    if arch == "qwen2":  # Qwen2 has Q/K/V biases, zero at init: make them count
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n.endswith("bias"):
-                    p.normal_(0, 0.5)
-    report = export_gguf(model, AutoTokenizer.from_pretrained(src), tmp_path / f"{arch}.gguf", "f32")
+    cfg = AutoConfig.for_model(arch, vocab_size=len(sp_tokenizer), hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=512, bos_token_id=1, eos_token_id=2, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # Qwen2's biases are zero at init: make them count
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.5)
+    report = export_gguf(model, sp_tokenizer, tmp_path / f"{arch}.gguf", "f32")
     assert report["ok"] and all(r.max_abs < 1e-5 for r in report["logits"])
+    names = {t.name for t in gguf.GGUFReader(report["path"]).tensors}
+    assert ("blk.0.attn_q.bias" in names) == (arch == "qwen2")
+    assert ("rope_freqs.weight" in names) == ("rope_parameters" in extra)
 
 
 def test_gguf_unsupported_architecture(tmp_path, capsys):
@@ -322,8 +333,12 @@ def test_pre_tokenizer_name_follows_the_vocabulary():
         _pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}}, {})
 
 
-def _llama2_style_tokenizer(tmp_path: Path):
-    """A Llama-2-style tokenizer (sentencepiece BPE with byte fallback) trained here on a few lines of text."""
+@pytest.fixture(scope="module")
+def sp_tokenizer(tmp_path_factory):
+    """A Llama-2-style tokenizer (sentencepiece BPE with byte fallback) trained here on a few lines of text.
+
+    Its 400-token vocabulary also keeps the GGUF round trips of the architecture tests fast."""
+    tmp_path = tmp_path_factory.mktemp("sp")
     import sentencepiece as spm
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -346,13 +361,13 @@ def _llama2_style_tokenizer(tmp_path: Path):
     return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def test_gguf_sentencepiece_llama_tokenizer_round_trip(tmp_path):
+def test_gguf_sentencepiece_llama_tokenizer_round_trip(sp_tokenizer, tmp_path):
     """Llama 2 / Mistral-style vocabularies go through gguf's LlamaHfVocab; byte fallback covers unseen text."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tunelab.export.gguf import export_gguf
 
-    tok = _llama2_style_tokenizer(tmp_path)
+    tok = sp_tokenizer
     cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)

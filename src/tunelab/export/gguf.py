@@ -61,10 +61,29 @@ def _check_supported(config) -> str:
                         "convert with llama.cpp's convert_hf_to_gguf.py instead")
     params = getattr(config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
-    if rope_type != "default":
+    if rope_type not in ("default", "llama3") or (rope_type == "llama3" and arch != "llama"):
         raise UserError(f"GGUF export of models with rope scaling '{rope_type}' is not supported yet "
                         "(export with --to merged and convert with llama.cpp)")
     return arch
+
+
+def _rope_type(config) -> str:
+    return (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+
+
+def _llama3_rope_factors(config):
+    """Llama 3.1+ rope scaling as llama.cpp stores it: one divisor per rotary frequency (`rope_freqs.weight`).
+
+    The scaled frequencies come from transformers' own llama3 rope initialisation; the divisor is the plain RoPE
+    frequency (theta^(-2i/d)) over the scaled one.
+    """
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    plain = 1.0 / (_rope_theta(config) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    return (plain / scaled.float()).numpy()
 
 
 def _llama_qk_rows(w, n_head: int):
@@ -141,12 +160,23 @@ def _pre_tokenizer_name(tj: dict, vocab: dict) -> str:
                     "knows how to describe in GGUF yet (GPT-2/SmolLM, Llama 3, Qwen2); convert with llama.cpp")
 
 
+def _special_vocab(td: str, config, n_vocab: int, merges: bool):
+    """gguf's SpecialVocab over the saved tokenizer, with the model config beside it for its bos/eos id fallback.
+
+    The config is written only now: with it present, reloading the tokenizer from the same folder (LlamaHfVocab
+    does) would pick the tokenizer class of the model type, e.g. Qwen2's, which adds tokens of its own.
+    """
+    import gguf
+
+    config.to_json_file(str(Path(td) / "config.json"))
+    return gguf.SpecialVocab(td, load_merges=merges, n_vocab=n_vocab)
+
+
 def _add_tokenizer(writer, tok, config, n_vocab: int) -> None:
     import gguf
 
     with tempfile.TemporaryDirectory() as td:
         tok.save_pretrained(td)
-        config.to_json_file(str(Path(td) / "config.json"))  # SpecialVocab falls back to its bos/eos ids
         tj = json.loads((Path(td) / "tokenizer.json").read_text())
         model = tj.get("model", {})
         byte_level = (tj.get("decoder") or {}).get("type") == "ByteLevel"
@@ -167,7 +197,7 @@ def _add_tokenizer(writer, tok, config, n_vocab: int) -> None:
             writer.add_tokenizer_pre(_pre_tokenizer_name(tj, vocab))
             writer.add_token_list(tokens)
             writer.add_token_types(types)
-            special = gguf.SpecialVocab(td, load_merges=True, n_vocab=n_vocab)
+            special = _special_vocab(td, config, n_vocab, merges=True)
         elif model.get("type") == "BPE" and model.get("byte_fallback"):  # a sentencepiece (Llama 2 / Mistral) vocab
             from gguf.vocab import LlamaHfVocab
 
@@ -188,7 +218,7 @@ def _add_tokenizer(writer, tok, config, n_vocab: int) -> None:
             writer.add_token_list(tokens)
             writer.add_token_scores(scores)
             writer.add_token_types(types)
-            special = gguf.SpecialVocab(td, load_merges=False, n_vocab=n_vocab)
+            special = _special_vocab(td, config, n_vocab, merges=False)
         else:
             raise UserError(f"tokenizer model '{model.get('type')}' is not supported for GGUF export yet "
                             "(byte-level BPE and sentencepiece-style BPE are)")
@@ -286,6 +316,9 @@ def write_gguf(model, tok, path: Path, qtype: str, name: str = "model") -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, tok, config, n_vocab)
 
+    if _rope_type(config) == "llama3":
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                          np.ascontiguousarray(_llama3_rope_factors(config), dtype=np.float32))
     for hf_name, gname, t, ttype in _tensor_plan(model, arch, qtype):
         data = t.detach().float().cpu().numpy()
         if arch == "llama" and re.search(r"attn_[qk]\.weight$", gname):
@@ -348,7 +381,21 @@ def verify_gguf(path: Path, model, tok, qtype: str) -> dict:
 
     d, f = str(path.parent), path.name
     gtok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    gmodel = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    rope_ok = True
+    if _rope_type(model.config) == "llama3":
+        # transformers' GGUF loader does not read llama.cpp's rope_freqs, so the weights are read back under the
+        # source config and the stored frequency divisors are checked on their own.
+        import gguf
+        import numpy as np
+
+        stored = next((t for t in gguf.GGUFReader(path).tensors if t.name == "rope_freqs.weight"), None)
+        rope_ok = stored is not None and np.allclose(np.asarray(stored.data), _llama3_rope_factors(model.config))
+        print(f"llama3 rope scaling: rope_freqs.weight {'matches' if rope_ok else 'DOES NOT match'} the source's "
+              "frequencies (transformers reads the weights back under the source config)")
+        gmodel = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, config=model.config, dtype=torch.float32)
+    else:
+        gmodel = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    gmodel.eval()
 
     tok_rows = check_tokenizer(tok, gtok)
     meta = [["bos token", tok.bos_token, gtok.bos_token], ["eos token", tok.eos_token, gtok.eos_token],
@@ -380,7 +427,7 @@ def verify_gguf(path: Path, model, tok, qtype: str) -> dict:
     print_table(f"logits, GGUF {qtype} read back by transformers (allowed: rel <= {EXACT_TOLERANCE:g} vs the source "
                 f"with the file's rounding applied, rel <= {tol:g} vs the float32 source):", header, table)
     logits_ok = all(r.rel <= tol for r in rows) and all(e.rel <= EXACT_TOLERANCE for e in exact or [])
-    return {"ok": tok_ok and logits_ok, "tokenizer": tok_rows, "logits": rows, "exact": exact, "tolerance": tol}
+    return {"ok": tok_ok and logits_ok and rope_ok, "tokenizer": tok_rows, "logits": rows, "exact": exact, "tolerance": tol}
 
 
 def export_gguf(model, tok, out: Path, qtype: str = "q8_0", overwrite: bool = False, name: str = "model") -> dict:
