@@ -4,8 +4,10 @@ The writer is `gguf.GGUFWriter`; tensor names come from `gguf.get_tensor_name_ma
 merges / special tokens / chat template from `gguf.SpecialVocab`, a sentencepiece vocabulary from
 `gguf.vocab.LlamaHfVocab`. What is written by hand is the glue that lives in llama.cpp's converter script (which is
 not part of the `gguf` package): the hyper-parameter keys, the Q/K row order llama.cpp expects, and the name of the
-pre-tokenizer. Every file is then loaded back with transformers (`gguf_file=`) and compared with the source model:
-logits on a few prompts (tolerance by type) and tokenization of tricky text; a broken file is never left behind.
+pre-tokenizer, and Llama 3 rope factors. Every file is then loaded back with transformers (`gguf_file=`) and compared
+with the source model: tokenization of tricky text, and logits on a few prompts, both against the source with the
+file's own rounding applied (must match to float precision) and against the float32 source (a quality budget per
+type). A file that fails is never left behind.
 
 Types f32, f16, bf16, q8_0 and q4_0 are produced here in Python. K-quants (q4_k_m, ...) need llama.cpp's own
 quantizer, reached through llama-cpp-python when it is installed (`pip install -e .[llamacpp]`).
@@ -138,7 +140,10 @@ def _pre_tokenizer_name(tj: dict, vocab: dict) -> str:
     llama.cpp's converter recognizes a tokenizer by hashing its output on a test text against a table it maintains;
     here we read the pre-tokenizer from tokenizer.json instead, for the splitting schemes of the supported families.
     """
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import _LLAMA3_SPLIT, _QWEN2_SPLIT
+    try:  # the split patterns transformers itself uses to rebuild these tokenizers from a GGUF
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import _LLAMA3_SPLIT, _QWEN2_SPLIT
+    except ImportError:  # moved in another transformers version: those families are then refused below
+        _LLAMA3_SPLIT = _QWEN2_SPLIT = None
 
     pre = tj.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
@@ -152,9 +157,9 @@ def _pre_tokenizer_name(tj: dict, vocab: dict) -> str:
         return "smollm"
     if kinds and kinds[0] == "Split" and kinds[-1] == "ByteLevel":
         regex = (steps[0].get("pattern") or {}).get("Regex")
-        if regex == _LLAMA3_SPLIT:
+        if regex and regex == _LLAMA3_SPLIT:
             return "llama-bpe"
-        if regex == _QWEN2_SPLIT:
+        if regex and regex == _QWEN2_SPLIT:
             return "qwen2"
     raise UserError(f"the tokenizer's pre-tokenizer ({', '.join(map(str, kinds)) or 'none'}) is not one tunelab "
                     "knows how to describe in GGUF yet (GPT-2/SmolLM, Llama 3, Qwen2); convert with llama.cpp")
@@ -348,12 +353,13 @@ def require_llamacpp(qtype: str) -> None:
 def llamacpp_quantize(src: Path, dst: Path, qtype: str) -> None:
     """K-quants through llama.cpp's own quantizer (its C API, as exposed by llama-cpp-python)."""
     require_llamacpp(qtype)
+    import ctypes
+
     import llama_cpp
 
-    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise ParityError(f"llama.cpp quantize to {qtype} failed (return code {rc})")
 
