@@ -101,6 +101,9 @@ def test_merge_bf16_dtype_and_overwrite_protection(lora_run, tmp_path, capsys):
     assert cli.main(["export", str(lora_run), "--to", "merged", "--out", str(out)]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert (out / "model.safetensors").stat().st_mtime_ns == before
+    assert cli.main(["export", str(lora_run), "--to", "merged", "--out", str(out), "--overwrite"]) == 0
+    with safe_open(out / "model.safetensors", "pt") as f:  # replaced whole, now in the default fp32
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.float32
     assert [p.name for p in tmp_path.iterdir()] == ["merged-bf16"]  # no temporary leftovers
 
 
