@@ -131,6 +131,8 @@ class Scheduler:
     def _wake(self) -> None:
         while self._queue and self._can_start(self._queue[0][0]):
             name, fut = self._queue.popleft()
+            if fut.cancelled():  # its request was cancelled and has not run its cleanup yet: skip it
+                continue
             self._start(name)
             fut.set_result(None)
 
@@ -148,7 +150,8 @@ class Scheduler:
             if entry[1].done() and not entry[1].cancelled():
                 self.release()  # it was started just as the request was cancelled
             else:
-                self._queue.remove(entry)
+                if entry in self._queue:
+                    self._queue.remove(entry)
                 self._wake()
             raise
 
@@ -380,11 +383,10 @@ def _model_card(name: str, created: int) -> dict:
 
 def main(args) -> int:
     try:
-        import uvicorn  # noqa: F401
-        import fastapi  # noqa: F401
+        import fastapi  # noqa: F401  (checked here for a one-line hint instead of a traceback)
+        import uvicorn
     except ImportError:
         raise UserError("tunelab serve needs the serve extra: pip install 'tunelab[serve]'") from None
-    import uvicorn
 
     from tunelab.inference.host import Host
 
