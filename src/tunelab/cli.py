@@ -174,8 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_target", None):
         parser.print_help()
         return 0
+    import logging
+
     from tunelab.errors import UserError
 
+    # bitsandbytes warns at import on CPUs with AVX512-BF16 that an optional hub kernel is missing; the built-in
+    # kernel is used instead, so the warning is noise in front of every command's output.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     module_name, func_name = args._target.split(":")
     try:
         func = getattr(importlib.import_module(module_name), func_name)

@@ -179,12 +179,19 @@ class OutputConfig(Section):
 
 
 class EvalConfig(Section):
-    task: str | None = Field(None, description="optional task metric during training, e.g. gsm8k")
-    task_samples: int = Field(50, gt=0)
-    early_stopping_patience: int | None = Field(None, gt=0)
-    early_stopping_min_delta: float = 0.0
-    metric: str = Field("eval_loss", description="metric used for best checkpoint / early stopping")
-    greater_is_better: bool = False
+    """Evaluation during training (needs data.validation or data.val_split, and training.eval_steps)."""
+
+    task: Literal[None, "gsm8k"] = Field(None, description="also score a task at every evaluation (eval_gsm8k_accuracy)")
+    task_data: str = Field("bundled:gsm8k/test", description="held-out questions for the task metric")
+    task_samples: int = Field(20, gt=0, description="how many task questions per evaluation")
+    task_max_new_tokens: int = Field(200, gt=0)
+    metric: str = Field("eval_loss", description="metric for the best checkpoint and early stopping, e.g. eval_loss, "
+                        "eval_gsm8k_accuracy")
+    direction: Literal["auto", "min", "max"] = Field("auto", description="auto: minimize losses, maximize the rest")
+    load_best: bool = Field(True, description="restore the best checkpoint by `metric` at the end")
+    early_stopping_patience: int | None = Field(None, gt=0, description="stop after N evaluations without improvement")
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="smallest change that counts as improvement")
+    overfitting_patience: int = Field(3, gt=0, description="warn when val loss rises N evals while train loss falls")
 
 
 class RunConfig(Section):

@@ -23,7 +23,7 @@ import resource
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -39,7 +39,7 @@ class Run:
     dir: Path
     resume_from: Path | None = None
     complete: bool = False
-    notes: list[str] = field(default_factory=list)
+    overwrite: bool = False
 
     @property
     def checkpoints(self) -> Path:
@@ -73,14 +73,13 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
 
 
 def open_run(cfg, overwrite: bool = False) -> Run:
-    """Create the run directory, or find where to resume it. Never clobbers without `overwrite`."""
+    """Decide what to do with the run directory: start, resume, or nothing (complete). Writes nothing; refuses to
+    touch an existing run unless it is the same config (resume) or `overwrite` is given. `start_run` writes."""
     import yaml
 
     run_dir = Path(cfg.output.dir) / (cfg.output.name or "run")
-    run = Run(run_dir)
-    if run_dir.exists() and overwrite:
-        shutil.rmtree(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
+    run = Run(run_dir, overwrite=overwrite)
+    if run_dir.exists() and not overwrite and any(run_dir.iterdir()):
         saved = run_dir / "config.yaml"
         if cfg.output.resume == "never":
             raise UserError(f"run directory {run_dir} already exists; pass --overwrite to start over or set "
@@ -103,11 +102,17 @@ def open_run(cfg, overwrite: bool = False) -> Run:
             return run
         ckpts = complete_checkpoints(run.checkpoints)
         run.resume_from = ckpts[-1] if ckpts else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(run.staging, ignore_errors=True)  # leftovers of a save that was cut off
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    _truncate_metrics(run_dir / "metrics.jsonl", _ckpt_step(run.resume_from))
     return run
+
+
+def start_run(run: Run, cfg) -> None:
+    """Create (or, with overwrite, recreate) the run directory once every check has passed."""
+    if run.overwrite and run.dir.exists():
+        shutil.rmtree(run.dir)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run.staging, ignore_errors=True)  # leftovers of a save that was cut off
+    (run.dir / "config.yaml").write_text(cfg.to_yaml())
+    _truncate_metrics(run.dir / "metrics.jsonl", _ckpt_step(run.resume_from))
 
 
 def _ckpt_step(path: Path | None) -> int:
@@ -263,31 +268,3 @@ class MetricsLog(TrainerCallback):
 def read_metrics(run_dir: Path) -> list[dict]:
     p = Path(run_dir) / "metrics.jsonl"
     return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.is_file() else []
-
-
-def plot_loss(run_dir: Path) -> Path | None:
-    """loss.png: training loss (and validation loss when present) against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    if not train:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*zip(*train), label="train loss")
-    if val:
-        ax.plot(*zip(*val), marker="o", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(Path(run_dir).name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    out = Path(run_dir) / "loss.png"
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out

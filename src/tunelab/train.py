@@ -67,13 +67,54 @@ def training_arguments(cfg: RunConfig, run: runs.Run, precision: str) -> dict:
     )
 
 
+# What each method's KIND of data is prepared by (tunelab.data.build).
+PREPARE = {"conversation": "prepare_sft", "preference": "prepare_preference", "kto": "prepare_kto",
+           "prompt": "prepare_prompts"}
+
+
 def prepare_data(cfg: RunConfig, kind: str, tokenizer) -> TrainData:
     from tunelab.data import build
 
-    if kind != "conversation":
-        raise UserError(f"method '{cfg.method.name}' needs {kind} data, which this data layer cannot prepare yet")
-    train, val, stats = build.prepare_sft(cfg.data, tokenizer)
+    train, val, stats = getattr(build, PREPARE[kind])(cfg.data, tokenizer)
     return TrainData(train, val, stats)
+
+
+def evaluation_settings(cfg: RunConfig) -> dict:
+    """TrainingArguments for evaluation during training: schedule, best checkpoint, checked before anything loads."""
+    from tunelab.evaluation.callbacks import best_model_args
+
+    t, e = cfg.training, cfg.eval
+    has_val = bool(cfg.data.validation or cfg.data.val_split)
+    if not has_val:
+        if t.eval_steps or e.task or e.early_stopping_patience:
+            raise UserError("evaluation during training needs validation data: set data.val_split (e.g. 0.1) or "
+                            "data.validation")
+        return {}
+    if not t.eval_steps:
+        if e.task or e.early_stopping_patience:
+            raise UserError("eval.task / eval.early_stopping_patience need training.eval_steps (evaluate every N steps)")
+        return {}
+    if (e.load_best or e.early_stopping_patience) and t.save_steps % t.eval_steps:
+        raise UserError(f"training.save_steps ({t.save_steps}) must be a multiple of training.eval_steps "
+                        f"({t.eval_steps}) to keep the best checkpoint; e.g. set training.save_steps={t.eval_steps}")
+    if not (e.load_best or e.early_stopping_patience):
+        return {}
+    return best_model_args(e.metric, None if e.direction == "auto" else e.direction)
+
+
+def evaluation_callbacks(cfg: RunConfig, run: runs.Run, tokenizer) -> tuple[list, list]:
+    from tunelab.evaluation.callbacks import training_callbacks
+
+    task_rows = None
+    if cfg.eval.task and cfg.training.eval_steps:
+        from tunelab.data.sources import read_source
+
+        task_rows = [r.data for r in read_source(cfg.eval.task_data)][: cfg.eval.task_samples]
+    return training_callbacks(run.dir, task_rows=task_rows, tokenizer=tokenizer,
+                              task_max_new_tokens=cfg.eval.task_max_new_tokens,
+                              early_stopping_patience=cfg.eval.early_stopping_patience,
+                              early_stopping_min_delta=cfg.eval.early_stopping_min_delta,
+                              overfitting_patience=cfg.eval.overfitting_patience)
 
 
 def preflight(cfg: RunConfig, tokenizer, model, data: TrainData, echo=print) -> None:
@@ -120,12 +161,13 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
     from tunelab import models
     from tunelab.methods import method_module
 
+    method = method_module(cfg.method.name)
+    opts = cfg.method_options()
+    eval_args = evaluation_settings(cfg)  # config mistakes surface before the run directory is touched
     run = runs.open_run(cfg, overwrite=overwrite)
     if run.complete:
         echo(f"run {run.dir} is already complete (final model in {run.dir / 'final'}); --overwrite retrains it")
         return json.loads((run.dir / "summary.json").read_text())
-    method = method_module(cfg.method.name)
-    opts = cfg.method_options()
     precision = models.resolve_precision(cfg.training.precision)
     set_seed(cfg.training.seed)
 
@@ -135,18 +177,21 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
     model = models.load_model(cfg, precision=precision, full_finetune=cfg.adapter.type == "none")
     if method.KIND == "conversation":
         preflight(cfg, tokenizer, model, data, echo)
+    runs.start_run(run, cfg)  # every check has passed: only now is the run directory written
     model = models.attach_adapter(model, cfg, cfg.training.gradient_checkpointing, tokenizer)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     echo(f"model: {cfg.model.source} ({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable), "
          f"adapter: {cfg.adapter.type}, quantization: {cfg.quantization.bits or 'none'}, precision: {precision}")
 
-    args = training_arguments(cfg, run, precision)
+    args = {**training_arguments(cfg, run, precision), **eval_args}
     trainer = method.build(cfg, opts, model, tokenizer, data, args)
     trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress line instead
     stop = runs.GracefulStop()
-    for cb in (runs.AtomicCheckpoints(run, cfg.training.save_total_limit), stop,
-               runs.MetricsLog(run, show_progress=show_progress), *callbacks):
+    # order matters: the task metric joins an evaluation's log entry before MetricsLog writes it to metrics.jsonl
+    before, after = evaluation_callbacks(cfg, run, tokenizer)
+    for cb in (runs.AtomicCheckpoints(run, cfg.training.save_total_limit), stop, *before,
+               runs.MetricsLog(run, show_progress=show_progress), *after, *callbacks):
         trainer.add_callback(cb)
     if run.resume_from:
         echo(f"resuming from {run.resume_from}")
@@ -173,8 +218,10 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
         echo(f"stopped at step {trainer.state.global_step}; checkpoint saved. Re-run the same command to resume.")
         return summary
     final = _save_final(trainer, tokenizer, run)
-    runs.plot_loss(run.dir)
     summary["status"] = "complete"
+    if trainer.state.best_model_checkpoint and eval_args.get("load_best_model_at_end"):
+        summary["best_checkpoint"] = trainer.state.best_model_checkpoint
+        summary["best_metric"] = {eval_args["metric_for_best_model"]: trainer.state.best_metric}
     summary["final"] = str(final)
     runs.write_json_atomic(run.dir / "summary.json", summary)
     del trainer
