@@ -231,3 +231,21 @@ def test_saved_artifacts_load_with_plain_libraries(tmp_path, tiny_model, tiny_ch
     rec = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     for key in ("step", "epoch", "loss", "learning_rate", "grad_norm", "tokens", "tokens_per_s", "elapsed"):
         assert key in rec, key
+
+
+@pytest.mark.e2e
+def test_quickstart_config_trains_embedded_model(tmp_path, embedded_model):
+    """The shipped quickstart config, a few steps on the real SmolLM2-135M-Instruct."""
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "quickstart.yaml",
+                      ["data.subset=16", "training.max_steps=3", "training.batch_size=4",
+                       f"output.dir={tmp_path}", "training.save_steps=3"])
+    summary = run_training(cfg, show_progress=False)
+    assert summary["status"] == "complete" and summary["global_step"] == 3
+    assert summary["data"]["samples"] == 16
+    assert 0.2 < summary["first_loss"] < 3.0  # a real pretrained model on GSM8K text, not a random one
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(embedded_model), summary["final"])
+    assert any("lora_A" in n for n, _ in model.named_parameters())
