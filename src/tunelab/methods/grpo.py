@@ -1,0 +1,119 @@
+"""Group Relative Policy Optimization (GRPO): sample a group of completions per prompt, score them with reward
+functions, and push the policy towards the completions that beat their group's mean (no value model).
+Shao et al. 2024, "DeepSeekMath" (https://arxiv.org/abs/2402.03300); implemented by TRL's GRPOTrainer.
+
+Rewards come from `tunelab.rewards` (built-ins, a reward model, or the user's own `module:function`), each with a
+weight. Works with full fine-tuning, LoRA and QLoRA (`quantization.bits: 4`). With LoRA/QLoRA and `beta > 0`, the
+KL reference is the base model (TRL keeps a frozen copy of the freshly initialized adapter, no second model).
+
+Generation is GRPO's bottleneck. By default completions come from `model.generate` (batched, KV cache; all
+`num_generations` samples of a prompt in one batch). On a GPU machine with vLLM installed (`pip install vllm`), set
+`use_vllm: true`: TRL then runs vLLM inside the training process (`vllm_mode: colocate`, sharing the GPU, memory
+share `vllm_gpu_memory_utilization`) or talks to a separate `trl vllm-serve --model <base>` (`vllm_mode: server`).
+
+Batch sizes count completions, not prompts: `training.batch_size x training.grad_accum` completions per optimizer
+step must be a multiple of `num_generations` (e.g. batch_size 8, num_generations 4 = 2 prompts per step).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tunelab.errors import UserError
+
+KIND = "prompt"
+
+
+class Config(BaseModel):
+    """Options of `method: {name: grpo, ...}`."""
+
+    model_config = ConfigDict(extra="forbid")
+    rewards: list[str | dict] = Field(
+        default_factory=lambda: ["gsm8k_correct", {"name": "format", "weight": 0.2}],
+        description="reward specs: a name (gsm8k_correct, format, length, reward_model, module:function, "
+        "path/file.py:function) or a mapping {name, weight, options...}")
+    num_generations: int = Field(4, ge=2, description="completions sampled per prompt (TRL default 8)")
+    max_completion_length: int = Field(256, gt=0, description="max tokens per completion (TRL default 512)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
+    beta: float = Field(0.0, ge=0, description="KL coefficient to the reference model; 0 = no reference model "
+                        "(TRL default); DeepSeek-R1 used 0.001")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = Field(
+        "dapo", description="loss aggregation (TRL's loss variants, see GRPOConfig.loss_type)")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="divide advantages by the reward std of the group / batch, or not (Dr. GRPO)")
+    epsilon: float = Field(0.2, gt=0, description="clipping range of the policy ratio")
+    epsilon_high: float | None = Field(None, gt=0, description="upper clipping range (DAPO: 0.28); None = epsilon")
+    num_iterations: int = Field(1, ge=1, description="policy updates per generated batch (mu)")
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="sequence = GSPO-style sequence-level ratios")
+    mask_truncated_completions: bool = Field(False, description="leave completions cut at max length out of the loss")
+    use_vllm: bool = Field(False, description="generate with vLLM (GPU, vllm installed)")
+    vllm_mode: Literal["colocate", "server"] = Field("colocate", description="vLLM in-process or a trl vllm-serve")
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="GPU share of colocated vLLM")
+    log_completions: bool = Field(False, description="print a sample of completions with their rewards")
+
+
+def check_batch(cfg, opts: Config) -> None:
+    per_step = cfg.training.batch_size * cfg.training.grad_accum
+    if per_step % opts.num_generations:
+        raise UserError(f"grpo: training.batch_size x training.grad_accum ({per_step}) completions per step must be "
+                        f"a multiple of method.num_generations ({opts.num_generations}); e.g. set "
+                        f"training.batch_size={opts.num_generations * max(1, per_step // opts.num_generations)}")
+
+
+def check_vllm(opts: Config) -> None:
+    if not opts.use_vllm:
+        return
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
+        raise UserError("grpo: method.use_vllm needs a CUDA GPU and vLLM installed (pip install vllm); "
+                        "set method.use_vllm=false to generate with transformers")
+
+
+def build(cfg, opts: Config, model, tokenizer, data, args: dict):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from tunelab.rewards import build_rewards
+
+    check_batch(cfg, opts)
+    check_vllm(opts)
+    funcs, weights = build_rewards(opts.rewards)
+    if not data.train:
+        raise UserError("grpo: no training prompts")
+    grpo_args = GRPOConfig(
+        # GRPO samples groups of prompts itself and counts prompt + completion tokens itself
+        **{**args, "train_sampling_strategy": "random", "include_num_input_tokens_seen": "no"},
+        num_generations=opts.num_generations,
+        max_completion_length=opts.max_completion_length,
+        temperature=opts.temperature,
+        top_p=opts.top_p,
+        beta=opts.beta,
+        loss_type=opts.loss_type,
+        scale_rewards=opts.scale_rewards,
+        epsilon=opts.epsilon,
+        epsilon_high=opts.epsilon_high,
+        num_iterations=opts.num_iterations,
+        importance_sampling_level=opts.importance_sampling_level,
+        mask_truncated_completions=opts.mask_truncated_completions,
+        reward_weights=weights,
+        use_vllm=opts.use_vllm,
+        vllm_mode=opts.vllm_mode,
+        vllm_gpu_memory_utilization=opts.vllm_gpu_memory_utilization,
+        log_completions=opts.log_completions,
+        num_generations_eval=opts.num_generations,
+    )
+    return GRPOTrainer(
+        model=model,
+        reward_funcs=funcs,
+        args=grpo_args,
+        train_dataset=Dataset.from_list(data.train),
+        eval_dataset=Dataset.from_list(data.validation) if data.validation else None,
+        processing_class=tokenizer,
+    )

@@ -1,0 +1,109 @@
+"""GRPO and PPO on tiny models: a toy reward goes up within a few steps (PPO: KL to the reference stays bounded),
+configs are refused with one line when they cannot work, and (marked e2e) GRPO on GSM8K with the embedded model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tunelab.config import load_config
+from tunelab.errors import UserError
+from tunelab.train import run_training
+
+WORDS = [" the", " a", " cat", " dog", " red", " blue", " yes", " no"]
+
+
+TARGET = {"cat", "dog"}
+
+
+def target_reward(completions, **kwargs):
+    """Toy reward: the share of a completion's words that are target words."""
+    from tunelab.rewards import completion_text
+
+    words = [completion_text(c).split() for c in completions]
+    return [sum(x in TARGET for x in w) / max(len(w), 1) for w in words]
+
+
+@pytest.fixture(scope="module")
+def peaked_model(tmp_path_factory) -> str:
+    """A tiny random Llama whose samples concentrate on eight common words (a uniform 49k-token policy would almost
+    never say the target word, leaving RL no signal to learn from). Target words are rare at first."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import ASSETS
+
+    tok = AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
+    cfg = AutoConfig.for_model(
+        "llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    ids = [tok.convert_tokens_to_ids(tok.tokenize(w))[0] for w in WORDS]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[ids] = torch.randn(len(ids), 64) * 0.8
+    path = tmp_path_factory.mktemp("peaked")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("prompts") / "p.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say something {i}."},
+                                                     {"role": "assistant", "content": "ok"}]}) + "\n"
+                            for i in range(16)))
+    return str(path)
+
+
+def write_config(tmp_path, model, data, method, name="run", adapter=None, **training) -> Path:
+    cfg = {"model": {"source": model}, "data": {"train": data, "max_length": 64},
+           "adapter": adapter or {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+           "method": method,
+           "training": {"max_steps": 8, "batch_size": 8, "learning_rate": 2e-2, "save_steps": 100,
+                        "precision": "fp32", **training},
+           "output": {"dir": str(tmp_path / "runs"), "name": name}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def metrics(summary) -> list[dict]:
+    return [json.loads(x) for x in (Path(summary["run"]) / "metrics.jsonl").read_text().splitlines()]
+
+
+REWARD = f"{__file__}:target_reward"
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_grpo_raises_toy_reward(tmp_path, peaked_model, prompts, adapter):
+    method = {"name": "grpo", "rewards": [REWARD], "num_generations": 4, "max_completion_length": 12,
+              "beta": 0.04 if adapter == "lora" else 0.0}
+    path = write_config(tmp_path, peaked_model, prompts, method,
+                        adapter={"type": "none"} if adapter == "full" else None,
+                        learning_rate=5e-3 if adapter == "lora" else 1e-3)
+    summary = run_training(load_config(path), show_progress=False)
+    assert summary["status"] == "complete"
+    rewards = [r["reward"] for r in metrics(summary) if "reward" in r]
+    print("GRPO mean reward per step:", [round(x, 3) for x in rewards])
+    assert len(rewards) == 8
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:2]) / 2 + 0.3, rewards
+    if adapter == "lora":
+        assert (Path(summary["final"]) / "adapter_config.json").is_file()
+        assert any("kl" in r for r in metrics(summary))
+
+
+def test_grpo_refuses_bad_batch_and_reward(tmp_path, peaked_model, prompts):
+    path = write_config(tmp_path, peaked_model, prompts, {"name": "grpo", "num_generations": 3, "rewards": [REWARD]})
+    with pytest.raises(UserError, match="multiple of method.num_generations"):
+        run_training(load_config(path), show_progress=False)
+    path = write_config(tmp_path, peaked_model, prompts, {"name": "grpo", "rewards": ["gsm8k_corect"]}, name="r2")
+    with pytest.raises(UserError, match="did you mean 'gsm8k_correct'"):
+        run_training(load_config(path), show_progress=False)
+    with pytest.raises(UserError, match="num_genrations"):
+        load_config(write_config(tmp_path, peaked_model, prompts, {"name": "grpo", "num_genrations": 4}, name="r3"))
