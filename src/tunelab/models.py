@@ -136,8 +136,9 @@ def torch_dtype(name: str):
             "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def load_model(cfg, precision: str = "fp32", full_finetune: bool = False):
-    """Load the causal LM described by a RunConfig (`cfg.model`, `cfg.quantization`).
+def load_model(cfg, precision: str = "fp32", full_finetune: bool = False, task: str = "CAUSAL_LM"):
+    """Load the model described by a RunConfig (`cfg.model`, `cfg.quantization`): a causal LM, or for
+    `task="SEQ_CLS"` the same base with a one-score sequence-classification head (a reward model).
 
     Weight dtype: on a GPU with adapters, bf16/fp16 precision loads the frozen base in that dtype (adapters stay
     float32, PEFT's default) to halve weight memory. On CPU the base stays float32 and bf16 autocast does the matmuls:
@@ -146,7 +147,7 @@ def load_model(cfg, precision: str = "fp32", full_finetune: bool = False):
     weights and autocast everywhere, because pure-bf16 AdamW updates lose small steps.
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     m, q = cfg.model, cfg.quantization
     if m.dtype != "auto":
@@ -166,8 +167,11 @@ def load_model(cfg, precision: str = "fp32", full_finetune: bool = False):
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
                                bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=compute)
             if q.bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
-    model = _from_pretrained(AutoModelForCausalLM, resolve_source(m.source), **kw)
-    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+    if task == "SEQ_CLS":
+        kw["num_labels"] = 1  # one scalar score per sequence
+    loader = AutoModelForSequenceClassification if task == "SEQ_CLS" else AutoModelForCausalLM
+    model = _from_pretrained(loader, resolve_source(m.source), **kw)
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = model.config.eos_token_id
     return model
 
@@ -200,11 +204,12 @@ def peft_config(a, task_type: str = "CAUSAL_LM"):
     raise UserError(f"adapter.type '{a.type}' is not supported")
 
 
-def attach_adapter(model, cfg, gradient_checkpointing: bool = False, tokenizer=None):
-    """Wrap the model with the configured PEFT adapter (QLoRA: prepare the k-bit base first)."""
+def attach_adapter(model, cfg, gradient_checkpointing: bool = False, tokenizer=None, task: str = "CAUSAL_LM"):
+    """Wrap the model with the configured PEFT adapter (QLoRA: prepare the k-bit base first). For `task="SEQ_CLS"`
+    PEFT also trains and saves the new score head in full (it starts random)."""
     import peft
 
-    pc = peft_config(cfg.adapter)
+    pc = peft_config(cfg.adapter, task_type=task)
     if pc is None:
         return model
     if cfg.quantization.bits:

@@ -142,10 +142,13 @@ def preflight(cfg: RunConfig, tokenizer, model, data: TrainData, echo=print) -> 
          f"({100 * trained / max(total, 1):.0f}%); end-of-turn token trained: yes")
 
 
-def _save_final(trainer, tokenizer, run: runs.Run) -> Path:
+def _save_final(trainer, tokenizer, run: runs.Run, merge_adapter: bool = False) -> Path:
     final, tmp = run.dir / "final", run.dir / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    trainer.save_model(str(tmp))
+    if merge_adapter and hasattr(trainer.model, "merge_and_unload"):
+        trainer.model.merge_and_unload().save_pretrained(str(tmp))  # a standalone model, loadable without PEFT
+    else:
+        trainer.save_model(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     if final.exists():
         shutil.rmtree(final)
@@ -174,11 +177,12 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
     tokenizer = models.load_tokenizer(cfg.model.source, cfg.model.revision, cfg.model.trust_remote_code,
                                       cfg.model.chat_template)
     data = prepare_data(cfg, method.KIND, tokenizer)
-    model = models.load_model(cfg, precision=precision, full_finetune=cfg.adapter.type == "none")
+    task = getattr(method, "TASK", "CAUSAL_LM")  # a method may train another head (reward: SEQ_CLS)
+    model = models.load_model(cfg, precision=precision, full_finetune=cfg.adapter.type == "none", task=task)
     if method.KIND == "conversation":
         preflight(cfg, tokenizer, model, data, echo)
     runs.start_run(run, cfg)  # every check has passed: only now is the run directory written
-    model = models.attach_adapter(model, cfg, cfg.training.gradient_checkpointing, tokenizer)
+    model = models.attach_adapter(model, cfg, cfg.training.gradient_checkpointing, tokenizer, task=task)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     echo(f"model: {cfg.model.source} ({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable), "
@@ -217,7 +221,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
         runs.write_json_atomic(run.dir / "summary.json", summary)
         echo(f"stopped at step {trainer.state.global_step}; checkpoint saved. Re-run the same command to resume.")
         return summary
-    final = _save_final(trainer, tokenizer, run)
+    # a method whose artifact is read by plain transformers (reward: AutoModelForSequenceClassification) merges it
+    final = _save_final(trainer, tokenizer, run, merge_adapter=getattr(method, "MERGE_FINAL", False))
     summary["status"] = "complete"
     if trainer.state.best_model_checkpoint and eval_args.get("load_best_model_at_end"):
         summary["best_checkpoint"] = trainer.state.best_model_checkpoint

@@ -1,0 +1,35 @@
+"""Odds Ratio Preference Optimization (ORPO): supervised fine-tuning and preference alignment in one loss.
+
+The loss is the usual next-token loss on the chosen reply plus `beta` (the paper's lambda) times a penalty on the
+log odds ratio between chosen and rejected replies. No reference model is needed at all, so no second copy of the
+weights and no reference forward pass.
+Paper: Hong et al. 2024, https://arxiv.org/abs/2403.07691. Reference: TRL `trl.experimental.orpo.ORPOTrainer`.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tunelab.methods.dpo import dataset, pairwise_sampling
+
+KIND = "preference"
+
+
+class Config(BaseModel):
+    """Options of `method: {name: orpo, ...}`."""
+
+    model_config = ConfigDict(extra="forbid")
+    beta: float = Field(0.1, gt=0, description="weight of the odds-ratio term against the SFT loss (paper: lambda)")
+
+
+def build(cfg, opts: Config, model, tokenizer, data, args: dict):
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    orpo_args = ORPOConfig(**pairwise_sampling(args), max_length=cfg.data.max_length, beta=opts.beta)
+    return ORPOTrainer(
+        model=model,
+        args=orpo_args,
+        train_dataset=dataset(data.train),
+        eval_dataset=dataset(data.validation),
+        processing_class=tokenizer,
+    )

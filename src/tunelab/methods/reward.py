@@ -1,0 +1,64 @@
+"""Reward model: a sequence-classification head trained to score the chosen reply of a pair above the rejected one.
+
+The base model gets a one-output head (`score`); the loss is the Bradley-Terry pairwise loss
+-log sigmoid(r(chosen) - r(rejected)). Progress is pairwise accuracy: the share of held-out pairs whose chosen reply
+scores higher (`eval_accuracy` in metrics.jsonl; give data.val_split or data.validation). The trained model serves
+as a reward for GRPO/PPO through `rewards.reward_model(path)` (`{name: reward_model, path: runs/<run>/final}`),
+which renders conversations with the same chat template.
+Paper: Ouyang et al. 2022 (InstructGPT), https://arxiv.org/abs/2203.02155. Reference: TRL RewardTrainer.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tunelab.methods.dpo import dataset, pairwise_sampling
+
+KIND = "preference"
+TASK = "SEQ_CLS"  # train.py loads AutoModelForSequenceClassification (num_labels=1); PEFT trains the new head in full
+# final/ holds the adapter merged into the base: rewards.reward_model and other readers load it with plain transformers
+# (checkpoints keep the adapter alone, so resume works as for every method)
+MERGE_FINAL = True
+
+
+class Config(BaseModel):
+    """Options of `method: {name: reward, ...}`."""
+
+    model_config = ConfigDict(extra="forbid")
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0, description="pull scores towards mean zero (paper recommends 0.01); off by default, as in TRL")
+    evaluate_at_end: bool = Field(
+        True, description="score the validation pairs once more after the last step, so the run always reports "
+        "its final pairwise accuracy (eval_accuracy) even without training.eval_steps")
+
+
+def final_evaluation():
+    from transformers import TrainerCallback
+
+    class EvaluateAtEnd(TrainerCallback):
+        """Asks the Trainer for an evaluation on the last step (it has no 'evaluate at end' setting of its own)."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.max_steps and state.global_step >= state.max_steps:
+                control.should_evaluate = True
+
+    return EvaluateAtEnd()
+
+
+def build(cfg, opts: Config, model, tokenizer, data, args: dict):
+    from trl import RewardConfig, RewardTrainer
+
+    # Every token of both conversations is scored as one sequence; TRL drops pairs longer than max_length
+    # (it does not truncate them), which the data layer's overlong setting counts beforehand.
+    reward_args = RewardConfig(**pairwise_sampling(args), max_length=cfg.data.max_length,
+                               center_rewards_coefficient=opts.center_rewards_coefficient)
+    trainer = RewardTrainer(
+        model=model,
+        args=reward_args,
+        train_dataset=dataset(data.train),
+        eval_dataset=dataset(data.validation),
+        processing_class=tokenizer,
+    )
+    if data.validation and opts.evaluate_at_end:
+        trainer.add_callback(final_evaluation())
+    return trainer

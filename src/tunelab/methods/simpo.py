@@ -1,0 +1,49 @@
+"""Simple Preference Optimization (SimPO): a reference-free preference loss on length-normalized log-probabilities.
+
+The implicit reward of a reply is its average per-token log-probability scaled by `beta`; the loss asks the chosen
+reply's reward to beat the rejected one's by a margin `gamma`. Averaging over tokens removes DPO's bias towards long
+replies, and without a reference model there is no second copy of the weights and no reference forward pass.
+Paper: Meng et al. 2024, https://arxiv.org/abs/2405.14734. Reference: TRL `trl.experimental.cpo.CPOTrainer` with
+`loss_type="simpo"` and `cpo_alpha=0` (CPO's behaviour-cloning term off), as the TRL docs describe.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tunelab.methods.dpo import dataset, pairwise_sampling
+
+KIND = "preference"
+
+
+class Config(BaseModel):
+    """Options of `method: {name: simpo, ...}`. Defaults follow the SimPO paper, not TRL's CPO (beta 0.1, gamma 0.5)."""
+
+    model_config = ConfigDict(extra="forbid")
+    beta: float = Field(2.0, gt=0, description="reward scale (paper: 2.0-2.5; TRL CPO default 0.1)")
+    gamma: float = Field(0.5, ge=0, description="target reward margin (TRL: simpo_gamma); the paper uses gamma/beta "
+                         "around 0.5, i.e. gamma ~ 1.0 with beta 2.0")
+    cpo_alpha: float = Field(0.0, ge=0, description="weight of an SFT term on the chosen reply (0 = pure SimPO; "
+                             "> 0 mixes in CPO's behaviour cloning)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="assumed rate of flipped preference labels")
+
+
+def build(cfg, opts: Config, model, tokenizer, data, args: dict):
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    simpo_args = CPOConfig(
+        **pairwise_sampling(args),
+        max_length=cfg.data.max_length,
+        loss_type="simpo",
+        beta=opts.beta,
+        simpo_gamma=opts.gamma,
+        cpo_alpha=opts.cpo_alpha,
+        label_smoothing=opts.label_smoothing,
+    )
+    return CPOTrainer(
+        model=model,
+        args=simpo_args,
+        train_dataset=dataset(data.train),
+        eval_dataset=dataset(data.validation),
+        processing_class=tokenizer,
+    )

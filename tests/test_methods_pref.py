@@ -1,0 +1,197 @@
+"""Preference methods (DPO, ORPO, SimPO, KTO) and reward-model training, end to end through `run_training`.
+
+Outcome checks on a tiny model: the chosen-minus-rejected log-probability margin on the training pairs rises (DPO,
+ORPO, SimPO), KTO's loss falls, a reward model ranks its training pairs above chance and is usable as a GRPO/PPO
+reward. One marked test does DPO on real hh-rlhf pairs with the embedded model and checks held-out pairs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from tunelab.config import load_config
+from tunelab.errors import UserError
+from tunelab.train import run_training
+
+PAIRS = [("Write a greeting.", "Hello, nice to meet you!", "go away"),
+         ("Is the earth flat?", "No, it is roughly a sphere.", "Yes."),
+         ("What is 2+2?", "2+2 = 4.", "It is 5."),
+         ("Name a color.", "Blue.", "Seven.")]
+
+
+@pytest.fixture(scope="module")
+def pref_data(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("pref") / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n"
+                            for _ in range(4) for p, c, r in PAIRS))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def kto_data(tmp_path_factory) -> str:
+    """Unpaired KTO rows: more desirable than undesirable, not matched one to one."""
+    path = tmp_path_factory.mktemp("kto") / "kto.jsonl"
+    rows = [{"prompt": p, "completion": c, "label": True} for p, c, _ in PAIRS] * 3
+    rows += [{"prompt": p, "completion": r, "label": False} for p, _, r in PAIRS[:3]] * 2
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def config(tmp_path, model, train, method: dict, name="run", **sections) -> Path:
+    cfg = {
+        "model": {"source": model},
+        "data": {"train": train, "max_length": 96},
+        "method": method,
+        "adapter": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        "training": {"max_steps": 8, "batch_size": 4, "learning_rate": 5e-3, "save_steps": 100, "precision": "fp32"},
+        "output": {"dir": str(tmp_path / "runs"), "name": name},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def reply_logprob(model, tok, prompt: list[dict], reply: list[dict]) -> float:
+    """Sum of the reply's token log-probabilities after the prompt, both rendered with the chat template."""
+    context = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(prompt + reply, tokenize=False)
+    n_ctx = len(tok(context, add_special_tokens=False)["input_ids"])
+    ids = torch.tensor([tok(full, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits.float()[0, :-1].log_softmax(-1)
+    return logp.gather(-1, ids[0, 1:, None])[n_ctx - 1:, 0].sum().item()
+
+
+def mean_margin(model, tok, rows: list[dict]) -> float:
+    """Mean over pairs of log p(chosen | prompt) - log p(rejected | prompt)."""
+    model.eval()
+    return sum(reply_logprob(model, tok, r["prompt"], r["chosen"]) - reply_logprob(model, tok, r["prompt"], r["rejected"])
+               for r in rows) / len(rows)
+
+
+def as_rows(pairs) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
+             "rejected": [{"role": "assistant", "content": r}]} for p, c, r in pairs]
+
+
+def trained_model(base: str, summary: dict):
+    """The run's final/ as plain libraries load it: a full model, or the base with the PEFT adapter."""
+    final = Path(summary["final"])
+    if (final / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), final)
+    return AutoModelForCausalLM.from_pretrained(final)
+
+
+def metric(run: str, key: str) -> list[float]:
+    return [r[key] for r in map(json.loads, (Path(run) / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+class Capture(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self.adapters = sorted(getattr(model, "peft_config", {}))
+
+
+@pytest.mark.parametrize("method,kind", [
+    ({"name": "dpo"}, "lora"),
+    ({"name": "dpo", "loss_type": "ipo", "beta": 0.5}, "qlora"),
+    ({"name": "dpo"}, "full"),
+    ({"name": "orpo"}, "lora"),
+    ({"name": "simpo"}, "lora"),
+])
+def test_preference_raises_margin(tmp_path, tiny_model, pref_data, method, kind):
+    sections = {"full": {"adapter": {"type": "none"}, "training": {"learning_rate": 5e-4}},
+                "qlora": {"quantization": {"bits": 4}}, "lora": {}}[kind]
+    path = config(tmp_path, tiny_model, pref_data, method, **sections)
+    cap = Capture()
+    summary = run_training(load_config(path), callbacks=[cap], show_progress=False)
+    assert summary["status"] == "complete"
+    if kind != "full":
+        # the reference is the base with the adapter switched off: no frozen adapter copy, none saved in final/
+        assert cap.adapters == ["default"]
+        assert not (Path(summary["final"]) / "ref").exists()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    before = mean_margin(AutoModelForCausalLM.from_pretrained(tiny_model), tok, as_rows(PAIRS))
+    after = mean_margin(trained_model(tiny_model, summary), tok, as_rows(PAIRS))
+    print(f"{method['name']}/{kind}: margin {before:.3f} -> {after:.3f}")
+    assert after > before + 0.1, (before, after)
+
+
+def test_kto_unpaired_loss_goes_down(tmp_path, tiny_model, kto_data):
+    path = config(tmp_path, tiny_model, kto_data, {"name": "kto", "desirable_weight": 1.0, "undesirable_weight": 1.5},
+                  training={"max_steps": 10})
+    cap = Capture()
+    summary = run_training(load_config(path), callbacks=[cap], show_progress=False)
+    assert cap.adapters == ["default"]
+    losses = metric(summary["run"], "loss")
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.02, losses
+
+
+def test_kto_refusals(tmp_path, tiny_model, pref_data, kto_data):
+    with pytest.raises(UserError, match="batch_size"):
+        run_training(load_config(config(tmp_path, tiny_model, pref_data, {"name": "kto"}, name="b1",
+                                        training={"batch_size": 1})), show_progress=False)
+    only_good = tmp_path / "good.jsonl"
+    only_good.write_text("".join(line + "\n" for line in Path(kto_data).read_text().splitlines()
+                                 if json.loads(line)["label"]))
+    with pytest.raises(UserError, match="undesirable"):
+        run_training(load_config(config(tmp_path, tiny_model, str(only_good), {"name": "kto"}, name="good")),
+                     show_progress=False)
+
+
+def test_method_options_are_checked(tmp_path, tiny_model, pref_data):
+    with pytest.raises(UserError, match="method.betta"):
+        load_config(config(tmp_path, tiny_model, pref_data, {"name": "dpo", "betta": 0.1}))
+    with pytest.raises(UserError, match="loss_type"):
+        load_config(config(tmp_path, tiny_model, pref_data, {"name": "dpo", "loss_type": "sigmod"}))
+    with pytest.raises(UserError, match="one weight per loss type"):
+        run_training(load_config(config(tmp_path, tiny_model, pref_data, name="w",
+                                        method={"name": "dpo", "loss_type": ["sigmoid", "sft"],
+                                                "loss_weights": [1.0]})), show_progress=False)
+
+
+def test_reward_model_ranks_pairs_and_serves_as_reward(tmp_path, tiny_model, pref_data):
+    path = config(tmp_path, tiny_model, pref_data, {"name": "reward"}, data={"val_split": 0.25})
+    summary = run_training(load_config(path), show_progress=False)
+    # pairwise accuracy on the held-out pairs is reported after the last step
+    assert metric(summary["run"], "eval_accuracy"), "no validation accuracy in metrics.jsonl"
+    from tunelab.rewards import reward_model
+
+    score = reward_model(summary["final"])  # final/ is a standalone sequence-classification model
+    rows = as_rows(PAIRS)
+    chosen = score([r["chosen"] for r in rows], prompts=[r["prompt"] for r in rows])
+    rejected = score([r["rejected"] for r in rows], prompts=[r["prompt"] for r in rows])
+    accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(rows)
+    print(f"reward model pairwise accuracy on its training pairs: {accuracy:.2f}")
+    assert accuracy > 0.5
+
+
+@pytest.mark.e2e
+@pytest.mark.shared
+def test_dpo_on_hh_rlhf_raises_held_out_margin(tmp_path, embedded_model):
+    from conftest import shared_data
+
+    from tunelab.data.build import prepare_preference
+
+    hh = shared_data("hh-rlhf/harmless-base-test.jsonl.gz")
+    path = config(tmp_path, embedded_model, str(hh), {"name": "dpo", "beta": 0.1}, name="hh",
+                  data={"subset": 300, "val_split": 1 / 3, "max_length": 256, "overlong": "drop"},
+                  adapter={"r": 16, "alpha": 32}, training={"max_steps": -1, "epochs": 1, "batch_size": 4,
+                                                            "learning_rate": 5e-4, "precision": "fp32"})
+    cfg = load_config(path)
+    tok = AutoTokenizer.from_pretrained(embedded_model)
+    train, held_out, _ = prepare_preference(cfg.data, tok)  # the run's own split: held-out pairs are never trained
+    before = mean_margin(AutoModelForCausalLM.from_pretrained(embedded_model), tok, held_out)
+    summary = run_training(cfg, show_progress=False)
+    after = mean_margin(trained_model(embedded_model, summary), tok, held_out)
+    print(f"DPO on {len(train)} hh-rlhf pairs: held-out margin over {len(held_out)} pairs {before:.3f} -> {after:.3f}")
+    assert after > before
