@@ -179,6 +179,10 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
     data = prepare_data(cfg, method.KIND, tokenizer)
     task = getattr(method, "TASK", "CAUSAL_LM")  # a method may train another head (reward: SEQ_CLS)
     model = models.load_model(cfg, precision=precision, full_finetune=cfg.adapter.type == "none", task=task)
+    if hasattr(method, "prepare_model"):  # a method may reshape the model first (distill: a smaller student)
+        model = method.prepare_model(cfg, opts, model)
+    # models a method needs besides the trained one (distill: the teacher), passed to build() by keyword
+    extra = method.extra_models(cfg, opts, precision) if hasattr(method, "extra_models") else {}
     if method.KIND == "conversation":
         preflight(cfg, tokenizer, model, data, echo)
     runs.start_run(run, cfg)  # every check has passed: only now is the run directory written
@@ -189,7 +193,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
          f"adapter: {cfg.adapter.type}, quantization: {cfg.quantization.bits or 'none'}, precision: {precision}")
 
     args = {**training_arguments(cfg, run, precision), **eval_args}
-    trainer = method.build(cfg, opts, model, tokenizer, data, args)
+    trainer = method.build(cfg, opts, model, tokenizer, data, args, **extra)
     trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress line instead
     stop = runs.GracefulStop()
     # order matters: the task metric joins an evaluation's log entry before MetricsLog writes it to metrics.jsonl

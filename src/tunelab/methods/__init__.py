@@ -20,6 +20,8 @@ METHODS: dict[str, str] = {
     "kto": "tunelab.methods.kto",
     "simpo": "tunelab.methods.simpo",
     "reward": "tunelab.methods.reward",
+    "grpo": "tunelab.methods.grpo",
+    "distill": "tunelab.methods.distill",
 }
 
 

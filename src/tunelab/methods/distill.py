@@ -1,0 +1,252 @@
+"""Knowledge distillation: a smaller student learns to behave like a teacher sharing its vocabulary.
+
+`mode: logits` trains the student on the teacher's next-token distributions over the assistant tokens of the data
+(Hinton et al. 2015, https://arxiv.org/abs/1503.02531): forward KL(teacher || student) covers every mode of the
+teacher, reverse KL(student || teacher) seeks its main mode (MiniLLM, Gu et al. 2023), `jsd` sits in between
+(generalized JSD of GKD, Agarwal et al. 2024, https://arxiv.org/abs/2306.13649, whose TRL implementation computes
+the divergence here). Logits are softened by `temperature` and the loss scaled by T^2, as in Hinton et al.
+`mode: sequence` is sequence-level distillation (Kim & Rush 2016, https://arxiv.org/abs/1606.07947): the teacher
+answers every training prompt once, and the student is SFT-trained on those answers (TRL's SFTTrainer).
+
+TRL's DistillationTrainer and GKDTrainer distill on-policy (the student generates during training) from raw
+messages; here the data layer's tokens and assistant-only labels are reused, so logit distillation is an SFTTrainer
+whose loss compares logits with the teacher's.
+
+The teacher is `method.teacher` (a model source), default the configured model itself; `student_layers: N` then
+makes the student from the teacher's own weights, keeping N evenly spaced decoder layers (first and last included),
+so no second model is downloaded. At the end the run directory gets distill_report.md: teacher vs student size,
+forward speed, held-out perplexity and KL.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tunelab.errors import UserError
+
+KIND = "conversation"
+
+
+class Config(BaseModel):
+    """Options of `method: {name: distill, ...}`."""
+
+    model_config = ConfigDict(extra="forbid")
+    teacher: str | None = Field(None, description="teacher model source (hub id, dir, embedded:NAME); default: "
+                                "model.source, with the student made from it by student_layers")
+    student_layers: int | None = Field(None, gt=0, description="student = the model with only N evenly spaced "
+                                       "decoder layers (initialized from the teacher's); None = model as loaded")
+    mode: Literal["logits", "sequence"] = Field("logits", description="match teacher logits, or SFT on teacher answers")
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field("forward_kl", description="logits mode: divergence")
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="loss=jsd: interpolation of the generalized JSD")
+    temperature: float = Field(2.0, gt=0, description="logits mode: softmax temperature (loss scaled by T^2)")
+    hard_weight: float = Field(0.0, ge=0, le=1, description="logits mode: weight of the ordinary loss on the data's "
+                               "own answers (1 - weight goes to the teacher)")
+    max_new_tokens: int = Field(256, gt=0, description="sequence mode: longest teacher answer")
+    teacher_temperature: float = Field(0.0, ge=0, description="sequence mode: 0 = greedy teacher answers")
+
+
+def prepare_model(cfg, opts: Config, model):
+    """Shrink the loaded model into the student (before adapters attach) when `student_layers` is set."""
+    if opts.student_layers is None:
+        if opts.teacher is None:
+            raise UserError("distill: set method.teacher (the model to learn from) or method.student_layers (a smaller "
+                            "student made from model.source, which is then the teacher)")
+        return model
+    return keep_layers(model, opts.student_layers)
+
+
+def keep_layers(model, n: int):
+    """The model with N of its decoder layers (evenly spaced, first and last kept), renumbered for the KV cache."""
+    import torch
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise UserError(f"distill: student_layers needs a decoder with model.layers ({type(model).__name__} has none)")
+    total = len(layers)
+    if n >= total:
+        raise UserError(f"distill: student_layers ({n}) must be fewer than the teacher's {total} layers")
+    keep = sorted({round(i * (total - 1) / max(n - 1, 1)) for i in range(n)}) if n > 1 else [total - 1]
+    model.model.layers = torch.nn.ModuleList(layers[i] for i in keep)
+    for new, layer in enumerate(model.model.layers):
+        if hasattr(getattr(layer, "self_attn", None), "layer_idx"):
+            layer.self_attn.layer_idx = new
+    model.config.num_hidden_layers = len(keep)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    return model
+
+
+def extra_models(cfg, opts: Config, precision: str) -> dict:
+    """The teacher, loaded like the model (same dtype and quantization), frozen."""
+    from tunelab import models
+
+    tcfg = cfg.model_copy(deep=True)
+    tcfg.model.source = opts.teacher or cfg.model.source
+    teacher = models.load_model(tcfg, precision=precision).eval()
+    teacher.requires_grad_(False)
+    return {"teacher": teacher}
+
+
+def build(cfg, opts: Config, model, tokenizer, data, args: dict, teacher=None):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    if teacher is None:
+        raise UserError("distill: no teacher model was loaded")
+    if teacher.config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
+        raise UserError("distill: teacher and student vocabularies differ; logit distillation needs one tokenizer")
+    teacher.to(model.device)
+    rows = data.train
+    if opts.mode == "sequence":
+        rows = teacher_answers(teacher, tokenizer, rows, opts, cfg.data.max_length)
+    sft_args = SFTConfig(**args, max_length=cfg.data.max_length)
+    trainer_cls = SFTTrainer if opts.mode == "sequence" else _logit_trainer(opts)
+    trainer = trainer_cls(model=model, args=sft_args, train_dataset=Dataset.from_list(rows),
+                          eval_dataset=Dataset.from_list(data.validation) if data.validation else None,
+                          processing_class=tokenizer)
+    trainer.teacher = teacher
+    held_out = data.validation or data.train[-16:]
+    trainer.add_callback(report_callback(teacher, held_out))
+    return trainer
+
+
+def _logit_trainer(opts: Config):
+    from trl import SFTTrainer
+
+    class LogitDistillTrainer(SFTTrainer):
+        """SFT on the data's tokens, with the loss measured against the teacher's softened distributions."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            import torch
+
+            labels = inputs["labels"]
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+            with torch.no_grad():
+                t_logits = self.teacher(input_ids=inputs["input_ids"],
+                                        attention_mask=inputs.get("attention_mask")).logits
+            loss = distill_loss(outputs.logits[:, :-1], t_logits[:, :-1], labels[:, 1:], opts.loss,
+                                opts.temperature, opts.jsd_beta)
+            if opts.hard_weight:
+                hard = torch.nn.functional.cross_entropy(outputs.logits[:, :-1].flatten(0, 1).float(),
+                                                         labels[:, 1:].flatten(), ignore_index=-100)
+                loss = opts.hard_weight * hard + (1 - opts.hard_weight) * loss
+            return (loss, outputs) if return_outputs else loss
+
+    return LogitDistillTrainer
+
+
+def distill_loss(student_logits, teacher_logits, labels, kind: str = "forward_kl", temperature: float = 1.0,
+                 jsd_beta: float = 0.5):
+    """Mean per-token divergence over positions whose label is trained, times T^2 (Hinton et al.)."""
+    from trl.experimental.gkd import GKDTrainer
+
+    beta = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": jsd_beta}[kind]  # TRL's generalized JSD endpoints
+    # GKD's beta=0 is KL(teacher || student) (forward), beta=1 is KL(student || teacher) (reverse)
+    div = GKDTrainer.generalized_jsd_loss(student_logits.float(), teacher_logits.float(), labels=labels, beta=beta,
+                                          temperature=temperature)
+    return div * temperature ** 2
+
+
+def teacher_answers(teacher, tokenizer, rows: list[dict], opts: Config, max_length: int) -> list[dict]:
+    """Training rows whose answers are the teacher's: each prompt (the tokens before the first trained label) is
+    answered by the teacher, batched with the KV cache (tunelab's generation engine)."""
+    from tunelab.inference.engine import GenParams, complete
+
+    prompts = []
+    for r in rows:
+        first = next((i for i, x in enumerate(r["labels"]) if x != -100), len(r["labels"]))
+        prompts.append(tokenizer.decode(r["input_ids"][:first]))
+    params = GenParams(max_new_tokens=opts.max_new_tokens, temperature=opts.teacher_temperature, seed=0)
+    answers = complete(teacher, tokenizer, prompts, params)
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if not isinstance(eot, int) or eot == tokenizer.unk_token_id:
+        eot = tokenizer.eos_token_id
+    out = []
+    for prompt, ans in zip(prompts, answers):
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a_ids = tokenizer(ans.text, add_special_tokens=False)["input_ids"]
+        if ans.finish_reason == "stop":
+            a_ids = a_ids + [eot]  # the student learns to stop where the teacher stopped
+        ids = (p_ids + a_ids)[:max_length]
+        out.append({"input_ids": ids, "labels": ([-100] * len(p_ids) + a_ids)[:max_length]})
+    return out
+
+
+def compare(teacher, student, rows: list[dict], temperature: float = 1.0, batch_size: int = 4) -> dict:
+    """Teacher vs student on held-out rows: parameters, forward tokens/s, perplexity on the trained tokens, and the
+    mean per-token KL(teacher || student) at temperature 1 (what distillation minimizes, on unseen text)."""
+    import math
+    import time
+
+    import torch
+
+    def run(model):
+        nll, n, toks, secs, logits = 0.0, 0, 0, 0.0, []
+        was_training = model.training
+        model.eval()
+        for b in range(0, len(rows), batch_size):
+            batch = rows[b: b + batch_size]
+            width = max(len(r["input_ids"]) for r in batch)
+            ids = torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in batch],
+                               device=model.device)
+            mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in batch],
+                                device=model.device)
+            labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in batch],
+                                  device=model.device)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = model(input_ids=ids, attention_mask=mask).logits.float()
+            secs += time.perf_counter() - t0
+            toks += int(mask.sum())
+            lab = labels[:, 1:]
+            nll += float(torch.nn.functional.cross_entropy(out[:, :-1].flatten(0, 1), lab.flatten(),
+                                                           ignore_index=-100, reduction="sum"))
+            n += int((lab != -100).sum())
+            logits.append((out[:, :-1], lab))
+        model.train(was_training)
+        return {"params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                "tokens_per_s": round(toks / max(secs, 1e-9), 1),
+                "perplexity": round(math.exp(nll / max(n, 1)), 3)}, logits
+
+    t_stats, t_logits = run(teacher)
+    s_stats, s_logits = run(student)
+    kl = sum(float(distill_loss(s, t, lab, "forward_kl", 1.0)) * int((lab != -100).sum())
+             for (s, lab), (t, _) in zip(s_logits, t_logits))
+    count = sum(int((lab != -100).sum()) for _, lab in s_logits)
+    return {"teacher": t_stats, "student": s_stats, "kl_teacher_student": round(kl / max(count, 1), 4),
+            "held_out_rows": len(rows)}
+
+
+def report_callback(teacher, rows):
+    """Compares teacher and student on held-out rows before and after training; writes distill_report.md/json."""
+    import json
+    from pathlib import Path
+
+    from transformers import TrainerCallback
+
+    class Report(TrainerCallback):
+        before = None
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            if state.global_step == 0:  # not when resuming: the student has trained already
+                self.before = compare(teacher, model, rows)
+
+        def on_train_end(self, args, state, control, model=None, **kw):
+            after = compare(teacher, model, rows)
+            run_dir = Path(args.output_dir).parent  # output_dir is the run's staging directory
+            (run_dir / "distill_report.json").write_text(json.dumps({"before": self.before, "after": after}, indent=2))
+            t, s = after["teacher"], after["student"]
+            kl_before = self.before["kl_teacher_student"] if self.before else "n/a"
+            lines = ["# Distillation report", "", f"Held-out rows: {after['held_out_rows']}", "",
+                     "| | parameters (M) | forward tokens/s | held-out perplexity |", "|---|---|---|---|",
+                     f"| teacher | {t['params_m']} | {t['tokens_per_s']} | {t['perplexity']} |",
+                     f"| student | {s['params_m']} | {s['tokens_per_s']} | {s['perplexity']} |", "",
+                     f"KL(teacher || student) per token: {kl_before} before training -> "
+                     f"{after['kl_teacher_student']} after"]
+            if self.before:
+                lines.append(f"Student perplexity before training: {self.before['student']['perplexity']}")
+            (run_dir / "distill_report.md").write_text("\n".join(lines) + "\n")
+
+    return Report()
