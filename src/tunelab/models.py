@@ -176,8 +176,9 @@ def load_model(cfg, precision: str = "fp32", full_finetune: bool = False, task: 
     return model
 
 
-def peft_config(a, task_type: str = "CAUSAL_LM"):
-    """AdapterConfig -> a PEFT config object (None for full fine-tuning)."""
+def peft_config(a, task_type: str = "CAUSAL_LM", tokenizer_path: str | None = None):
+    """AdapterConfig -> a PEFT config object (None for full fine-tuning). `tokenizer_path`: where PEFT loads the
+    tokenizer that turns `prompt_init_text` into the initial virtual tokens (prompt tuning with a text init)."""
     import peft
 
     if a.type == "none":
@@ -195,8 +196,8 @@ def peft_config(a, task_type: str = "CAUSAL_LM"):
         return peft.PrefixTuningConfig(num_virtual_tokens=a.num_virtual_tokens, prefix_projection=a.prefix_projection,
                                        task_type=task_type)
     if a.type == "prompt":
-        init = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": a.prompt_init_text} if a.prompt_init_text \
-            else {"prompt_tuning_init": "RANDOM"}
+        init = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": a.prompt_init_text,
+                "tokenizer_name_or_path": tokenizer_path} if a.prompt_init_text else {"prompt_tuning_init": "RANDOM"}
         return peft.PromptTuningConfig(num_virtual_tokens=a.num_virtual_tokens, task_type=task_type, **init)
     if a.type == "ptuning":
         return peft.PromptEncoderConfig(num_virtual_tokens=a.num_virtual_tokens,
@@ -209,13 +210,12 @@ def attach_adapter(model, cfg, gradient_checkpointing: bool = False, tokenizer=N
     PEFT also trains and saves the new score head in full (it starts random)."""
     import peft
 
-    pc = peft_config(cfg.adapter, task_type=task)
+    # PEFT checks the text-init tokenizer when the config is built, so it is passed in rather than set afterwards
+    pc = peft_config(cfg.adapter, task_type=task, tokenizer_path=model.config._name_or_path)
     if pc is None:
         return model
     if cfg.quantization.bits:
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    if cfg.adapter.type == "prompt" and cfg.adapter.prompt_init_text:
-        pc.tokenizer_name_or_path = model.config._name_or_path
     return peft.get_peft_model(model, pc)
 
 
