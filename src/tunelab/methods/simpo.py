@@ -21,8 +21,8 @@ class Config(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     beta: float = Field(2.0, gt=0, description="reward scale (paper: 2.0-2.5; TRL CPO default 0.1)")
-    gamma: float = Field(0.5, ge=0, description="target reward margin (TRL: simpo_gamma); the paper uses gamma/beta "
-                         "around 0.5, i.e. gamma ~ 1.0 with beta 2.0")
+    gamma: float = Field(1.0, ge=0, description="target reward margin (TRL: simpo_gamma, default 0.5); the paper "
+                         "keeps gamma/beta around 0.5-0.8")
     cpo_alpha: float = Field(0.0, ge=0, description="weight of an SFT term on the chosen reply (0 = pure SimPO; "
                              "> 0 mixes in CPO's behaviour cloning)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="assumed rate of flipped preference labels")
