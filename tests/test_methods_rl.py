@@ -107,3 +107,22 @@ def test_grpo_refuses_bad_batch_and_reward(tmp_path, peaked_model, prompts):
         run_training(load_config(path), show_progress=False)
     with pytest.raises(UserError, match="num_genrations"):
         load_config(write_config(tmp_path, peaked_model, prompts, {"name": "grpo", "num_genrations": 4}, name="r3"))
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_ppo_raises_toy_reward_with_bounded_kl(tmp_path, peaked_model, prompts, adapter):
+    method = {"name": "ppo", "rewards": [REWARD], "max_completion_length": 12, "kl_coef": 0.05, "ppo_epochs": 2,
+              "num_mini_batches": 2}
+    path = write_config(tmp_path, peaked_model, prompts, method,
+                        adapter={"type": "none"} if adapter == "full" else None,
+                        learning_rate=2e-3 if adapter == "lora" else 3e-4, max_steps=8, save_steps=4)
+    summary = run_training(load_config(path), show_progress=False)
+    assert summary["status"] == "complete"
+    logs = [r for r in metrics(summary) if "reward" in r]
+    rewards, kls = [r["reward"] for r in logs], [r["kl"] for r in logs]
+    print("PPO mean reward per step:", [round(x, 3) for x in rewards], "KL:", [round(x, 2) for x in kls])
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:2]) / 2 + 0.3, rewards
+    assert max(kls) < 20, kls  # nats per completion: the penalty keeps the policy near the reference
+    final = Path(summary["final"])
+    assert (final / "value_head.safetensors").is_file()
+    assert (Path(summary["run"]) / "checkpoints" / "checkpoint-8" / "value_head.safetensors").is_file()

@@ -21,6 +21,7 @@ METHODS: dict[str, str] = {
     "simpo": "tunelab.methods.simpo",
     "reward": "tunelab.methods.reward",
     "grpo": "tunelab.methods.grpo",
+    "ppo": "tunelab.methods.ppo",
     "distill": "tunelab.methods.distill",
 }
 

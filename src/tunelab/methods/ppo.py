@@ -1,0 +1,75 @@
+"""Proximal Policy Optimization (PPO) for causal LMs, RLHF-style: the policy samples a completion per prompt, a reward
+model or reward functions score it, a value head estimates returns, GAE turns per-token rewards (the score at the
+last token, minus a KL penalty to the reference model at every token) into advantages, and clipped policy and value
+losses update the policy for a few epochs over each batch of rollouts.
+
+Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (https://arxiv.org/abs/1707.06347); the RLHF
+recipe of Ouyang et al. 2022, "Training language models to follow instructions with human feedback"
+(https://arxiv.org/abs/2203.02155); details as in Huang et al. 2024, "The N+ Implementation Details of RLHF with
+PPO" (https://arxiv.org/abs/2403.17031).
+
+TRL 1.16 no longer ships a PPO trainer (its experimental PPO was removed), so the loop is written here, in
+`ppo_core.py`, as a transformers Trainer whose training step does one PPO iteration: checkpoints, exact resume,
+logging and saving stay the shared ones. The reference is the policy with its adapter disabled (LoRA/QLoRA), or a
+frozen copy of the starting weights (full fine-tuning).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tunelab.errors import UserError
+
+KIND = "prompt"
+
+
+class Config(BaseModel):
+    """Options of `method: {name: ppo, ...}`. One training step = one rollout of `training.batch_size` prompts."""
+
+    model_config = ConfigDict(extra="forbid")
+    rewards: list[str | dict] = Field(
+        default_factory=lambda: ["gsm8k_correct"],
+        description="reward specs as in GRPO; use {name: reward_model, path: runs/<rm>/final} for a trained reward "
+        "model")
+    max_completion_length: int = Field(128, gt=0, description="max tokens per sampled completion")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (log-probs use the same temperature)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
+    kl_coef: float = Field(0.05, ge=0, description="per-token KL penalty to the reference, in the reward")
+    ppo_epochs: int = Field(4, ge=1, description="passes over each rollout batch")
+    num_mini_batches: int = Field(1, ge=1, description="optimizer steps per pass (rollout batch split in N)")
+    clip_range: float = Field(0.2, gt=0, description="policy ratio clipping epsilon")
+    clip_range_value: float = Field(0.2, gt=0, description="value prediction clipping around the rollout values")
+    vf_coef: float = Field(0.1, ge=0, description="weight of the value loss")
+    gamma: float = Field(1.0, ge=0, le=1, description="discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    whiten_rewards: bool = Field(False, description="normalize scores within each rollout batch")
+    missing_eos_penalty: float | None = Field(None, description="subtract this from the score of completions that "
+                                              "hit max_completion_length without ending")
+
+
+def build(cfg, opts: Config, model, tokenizer, data, args: dict):
+    from datasets import Dataset
+
+    from tunelab.methods.ppo_core import PPOTrainer
+    from tunelab.rewards import build_rewards
+
+    if cfg.training.grad_accum != 1:
+        raise UserError("ppo: training.grad_accum must be 1 (each step is a rollout; use method.num_mini_batches and "
+                        "method.ppo_epochs to split its update)")
+    if cfg.training.batch_size % opts.num_mini_batches:
+        raise UserError(f"ppo: training.batch_size ({cfg.training.batch_size}) must be a multiple of "
+                        f"method.num_mini_batches ({opts.num_mini_batches})")
+    if cfg.adapter.type not in ("none", "lora", "dora"):
+        raise UserError(f"ppo: adapter.type '{cfg.adapter.type}' is not supported (use lora, dora or none)")
+    if not data.train:
+        raise UserError("ppo: no training prompts")
+    if args.get("eval_strategy", "no") != "no":
+        raise UserError("ppo: no evaluation during training (unset training.eval_steps); score the final model "
+                        "with tunelab eval")
+    funcs, weights = build_rewards(opts.rewards)
+    from transformers import TrainingArguments
+
+    targs = TrainingArguments(**{**args, "include_num_input_tokens_seen": "no",  # rollouts count their own tokens
+                                 "train_sampling_strategy": "random"})
+    return PPOTrainer(model=model, args=targs, opts=opts, reward_funcs=funcs, reward_weights=weights,
+                      tokenizer=tokenizer, train_dataset=Dataset.from_list(data.train))

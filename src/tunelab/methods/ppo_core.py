@@ -1,0 +1,221 @@
+"""The PPO loop behind methods/ppo.py, kept apart so that the method file reads as the others do (what, options, build).
+
+`PPOTrainer` is a transformers Trainer: each training step takes a batch of prompts, samples one completion per
+prompt, scores it, computes GAE advantages, and runs `ppo_epochs x num_mini_batches` clipped updates; every update
+but the last is stepped here, the last one by the Trainer's own loop (so gradient clipping, the LR schedule,
+checkpoints, resume and logging are the Trainer's). The value head is a linear layer on the policy's last hidden
+state; it is trained with the policy, and saved next to the model as value_head.safetensors (checkpoints and final).
+Equations follow Schulman et al. 2017 and "The N+ Implementation Details of RLHF with PPO" (Huang et al. 2024):
+per-token reward r_t = -kl_coef * (log pi(a_t) - log pi_ref(a_t)), plus the score at the last completion token;
+advantages whitened over the batch; value loss 0.5 * max((V - R)^2, (V_clip - R)^2).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+VALUE_HEAD = "value_head.safetensors"
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp_min(1)
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return out if shift_mean else out + mean
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """Generalized advantage estimation over completion tokens (positions past the end have mask 0)."""
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(rewards.shape[0], device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        next_v = values[:, t + 1] * mask[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        adv[:, t] = last
+    return adv, adv + values
+
+
+class PPOTrainer(Trainer):
+    def __init__(self, model, args, opts, reward_funcs, reward_weights, tokenizer, train_dataset):
+        from peft import PeftModel
+
+        from tunelab.inference.engine import stop_token_ids
+
+        super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
+                         data_collator=lambda rows: rows)  # prompts stay messages; the step tokenizes them
+        self.opts, self.reward_funcs, self.reward_weights = opts, reward_funcs, reward_weights
+        from trl.trainer.utils import disable_dropout_in_model
+
+        self.is_peft = isinstance(model, PeftModel)
+        disable_dropout_in_model(model)  # rollout and update log-probs must come from the same function
+        # Full fine-tuning needs the starting weights as reference; with an adapter, disabling it gives the base.
+        self.ref_model = None if self.is_peft else copy.deepcopy(model).eval().requires_grad_(False)
+        hidden = model.config.get_text_config().hidden_size
+        self.value_head = torch.nn.Linear(hidden, 1).to(model.device)
+        torch.nn.init.zeros_(self.value_head.weight)  # start at V = 0: early advantages are the rewards themselves
+        torch.nn.init.zeros_(self.value_head.bias)
+        self.stop_ids = stop_token_ids(tokenizer, model)
+        self._metrics = defaultdict(list)
+
+    # -- optimizer, checkpoints: the value head travels with the policy -------------------------------------------
+    def create_optimizer(self, model=None):
+        opt = super().create_optimizer(model)
+        if not any(p is self.value_head.weight for g in opt.param_groups for p in g["params"]):
+            opt.add_param_group({"params": list(self.value_head.parameters()), "weight_decay": 0.0})
+        return opt
+
+    def _save(self, output_dir=None, state_dict=None):
+        from safetensors.torch import save_file
+
+        super()._save(output_dir, state_dict)
+        out = output_dir or self.args.output_dir
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
+                  os.path.join(out, VALUE_HEAD))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        from safetensors.torch import load_file
+
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, VALUE_HEAD)
+        if os.path.isfile(path):
+            self.value_head.load_state_dict(load_file(path, device=str(self.value_head.weight.device)))
+
+    # -- rollout ---------------------------------------------------------------------------------------------------
+    def _forward(self, model, ids, mask, prompt_len):
+        """Log-probs of the completion tokens (at the sampling temperature) and the last hidden states before them."""
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+        logits = out.logits[:, prompt_len - 1:-1].float() / self.opts.temperature
+        logp = torch.gather(F.log_softmax(logits, -1), 2, ids[:, prompt_len:, None]).squeeze(-1)
+        return logp, out.hidden_states[-1][:, prompt_len - 1:-1], logits
+
+    def _values(self, hidden):
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+
+    @torch.no_grad()
+    def rollout(self, model, rows):
+        tok, o = self.processing_class, self.opts
+        texts = [tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+                 if isinstance(r["prompt"], list) else r["prompt"] for r in rows]
+        enc = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        width = max(map(len, enc))
+        pad = tok.pad_token_id
+        p_ids = torch.tensor([[pad] * (width - len(x)) + x for x in enc], device=model.device)
+        p_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in enc], device=model.device)
+        model.eval()
+        out = model.generate(input_ids=p_ids, attention_mask=p_mask, do_sample=True, temperature=o.temperature,
+                             top_p=o.top_p, top_k=0, max_new_tokens=o.max_completion_length,
+                             eos_token_id=self.stop_ids, pad_token_id=pad, use_cache=True)
+        comp = out[:, width:]
+        is_stop = torch.isin(comp, torch.tensor(self.stop_ids, device=comp.device))
+        ended = is_stop.any(1)
+        end = torch.where(ended, is_stop.int().argmax(1), torch.full_like(ended, comp.shape[1], dtype=torch.long))
+        c_mask = (torch.arange(comp.shape[1], device=comp.device)[None] <= end[:, None]).long()
+        comp = torch.where(c_mask.bool(), comp, torch.full_like(comp, pad))
+        ids, mask = torch.cat([p_ids, comp], 1), torch.cat([p_mask, c_mask], 1)
+
+        completions = [[{"role": "assistant", "content": tok.decode(c[m.bool()], skip_special_tokens=True)}]
+                       for c, m in zip(comp, c_mask)]
+        if not isinstance(rows[0]["prompt"], list):
+            completions = [c[0]["content"] for c in completions]
+        extra = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+        prompts = [r["prompt"] for r in rows]
+        score = torch.zeros(len(rows), device=model.device)
+        for f, w in zip(self.reward_funcs, self.reward_weights):
+            vals = torch.tensor([float("nan") if v is None else v for v in
+                                 f(prompts=prompts, completions=completions, **extra)], device=model.device)
+            self._metrics[f"rewards/{f.__name__}"].append(vals.nanmean().item())
+            score += w * torch.nan_to_num(vals)
+        self._metrics["reward"].append(score.mean().item())
+        if o.missing_eos_penalty is not None:
+            score = score - o.missing_eos_penalty * (~ended).float()
+
+        logp, hidden, _ = self._forward(model, ids, mask, width)
+        values = self._values(hidden)
+        model.train()
+        if self.is_peft:
+            with model.disable_adapter():
+                ref_logp, _, _ = self._forward(model, ids, mask, width)
+        else:
+            ref_logp, _, _ = self._forward(self.ref_model, ids, mask, width)
+        c_mask = c_mask.float()
+        kl = (logp - ref_logp) * c_mask
+        rewards = -o.kl_coef * kl
+        if o.whiten_rewards:
+            score = (score - score.mean()) / (score.std() + 1e-8) if len(score) > 1 else score
+        last = (c_mask.sum(1).long() - 1).clamp_min(0)
+        rewards[torch.arange(len(rows)), last] += score
+        values = values * c_mask
+        adv, returns = gae(rewards, values, c_mask, o.gamma, o.lam)
+        adv = masked_whiten(adv, c_mask)
+        self._metrics["kl"].append(kl.sum(1).mean().item())
+        self._metrics["completions/mean_length"].append(c_mask.sum(1).mean().item())
+        self.state.num_input_tokens_seen += int(mask.sum())
+        return dict(ids=ids, mask=mask, c_mask=c_mask, prompt_len=width, logp=logp, values=values, adv=adv,
+                    returns=returns)
+
+    # -- update ----------------------------------------------------------------------------------------------------
+    def ppo_loss(self, model, b):
+        o = self.opts
+        logp, hidden, logits = self._forward(model, b["ids"], b["mask"], b["prompt_len"])
+        v = self._values(hidden)
+        m = b["c_mask"]
+        ratio = torch.exp(logp - b["logp"])
+        pg = torch.max(-b["adv"] * ratio, -b["adv"] * ratio.clamp(1 - o.clip_range, 1 + o.clip_range))
+        v_clip = b["values"] + (v - b["values"]).clamp(-o.clip_range_value, o.clip_range_value)
+        vf = 0.5 * torch.max((v - b["returns"]) ** 2, (v_clip - b["returns"]) ** 2)
+        pg_loss, vf_loss = masked_mean(pg, m), masked_mean(vf, m)
+        with torch.no_grad():
+            self._metrics["policy_loss"].append(pg_loss.item())
+            self._metrics["value_loss"].append(vf_loss.item())
+            self._metrics["clipfrac"].append(masked_mean(((ratio - 1).abs() > o.clip_range).float(), m).item())
+            ent = -(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1)
+            self._metrics["entropy"].append(masked_mean(ent, m).item())
+        return pg_loss + o.vf_coef * vf_loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        o = self.opts
+        batch = self.rollout(model, inputs)
+        n = len(inputs)
+        size = n // o.num_mini_batches
+        updates, total = o.ppo_epochs * o.num_mini_batches, 0.0
+        for epoch in range(o.ppo_epochs):
+            perm = torch.randperm(n).to(batch["ids"].device)  # a fresh mini-batch split every epoch
+            for k in range(o.num_mini_batches):
+                idx = perm[k * size:(k + 1) * size]
+                mb = {key: (v[idx] if torch.is_tensor(v) else v) for key, v in batch.items()}
+                with self.compute_loss_context_manager():
+                    loss = self.ppo_loss(model, mb)
+                self.accelerator.backward(loss)
+                total += loss.item()
+                if (epoch, k) != (o.ppo_epochs - 1, o.num_mini_batches - 1):  # the Trainer steps after the last
+                    if self.args.max_grad_norm:
+                        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                        self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad()
+        return torch.tensor(total / updates, device=self.args.device)
+
+    def log(self, logs, start_time=None):
+        if self._metrics:
+            logs = {**logs, **{k: sum(v) / len(v) for k, v in self._metrics.items() if v}}
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        raise NotImplementedError("PPO computes its loss in training_step")
+
+    def prediction_step(self, *args, **kwargs):
+        raise NotImplementedError("PPO has no evaluation loss; evaluate the final model with tunelab eval")
+
