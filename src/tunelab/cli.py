@@ -52,6 +52,12 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
         OVERRIDES,
         A("--overwrite", action="store_true", help="delete an existing run directory of the same name and start over"),
     ]),
+    "sweep": ("tunelab.sweep:main", "search hyper-parameters: grid / random / Optuna trials, results table, plots", [
+        A("sweep", help="a sweep YAML (see configs/sweeps/)"),
+        A("--trials", type=int, default=None, help="trial budget (overrides search.trials)"),
+        A("--dry-run", action="store_true", help="check the sweep and list its trials; train nothing"),
+        A("--overwrite", action="store_true", help="delete the sweep's trials and study and start over"),
+    ]),
     "quickstart": ("tunelab.quickstart:main", "fine-tune the embedded model on bundled GSM8K and show before/after", [
         A("--config", default=None, help="config to use (default: configs/quickstart.yaml, or the packaged copy)"),
         OVERRIDES,
