@@ -191,3 +191,27 @@ def test_cli_dry_run_lists_the_grid(tmp_path, tiny_model, tiny_chat_data, capsys
     out = capsys.readouterr().out
     assert "grid, 4 trials" in out and "batch_size=8, learning_rate=0.0003" in out
     assert main(["sweep", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_list_valued_choices_travel_through_optuna_into_best_config(tmp_path, tiny_model, tiny_chat_data):
+    from tunelab.sweep import _label, _sampler, _suggest, write_best_config
+
+    choices = ["all-linear", ["q_proj", "v_proj"]]
+    path = write_sweep(tmp_path, tiny_model, tiny_chat_data, search={
+        "space": {"adapter.target_modules": choices, "adapter.r": [4, 8]}})
+    sweep = load_sweep(path)
+    study = optuna.create_study(sampler=_sampler(sweep, optuna, 0))
+    seen = []
+
+    def objective(trial):
+        seen.append((str(_suggest(trial, "adapter.target_modules", sweep.search.space["adapter.target_modules"])),
+                     _suggest(trial, "adapter.r", sweep.search.space["adapter.r"])))
+        return 1.0
+
+    study.optimize(objective, n_trials=10)  # the grid sampler stops the study when the grid is done
+    assert sorted(seen) == sorted((str(t), r) for t in choices for r in (4, 8))
+    # optuna stores a list choice as its JSON text; best.yaml gets the list back
+    params = {"adapter.target_modules": _label(choices[1]), "adapter.r": 8}
+    write_best_config(sweep, params, {"trial": "trial-001", "objective": 1.0})
+    cfg = load_config(sweep.dir / "best.yaml")
+    assert cfg.adapter.target_modules == ["q_proj", "v_proj"] and cfg.adapter.r == 8

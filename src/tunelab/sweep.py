@@ -419,8 +419,8 @@ def _pruner(sweep: Sweep, optuna):
     if p.pruner == "median":
         return P.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.min_samples)
     if p.pruner == "percentile":
-        return P.PercentilePruner(100 - p.percentile if sweep.direction == "min" else p.percentile,
-                                  n_startup_trials=p.startup_trials, n_warmup_steps=p.min_samples)
+        # Optuna reads the study's direction: percentile=25 keeps trials in the best 25% at each step
+        return P.PercentilePruner(p.percentile, n_startup_trials=p.startup_trials, n_warmup_steps=p.min_samples)
     if p.pruner == "hyperband":
         return P.HyperbandPruner(min_resource=max(1, p.min_samples))
     if p.pruner == "threshold":
@@ -748,7 +748,7 @@ def plot_sweep(sweep: Sweep, rows: list[dict]) -> list[Path]:
             for value in ordered:
                 epochs, mean = _mean_curve([curves[t][:2] for t in by_value[value]])
                 n = len(by_value[value])
-                ax.plot(epochs, mean, marker="o", label=f"{_fmt(value)}" + (f" (mean of {n})" if n > 1 else ""))
+                ax.plot(epochs, mean, marker="o", label=f"{_fmt(value)}" + (f" (mean of {n} trials)" if n > 1 else ""))
             ax.legend(title=key.split(".")[-1], fontsize="small")
         else:  # a continuous range: every trial its own line, colored by its value
             cmap = plt.get_cmap("viridis")
@@ -795,6 +795,7 @@ def write_best_config(sweep: Sweep, params: dict, best: dict) -> Path:
             if sweep.spec.subset else "")
     header = (f"# tunelab train {path}\n#\n# Best trial of sweep {sweep.name}: {best['trial']} ({sweep.objective} "
               f"{best['objective']:.4f}) with {_describe(values)}.{note}\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(".best.yaml.tmp")
     tmp.write_text(header + yaml.safe_dump(raw, sort_keys=False))
     tmp.replace(path)
