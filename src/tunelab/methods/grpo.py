@@ -6,10 +6,13 @@ Rewards come from `tunelab.rewards` (built-ins, a reward model, or the user's ow
 weight. Works with full fine-tuning, LoRA and QLoRA (`quantization.bits: 4`). With LoRA/QLoRA and `beta > 0`, the
 KL reference is the base model (TRL keeps a frozen copy of the freshly initialized adapter, no second model).
 
-Generation is GRPO's bottleneck. By default completions come from `model.generate` (batched, KV cache; all
-`num_generations` samples of a prompt in one batch). On a GPU machine with vLLM installed (`pip install vllm`), set
-`use_vllm: true`: TRL then runs vLLM inside the training process (`vllm_mode: colocate`, sharing the GPU, memory
-share `vllm_gpu_memory_utilization`) or talks to a separate `trl vllm-serve --model <base>` (`vllm_mode: server`).
+Generation is GRPO's bottleneck. `generation: tunelab` (default) samples through TRL's `rollout_func` hook with
+`model.generate` (one batch, KV cache, TRL's own sampling settings), with a LoRA adapter merged into float32 base
+weights for the duration: on CPU, where a decoding step costs mostly per-layer overhead, the adapter's extra matmuls
+are a large share of it (benchmarks/grpo_generation.py measures both paths). `generation: trl` uses TRL's path as is.
+On a GPU machine with vLLM installed (`pip install vllm`), set `use_vllm: true`: TRL then runs vLLM inside the
+training process (`vllm_mode: colocate`, sharing the GPU, memory share `vllm_gpu_memory_utilization`) or talks to a
+separate `trl vllm-serve --model <base>` (`vllm_mode: server`).
 
 Batch sizes count completions, not prompts: `training.batch_size x training.grad_accum` completions per optimizer
 step must be a multiple of `num_generations` (e.g. batch_size 8, num_generations 4 = 2 prompts per step).
@@ -17,6 +20,7 @@ step must be a multiple of `num_generations` (e.g. batch_size 8, num_generations
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -50,6 +54,9 @@ class Config(BaseModel):
     importance_sampling_level: Literal["token", "sequence"] = Field(
         "token", description="sequence = GSPO-style sequence-level ratios")
     mask_truncated_completions: bool = Field(False, description="leave completions cut at max length out of the loss")
+    generation: Literal["tunelab", "trl"] = Field(
+        "tunelab", description="who samples completions without vLLM: tunelab (adapter merged while generating) or "
+        "TRL's own generate path")
     use_vllm: bool = Field(False, description="generate with vLLM (GPU, vllm installed)")
     vllm_mode: Literal["colocate", "server"] = Field("colocate", description="vLLM in-process or a trl vllm-serve")
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="GPU share of colocated vLLM")
@@ -111,9 +118,60 @@ def build(cfg, opts: Config, model, tokenizer, data, args: dict):
     )
     return GRPOTrainer(
         model=model,
+        rollout_func=None if opts.use_vllm or opts.generation == "trl" else rollout,
         reward_funcs=funcs,
         args=grpo_args,
         train_dataset=Dataset.from_list(data.train),
         eval_dataset=Dataset.from_list(data.validation) if data.validation else None,
         processing_class=tokenizer,
     )
+
+
+@contextmanager
+def merged_adapter(model):
+    """A LoRA adapter folded into the base weights while generating, when that is exact enough to undo: float32,
+    unquantized base weights (unmerging bf16 weights would round them a little more every step)."""
+    import torch
+
+    base = getattr(model, "base_model", None)
+    mergeable = (hasattr(model, "merge_adapter") and not getattr(model.config, "quantization_config", None)
+                 and all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" not in n)
+                 and all(getattr(c, "peft_type", None) == "LORA" for c in getattr(model, "peft_config", {}).values())
+                 and base is not None)
+    if not mergeable:
+        yield model
+        return
+    with torch.no_grad():
+        model.merge_adapter()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            model.unmerge_adapter()
+
+
+def rollout(prompts: list, trainer) -> dict:
+    """TRL's rollout_func: completions for a generation batch (prompts already repeated num_generations times)."""
+    import torch
+
+    tok = trainer.processing_class
+    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True, **trainer.chat_template_kwargs)
+             if isinstance(p, list) else p for p in prompts]
+    prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+    width, pad = max(map(len, prompt_ids)), tok.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(x)) + x for x in prompt_ids], device=model.device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompt_ids], device=model.device)
+    was_training = model.training
+    model.eval()  # no dropout while sampling
+    try:
+        with merged_adapter(model), torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=trainer.generation_config)
+    finally:
+        model.train(was_training)
+    stops = set(trainer.eos_token_ids)
+    completion_ids = []
+    for row in out[:, width:].tolist():
+        end = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
+        completion_ids.append(row[:end])
+    return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
