@@ -126,3 +126,48 @@ def test_ppo_raises_toy_reward_with_bounded_kl(tmp_path, peaked_model, prompts, 
     final = Path(summary["final"])
     assert (final / "value_head.safetensors").is_file()
     assert (Path(summary["run"]) / "checkpoints" / "checkpoint-8" / "value_head.safetensors").is_file()
+
+
+def test_ppo_resume_is_exact(tmp_path, peaked_model, prompts):
+    """Stopped at step 2 and resumed, PPO continues exactly: policy, value head, optimizer and sampling RNG."""
+    from test_train import StopAt
+
+    method = {"name": "ppo", "rewards": [REWARD], "max_completion_length": 8, "ppo_epochs": 2, "num_mini_batches": 2}
+
+    def cfg(name):
+        return load_config(write_config(tmp_path, peaked_model, prompts, method, name=name, learning_rate=2e-3,
+                                        max_steps=4, save_steps=2))
+
+    full = run_training(cfg("full"), show_progress=False)
+    first = run_training(cfg("split"), callbacks=[StopAt(2)], show_progress=False)
+    run_dir = Path(first["run"])
+    (run_dir / "final").rename(run_dir / "final-half")  # as if the process had been interrupted
+    (run_dir / "summary.json").unlink()
+    second = run_training(cfg("split"), show_progress=False)
+    assert second["resumed_from"].endswith("checkpoint-2")
+    a = {r["step"]: (r["loss"], r["reward"]) for r in metrics(full) if "loss" in r}
+    b = {r["step"]: (r["loss"], r["reward"]) for r in metrics(second) if "loss" in r}
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-5), (step, a[step], b[step])
+
+
+@pytest.mark.e2e
+def test_grpo_gsm8k_embedded(tmp_path, embedded_model):
+    """GRPO on 32 bundled GSM8K questions with the embedded SmolLM2-135M (LoRA), the shipped CPU config shortened:
+    4 steps of 2 questions x 4 completions of at most 32 tokens, scored by its rewards; prints the mean reward per
+    step (a 135M model rarely solves GSM8K, so the numbers are reported, not asserted to rise)."""
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "gsm8k" / "grpo-cpu.yaml", [
+        f"output.dir={tmp_path}", "data.subset=32", "training.max_steps=4",
+        "method.max_completion_length=32", "training.save_steps=4"])
+    summary = run_training(cfg, show_progress=False)
+    assert summary["status"] == "complete" and summary["global_step"] == 4
+    logs = [r for r in metrics(summary) if "reward" in r]
+    for r in logs:
+        print(f"step {r['step']}: mean reward {r['reward']:.3f} (gsm8k_correct "
+              f"{r['rewards/gsm8k_correct/mean']:.3f}, format {r['rewards/format/mean']:.3f}), "
+              f"completion length {r['completions/mean_length']:.1f}")
+    assert len(logs) == 4
+    assert all(0.0 <= r["reward"] <= 1.2 for r in logs)
+    assert (Path(summary["final"]) / "adapter_config.json").is_file()

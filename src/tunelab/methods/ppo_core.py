@@ -189,6 +189,9 @@ class PPOTrainer(Trainer):
         batch = self.rollout(model, inputs)
         n = len(inputs)
         size = n // o.num_mini_batches
+        # The Trainer zeroes and clips the policy's gradients only: the value head's are handled here, clipped on
+        # their own so that every update (stepped here or by the Trainer) treats both parts alike.
+        self.value_head.zero_grad(set_to_none=True)
         updates, total = o.ppo_epochs * o.num_mini_batches, 0.0
         for epoch in range(o.ppo_epochs):
             perm = torch.randperm(n).to(batch["ids"].device)  # a fresh mini-batch split every epoch
@@ -199,10 +202,11 @@ class PPOTrainer(Trainer):
                     loss = self.ppo_loss(model, mb)
                 self.accelerator.backward(loss)
                 total += loss.item()
+                if self.args.max_grad_norm:
+                    self.accelerator.clip_grad_norm_(self.value_head.parameters(), self.args.max_grad_norm)
                 if (epoch, k) != (o.ppo_epochs - 1, o.num_mini_batches - 1):  # the Trainer steps after the last
                     if self.args.max_grad_norm:
-                        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                        self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+                        self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad()
         return torch.tensor(total / updates, device=self.args.device)
