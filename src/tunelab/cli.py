@@ -58,6 +58,12 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
         A("--dry-run", action="store_true", help="check the sweep and list its trials; train nothing"),
         A("--overwrite", action="store_true", help="delete the sweep's trials and study and start over"),
     ]),
+    "estimate": ("tunelab.estimate:main", "predict a run's peak memory (by part), FLOPs and time before loading it", [
+        A("config", help="path to a YAML config (see configs/)"), OVERRIDES,
+        A("--device", default="cpu", choices=["cpu", "h100", "a100", "4090", "t4"], help="device to estimate for"),
+        A("--budget-gb", type=float, default=None, help="memory budget (default: the GPU's memory)"),
+        A("--json", action="store_true", help="print the estimate as JSON"),
+    ]),
     "quickstart": ("tunelab.quickstart:main", "fine-tune the embedded model on bundled GSM8K and show before/after", [
         A("--config", default=None, help="config to use (default: configs/quickstart.yaml, or the packaged copy)"),
         OVERRIDES,

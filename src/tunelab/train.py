@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunelab import runs
+from tunelab import estimate, runs
 from tunelab.config import RunConfig, load_config
 from tunelab.errors import UserError
 
@@ -177,6 +177,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
     tokenizer = models.load_tokenizer(cfg.model.source, cfg.model.revision, cfg.model.trust_remote_code,
                                       cfg.model.chat_template)
     data = prepare_data(cfg, method.KIND, tokenizer)
+    est = estimate.for_run(cfg, data.train, echo)  # before the weights load; compared with the peak in summary.json
     task = getattr(method, "TASK", "CAUSAL_LM")  # a method may train another head (reward: SEQ_CLS)
     model = models.load_model(cfg, precision=precision, full_finetune=cfg.adapter.type == "none", task=task)
     if hasattr(method, "prepare_model"):  # a method may reshape the model first (distill: a smaller student)
@@ -217,6 +218,9 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
         "trainable_params": trainable, "total_params": total, "data": data.stats,
         "resumed_from": str(run.resume_from) if run.resume_from else None,
     }
+    if est is not None:
+        summary["memory_estimate"] = {**est.to_dict(), "measured_peak_mb": summary["peak_memory_mb"],
+                                      "measured_over_estimate": round(summary["peak_memory_mb"] / est.total_mb, 3)}
     losses = [r["loss"] for r in runs.read_metrics(run.dir) if "loss" in r]
     if losses:
         summary["first_loss"], summary["last_loss"] = losses[0], losses[-1]

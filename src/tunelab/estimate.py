@@ -1,0 +1,323 @@
+"""`tunelab estimate`: a run's peak memory and time, predicted before any weights load.
+
+The architecture comes from config.json alone: transformers builds the model on the `meta` device (shapes, no
+storage), which gives exact parameter counts and the linear layers an adapter attaches to for any architecture.
+Memory is the sum of parts, each a plain formula below:
+
+  weights      parameters x bytes of the dtype the run loads them in (4-bit/8-bit layers for QLoRA/8-bit)
+  adapter      trainable adapter parameters (float32)
+  gradients    one float32 value per trainable parameter
+  optimizer    bytes per trainable parameter by optimizer (AdamW 8, 8-bit AdamW 2, SGD 0)
+  activations  tensors the backward pass keeps, per token and layer, times the largest batch (batch x longest sample);
+               with gradient checkpointing only each layer's input is kept, plus one layer recomputed
+  autocast     on CPU the base stays float32 and bf16 autocast keeps a bf16 copy of every matmul weight for backward
+  loss         logits of the positions the loss scores
+  kv_cache     GRPO: keys and values of a generation batch
+  runtime      CPU: the process' own resident memory before the model loads (Python, torch, the tokenized data), since
+               the run's peak is measured as the process high-water mark; GPU: 0 (the allocator peak excludes it)
+
+The per-token activation coefficients were measured with `torch.autograd.graph.saved_tensors_hooks` on SmolLM2-135M
+(Llama layout) on CPU: bf16 autocast over float32 weights keeps ~5.5 bytes per element of the linear layers' inputs
+(6·hidden + intermediate per token and layer), LoRA dropout adds ~4 more (its float32 output), and a float32 or bf16
+model keeps ~8 and ~4. GPU figures use the same layout with bf16 activations and are unverified until a GPU run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+from tunelab.errors import UserError
+
+GB = 2**30
+MB = 2**20
+
+# Dense bf16 (T4: fp16) tensor throughput from the vendors' data sheets, memory in GiB, and the share of peak a
+# LoRA/SFT step reaches (model FLOPs utilization). CPU: the bf16 matmul rate measured on the 2-core AVX512-BF16/AMX
+# development machine (~250 GFLOP/s), and the share the tunelab CPU path reached of it.
+DEVICES = {
+    "cpu": {"flops": 250e9, "memory_gb": None, "mfu": 0.6, "bf16": True},
+    "h100": {"flops": 989e12, "memory_gb": 80, "mfu": 0.4, "bf16": True},
+    "a100": {"flops": 312e12, "memory_gb": 80, "mfu": 0.4, "bf16": True},
+    "4090": {"flops": 165e12, "memory_gb": 24, "mfu": 0.4, "bf16": True},
+    "t4": {"flops": 65e12, "memory_gb": 16, "mfu": 0.3, "bf16": False},
+}
+
+# Optimizer state bytes per trainable parameter (TrainingArguments `optim` names).
+OPTIMIZER_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "adamw_hf": 8, "adamw_apex_fused": 8, "adamw_8bit": 2,
+                   "paged_adamw_8bit": 2, "adamw_bnb_8bit": 2, "paged_adamw_32bit": 8, "lion_8bit": 1,
+                   "lion_32bit": 4, "paged_lion_8bit": 1, "paged_lion_32bit": 4, "sgd": 0, "adafactor": 4,
+                   "adagrad": 4, "rmsprop": 4}
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class Estimate:
+    device: str
+    weight_dtype: str
+    params: int
+    trainable: int
+    tokens_per_step: float
+    peak_tokens: int
+    memory_mb: dict = field(default_factory=dict)
+    flops_per_step: float = 0.0
+    seconds_per_step: float = 0.0
+    steps: int | None = None
+    budget_gb: float | None = None
+
+    @property
+    def total_mb(self) -> float:
+        return sum(self.memory_mb.values())
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.budget_gb is None else self.total_mb <= self.budget_gb * 1024
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["memory_mb"] = {k: round(v, 1) for k, v in self.memory_mb.items()}
+        d.update(total_mb=round(self.total_mb, 1), fits=self.fits)
+        return d
+
+    def report(self) -> str:
+        parts = ", ".join(f"{k} {v:,.0f}" for k, v in self.memory_mb.items() if v >= 0.5)
+        lines = [f"estimate ({self.device}): peak memory {self.total_mb:,.0f} MB = {parts} (MB)",
+                 f"  {self.params / 1e6:.1f}M params in {self.weight_dtype}, {self.trainable / 1e6:.2f}M trainable; "
+                 f"largest batch {self.peak_tokens} tokens; {self.flops_per_step / 1e12:.2f} TFLOP per step, "
+                 f"~{self.seconds_per_step:.1f} s per step" +
+                 (f", ~{self.steps * self.seconds_per_step / 60:.0f} min for {self.steps} steps" if self.steps else "")]
+        if self.budget_gb is not None:
+            verdict = "fits" if self.fits else "does NOT fit"
+            lines.append(f"  {verdict} in {self.budget_gb:g} GB")
+        return "\n".join(lines)
+
+
+def config_json(source: str, revision=None, trust_remote_code: bool = False):
+    """The model's transformers config, read without loading weights (a hub id needs the network)."""
+    from transformers import AutoConfig
+
+    from tunelab.models import resolve_source
+
+    try:
+        return AutoConfig.from_pretrained(resolve_source(source), revision=revision,
+                                          trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read the config of model '{source}': {str(e).splitlines()[0]}") from None
+
+
+def architecture(mcfg) -> dict:
+    """Parameter counts and linear layers of a model config, from a storage-less (`meta`) instance."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(mcfg)
+    out_emb = model.get_output_embeddings()
+    linears = [(name, m.in_features, m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and m is not out_emb]
+    text = mcfg.get_text_config()
+    hidden = text.hidden_size
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "linear_params": sum(i * o for _, i, o in linears),
+        "linears": linears,
+        "head_params": out_emb.weight.numel() if out_emb is not None else 0,
+        "layers": text.num_hidden_layers, "hidden": hidden, "heads": heads, "head_dim": head_dim,
+        "kv_heads": getattr(text, "num_key_value_heads", None) or heads,
+        "intermediate": getattr(text, "intermediate_size", None) or 4 * hidden,
+        "vocab": text.vocab_size,
+    }
+
+
+def adapter_params(cfg, arch: dict) -> int:
+    """Trainable parameters of the configured adapter (LoRA/DoRA: r x (in + out) per targeted linear layer)."""
+    a = cfg.adapter
+    if a.type == "none":
+        return arch["params"]
+    if a.type in ("lora", "dora"):
+        targets = a.target_modules
+        chosen = [(i, o) for name, i, o in arch["linears"]
+                  if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets]
+        return sum(a.r * (i + o) + (o if a.type == "dora" else 0) for i, o in chosen)
+    if a.type in ("prefix", "prompt", "ptuning"):
+        per_token = arch["hidden"] * (2 * arch["layers"] if a.type == "prefix" else 1)
+        return a.num_virtual_tokens * per_token
+    return sum(o for _, _, o in arch["linears"])  # IA3: one scale per output feature
+
+
+def weight_dtype(cfg, gpu: bool, precision: str) -> str:
+    """The dtype `models.load_model` loads the base in (see its docstring for why)."""
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    if cfg.adapter.type == "none" or precision == "fp32" or not gpu:
+        return "float32"
+    return "bfloat16" if precision == "bf16" else "float16"
+
+
+def runtime_mb() -> float:
+    """This process' resident memory now (Linux /proc; else the high-water mark)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MB
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_tokens: float | None = None,
+             max_tokens: int | None = None, trained_fraction: float = 0.5, num_samples: int | None = None,
+             baseline_mb: float | None = None, arch: dict | None = None, lean_loss: bool | None = None) -> Estimate:
+    """Predict peak memory (MB, by part) and step time of `cfg` on `device`.
+
+    mean_tokens / max_tokens: token length statistics of the training samples (default: data.max_length);
+    trained_fraction: share of tokens with a loss; baseline_mb: the runtime's own memory (CPU; default: this process).
+    """
+    if device not in DEVICES:
+        raise UserError(f"unknown device '{device}'; known: {', '.join(DEVICES)}")
+    dev = DEVICES[device]
+    gpu = device != "cpu"
+    if arch is None:
+        arch = architecture(config_json(cfg.model.source, cfg.model.revision, cfg.model.trust_remote_code))
+    t, q = cfg.training, cfg.quantization
+    precision = t.precision
+    if precision == "auto":
+        precision = "bf16" if dev["bf16"] else ("fp16" if gpu else "fp32")
+    wdtype = weight_dtype(cfg, gpu, precision)
+    wbytes = DTYPE_BYTES[wdtype]
+    full = cfg.adapter.type == "none"
+    if lean_loss is None:
+        lean_loss = not gpu
+
+    # weights
+    n, n_lin = arch["params"], arch["linear_params"]
+    if q.bits == 4:  # packed 4-bit + block constants (64 per block; double quant stores them in 8 bits)
+        qbytes = 0.5 + (1 / 64 + 4 / (64 * 256) if q.double_quant else 4 / 64)
+        # prepare_model_for_kbit_training casts the layers left unquantized (embeddings, norms, head) to float32
+        weights = n_lin * qbytes + (n - n_lin) * 4
+    elif q.bits == 8:
+        weights = n_lin * 1 + (n - n_lin) * 4
+    else:
+        weights = n * wbytes
+    trainable = adapter_params(cfg, arch)
+    adapter = 0 if full else trainable * 4
+    grads = trainable * 4
+    opt = trainable * OPTIMIZER_BYTES.get(t.optimizer, 8)
+
+    # activations of the largest batch
+    L, h, inter = arch["layers"], arch["hidden"], arch["intermediate"]
+    max_len = min(max_tokens or cfg.data.max_length, cfg.data.max_length)
+    mean_len = min(mean_tokens or max_len, max_len)
+    peak_tokens = t.batch_size * max_len
+    autocast = not gpu and wdtype == "float32" and precision in ("bf16", "fp16")
+    per_elem = 5.5 if autocast else (8.0 if precision == "fp32" else 4.0)
+    if cfg.adapter.type in ("lora", "dora") and cfg.adapter.dropout > 0:
+        per_elem += 4.0 if (autocast or precision == "fp32") else 2.0
+    per_token_layer = per_elem * (6 * h + inter)
+    if t.gradient_checkpointing:  # each layer's input kept, one layer's activations alive during recompute
+        act = peak_tokens * (L * h * (4 if autocast or precision == "fp32" else 2) + per_token_layer)
+    else:
+        act = peak_tokens * L * per_token_layer
+    autocast_copies = n_lin * 2 + (arch["head_params"] * 2 if lean_loss else 0) if autocast else 0
+    scored = peak_tokens * (trained_fraction if lean_loss else 1.0)
+    if lean_loss:  # bf16/float logits, their float32 copy, and softmax/gradient of the same size
+        loss = scored * arch["vocab"] * (2 + 4 + 4)
+    else:  # TRL's chunked head: a chunk of logits at a time
+        loss = min(scored, 4096) * arch["vocab"] * 8
+
+    memory = {"runtime": 0.0, "weights": weights / MB, "adapter": adapter / MB, "gradients": grads / MB,
+              "optimizer": opt / MB, "activations": act / MB, "autocast": autocast_copies / MB, "loss": loss / MB}
+    if cfg.method.name == "grpo":
+        o = cfg.method.options()
+        gens = o.get("num_generations", 4) * t.batch_size
+        seq = cfg.data.max_length + o.get("max_completion_length", 256)
+        memory["kv_cache"] = gens * seq * L * 2 * arch["kv_heads"] * arch["head_dim"] * (2 if gpu else 4) / MB
+    if not gpu:
+        memory["runtime"] = runtime_mb() if baseline_mb is None else baseline_mb
+
+    # FLOPs: forward 2 per parameter per token plus attention (QK^T and AV over the mean length); backward doubles the
+    # forward for a full fine-tune, and with a frozen base needs only input gradients (~1x forward, attention 2x)
+    attn = 4 * L * mean_len * arch["heads"] * arch["head_dim"]
+    fwd = 2 * n + attn
+    bwd = 2 * fwd if full else (2 * n + 2 * attn + 4 * trainable)
+    if t.gradient_checkpointing:
+        bwd += fwd
+    tokens_per_step = t.batch_size * t.grad_accum * mean_len
+    flops = tokens_per_step * (fwd + bwd)
+    seconds = flops / (dev["flops"] * dev["mfu"])
+    steps = t.max_steps if t.max_steps > 0 else (
+        int(t.epochs * num_samples / (t.batch_size * t.grad_accum) + 0.999) if num_samples else None)
+    if budget_gb is None and dev["memory_gb"]:
+        budget_gb = dev["memory_gb"]
+    return Estimate(device=device, weight_dtype=f"{wdtype}" + (f" + {q.bits}-bit linear" if q.bits else ""),
+                    params=n, trainable=trainable, tokens_per_step=tokens_per_step, peak_tokens=peak_tokens,
+                    memory_mb=memory, flops_per_step=flops, seconds_per_step=seconds, steps=steps,
+                    budget_gb=budget_gb)
+
+
+def local_device() -> str:
+    """The DEVICES entry for the machine this process runs on (an unknown GPU is treated as an A100)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name().lower()
+    return next((d for d in DEVICES if d != "cpu" and d in name), "a100")
+
+
+def for_run(cfg, rows: list[dict], echo=print):
+    """The estimate `tunelab train` prints at start, from the prepared rows; None (with a note) when the architecture
+    cannot be built on the meta device: the estimate is advice and never stops a run."""
+    from tunelab.methods import method_module
+
+    method = method_module(cfg.method.name)
+    stats = stats_of(rows) if rows and "input_ids" in rows[0] else {}
+    lean = getattr(method, "use_lean_loss", None)
+    try:
+        est = estimate(cfg, local_device(), **stats,
+                       lean_loss=lean(cfg.method_options()) if lean else False)
+    except Exception as e:  # noqa: BLE001  (any failure to model an architecture must not block training)
+        echo(f"estimate: not available for this model ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        return None
+    echo(est.report())
+    return est
+
+
+def data_stats(cfg, tokenizer) -> dict:
+    """Token length statistics of the training rows (tokenized through the data cache) for a conversation method."""
+    from tunelab.data.build import prepare_sft
+
+    train, _, _ = prepare_sft(cfg.data, tokenizer)
+    return stats_of(train)
+
+
+def stats_of(rows: list[dict]) -> dict:
+    lengths = [len(r["input_ids"]) for r in rows]
+    total = sum(lengths)
+    trained = sum(sum(1 for x in r["labels"] if x != -100) for r in rows if "labels" in r)
+    return {"mean_tokens": total / max(len(lengths), 1), "max_tokens": max(lengths, default=0),
+            "trained_fraction": trained / total if total and trained else 0.5, "num_samples": len(rows)}
+
+
+def main(args) -> int:
+    import json
+
+    from tunelab.config import load_config
+    from tunelab.methods import method_module
+
+    cfg = load_config(args.config, args.overrides)
+    stats = {}
+    if method_module(cfg.method.name).KIND == "conversation":
+        from tunelab.models import load_tokenizer
+
+        try:
+            stats = data_stats(cfg, load_tokenizer(cfg.model.source, cfg.model.revision, cfg.model.trust_remote_code,
+                                                   cfg.model.chat_template))
+        except UserError as e:
+            print(f"note: token lengths not measured ({e}); using data.max_length")
+    est = estimate(cfg, args.device, args.budget_gb, **stats)
+    print(json.dumps(est.to_dict(), indent=2) if args.json else est.report())
+    return 0 if est.fits is not False else 1

@@ -1,0 +1,108 @@
+"""`tunelab estimate`: components by hand on the tiny test model, and the estimate against measured runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tunelab.config import load_config
+from tunelab.errors import UserError
+from tunelab.estimate import architecture, config_json, estimate
+
+from test_train import make_config
+
+MB = 2**20
+# tests/conftest.py's tiny Llama: vocab 49152 (SmolLM2's tokenizer), hidden 64, intermediate 128, 2 layers, 4 heads,
+# 2 key/value heads (head_dim 16), tied embeddings.
+V, H, I, L = 49152, 64, 128, 2
+LAYER = H * H + 2 * H * 32 + H * H + 3 * H * I + 2 * H  # q, k, v, o, gate/up/down, two norms
+PARAMS = V * H + L * LAYER + H  # + final norm; the head is tied to the embeddings
+LORA8 = L * 8 * ((H + H) + 2 * (H + 32) + (H + H) + 2 * (H + I) + (I + H))  # r * (in + out) per projection
+
+
+def _cfg(tmp_path, tiny_model, **sections):
+    return load_config(make_config(tmp_path, tiny_model, "unused.jsonl", **sections))
+
+
+def test_architecture_counts(tiny_model):
+    arch = architecture(config_json(tiny_model))
+    assert arch["params"] == PARAMS == 3_219_776
+    assert arch["linear_params"] == L * (LAYER - 2 * H)
+    assert (arch["layers"], arch["hidden"], arch["intermediate"], arch["vocab"]) == (L, H, I, V)
+
+
+def test_lora_fp32_components(tmp_path, tiny_model):
+    cfg = _cfg(tmp_path, tiny_model)  # LoRA r=8, no dropout, batch 4, fp32, data.max_length 128, AdamW
+    est = estimate(cfg, "cpu", mean_tokens=50, max_tokens=100, trained_fraction=0.5, baseline_mb=0)
+    m = est.memory_mb
+    assert est.trainable == LORA8 == 16_384
+    assert m["weights"] == pytest.approx(PARAMS * 4 / MB)
+    assert m["adapter"] == m["gradients"] == pytest.approx(LORA8 * 4 / MB)
+    assert m["optimizer"] == pytest.approx(LORA8 * 8 / MB)
+    tokens = 4 * 100  # the largest batch: batch size x the longest sample
+    assert est.peak_tokens == tokens
+    assert m["activations"] == pytest.approx(tokens * L * 8 * (6 * H + I) / MB)  # fp32 keeps ~8 B per element
+    assert m["autocast"] == 0  # fp32: no bf16 weight copies
+    assert m["loss"] == pytest.approx(tokens * 0.5 * V * 10 / MB)  # lean loss scores the trained half
+    assert est.total_mb == pytest.approx(sum(m.values()))
+    # FLOPs: 4 samples x 50 tokens; forward 2N + attention, frozen-base backward 2N + 2 x attention + adapter grads
+    attn = 4 * L * 50 * 4 * 16
+    assert est.flops_per_step == pytest.approx(200 * ((2 * PARAMS + attn) + (2 * PARAMS + 2 * attn + 4 * LORA8)))
+    assert est.seconds_per_step == pytest.approx(est.flops_per_step / (250e9 * 0.6))
+
+
+def test_full_finetune_qlora_checkpointing_and_budget(tmp_path, tiny_model):
+    full = estimate(_cfg(tmp_path, tiny_model, adapter={"type": "none"}), "h100", max_tokens=100, baseline_mb=0)
+    assert full.trainable == PARAMS and full.memory_mb["adapter"] == 0
+    assert full.memory_mb["weights"] == pytest.approx(PARAMS * 4 / MB)  # full fine-tuning keeps float32 masters
+    assert full.memory_mb["optimizer"] == pytest.approx(PARAMS * 8 / MB)
+    assert full.budget_gb == 80 and full.fits
+
+    q = estimate(_cfg(tmp_path, tiny_model, quantization={"bits": 4}, training={"precision": "bf16"}), "4090",
+                 max_tokens=100)
+    lin = L * (LAYER - 2 * H)
+    assert q.memory_mb["weights"] == pytest.approx((lin * (0.5 + 1 / 64 + 4 / (64 * 256)) + (PARAMS - lin) * 4) / MB)
+    assert "runtime" not in q.memory_mb or q.memory_mb["runtime"] == 0  # GPU: the allocator peak has no runtime
+
+    plain = estimate(_cfg(tmp_path, tiny_model), "cpu", max_tokens=100, baseline_mb=0)
+    ckpt = estimate(_cfg(tmp_path, tiny_model, training={"gradient_checkpointing": True}), "cpu", max_tokens=100,
+                    baseline_mb=0)
+    assert ckpt.memory_mb["activations"] == pytest.approx(400 * (L * H * 4 + 8 * (6 * H + I)) / MB)
+    assert ckpt.memory_mb["activations"] < plain.memory_mb["activations"]
+    assert ckpt.flops_per_step > plain.flops_per_step  # the forward runs twice
+
+    small = estimate(_cfg(tmp_path, tiny_model), "cpu", budget_gb=0.001, max_tokens=100, baseline_mb=0)
+    assert small.fits is False and "does NOT fit" in small.report()
+
+
+def test_grpo_kv_cache(tmp_path, tiny_model):
+    cfg = _cfg(tmp_path, tiny_model, method={"name": "grpo", "num_generations": 4, "max_completion_length": 64})
+    est = estimate(cfg, "h100", max_tokens=100, baseline_mb=0)
+    # 4 prompts x 4 generations x (128 prompt + 64 completion) tokens x 2 layers x (K, V) x 2 heads x 16 x bf16
+    assert est.memory_mb["kv_cache"] == pytest.approx(16 * 192 * L * 2 * 2 * 16 * 2 / MB)
+
+
+def test_unknown_device(tmp_path, tiny_model):
+    with pytest.raises(UserError, match="unknown device"):
+        estimate(_cfg(tmp_path, tiny_model), "tpu")
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("lora-fp32", ["training.batch_size=8"]),
+    ("full-bf16", ["adapter.type=none", "training.precision=bf16", "training.batch_size=8"]),
+])
+def test_estimate_matches_measured_peak(tmp_path, tiny_model, tiny_chat_data, name, overrides):
+    """Each run in its own process, so the measured peak (resident high-water mark) belongs to that run alone."""
+    path = make_config(tmp_path, tiny_model, tiny_chat_data, name=name, training={"max_steps": 3, "save_steps": 100})
+    out = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path), *overrides],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "estimate (cpu): peak memory" in out.stdout
+    summary = json.loads((tmp_path / "runs" / name / "summary.json").read_text())
+    m = summary["memory_estimate"]
+    assert m["measured_peak_mb"] == summary["peak_memory_mb"]
+    assert 0.8 <= m["measured_over_estimate"] <= 1.2, m
