@@ -177,6 +177,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
     tokenizer = models.load_tokenizer(cfg.model.source, cfg.model.revision, cfg.model.trust_remote_code,
                                       cfg.model.chat_template)
     data = prepare_data(cfg, method.KIND, tokenizer)
+    if hasattr(method, "check"):
+        method.check(cfg, opts, data)  # the method's own refusals, before the model loads or the run dir is written
     est = estimate.for_run(cfg, data.train, echo)  # before the weights load; compared with the peak in summary.json
     task = getattr(method, "TASK", "CAUSAL_LM")  # a method may train another head (reward: SEQ_CLS)
     model = models.load_model(cfg, precision=precision, full_finetune=cfg.adapter.type == "none", task=task)

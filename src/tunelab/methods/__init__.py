@@ -5,6 +5,7 @@
     build(cfg, model, tokenizer, data, args) -> a transformers Trainer (or an object with .train())
     TASK     optional: the PEFT task type of the model to load, default "CAUSAL_LM" ("SEQ_CLS": a reward model)
     MERGE_FINAL  optional: True saves final/ with the adapter merged in (a model plain transformers loads)
+    check(cfg, opts, data)  optional: refusals (UserError) that need the config and data, before anything is written
 
 Adding a method = one module here, one line in METHODS, one YAML in configs/, one test.
 """

@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunelab.errors import UserError
+
 KIND = "preference"
 
 LossType = Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
@@ -53,7 +55,7 @@ def use_disabled_adapter_as_reference(trainer, cfg) -> None:
 
     Given a PeftModel, TRL adds a frozen "ref" copy of the adapter to serve as the reference (meant for re-training an
     adapter that already learned something). Ours is always fresh, and a fresh LoRA/DoRA/IA3 adapter is the identity,
-    so that copy only equals the base model while costing memory, compute and a duplicate `ref/` adapter in every
+    so that copy only equals the base model while costing memory and a duplicate `ref/` adapter in every
     checkpoint and in final/. TRL switches all adapters off for the reference when no "ref" adapter exists.
     Prompt-learning adapters (prefix, prompt, P-tuning) change the output from the start: for them the frozen copy is
     the true starting point, so it stays.
@@ -78,15 +80,17 @@ def dataset(rows):
     return Dataset.from_list(rows) if rows else None
 
 
+def check(cfg, opts: Config, data) -> None:
+    losses = opts.loss_type if isinstance(opts.loss_type, list) else [opts.loss_type]
+    if opts.loss_weights is not None and len(opts.loss_weights) != len(losses):
+        raise UserError(f"method.loss_weights has {len(opts.loss_weights)} weights for {len(losses)} loss types "
+                        f"({', '.join(losses)}); give one weight per loss type")
+
+
 def build(cfg, opts: Config, model, tokenizer, data, args: dict):
     from trl import DPOConfig, DPOTrainer
 
     losses = opts.loss_type if isinstance(opts.loss_type, list) else [opts.loss_type]
-    if opts.loss_weights is not None and len(opts.loss_weights) != len(losses):
-        from tunelab.errors import UserError
-
-        raise UserError(f"method.loss_weights has {len(opts.loss_weights)} weights for {len(losses)} loss types "
-                        f"({', '.join(losses)}); give one weight per loss type")
     dpo_args = DPOConfig(
         **pairwise_sampling(args),
         max_length=cfg.data.max_length,

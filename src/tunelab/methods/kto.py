@@ -11,6 +11,7 @@ The reference costs no second copy of the weights, as in DPO (see methods/dpo.py
 
 from __future__ import annotations
 
+import random
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,20 +36,32 @@ class Config(BaseModel):
         None, description="None = on for full fine-tuning (no second model in memory), off with an adapter")
 
 
-def build(cfg, opts: Config, model, tokenizer, data, args: dict):
-    from trl import KTOConfig, KTOTrainer
+def apart(rows: list[dict], seed: int) -> list[dict]:
+    """Rows in a seeded random order. The KL baseline scores each prompt with its batch neighbour's completion, meant
+    to be unrelated; a preference pair arrives as its desirable and undesirable halves side by side, which would pair
+    half the prompts with their own other reply."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    return rows
 
+
+def check(cfg, opts: Config, data) -> None:
     labels = {row["label"] for row in data.train}
     if labels != {True, False} and opts.loss_type == "kto":
         kind = "desirable" if True in labels else "undesirable"
         raise UserError(f"KTO needs both desirable and undesirable examples, but every training example is {kind}; "
                         "add examples with the other label (or use preference pairs)")
-    if opts.loss_type == "kto" and args["per_device_train_batch_size"] < 2:
+    if opts.loss_type == "kto" and cfg.training.batch_size < 2:
         raise UserError("KTO estimates its KL baseline from mismatched pairs within a batch: set "
                         "training.batch_size to 2 or more")
+
+
+def build(cfg, opts: Config, model, tokenizer, data, args: dict):
+    from trl import KTOConfig, KTOTrainer
+
     kto_args = KTOConfig(
         # the KL baseline pairs each example with its neighbour in a fixed-order batch, so batches must not be shuffled
-        # or regrouped (TRL refuses other samplers); the data layer has already shuffled the rows with data.seed
+        # or regrouped (TRL refuses other samplers); `apart` has already put the rows in a seeded random order
         **{**args, "train_sampling_strategy": "sequential" if opts.loss_type == "kto" else "random"},
         max_length=cfg.data.max_length,
         beta=opts.beta,
@@ -61,8 +74,8 @@ def build(cfg, opts: Config, model, tokenizer, data, args: dict):
         model=model,
         ref_model=None,
         args=kto_args,
-        train_dataset=dataset(data.train),
-        eval_dataset=dataset(data.validation),
+        train_dataset=dataset(apart(data.train, cfg.data.seed)),
+        eval_dataset=dataset(apart(data.validation, cfg.data.seed)),
         processing_class=tokenizer,
     )
     use_disabled_adapter_as_reference(trainer, cfg)
