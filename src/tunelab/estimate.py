@@ -85,12 +85,18 @@ class Estimate:
         lines = [f"estimate ({self.device}): peak memory {self.total_mb:,.0f} MB = {parts} (MB)",
                  f"  {self.params / 1e6:.1f}M params in {self.weight_dtype}, {self.trainable / 1e6:.2f}M trainable; "
                  f"largest batch {self.peak_tokens} tokens; {self.flops_per_step / 1e12:.2f} TFLOP per step, "
-                 f"~{self.seconds_per_step:.1f} s per step" +
-                 (f", ~{self.steps * self.seconds_per_step / 60:.0f} min for {self.steps} steps" if self.steps else "")]
+                 f"~{_duration(self.seconds_per_step)} per step" +
+                 (f", ~{_duration(self.steps * self.seconds_per_step)} for {self.steps} steps" if self.steps else "")]
         if self.budget_gb is not None:
             verdict = "fits" if self.fits else "does NOT fit"
             lines.append(f"  {verdict} in {self.budget_gb:g} GB")
         return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def config_json(source: str, revision=None, trust_remote_code: bool = False):
