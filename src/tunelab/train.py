@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunelab import estimate, runs
+from tunelab import estimate, runs, tracking
 from tunelab.config import RunConfig, load_config
 from tunelab.errors import UserError
 
@@ -167,6 +167,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
     method = method_module(cfg.method.name)
     opts = cfg.method_options()
     eval_args = evaluation_settings(cfg)  # config mistakes surface before the run directory is touched
+    tracking.check(cfg.training.report_to)
     run = runs.open_run(cfg, overwrite=overwrite)
     if run.complete:
         echo(f"run {run.dir} is already complete (final model in {run.dir / 'final'}); --overwrite retrains it")
@@ -196,19 +197,21 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
          f"adapter: {cfg.adapter.type}, quantization: {cfg.quantization.bits or 'none'}, precision: {precision}")
 
     args = {**training_arguments(cfg, run, precision), **eval_args}
-    trainer = method.build(cfg, opts, model, tokenizer, data, args, **extra)
-    trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress line instead
-    stop = runs.GracefulStop()
-    # order matters: the task metric joins an evaluation's log entry before MetricsLog writes it to metrics.jsonl
-    before, after = evaluation_callbacks(cfg, run, tokenizer)
-    for cb in (runs.AtomicCheckpoints(run, cfg.training.save_total_limit), stop, *before,
-               runs.MetricsLog(run, show_progress=show_progress), *after, *callbacks):
-        trainer.add_callback(cb)
-    if run.resume_from:
-        echo(f"resuming from {run.resume_from}")
-    t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
-    elapsed = time.time() - t0
+    # trackers (tensorboard / wandb / mlflow) write offline into the run directory, not into .staging/
+    with tracking.environment(cfg, run.dir):
+        trainer = method.build(cfg, opts, model, tokenizer, data, args, **extra)
+        trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress line instead
+        stop = runs.GracefulStop()
+        # order matters: the task metric joins an evaluation's log entry before MetricsLog writes it to metrics.jsonl
+        before, after = evaluation_callbacks(cfg, run, tokenizer)
+        for cb in (runs.AtomicCheckpoints(run, cfg.training.save_total_limit), stop, *before,
+                   runs.MetricsLog(run, show_progress=show_progress), *after, *callbacks):
+            trainer.add_callback(cb)
+        if run.resume_from:
+            echo(f"resuming from {run.resume_from}")
+        t0 = time.time()
+        result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+        elapsed = time.time() - t0
 
     summary = {
         "run": str(run.dir), "method": cfg.method.name, "base_model": cfg.model.source,
