@@ -104,9 +104,15 @@ def test_grpo_refuses_bad_batch_and_reward(tmp_path, peaked_model, prompts):
     path = write_config(tmp_path, peaked_model, prompts, {"name": "grpo", "num_generations": 3, "rewards": [REWARD]})
     with pytest.raises(UserError, match="multiple of method.num_generations"):
         run_training(load_config(path), show_progress=False)
+    assert not (tmp_path / "runs").exists()  # refused before the run directory is written
     path = write_config(tmp_path, peaked_model, prompts, {"name": "grpo", "rewards": ["gsm8k_corect"]}, name="r2")
     with pytest.raises(UserError, match="did you mean 'gsm8k_correct'"):
         run_training(load_config(path), show_progress=False)
+    bad_rm = {"name": "ppo", "rewards": [{"name": "reward_model", "path": str(tmp_path / "nowhere")}]}
+    with pytest.raises(UserError, match="not a model directory"):
+        run_training(load_config(write_config(tmp_path, peaked_model, prompts, bad_rm, name="r4")),
+                     show_progress=False)
+    assert not (tmp_path / "runs").exists()
     with pytest.raises(UserError, match="num_genrations"):
         load_config(write_config(tmp_path, peaked_model, prompts, {"name": "grpo", "num_genrations": 4}, name="r3"))
 

@@ -47,14 +47,16 @@ class Config(BaseModel):
     teacher_temperature: float = Field(0.0, ge=0, description="sequence mode: 0 = greedy teacher answers")
 
 
+def check(cfg, opts: Config, data) -> None:
+    """Mistakes found before the model loads or the run directory is written."""
+    if opts.student_layers is None and opts.teacher is None:
+        raise UserError("distill: set method.teacher (the model to learn from) or method.student_layers (a smaller "
+                        "student made from model.source, which is then the teacher)")
+
+
 def prepare_model(cfg, opts: Config, model):
     """Shrink the loaded model into the student (before adapters attach) when `student_layers` is set."""
-    if opts.student_layers is None:
-        if opts.teacher is None:
-            raise UserError("distill: set method.teacher (the model to learn from) or method.student_layers (a smaller "
-                            "student made from model.source, which is then the teacher)")
-        return model
-    return keep_layers(model, opts.student_layers)
+    return model if opts.student_layers is None else keep_layers(model, opts.student_layers)
 
 
 def keep_layers(model, n: int):

@@ -63,24 +63,43 @@ class Config(BaseModel):
     log_completions: bool = Field(False, description="print a sample of completions with their rewards")
 
 
-def check_batch(cfg, opts: Config) -> None:
+def check(cfg, opts: Config, data) -> None:
+    """Mistakes found before the model loads or the run directory is written."""
+    if not data.train:
+        raise UserError("grpo: no training prompts")
     per_step = cfg.training.batch_size * cfg.training.grad_accum
     if per_step % opts.num_generations:
         raise UserError(f"grpo: training.batch_size x training.grad_accum ({per_step}) completions per step must be "
                         f"a multiple of method.num_generations ({opts.num_generations}); e.g. set "
                         f"training.batch_size={opts.num_generations * max(1, per_step // opts.num_generations)}")
+    if opts.use_vllm:
+        import importlib.util
+
+        import torch
+
+        if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
+            raise UserError("grpo: method.use_vllm needs a CUDA GPU and vLLM installed (pip install vllm); "
+                            "set method.use_vllm=false to generate with transformers")
+    check_rewards(opts.rewards)
 
 
-def check_vllm(opts: Config) -> None:
-    if not opts.use_vllm:
-        return
-    import importlib.util
+def check_rewards(specs) -> None:
+    """Resolve reward specs now (unknown names, missing files); a reward model is only looked for, loaded later."""
+    from pathlib import Path
 
-    import torch
+    from tunelab.rewards import build_rewards
 
-    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
-        raise UserError("grpo: method.use_vllm needs a CUDA GPU and vLLM installed (pip install vllm); "
-                        "set method.use_vllm=false to generate with transformers")
+    light = []
+    for spec in specs:
+        if isinstance(spec, dict) and spec.get("name") == "reward_model":
+            path = spec.get("path")
+            if not path or not (Path(path) / "config.json").is_file():
+                raise UserError(f"reward_model: {path} is not a model directory (no config.json); point it at the "
+                                "final/ directory of a reward-model run")
+        else:
+            light.append(spec)
+    if light or not specs:
+        build_rewards(light)
 
 
 def build(cfg, opts: Config, model, tokenizer, data, args: dict):
@@ -89,11 +108,7 @@ def build(cfg, opts: Config, model, tokenizer, data, args: dict):
 
     from tunelab.rewards import build_rewards
 
-    check_batch(cfg, opts)
-    check_vllm(opts)
     funcs, weights = build_rewards(opts.rewards)
-    if not data.train:
-        raise UserError("grpo: no training prompts")
     grpo_args = GRPOConfig(
         # GRPO samples groups of prompts itself and counts prompt + completion tokens itself
         **{**args, "train_sampling_strategy": "random", "include_num_input_tokens_seen": "no"},

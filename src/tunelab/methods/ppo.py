@@ -47,11 +47,11 @@ class Config(BaseModel):
                                               "hit max_completion_length without ending")
 
 
-def build(cfg, opts: Config, model, tokenizer, data, args: dict):
-    from datasets import Dataset
-
-    from tunelab.methods.ppo_core import PPOTrainer
-    from tunelab.rewards import build_rewards
+def check(cfg, opts: Config, data) -> None:
+    """Mistakes found before the model loads or the run directory is written."""
+    if not data.train:
+        raise UserError("ppo: no training prompts")
+    from tunelab.methods.grpo import check_rewards
 
     if cfg.training.grad_accum != 1:
         raise UserError("ppo: training.grad_accum must be 1 (each step is a rollout; use method.num_mini_batches and "
@@ -61,14 +61,20 @@ def build(cfg, opts: Config, model, tokenizer, data, args: dict):
                         f"method.num_mini_batches ({opts.num_mini_batches})")
     if cfg.adapter.type not in ("none", "lora", "dora"):
         raise UserError(f"ppo: adapter.type '{cfg.adapter.type}' is not supported (use lora, dora or none)")
-    if not data.train:
-        raise UserError("ppo: no training prompts")
-    if args.get("eval_strategy", "no") != "no":
+    if cfg.training.eval_steps:
         raise UserError("ppo: no evaluation during training (unset training.eval_steps); score the final model "
                         "with tunelab eval")
-    funcs, weights = build_rewards(opts.rewards)
+    check_rewards(opts.rewards)
+
+
+def build(cfg, opts: Config, model, tokenizer, data, args: dict):
+    from datasets import Dataset
     from transformers import TrainingArguments
 
+    from tunelab.methods.ppo_core import PPOTrainer
+    from tunelab.rewards import build_rewards
+
+    funcs, weights = build_rewards(opts.rewards)
     targs = TrainingArguments(**{**args, "include_num_input_tokens_seen": "no",  # rollouts count their own tokens
                                  "train_sampling_strategy": "random"})
     return PPOTrainer(model=model, args=targs, opts=opts, reward_funcs=funcs, reward_weights=weights,
