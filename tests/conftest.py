@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from transformers import TrainerCallback
 
 ASSETS = Path(__file__).parent / "assets"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -65,6 +66,17 @@ def embedded_model() -> str:
     from tunelab.models import embedded_path
 
     return str(embedded_path("smollm2-135m-instruct"))
+
+
+class StopAt(TrainerCallback):
+    """Stops training after `step`, as an interruption would, leaving the checkpoint written at that step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            control.should_training_stop = True
 
 
 def shared_data(rel: str) -> Path:

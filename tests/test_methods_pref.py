@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import StopAt
 import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -218,17 +219,6 @@ def test_dpo_on_hh_rlhf_raises_held_out_margin(tmp_path, embedded_model):
     print(f"DPO on {len(train)} hh-rlhf pairs ({seconds:.0f}s, {summary['precision']}): mean log-prob margin "
           f"(chosen - rejected) over {len(held_out)} held-out pairs {before:.3f} -> {after:.3f}")
     assert after > before
-
-
-class StopAt(TrainerCallback):
-    """Stops training after `step`, as an interruption would, leaving the checkpoint written at that step."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def test_dpo_resume_continues_the_same_curve(tmp_path, tiny_model, pref_data):

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import StopAt
 import torch
 from transformers import TrainerCallback
 
@@ -70,17 +71,6 @@ def test_loss_goes_down(tmp_path, tiny_model, tiny_chat_data, kind):
         assert summary["trainable_params"] == summary["total_params"]
     else:
         assert summary["trainable_params"] < summary["total_params"] / 4
-
-
-class StopAt(TrainerCallback):
-    """Stops training after `step` (as an interruption would), leaving the checkpoint written at that step."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def _adapter_weights(run_dir: Path) -> dict:
