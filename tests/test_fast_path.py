@@ -61,3 +61,64 @@ def test_default_path_matches_plain_trl(tmp_path, tiny_model, tiny_chat_data):
     assert plain.keys() == ours.keys()
     for step in ours:
         assert ours[step] == pytest.approx(plain[step], abs=1e-3), (step, ours, plain)
+
+
+def test_lean_loss_runs_under_mixed_precision(tmp_path, tiny_model, tiny_chat_data):
+    """The lean loss calls the decoder directly, outside the forward accelerate wraps in autocast: with bf16
+    precision its matmuls must still run in bf16 (they silently ran in float32 once, 3x slower on CPU)."""
+    import torch
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            linear = next(m for n, m in model.named_modules() if n.endswith("mlp.down_proj.base_layer"))
+            linear.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].dtype, out.dtype)))
+
+    settings = {**SETTINGS, "max_steps": 1, "precision": "bf16"}
+    path = make_config(tmp_path, tiny_model, tiny_chat_data, name="bf16", training=settings,
+                       method={"name": "sft", "loss": "lean"})
+    summary = run_training(load_config(path), show_progress=False, callbacks=[Watch()])
+    assert summary["status"] == "complete" and seen
+    assert all(out == torch.bfloat16 for _, out in seen), seen
+
+
+def test_cpu_fast_path_loads_a_bf16_base_under_float32_adapters(tmp_path, tiny_model, tiny_chat_data):
+    import torch
+    from transformers import TrainerCallback
+
+    from tunelab.dropout import FastDropout
+
+    class Capture(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            self.model = model
+
+    cap = Capture()
+    path = make_config(tmp_path, tiny_model, tiny_chat_data, name="fast", adapter={"dropout": 0.05},
+                       training={**SETTINGS, "precision": "bf16"})
+    summary = run_training(load_config(path), show_progress=False, callbacks=[cap])
+    params = dict(cap.model.named_parameters())
+    assert {p.dtype for n, p in params.items() if "lora_" in n} == {torch.float32}
+    assert {p.dtype for n, p in params.items() if "lora_" not in n} == {torch.bfloat16}
+    assert any(isinstance(m, FastDropout) for m in cap.model.modules())
+    ls = losses(Path(summary["run"]))
+    assert ls[max(ls)] < ls[1] - 0.3, ls
+
+
+def test_base_dtype_rules(tmp_path, tiny_model):
+    from tunelab.models import base_dtype
+
+    def dtype(precision="bf16", gpu=False, task="CAUSAL_LM", **sections):
+        return base_dtype(load_config(make_config(tmp_path, tiny_model, "x.jsonl", **sections)), precision, gpu, task)
+
+    assert dtype() == "bfloat16"  # LoRA on CPU with bf16: frozen base in bf16
+    assert dtype(adapter={"type": "dora"}) == "bfloat16"
+    assert dtype(precision="fp32") == "float32"
+    assert dtype(adapter={"type": "none"}) == dtype(adapter={"type": "none"}, gpu=True) == "float32"  # master weights
+    assert dtype(adapter={"type": "ia3"}) == dtype(adapter={"type": "prefix"}) == "float32"
+    assert dtype(adapter={"modules_to_save": ["lm_head"]}) == "float32"
+    assert dtype(task="SEQ_CLS") == dtype(quantization={"bits": 4}) == "float32"
+    assert dtype(gpu=True, adapter={"type": "ia3"}) == "bfloat16" and dtype("fp16", gpu=True) == "float16"
+    assert dtype(model={"dtype": "float32"}) == "float32"  # an explicit dtype wins
+    assert dtype(method={"name": "grpo"}) == "float32"  # merges the adapter to generate: exact over float32 only

@@ -79,9 +79,12 @@ def _adapter_weights(run_dir: Path) -> dict:
     return load_file(run_dir / "final" / "adapter_model.safetensors")
 
 
-def test_resume_is_exact(tmp_path, tiny_model, tiny_chat_data):
-    # dropout on, so resume must restore RNG state as well as model, optimizer, scheduler and data position
-    sections = dict(adapter={"dropout": 0.1}, training={"scheduler": "cosine", "warmup_steps": 2})
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_is_exact(tmp_path, tiny_model, tiny_chat_data, precision):
+    # dropout on, so resume must restore RNG state as well as model, optimizer, scheduler and data position;
+    # bf16 is the CPU fast path: bf16 base, float32 adapters, FastDropout, lean loss under autocast
+    sections = dict(adapter={"dropout": 0.1},
+                    training={"scheduler": "cosine", "warmup_steps": 2, "precision": precision})
     full = run_training(load_config(make_config(tmp_path, tiny_model, tiny_chat_data, "full", **sections)),
                         show_progress=False)
     cfg_path = make_config(tmp_path, tiny_model, tiny_chat_data, "split", **sections)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
+from tunelab import models
 from tunelab.errors import UserError
 
 GB = 2**30
@@ -160,15 +161,6 @@ def adapter_params(cfg, arch: dict) -> int:
     return sum(o for _, _, o in arch["linears"])  # IA3: one scale per output feature
 
 
-def weight_dtype(cfg, gpu: bool, precision: str) -> str:
-    """The dtype `models.load_model` loads the base in (see its docstring for why)."""
-    if cfg.model.dtype != "auto":
-        return cfg.model.dtype
-    if cfg.adapter.type == "none" or precision == "fp32" or not gpu:
-        return "float32"
-    return "bfloat16" if precision == "bf16" else "float16"
-
-
 def runtime_mb() -> float:
     """This process' resident memory now (Linux /proc; else the high-water mark)."""
     try:
@@ -198,7 +190,7 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_t
     precision = t.precision
     if precision == "auto":
         precision = "bf16" if dev["bf16"] else ("fp16" if gpu else "fp32")
-    wdtype = weight_dtype(cfg, gpu, precision)
+    wdtype = models.base_dtype(cfg, precision, gpu)
     wbytes = DTYPE_BYTES[wdtype]
     full = cfg.adapter.type == "none"
     if lean_loss is None:

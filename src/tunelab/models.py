@@ -136,26 +136,42 @@ def torch_dtype(name: str):
             "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
+def base_dtype(cfg, precision: str, gpu: bool, task: str = "CAUSAL_LM") -> str:
+    """The dtype the base weights load in (shared with `tunelab estimate`).
+
+    Full fine-tuning keeps float32 master weights and autocast, because pure-bf16 AdamW updates lose small steps.
+    With LoRA/DoRA the base is frozen, so bf16/fp16 precision loads it in that dtype (the adapters stay float32,
+    PEFT's default): half the weight memory, and on CPU no per-step cast of every weight for autocast. Measured on a
+    2-core AMX CPU (SmolLM2-135M, LoRA r=16, GSM8K batches of 8): bf16 base 475 real tokens/s, float32 base under
+    bf16 autocast 444. Other adapters on CPU (prompt learning, IA3, trained `modules_to_save`, 4-bit) and reward-model
+    heads keep a float32 base, since they train or mix full-size float tensors with it, and so does GRPO, which folds
+    the adapter into the base to generate and unfolds it after: exact only over float32 weights.
+    """
+    a = cfg.adapter
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    if a.type == "none" or precision == "fp32":
+        return "float32"
+    half = "bfloat16" if precision == "bf16" else "float16"
+    if gpu:
+        return half
+    if (precision == "bf16" and a.type in ("lora", "dora") and not a.modules_to_save and not cfg.quantization.bits
+            and task == "CAUSAL_LM" and cfg.method.name != "grpo"):
+        return "bfloat16"
+    return "float32"
+
+
 def load_model(cfg, precision: str = "fp32", full_finetune: bool = False, task: str = "CAUSAL_LM"):
     """Load the model described by a RunConfig (`cfg.model`, `cfg.quantization`): a causal LM, or for
     `task="SEQ_CLS"` the same base with a one-score sequence-classification head (a reward model).
-
-    Weight dtype: on a GPU with adapters, bf16/fp16 precision loads the frozen base in that dtype (adapters stay
-    float32, PEFT's default) to halve weight memory. On CPU the base stays float32 and bf16 autocast does the matmuls:
-    measured on a 2-core AMX CPU (SmolLM2-135M, LoRA r=16, batch 8x200), fp32 weights + autocast ran 426 tokens/s,
-    bf16 weights 52-59 tokens/s (CPU backward kernels for bf16 weights are slow). Full fine-tuning keeps float32 master
-    weights and autocast everywhere, because pure-bf16 AdamW updates lose small steps.
+    The weight dtype follows `base_dtype`; `full_finetune` forces float32 master weights.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     m, q = cfg.model, cfg.quantization
-    if m.dtype != "auto":
-        dtype = torch_dtype(m.dtype)
-    elif full_finetune or precision == "fp32" or not torch.cuda.is_available():
-        dtype = torch.float32
-    else:
-        dtype = torch_dtype(precision)
+    dtype = torch.float32 if full_finetune and m.dtype == "auto" else torch_dtype(
+        base_dtype(cfg, precision, torch.cuda.is_available(), task))
     kw = dict(revision=m.revision, trust_remote_code=m.trust_remote_code, dtype=dtype)
     if m.attn_implementation:
         kw["attn_implementation"] = m.attn_implementation
@@ -216,7 +232,11 @@ def attach_adapter(model, cfg, gradient_checkpointing: bool = False, tokenizer=N
         return model
     if cfg.quantization.bits:
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    return peft.get_peft_model(model, pc)
+    model = peft.get_peft_model(model, pc)
+    from tunelab.dropout import use_fast_dropout
+
+    use_fast_dropout(model)  # CPU only: torch's per-element dropout draws were a quarter of a LoRA step
+    return model
 
 
 def load_for_inference(model: str = "embedded:smollm2-135m-instruct", adapter: str | None = None,
