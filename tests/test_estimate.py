@@ -120,3 +120,16 @@ def test_quickstart_estimate_matches_measured_peak(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     m = json.loads((tmp_path / "qs" / "summary.json").read_text())["memory_estimate"]
     assert 0.8 <= m["measured_over_estimate"] <= 1.2, m
+
+
+def test_peak_memory_is_the_programs_own():
+    """A run started by a bigger process (a test runner, a notebook) reports its own peak, not its parent's:
+    getrusage's ru_maxrss survives fork+exec, /proc's VmHWM does not."""
+    from tunelab.runs import peak_memory_mb
+
+    ballast = b"x" * (800 * MB)  # raise this process' high-water mark well above a fresh interpreter's
+    out = subprocess.run([sys.executable, "-c", "from tunelab.runs import peak_memory_mb; print(peak_memory_mb())"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout) < peak_memory_mb() - 600, (out.stdout, peak_memory_mb())
+    del ballast

@@ -141,7 +141,13 @@ def peak_memory_mb() -> float:
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # Linux: VmHWM belongs to this program's own address space. getrusage's ru_maxrss survives fork+exec, so a
+    # `tunelab train` started by a larger process (a test runner, a notebook) would report its parent's peak.
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class AtomicCheckpoints(TrainerCallback):
