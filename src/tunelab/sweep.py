@@ -204,12 +204,12 @@ def _check_key(key: str, where: str) -> None:
 
 
 def _validate(raw: dict, where: str) -> RunConfig:
-    from tunelab.config import _explain  # the run config's own one-line error messages
+    from tunelab.config import explain_validation_error  # the run config's own one-line error messages
 
     try:
         cfg = RunConfig(**raw)
     except ValidationError as e:
-        raise UserError(f"{where}: {_explain(e)}") from None
+        raise UserError(f"{where}: {explain_validation_error(e)}") from None
     try:
         cfg.method_options()
     except UserError as e:
@@ -246,14 +246,15 @@ def _sample_points(space: dict[str, list | Range], strategy: str) -> list[dict]:
 def load_sweep(path: str | Path, trials: int | None = None) -> Sweep:
     """Read and check a sweep file: its own keys, the search space's keys and values against the run config, and the
     objective against the evaluation settings of every trial config it can build in advance. Errors are UserErrors."""
-    from tunelab.config import _explain
+    from tunelab.config import explain_validation_error
 
     path = Path(path)
     data = _read_yaml(path, "sweep file")
     try:
         spec = SweepSpec(**data)
     except ValidationError as e:
-        raise UserError(f"{path}: {_explain(e, model=SweepSpec).replace('config key', 'sweep key')}") from None
+        message = explain_validation_error(e, model=SweepSpec).replace("config key", "sweep key")
+        raise UserError(f"{path}: {message}") from None
     s = spec.search
     if spec.base is None and not spec.config:
         raise UserError(f"{path}: give a base config (base: ../quickstart.yaml) or an inline `config:`")
