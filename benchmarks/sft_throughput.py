@@ -2,18 +2,25 @@
 
     python benchmarks/sft_throughput.py                      # embedded SmolLM2-135M, GSM8K rows, 6 steps x 8
     python benchmarks/sft_throughput.py --steps 10 --repeats 2 --model HuggingFaceTB/SmolLM2-360M-Instruct
+    # GPU: a Llama-3.2-1B-shaped model built from its config (random weights, bf16), LoRA or QLoRA, tunelab's GPU
+    # switches added to its side only
+    python benchmarks/sft_throughput.py --model config:benchmarks/models/llama-3.2-1b.json --qlora --dropouts 0 \
+        --tunelab model.attn_implementation=sdpa data.padding_free=true method.use_liger_kernel=true
 
-Both paths train LoRA r=16 (alpha 32, dropout 0.05, all-linear) on the same GSM8K rows (exactly one pass: steps x
-batch rows), with the same learning rate and schedule, and run interleaved (TRL, tunelab, TRL, tunelab, ...) so a
-busy machine slows both alike. Plain TRL gets chat `messages` and SFTConfig's defaults otherwise (bf16, gradient
-checkpointing on, padding to the longest in the batch, loss on every token: TRL's assistant-only loss refuses
-SmolLM2's template). tunelab gets an equivalent config through `run_training` (its defaults: assistant-only loss,
-length-grouped batches, lean loss on CPU, no gradient checkpointing).
+Both paths train LoRA r=16 (alpha 32, all-linear) on the same GSM8K rows (exactly one pass: steps x batch rows),
+with the same learning rate and schedule, and run interleaved so a busy machine slows both alike. Each path runs
+once per LoRA dropout in --dropouts: 0.05 is TRL's own LoRA default (`trl sft --use_peft`), 0 is PEFT's and
+tunelab's. Plain TRL gets chat `messages` and SFTConfig's defaults otherwise (bf16, gradient checkpointing on,
+padding to the longest in the batch, loss on every token: TRL's assistant-only loss refuses SmolLM2's template).
+tunelab gets an equivalent config through `run_training` (its defaults: assistant-only loss, length-grouped
+batches, lean loss and a bf16 frozen base on CPU, no gradient checkpointing).
 
 Reported per run: real (non-pad) tokens/s of `train()`, the memory peak while training (CPU: resident memory sampled
 every 20 ms, as the rise over the resident memory before the run and as the absolute peak; GPU: allocator peak), and
-the loss after training on the same held-out rows (assistant tokens only, so both are scored on the same thing).
-The ratio of tunelab's to TRL's tokens/s (best run of each) is printed last.
+the loss after training on the same held-out rows (assistant tokens only, so both are scored on the same thing),
+and MFU: model FLOPs per real token (tunelab.estimate's count for a frozen base with adapters; gradient
+checkpointing's recomputation is not counted) x tokens/s over the device's bf16 peak (estimate.DEVICES).
+Printed last: tunelab's / TRL's tokens/s at the same dropout, then tunelab's defaults against TRL's defaults.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import time
 from pathlib import Path
 
 SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
-LORA = dict(r=16, alpha=32, dropout=0.05)
+LORA = dict(r=16, alpha=32)
 
 
 def rss_mb() -> float:
@@ -88,7 +95,8 @@ def heldout_loss(model, rows: list[dict]) -> float:
     model.eval()
     with torch.no_grad():
         for r in rows:
-            ids, labels = torch.tensor([r["input_ids"]]), torch.tensor([r["labels"]])
+            ids, labels = torch.tensor([r["input_ids"]], device=model.device), torch.tensor([r["labels"]])
+            labels = labels.to(model.device)
             logits = model(input_ids=ids).logits[:, :-1].float()
             mask = labels[:, 1:] != -100
             total += torch.nn.functional.cross_entropy(logits[mask], labels[:, 1:][mask], reduction="sum").item()
@@ -109,8 +117,15 @@ def run_trl(model_path: str, tokenizer, rows: list[dict], a, out: str):
                      learning_rate=a.lr, lr_scheduler_type="linear", max_length=a.max_length, seed=42,
                      save_strategy="no", report_to="none", include_num_input_tokens_seen="non_padding",
                      use_cpu=not torch.cuda.is_available())
-    peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+    peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=a.dropout,
                              target_modules="all-linear", task_type="CAUSAL_LM")
+    if a.qlora:
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        args.model_init_kwargs = {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute)}
     trainer = SFTTrainer(model=model_path, args=args, train_dataset=data, processing_class=tokenizer,
                          peft_config=peft_config)
     with PeakMemory() as mem:
@@ -136,64 +151,119 @@ def run_tunelab(model_source: str, rows: list[dict], a, workdir: Path):
     keep = Keep()
     cfg = load_config(None, [f"model.source={model_source}", f"data.train={data}", f"data.max_length={a.max_length}",
                              "data.shuffle=false", "adapter.type=lora", f"adapter.r={LORA['r']}",
-                             f"adapter.alpha={LORA['alpha']}", f"adapter.dropout={LORA['dropout']}",
+                             f"adapter.alpha={LORA['alpha']}", f"adapter.dropout={a.dropout}",
                              f"training.max_steps={a.steps}", f"training.batch_size={a.batch_size}",
                              f"training.learning_rate={a.lr}", "training.scheduler=linear",
-                             "training.save_steps=100000", f"output.dir={workdir}", "output.name=tunelab"])
+                             "training.save_steps=100000", f"output.dir={workdir}", "output.name=tunelab",
+                             *(["quantization.bits=4"] if a.qlora else []), *a.tunelab])
     with PeakMemory() as mem:
         summary = run_training(cfg, overwrite=True, callbacks=[keep], echo=lambda *x: None, show_progress=False)
     # run_training's own train() wall time; the peak also covers its model load and final save
     return keep.model, summary["tokens"], summary["train_seconds"], mem, summary
 
 
+def model_from_config(config_path: str, workdir: Path) -> str:
+    """A model directory with random bf16 weights of the architecture in `config_path` and the embedded tokenizer
+    (ids stay below its 49,152 entries): for benchmarks of a model size whose weights cannot be fetched here."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunelab import models
+
+    out = workdir / Path(config_path).stem
+    config = AutoConfig.from_pretrained(config_path)
+    tokenizer = models.load_tokenizer("embedded:smollm2-135m-instruct")
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    del model
+    return str(out)
+
+
+def flops_per_token(model_path: str, a) -> float:
+    """Model FLOPs per trained token for LoRA r=16 on this model (tunelab.estimate), at the benchmark's mean length."""
+    from tunelab import estimate
+    from tunelab.config import load_config
+
+    cfg = load_config(None, [f"model.source={model_path}", "adapter.r=16", "training.batch_size=1",
+                             f"data.max_length={a.max_length}"])
+    est = estimate.estimate(cfg, "cpu", mean_tokens=200, max_tokens=a.max_length, baseline_mb=0, lean_loss=False)
+    return est.flops_per_step / est.tokens_per_step
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="embedded:smollm2-135m-instruct", help="hub id, local dir or embedded:NAME")
+    p.add_argument("--model", default="embedded:smollm2-135m-instruct", help="hub id, local dir, embedded:NAME or config:CONFIG.json (random weights)")
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per run (rows used: steps x batch)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2, help="runs of each path, interleaved")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--heldout", type=int, default=24, help="held-out GSM8K test rows for the loss after training")
+    p.add_argument("--dropouts", type=lambda v: [float(x) for x in v.split(",")], default=[0.05, 0.0],
+                   help="LoRA dropouts to run both paths at (comma-separated)")
+    p.add_argument("--qlora", action="store_true", help="4-bit NF4 base on both sides (bitsandbytes)")
+    p.add_argument("--tunelab", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra tunelab config overrides, e.g. data.padding_free=true method.use_liger_kernel=true")
     a = p.parse_args()
 
     import torch
 
-    from tunelab import models, train
+    from tunelab import estimate, models, train
     from tunelab.config import load_config
     from tunelab.data.build import prepare_sft
 
     train.quiet_libraries()
-    model_path = models.resolve_source(a.model)
-    tokenizer = models.load_tokenizer(a.model)
     rows = gsm8k_rows(a.steps * a.batch_size, 0, "train")
+    device = estimate.local_device()
+    peak_flops = estimate.DEVICES[device]["flops"]
     with tempfile.TemporaryDirectory() as tmp:
+        if a.model.startswith("config:"):
+            a.model = model_from_config(a.model.removeprefix("config:"), Path(tmp))
+        model_path = models.resolve_source(a.model)
+        tokenizer = models.load_tokenizer(a.model)
+        per_token = flops_per_token(model_path, a)
         held = Path(tmp) / "heldout.jsonl"
         held.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_rows(a.heldout, 0, "test")))
         heldout, _, _ = prepare_sft(load_config(None, [f"data.train={held}", "data.shuffle=false"]).data, tokenizer)
-        print(f"# {a.model} | {len(rows)} GSM8K rows, {a.steps} steps x batch {a.batch_size}, LoRA r=16 all-linear | "
-              f"torch threads {torch.get_num_threads()} | load {os.getloadavg()[0]:.2f} at start")
-        results = {"trl": [], "tunelab": []}
+        print(f"# {a.model} | {len(rows)} GSM8K rows, {a.steps} steps x batch {a.batch_size}, LoRA r=16 all-linear, "
+              f"dropouts {a.dropouts} | "
+              f"{'QLoRA 4-bit | ' if a.qlora else ''}device {device} ({peak_flops / 1e12:g} TFLOP/s bf16 peak), "
+              f"{per_token / 1e9:.2f} GFLOP per token | torch threads {torch.get_num_threads()} | "
+              f"load {os.getloadavg()[0]:.2f} at start")
+        results: dict[tuple[str, float], list[dict]] = {}
         for rep in range(a.repeats):
-            for name in ("trl", "tunelab"):
-                if name == "trl":
-                    model, tokens, seconds, mem = run_trl(model_path, tokenizer, rows, a, f"{tmp}/trl")
-                else:
-                    model, tokens, seconds, mem, _ = run_tunelab(a.model, rows, a, Path(tmp))
-                loss = heldout_loss(model, heldout)
-                r = {"tokens": int(tokens), "seconds": seconds, "tokens_per_s": tokens / seconds,
-                     "peak_mb": mem.peak, "peak_rise_mb": mem.peak - mem.start, "heldout_loss": loss,
-                     "load": os.getloadavg()[0]}
-                results[name].append(r)
-                print(f"{name:8s} run {rep + 1}: {r['tokens']} real tokens in {seconds:.1f} s = "
-                      f"{r['tokens_per_s']:.1f} tokens/s | peak {r['peak_mb']:.0f} MB (+{r['peak_rise_mb']:.0f} MB "
-                      f"while training) | held-out loss {loss:.4f} | load {r['load']:.2f}", flush=True)
-                del model
+            for dropout in a.dropouts:
+                a.dropout = dropout
+                for name in ("trl", "tunelab"):
+                    if name == "trl":
+                        model, tokens, seconds, mem = run_trl(model_path, tokenizer, rows, a, f"{tmp}/trl")
+                    else:
+                        model, tokens, seconds, mem, _ = run_tunelab(a.model, rows, a, Path(tmp))
+                    loss = heldout_loss(model, heldout)
+                    r = {"tokens": int(tokens), "seconds": seconds, "tokens_per_s": tokens / seconds,
+                         "mfu": tokens / seconds * per_token / peak_flops,
+                         "peak_mb": mem.peak, "peak_rise_mb": mem.peak - mem.start, "heldout_loss": loss,
+                         "load": os.getloadavg()[0]}
+                    results.setdefault((name, dropout), []).append(r)
+                    print(f"{name:8s} dropout {dropout:<4} run {rep + 1}: {r['tokens']} real tokens in {seconds:.1f} s "
+                          f"= {r['tokens_per_s']:.1f} tokens/s | peak {r['peak_mb']:.0f} MB (+{r['peak_rise_mb']:.0f} "
+                          f"MB while training) | MFU {r['mfu']:.1%} | held-out loss {loss:.4f} | load {r['load']:.2f}", flush=True)
+                    del model
         best = {k: max(v, key=lambda r: r["tokens_per_s"]) for k, v in results.items()}
-        print(f"held-out assistant loss after training: trl {best['trl']['heldout_loss']:.4f}, "
-              f"tunelab {best['tunelab']['heldout_loss']:.4f}")
-        print(f"ratio tunelab / plain TRL real tokens/s (best of {a.repeats}): "
-              f"{best['tunelab']['tokens_per_s'] / best['trl']['tokens_per_s']:.2f}x")
+        for dropout in a.dropouts:
+            t, u = best[("trl", dropout)], best[("tunelab", dropout)]
+            print(f"same hyper-parameters, dropout {dropout}: tunelab / plain TRL real tokens/s "
+                  f"{u['tokens_per_s'] / t['tokens_per_s']:.2f}x | held-out loss trl {t['heldout_loss']:.4f}, "
+                  f"tunelab {u['heldout_loss']:.4f}")
+        if ("trl", 0.05) in best and ("tunelab", 0.0) in best:
+            t, u = best[("trl", 0.05)], best[("tunelab", 0.0)]
+            print(f"defaults (tunelab LoRA dropout 0 vs TRL's 0.05): tunelab / plain TRL real tokens/s "
+                  f"{u['tokens_per_s'] / t['tokens_per_s']:.2f}x | held-out loss trl {t['heldout_loss']:.4f}, "
+                  f"tunelab {u['heldout_loss']:.4f} (best of {a.repeats})")
 
 
 if __name__ == "__main__":
