@@ -223,16 +223,20 @@ class ShareGPT(Format):
         return {"messages": _check_messages(msgs, row.origin, "conversations")}
 
 
+def _instruction(d: dict, origin: str, extra_key: str, heading: str) -> str:
+    """The user turn of instruction data: the instruction, then the optional input/context under a heading."""
+    user = _text(d, "instruction", origin)
+    extra = _text(d, extra_key, origin, optional=True)
+    return f"{user}\n\n{heading}{extra}" if extra else user
+
+
 class Alpaca(Format):
     name, fields, optional = "alpaca", ("instruction", "output"), ("input", "system", "history")
     doc = 'Alpaca: {"instruction", "input" (may be empty), "output"} (+ optional "system", "history": [[q, a], ...])'
 
     def normalize(self, row):
         d, o = row.data, row.origin
-        user = _text(d, "instruction", o)
-        extra = _text(d, "input", o, optional=True)
-        if extra:
-            user = f"{user}\n\n{extra}"
+        user = _instruction(d, o, "input", "")
         msgs = []
         system = _text(d, "system", o, optional=True)
         if system:
@@ -252,10 +256,7 @@ class Dolly(Format):
 
     def normalize(self, row):
         d, o = row.data, row.origin
-        user = _text(d, "instruction", o)
-        context = _text(d, "context", o, optional=True)
-        if context:
-            user = f"{user}\n\nContext:\n{context}"
+        user = _instruction(d, o, "context", "Context:\n")
         return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": _text(d, "response", o)}]}
 
 

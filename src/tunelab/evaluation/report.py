@@ -101,51 +101,48 @@ def load_epoch_table(run_dir) -> list[dict]:
     return epoch_table(read_metrics(run_dir))
 
 
-def plot_losses(run_dir) -> list[Path]:
-    """loss.png (train and validation loss against step) and loss_epoch.png (per-epoch averages) from metrics.jsonl.
-
-    Returns the files written (none when nothing was logged yet).
-    """
+def _plot(path: Path, series: list[tuple[list, str | None, str]], xlabel: str, title: str, xticks=None) -> Path:
+    """One line chart of loss curves: series are (points, marker, label); empty series are left out."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for points, marker, label in series:
+        if points:
+            ax.plot(*zip(*points), marker=marker, label=label)
+    ax.set(xlabel=xlabel, ylabel="loss", title=title)
+    if xticks is not None:
+        ax.set_xticks(xticks)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_losses(run_dir) -> list[Path]:
+    """loss.png (train and validation loss against step) and loss_epoch.png (per-epoch averages) from metrics.jsonl.
+
+    Returns the files written (none when nothing was logged yet).
+    """
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
     val = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r and "step" in r]
     written = []
     if train or val:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        if train:
-            ax.plot(*zip(*train), label="train loss")
-        if val:
-            ax.plot(*zip(*val), marker="o", label="validation loss")
-        ax.set(xlabel="step", ylabel="loss", title=run_dir.name)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(run_dir / "loss.png", dpi=100)
-        plt.close(fig)
-        written.append(run_dir / "loss.png")
+        written.append(_plot(run_dir / "loss.png", [(train, None, "train loss"), (val, "o", "validation loss")],
+                             "step", run_dir.name))
     table = epoch_table(rows)
     if table:
-        fig, ax = plt.subplots(figsize=(7, 4))
         tr = [(t["epoch"], t["train_loss"]) for t in table if t["train_loss"] is not None]
         va = [(t["epoch"], t["val_loss"]) for t in table if t["val_loss"] is not None]
-        if tr:
-            ax.plot(*zip(*tr), marker="o", label="train loss (epoch mean)")
-        if va:
-            ax.plot(*zip(*va), marker="s", label="validation loss (end of epoch)")
-        ax.set(xlabel="epoch", ylabel="loss", title=f"{run_dir.name}: per epoch")
-        ax.set_xticks([t["epoch"] for t in table])
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(run_dir / "loss_epoch.png", dpi=100)
-        plt.close(fig)
-        written.append(run_dir / "loss_epoch.png")
+        written.append(_plot(run_dir / "loss_epoch.png", [(tr, "o", "train loss (epoch mean)"),
+                                                          (va, "s", "validation loss (end of epoch)")],
+                             "epoch", f"{run_dir.name}: per epoch", xticks=[t["epoch"] for t in table]))
     return written
 
 
