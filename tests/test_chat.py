@@ -7,26 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_adapter
 
 from tunelab.inference.chat import ChatSession, repl
 from tunelab.inference.engine import GenParams
-
-
-def make_adapter(base: str, path: Path, seed: int) -> str:
-    """A LoRA adapter with random non-zero B matrices (a fresh LoRA is a no-op), so it changes the model's answers."""
-    import peft
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    pm = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                             peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    pm.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import make_adapter
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -23,24 +24,6 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 KEY = "test-key-123"
-
-
-def make_adapter(base: str, path: Path, seed: int) -> str:
-    """A LoRA adapter with random non-zero B matrices (a fresh LoRA is a no-op), so it changes the model's answers."""
-    import peft
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base)
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                    task_type="CAUSAL_LM"))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    pm.save_pretrained(path)
-    return str(path)
 
 
 class LiveServer:
