@@ -132,6 +132,9 @@ def test_preference_raises_margin(tmp_path, tiny_model, pref_data, method, kind)
     cap = Capture()
     summary = run_training(load_config(path), callbacks=[cap], show_progress=False)
     assert summary["status"] == "complete"
+    # 8 steps x 4 pairs, each trained as prompt+chosen and prompt+rejected: counted for every method (ORPO/CPO batches
+    # carry no input_ids for the Trainer's own count)
+    assert summary["tokens"] > 8 * 4 * 2 * 4 and summary["tokens_per_s"] > 0, summary["tokens"]
     if kind != "full":
         # the reference is the base with the adapter switched off: no frozen adapter copy, none saved in final/
         assert cap.adapters == ["default"]

@@ -74,6 +74,25 @@ def pairwise_sampling(args: dict) -> dict:
     return args
 
 
+def counting_pair_tokens(trainer_class):
+    """`trainer_class` (TRL's ORPO or CPO trainer) counting the real tokens it trains on. Trainer counts tokens from
+    `input_ids`, which these pair batches do not have (they hold the prompt+chosen and prompt+rejected sequences
+    apart), so progress and summary.json would show 0 tokens and 0 tokens/s."""
+    import torch
+
+    class PairTokens(trainer_class):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if self.args.include_num_input_tokens_seen != "no":
+                seen = sum(inputs[k].sum() for k in ("chosen_attention_mask", "rejected_attention_mask")
+                           if k in inputs)
+                seen = torch.as_tensor(seen, device=self.args.device, dtype=torch.int64)
+                self.state.num_input_tokens_seen += int(self.accelerator.gather(seen).sum())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    PairTokens.__name__ = trainer_class.__name__
+    return PairTokens
+
+
 def dataset(rows):
     from datasets import Dataset
 

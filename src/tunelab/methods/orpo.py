@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunelab.methods.dpo import dataset, pairwise_sampling
+from tunelab.methods.dpo import counting_pair_tokens, dataset, pairwise_sampling
 
 KIND = "preference"
 
@@ -26,7 +26,7 @@ def build(cfg, opts: Config, model, tokenizer, data, args: dict):
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     orpo_args = ORPOConfig(**pairwise_sampling(args), max_length=cfg.data.max_length, beta=opts.beta)
-    return ORPOTrainer(
+    return counting_pair_tokens(ORPOTrainer)(
         model=model,
         args=orpo_args,
         train_dataset=dataset(data.train),

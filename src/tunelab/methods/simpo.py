@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunelab.methods.dpo import dataset, pairwise_sampling
+from tunelab.methods.dpo import counting_pair_tokens, dataset, pairwise_sampling
 
 KIND = "preference"
 
@@ -40,7 +40,7 @@ def build(cfg, opts: Config, model, tokenizer, data, args: dict):
         cpo_alpha=opts.cpo_alpha,
         label_smoothing=opts.label_smoothing,
     )
-    return CPOTrainer(
+    return counting_pair_tokens(CPOTrainer)(
         model=model,
         args=simpo_args,
         train_dataset=dataset(data.train),
