@@ -10,7 +10,8 @@ Memory is the sum of parts, each a plain formula below:
   optimizer    bytes per trainable parameter by optimizer (AdamW 8, 8-bit AdamW 2, SGD 0)
   activations  tensors the backward pass keeps, per token and layer, times the largest batch (batch x longest sample);
                with gradient checkpointing only each layer's input is kept, plus one layer recomputed
-  autocast     on CPU the base stays float32 and bf16 autocast keeps a bf16 copy of every matmul weight for backward
+  autocast     where a float32 base runs under bf16 autocast on CPU (full fine-tuning, IA3, prompt learning, GRPO), the
+               bf16 copy of every matmul weight kept for backward (a LoRA/DoRA base loads in bf16: models.base_dtype)
   loss         logits of the positions the loss scores
   kv_cache     GRPO: keys and values of a generation batch
   runtime      CPU: the process' own resident memory before the model loads (Python, torch, the tokenized data), since
