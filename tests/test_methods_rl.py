@@ -179,3 +179,49 @@ def test_grpo_gsm8k_embedded(tmp_path, embedded_model):
     assert len(logs) == 4
     assert all(0.0 <= r["reward"] <= 1.2 for r in logs)
     assert (Path(summary["final"]) / "adapter_config.json").is_file()
+
+
+def test_bf16_sampler_follows_the_merged_policy(tiny_model):
+    """GRPO on CPU with bf16 samples from a plain bf16 copy of the merged policy: its logits match the merged float32
+    policy's, it is built once, and it follows the adapter as training changes it."""
+    import copy
+    from types import SimpleNamespace
+
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.methods.grpo import bf16_sampler, merged_adapter
+
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    trainer = SimpleNamespace(args=SimpleNamespace(bf16=True))
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+
+    def check():
+        with merged_adapter(model) as merged, torch.no_grad():
+            assert merged
+            sampler = bf16_sampler(trainer, model)
+            assert sampler is not model and next(sampler.parameters()).dtype == torch.bfloat16
+            want, got = model(input_ids=ids).logits, sampler(input_ids=ids).logits.float()
+        # the same weights as PEFT's own merge cast to bf16; logits close to float32 up to bf16 rounding
+        reference = copy.deepcopy(model).merge_and_unload().to(torch.bfloat16).state_dict()
+        weights = sampler.state_dict()
+        assert weights.keys() == reference.keys()
+        for key in weights:
+            assert torch.equal(weights[key], reference[key]), key
+        assert (got - want).abs().max() < 0.15 * want.abs().max(), (got - want).abs().max()
+        return sampler, want
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    first, before = check()
+    with torch.no_grad():  # a training step changes the adapter: the next rollout samples from the new policy
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    second, after = check()
+    assert second is first and not torch.allclose(before, after)
+    assert bf16_sampler(SimpleNamespace(args=SimpleNamespace(bf16=False)), model) is model  # float32 runs sample as is
