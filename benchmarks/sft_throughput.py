@@ -34,13 +34,10 @@ import threading
 import time
 from pathlib import Path
 
+from tunelab.estimate import runtime_mb  # resident memory now, from /proc
+
 SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 LORA = dict(r=16, alpha=32)
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 class PeakMemory:
@@ -50,7 +47,7 @@ class PeakMemory:
         import torch
 
         self.cuda = torch.cuda.is_available()
-        self.start = rss_mb() if not self.cuda else torch.cuda.memory_allocated() / 2**20
+        self.start = runtime_mb() if not self.cuda else torch.cuda.memory_allocated() / 2**20
         self.peak, self._stop = self.start, threading.Event()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -61,7 +58,7 @@ class PeakMemory:
 
     def _sample(self):
         while not self._stop.wait(0.02):
-            self.peak = max(self.peak, rss_mb())
+            self.peak = max(self.peak, runtime_mb())
 
     def __exit__(self, *exc):
         import torch
@@ -71,7 +68,7 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            self.peak = max(self.peak, rss_mb())
+            self.peak = max(self.peak, runtime_mb())
 
 
 def gsm8k_rows(n: int, offset: int, split: str) -> list[dict]:

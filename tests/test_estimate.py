@@ -86,6 +86,15 @@ def test_grpo_kv_cache(tmp_path, tiny_model):
     est = estimate(cfg, "h100", max_tokens=100, baseline_mb=0)
     # 4 prompts x 4 generations x (128 prompt + 64 completion) tokens x 2 layers x (K, V) x 2 heads x 16 x bf16
     assert est.memory_mb["kv_cache"] == pytest.approx(16 * 192 * L * 2 * 2 * 16 * 2 / MB)
+    assert "sampler" not in est.memory_mb
+    # CPU with bf16: rollouts sample from a bf16 copy of the merged policy (its KV cache in bf16 too); fp32: neither
+    bf16 = _cfg(tmp_path, tiny_model, training={"precision": "bf16"},
+                method={"name": "grpo", "num_generations": 4, "max_completion_length": 64})
+    cpu = estimate(bf16, "cpu", max_tokens=100, baseline_mb=0)
+    assert cpu.memory_mb["sampler"] == pytest.approx(PARAMS * 2 / MB)
+    assert cpu.memory_mb["kv_cache"] == pytest.approx(est.memory_mb["kv_cache"])
+    fp32 = estimate(cfg, "cpu", max_tokens=100, baseline_mb=0)
+    assert "sampler" not in fp32.memory_mb and fp32.memory_mb["kv_cache"] == pytest.approx(2 * cpu.memory_mb["kv_cache"])
 
 
 def test_unknown_device(tmp_path, tiny_model):

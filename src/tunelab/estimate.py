@@ -14,6 +14,7 @@ Memory is the sum of parts, each a plain formula below:
                bf16 copy of every matmul weight kept for backward (a LoRA/DoRA base loads in bf16: models.base_dtype)
   loss         logits of the positions the loss scores
   kv_cache     GRPO: keys and values of a generation batch
+  sampler      GRPO on a bf16 CPU with LoRA: the bf16 copy of the merged policy that rollouts sample from
   runtime      CPU: the process' own resident memory before the model loads (Python, torch, the tokenized data), since
                the run's peak is measured as the process high-water mark; GPU: 0 (the allocator peak excludes it)
 
@@ -221,7 +222,8 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_t
     autocast = not gpu and wdtype == "float32" and precision in ("bf16", "fp16")
     per_elem = 5.5 if autocast else (8.0 if precision == "fp32" else 4.0)
     if cfg.adapter.type in ("lora", "dora") and cfg.adapter.dropout > 0:
-        per_elem += 4.0 if (autocast or precision == "fp32") else 2.0
+        # float32: its float32 output (measured); bf16: a boolean mask and the bf16 output (derived, not measured)
+        per_elem += 4.0 if (autocast or precision == "fp32") else 3.0
     per_token_layer = per_elem * (6 * h + inter)
     if t.gradient_checkpointing:  # each layer's input kept, one layer's activations alive during recompute
         act = peak_tokens * (L * h * (4 if autocast or precision == "fp32" else 2) + per_token_layer)
@@ -242,7 +244,13 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_t
         o = cfg.method.options()
         gens = o.get("num_generations", 4) * t.batch_size
         seq = cfg.data.max_length + o.get("max_completion_length", 256)
-        memory["kv_cache"] = gens * seq * L * 2 * arch["kv_heads"] * arch["head_dim"] * (2 if gpu else 4) / MB
+        # on a bf16 CPU, LoRA rollouts sample from a bf16 copy of the merged policy (methods/grpo.bf16_sampler)
+        sampler = (not gpu and precision == "bf16" and wdtype == "float32" and not q.bits
+                   and cfg.adapter.type == "lora")
+        kv_bytes = 2 if gpu or sampler else 4
+        memory["kv_cache"] = gens * seq * L * 2 * arch["kv_heads"] * arch["head_dim"] * kv_bytes / MB
+        if sampler:
+            memory["sampler"] = n * 2 / MB
     if not gpu:
         memory["runtime"] = runtime_mb() if baseline_mb is None else baseline_mb
 

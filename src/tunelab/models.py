@@ -161,17 +161,16 @@ def base_dtype(cfg, precision: str, gpu: bool, task: str = "CAUSAL_LM") -> str:
     return "float32"
 
 
-def load_model(cfg, precision: str = "fp32", full_finetune: bool = False, task: str = "CAUSAL_LM"):
+def load_model(cfg, precision: str = "fp32", task: str = "CAUSAL_LM"):
     """Load the model described by a RunConfig (`cfg.model`, `cfg.quantization`): a causal LM, or for
     `task="SEQ_CLS"` the same base with a one-score sequence-classification head (a reward model).
-    The weight dtype follows `base_dtype`; `full_finetune` forces float32 master weights.
+    The weight dtype follows `base_dtype`.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     m, q = cfg.model, cfg.quantization
-    dtype = torch.float32 if full_finetune and m.dtype == "auto" else torch_dtype(
-        base_dtype(cfg, precision, torch.cuda.is_available(), task))
+    dtype = torch_dtype(base_dtype(cfg, precision, torch.cuda.is_available(), task))
     kw = dict(revision=m.revision, trust_remote_code=m.trust_remote_code, dtype=dtype)
     if m.attn_implementation:
         kw["attn_implementation"] = m.attn_implementation

@@ -182,7 +182,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
         method.check(cfg, opts, data)  # the method's own refusals, before the model loads or the run dir is written
     est = estimate.for_run(cfg, data.train, echo)  # before the weights load; compared with the peak in summary.json
     task = getattr(method, "TASK", "CAUSAL_LM")  # a method may train another head (reward: SEQ_CLS)
-    model = models.load_model(cfg, precision=precision, full_finetune=cfg.adapter.type == "none", task=task)
+    model = models.load_model(cfg, precision=precision, task=task)
     if hasattr(method, "prepare_model"):  # a method may reshape the model first (distill: a smaller student)
         model = method.prepare_model(cfg, opts, model)
     # models a method needs besides the trained one (distill: the teacher), passed to build() by keyword
