@@ -56,10 +56,12 @@ OPTIMIZER_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "adamw_hf": 8, "ada
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-# On CPU the peak is the process' resident memory, and the allocator keeps the forward's freed intermediates (many
-# small blocks) resident: SmolLM2-135M, LoRA, bf16 autocast, 2 x 313 tokens measured +1,830 MB of resident memory
-# after the forward for 1,081 MB of tensors kept for backward (x1.9 on the activations).
-CPU_RESIDENT_FACTOR = 1.9
+# On CPU the peak is the process' resident memory, and glibc's allocator keeps some of the forward's freed
+# intermediates resident. How much changes from run to run of the same input: the quickstart's first step peaks at
+# either ~3,215 MB or ~4,100 MB (same data and loss; malloc's in-use bytes equal, 2,039 MB, while the heap holds ~0 or
+# ~900 MB of free blocks), whatever the mmap threshold, arena count, thread count or hash seed. The factor puts the
+# estimate between the two (x1.5 on the activations kept for backward: 0.88 and 1.13 of it).
+CPU_RESIDENT_FACTOR = 1.5
 
 
 @dataclass
