@@ -160,6 +160,30 @@ def test_ppo_resume_is_exact(tmp_path, peaked_model, prompts):
         assert a[step] == pytest.approx(b[step], abs=1e-5), (step, a[step], b[step])
 
 
+def test_ppo_evaluates_by_reward_and_keeps_the_best(tmp_path, peaked_model, prompts):
+    """With validation prompts and eval_steps, PPO logs the mean reward of greedy completions (eval_reward), the
+    training entries keep their own metrics, and the best checkpoint follows eval_reward."""
+    method = {"name": "ppo", "rewards": [REWARD], "max_completion_length": 12, "kl_coef": 0.05, "ppo_epochs": 2,
+              "num_mini_batches": 2}
+    path = write_config(tmp_path, peaked_model, prompts, method, learning_rate=3e-4, max_steps=8, save_steps=2,
+                        eval_steps=2)
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["val_split"] = 0.25
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match="eval.metric=eval_reward"):  # eval_loss (the default) is never reported
+        run_training(load_config(path), show_progress=False)
+    summary = run_training(load_config(path, ["eval.metric=eval_reward"]), show_progress=False)
+    assert summary["status"] == "complete"
+    evals = {r["step"]: r for r in metrics(summary) if "eval_reward" in r}
+    print("PPO eval_reward per eval:", {k: round(v["eval_reward"], 3) for k, v in evals.items()})
+    assert sorted(evals) == [2, 4, 6, 8]
+    assert all(f"eval_rewards/{target_reward.__name__}" in r and "reward" not in r for r in evals.values())
+    assert evals[8]["eval_reward"] > evals[2]["eval_reward"] + 0.2, evals
+    assert all("reward" in r and "kl" in r for r in metrics(summary) if "loss" in r)
+    best = max(evals.values(), key=lambda r: r["eval_reward"])
+    assert summary["best_metric"]["eval_reward"] == pytest.approx(best["eval_reward"])
+
+
 @pytest.mark.e2e
 def test_grpo_gsm8k_embedded(tmp_path, embedded_model):
     """GRPO on 32 bundled GSM8K questions with the embedded SmolLM2-135M (LoRA), the shipped CPU config shortened:

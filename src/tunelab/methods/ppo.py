@@ -61,9 +61,14 @@ def check(cfg, opts: Config, data) -> None:
                         f"method.num_mini_batches ({opts.num_mini_batches})")
     if cfg.adapter.type not in ("none", "lora", "dora"):
         raise UserError(f"ppo: adapter.type '{cfg.adapter.type}' is not supported (use lora, dora or none)")
-    if cfg.training.eval_steps:
-        raise UserError("ppo: no evaluation during training (unset training.eval_steps); score the final model "
-                        "with tunelab eval")
+    # evaluation during training scores greedy completions of the validation prompts: it reports eval_reward (and
+    # eval_rewards/<name>), not eval_loss, so the best checkpoint and early stopping must follow a reward
+    e = cfg.eval
+    keeps_best = e.load_best or e.early_stopping_patience
+    if cfg.training.eval_steps and keeps_best and not e.metric.startswith("eval_reward"):
+        raise UserError(f"ppo: eval.metric '{e.metric}' is not reported: PPO evaluates by eval_reward (mean reward "
+                        "of greedy completions on the validation prompts); set eval.metric=eval_reward or "
+                        "eval.load_best=false")
     check_rewards(opts.rewards)
 
 
@@ -78,4 +83,5 @@ def build(cfg, opts: Config, model, tokenizer, data, args: dict):
     targs = TrainingArguments(**{**args, "include_num_input_tokens_seen": "no",  # rollouts count their own tokens
                                  "train_sampling_strategy": "random"})
     return PPOTrainer(model=model, args=targs, opts=opts, reward_funcs=funcs, reward_weights=weights,
-                      tokenizer=tokenizer, train_dataset=Dataset.from_list(data.train))
+                      tokenizer=tokenizer, train_dataset=Dataset.from_list(data.train),
+                      eval_dataset=Dataset.from_list(data.validation) if data.validation else None)

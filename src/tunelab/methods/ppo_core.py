@@ -47,12 +47,13 @@ def gae(rewards, values, mask, gamma: float, lam: float):
 
 
 class PPOTrainer(Trainer):
-    def __init__(self, model, args, opts, reward_funcs, reward_weights, tokenizer, train_dataset):
+    def __init__(self, model, args, opts, reward_funcs, reward_weights, tokenizer, train_dataset, eval_dataset=None):
         from peft import PeftModel
 
         from tunelab.inference.engine import stop_token_ids
 
-        super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=tokenizer,
                          data_collator=lambda rows: rows)  # prompts stay messages; the step tokenizes them
         self.opts, self.reward_funcs, self.reward_weights = opts, reward_funcs, reward_weights
         from trl.trainer.utils import disable_dropout_in_model
@@ -104,7 +105,9 @@ class PPOTrainer(Trainer):
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
     @torch.no_grad()
-    def rollout(self, model, rows):
+    def sample_and_score(self, model, rows, greedy: bool = False, prefix: str = ""):
+        """Sample one completion per prompt and score it with the reward functions (metrics logged under `prefix`).
+        Returns prompt+completion ids and mask, the prompt width, the completion mask, which ended, and the score."""
         tok, o = self.processing_class, self.opts
         texts = [tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
                  if isinstance(r["prompt"], list) else r["prompt"] for r in rows]
@@ -114,16 +117,16 @@ class PPOTrainer(Trainer):
         p_ids = torch.tensor([[pad] * (width - len(x)) + x for x in enc], device=model.device)
         p_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in enc], device=model.device)
         model.eval()
-        out = model.generate(input_ids=p_ids, attention_mask=p_mask, do_sample=True, temperature=o.temperature,
-                             top_p=o.top_p, top_k=0, max_new_tokens=o.max_completion_length,
-                             eos_token_id=self.stop_ids, pad_token_id=pad, use_cache=True)
+        sampling = {} if greedy else dict(do_sample=True, temperature=o.temperature, top_p=o.top_p, top_k=0)
+        out = model.generate(input_ids=p_ids, attention_mask=p_mask, max_new_tokens=o.max_completion_length,
+                             eos_token_id=self.stop_ids, pad_token_id=pad, use_cache=True,
+                             **(sampling or dict(do_sample=False)))
         comp = out[:, width:]
         is_stop = torch.isin(comp, torch.tensor(self.stop_ids, device=comp.device))
         ended = is_stop.any(1)
         end = torch.where(ended, is_stop.int().argmax(1), torch.full_like(ended, comp.shape[1], dtype=torch.long))
         c_mask = (torch.arange(comp.shape[1], device=comp.device)[None] <= end[:, None]).long()
         comp = torch.where(c_mask.bool(), comp, torch.full_like(comp, pad))
-        ids, mask = torch.cat([p_ids, comp], 1), torch.cat([p_mask, c_mask], 1)
 
         completions = [[{"role": "assistant", "content": tok.decode(c[m.bool()], skip_special_tokens=True)}]
                        for c, m in zip(comp, c_mask)]
@@ -135,9 +138,16 @@ class PPOTrainer(Trainer):
         for f, w in zip(self.reward_funcs, self.reward_weights):
             vals = torch.tensor([float("nan") if v is None else v for v in
                                  f(prompts=prompts, completions=completions, **extra)], device=model.device)
-            self._metrics[f"rewards/{f.__name__}"].append(vals.nanmean().item())
+            self._metrics[f"{prefix}rewards/{f.__name__}"].append(vals.nanmean().item())
             score += w * torch.nan_to_num(vals)
-        self._metrics["reward"].append(score.mean().item())
+        self._metrics[f"{prefix}reward"].append(score.mean().item())
+        self._metrics[f"{prefix}completions/mean_length"].append(c_mask.sum(1).float().mean().item())
+        return torch.cat([p_ids, comp], 1), torch.cat([p_mask, c_mask], 1), width, c_mask, ended, score
+
+    @torch.no_grad()
+    def rollout(self, model, rows):
+        o = self.opts
+        ids, mask, width, c_mask, ended, score = self.sample_and_score(model, rows)
         if o.missing_eos_penalty is not None:
             score = score - o.missing_eos_penalty * (~ended).float()
 
@@ -160,7 +170,6 @@ class PPOTrainer(Trainer):
         adv, returns = gae(rewards, values, c_mask, o.gamma, o.lam)
         adv = masked_whiten(adv, c_mask)
         self._metrics["kl"].append(kl.sum(1).mean().item())
-        self._metrics["completions/mean_length"].append(c_mask.sum(1).mean().item())
         self.state.num_input_tokens_seen += int(mask.sum())
         return dict(ids=ids, mask=mask, c_mask=c_mask, prompt_len=width, logp=logp, values=values, adv=adv,
                     returns=returns)
@@ -220,6 +229,24 @@ class PPOTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         raise NotImplementedError("PPO computes its loss in training_step")
 
-    def prediction_step(self, *args, **kwargs):
-        raise NotImplementedError("PPO has no evaluation loss; evaluate the final model with tunelab eval")
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """Mean reward of greedy completions on the validation prompts (PPO has no evaluation loss). Greedy decoding
+        draws no random numbers, so evaluating does not change the training run's sampling (exact resume holds)."""
+        rows = list(eval_dataset if eval_dataset is not None else self.eval_dataset)
+        size = self.args.per_device_eval_batch_size
+        model = self.model
+        was_training = model.training
+        prefix = metric_key_prefix + "_"
+        for i in range(0, len(rows), size):
+            self.sample_and_score(model, rows[i:i + size], greedy=True, prefix=prefix)
+        model.train(was_training)
+        # batch means weighted by batch size: the mean over all prompts
+        counts = [len(rows[i:i + size]) for i in range(0, len(rows), size)]
+        metrics = {k: sum(v * n for v, n in zip(vals, counts)) / sum(counts)
+                   for k in list(self._metrics) if k.startswith(prefix) for vals in [self._metrics.pop(k)]}
+        super().log(metrics)  # not self.log: that flushes the training metrics gathered since the last log
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
+    def prediction_step(self, *args, **kwargs):
+        raise NotImplementedError("PPO evaluates by reward (evaluate), not by a loss")
