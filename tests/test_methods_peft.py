@@ -74,3 +74,34 @@ def test_adapter_trains_and_reloads_with_same_logits(tmp_path, tiny_model, tiny_
         # and the adapter did change the model: the base alone answers differently
         base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()(input_ids=ids).logits
         assert (reloaded(input_ids=ids).logits[:, -ids.shape[1]:] - base).abs().max() > 1e-3
+
+
+def test_prefix_with_best_checkpoint_ends_with_the_best_adapter(tmp_path, tiny_model, tiny_chat_data):
+    """With evaluation and `eval.load_best`, a prefix-tuning run completes (transformers cannot load a prompt-learning
+    checkpoint back into the training model) and final/ holds the best checkpoint's adapter, loadable with PEFT."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    cfg = {
+        "model": {"source": tiny_model},
+        "data": {"train": tiny_chat_data, "max_length": 64, "val_split": 0.25},
+        "adapter": ADAPTERS["prefix"],
+        "training": {"max_steps": 6, "batch_size": 4, "learning_rate": LEARNING_RATES["prefix"], "save_steps": 2,
+                     "eval_steps": 2, "precision": "fp32"},
+        "output": {"dir": str(tmp_path / "runs"), "name": "prefix-best"},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    summary = run_training(load_config(path), show_progress=False)
+    assert summary["status"] == "complete"
+    best = Path(summary["best_checkpoint"])
+    evals = {r["step"]: r["eval_loss"] for r in map(json.loads, (Path(summary["run"]) / "metrics.jsonl")
+                                                    .read_text().splitlines()) if "eval_loss" in r}
+    assert best.name == f"checkpoint-{min(evals, key=evals.get)}" and best.is_dir()
+    final = Path(summary["final"])
+    a, b = load_file(final / "adapter_model.safetensors"), load_file(best / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), final).eval()
+    tok = AutoTokenizer.from_pretrained(final)
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(input_ids=torch.tensor([tok("2+2=")["input_ids"]])).logits).all()

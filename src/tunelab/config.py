@@ -123,6 +123,10 @@ class MethodConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+# adapters that prepend virtual tokens instead of changing weights (PEFT's prompt learning)
+PROMPT_LEARNING = ("prefix", "prompt", "ptuning")
+
+
 class AdapterConfig(Section):
     type: Literal["none", "lora", "dora", "prefix", "prompt", "ptuning", "ia3"] = Field(
         "lora", description="none = full fine-tuning")

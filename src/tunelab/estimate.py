@@ -31,6 +31,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from tunelab import models
+from tunelab.config import PROMPT_LEARNING
 from tunelab.errors import UserError
 
 GB = 2**30
@@ -162,7 +163,7 @@ def adapter_params(cfg, arch: dict) -> int:
         chosen = [(i, o) for name, i, o in arch["linears"]
                   if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets]
         return sum(a.r * (i + o) + (o if a.type == "dora" else 0) for i, o in chosen)
-    if a.type in ("prefix", "prompt", "ptuning"):
+    if a.type in PROMPT_LEARNING:
         per_token = arch["hidden"] * (2 * arch["layers"] if a.type == "prefix" else 1)
         return a.num_virtual_tokens * per_token
     return sum(o for _, _, o in arch["linears"])  # IA3: one scale per output feature

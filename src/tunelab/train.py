@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab import estimate, runs, tracking
-from tunelab.config import RunConfig, load_config
+from tunelab.config import PROMPT_LEARNING, RunConfig, load_config
 from tunelab.errors import UserError
 
 
@@ -99,7 +99,13 @@ def evaluation_settings(cfg: RunConfig) -> dict:
                         f"({t.eval_steps}) to keep the best checkpoint; e.g. set training.save_steps={t.eval_steps}")
     if not (e.load_best or e.early_stopping_patience):
         return {}
-    return best_model_args(e.metric, None if e.direction == "auto" else e.direction)
+    args = best_model_args(e.metric, None if e.direction == "auto" else e.direction)
+    if cfg.adapter.type in PROMPT_LEARNING:
+        # A prompt-learning checkpoint holds the computed virtual tokens, not the trainable encoder (prefix
+        # projection, P-tuning's MLP), so transformers cannot load it back into the training model (it raises at the
+        # end of the run). The best checkpoint is still tracked; final/ is copied from it (_save_final).
+        args["load_best_model_at_end"] = False
+    return args
 
 
 def evaluation_callbacks(cfg: RunConfig, run: runs.Run, tokenizer) -> tuple[list, list]:
@@ -142,10 +148,16 @@ def preflight(cfg: RunConfig, tokenizer, model, data: TrainData, echo=print) -> 
          f"({100 * trained / max(total, 1):.0f}%); end-of-turn token trained: yes")
 
 
-def _save_final(trainer, tokenizer, run: runs.Run, merge_adapter: bool = False) -> Path:
+def _save_final(trainer, tokenizer, run: runs.Run, merge_adapter: bool = False,
+                adapter_from: Path | None = None) -> Path:
+    """Write final/ atomically: the trained model, or (adapter_from) the adapter files of a checkpoint."""
     final, tmp = run.dir / "final", run.dir / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if merge_adapter and hasattr(trainer.model, "merge_and_unload"):
+    if adapter_from is not None:
+        tmp.mkdir(parents=True)
+        for f in Path(adapter_from).glob("adapter_*"):
+            shutil.copy2(f, tmp / f.name)
+    elif merge_adapter and hasattr(trainer.model, "merge_and_unload"):
         trainer.model.merge_and_unload().save_pretrained(str(tmp))  # a standalone model, loadable without PEFT
     else:
         trainer.save_model(str(tmp))
@@ -235,10 +247,12 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
         echo(f"stopped at step {trainer.state.global_step}; checkpoint saved. Re-run the same command to resume.")
         return summary
     # a method whose artifact is read by plain transformers (reward: AutoModelForSequenceClassification) merges it
-    final = _save_final(trainer, tokenizer, run, merge_adapter=getattr(method, "MERGE_FINAL", False))
+    best = trainer.state.best_model_checkpoint if eval_args.get("metric_for_best_model") else None
+    final = _save_final(trainer, tokenizer, run, merge_adapter=getattr(method, "MERGE_FINAL", False),
+                        adapter_from=best if best and cfg.adapter.type in PROMPT_LEARNING else None)
     summary["status"] = "complete"
-    if trainer.state.best_model_checkpoint and eval_args.get("load_best_model_at_end"):
-        summary["best_checkpoint"] = trainer.state.best_model_checkpoint
+    if best:
+        summary["best_checkpoint"] = best
         summary["best_metric"] = {eval_args["metric_for_best_model"]: trainer.state.best_metric}
     summary["final"] = str(final)
     runs.write_json_atomic(run.dir / "summary.json", summary)
