@@ -45,7 +45,7 @@ def test_lora_fp32_components(tmp_path, tiny_model):
     assert m["optimizer"] == pytest.approx(LORA8 * 8 / MB)
     tokens = 4 * 100  # the largest batch: batch size x the longest sample
     assert est.peak_tokens == tokens
-    # fp32 keeps ~8 B per element of the linear layers' inputs; resident memory on CPU holds ~1.9x that
+    # fp32 keeps ~8 B per element of the linear layers' inputs; resident memory on CPU holds more (CPU_RESIDENT_FACTOR)
     assert m["activations"] == pytest.approx(tokens * L * 8 * (6 * H + I) * CPU_RESIDENT_FACTOR / MB)
     assert m["autocast"] == 0  # fp32: no bf16 weight copies
     assert m["loss"] == pytest.approx(tokens * 0.5 * V * 10 / MB)  # lean loss scores the trained half
@@ -95,6 +95,31 @@ def test_grpo_kv_cache(tmp_path, tiny_model):
     assert cpu.memory_mb["kv_cache"] == pytest.approx(est.memory_mb["kv_cache"])
     fp32 = estimate(cfg, "cpu", max_tokens=100, baseline_mb=0)
     assert "sampler" not in fp32.memory_mb and fp32.memory_mb["kv_cache"] == pytest.approx(2 * cpu.memory_mb["kv_cache"])
+
+
+def test_preference_methods_count_both_sequences_and_full_logits(tmp_path, tiny_model):
+    """DPO/ORPO/SimPO run chosen and rejected in one forward (two sequences a row) and take log-probs over the full
+    logits of every position; a reward model has a score head (no vocabulary logits); DPO adds a reference forward."""
+    sft = estimate(_cfg(tmp_path, tiny_model), "cpu", max_tokens=100, baseline_mb=0)
+    dpo = estimate(_cfg(tmp_path, tiny_model, method={"name": "dpo"}), "cpu", max_tokens=100, baseline_mb=0)
+    tokens = 2 * 4 * 100  # chosen + rejected x batch 4 x the longest sample
+    assert dpo.peak_tokens == tokens
+    assert dpo.memory_mb["activations"] == pytest.approx(2 * sft.memory_mb["activations"])
+    assert dpo.memory_mb["loss"] == pytest.approx(tokens * V * (4 + 4 + 4 + 4) / MB)  # fp32 logits: no extra copy
+    bf16 = estimate(_cfg(tmp_path, tiny_model, method={"name": "orpo"}, training={"precision": "bf16"}), "cpu",
+                    max_tokens=100, baseline_mb=0)
+    assert bf16.memory_mb["loss"] == pytest.approx(tokens * V * (2 + 4 + 4 + 4) / MB)
+    reward = estimate(_cfg(tmp_path, tiny_model, method={"name": "reward"}), "cpu", max_tokens=100, baseline_mb=0)
+    assert reward.peak_tokens == tokens and reward.memory_mb["loss"] == 0
+    # FLOPs: twice the tokens; DPO's reference forward adds one forward per token, ORPO has no reference
+    orpo = estimate(_cfg(tmp_path, tiny_model, method={"name": "orpo"}), "cpu", max_tokens=100, mean_tokens=50,
+                    baseline_mb=0)
+    sft50 = estimate(_cfg(tmp_path, tiny_model), "cpu", max_tokens=100, mean_tokens=50, baseline_mb=0)
+    dpo50 = estimate(_cfg(tmp_path, tiny_model, method={"name": "dpo"}), "cpu", max_tokens=100, mean_tokens=50,
+                     baseline_mb=0)
+    assert orpo.flops_per_step == pytest.approx(2 * sft50.flops_per_step)
+    attn = 4 * L * 50 * 4 * 16
+    assert dpo50.flops_per_step == pytest.approx(orpo.flops_per_step + 2 * 4 * 50 * (2 * PARAMS + attn))
 
 
 def test_unknown_device(tmp_path, tiny_model):

@@ -8,11 +8,13 @@ Memory is the sum of parts, each a plain formula below:
   adapter      trainable adapter parameters (float32)
   gradients    one float32 value per trainable parameter
   optimizer    bytes per trainable parameter by optimizer (AdamW 8, 8-bit AdamW 2, SGD 0)
-  activations  tensors the backward pass keeps, per token and layer, times the largest batch (batch x longest sample);
+  activations  tensors the backward pass keeps, per token and layer, times the largest batch (batch x longest sample;
+               two sequences a row for DPO/ORPO/SimPO/reward, which run chosen and rejected in one forward);
                with gradient checkpointing only each layer's input is kept, plus one layer recomputed
   autocast     where a float32 base runs under bf16 autocast on CPU (full fine-tuning, IA3, prompt learning, GRPO), the
                bf16 copy of every matmul weight kept for backward (a LoRA/DoRA base loads in bf16: models.base_dtype)
-  loss         logits of the positions the loss scores
+  loss         logits of the positions the loss scores (preference methods: every position's, as TRL computes them;
+               a reward model's score head: none)
   kv_cache     GRPO: keys and values of a generation batch
   sampler      GRPO on a bf16 CPU with LoRA: the bf16 copy of the merged policy that rollouts sample from
   runtime      CPU: the process' own resident memory before the model loads (Python, torch, the tokenized data), since
@@ -223,7 +225,12 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_t
     L, h, inter = arch["layers"], arch["hidden"], arch["intermediate"]
     max_len = min(max_tokens or cfg.data.max_length, cfg.data.max_length)
     mean_len = min(mean_tokens or max_len, max_len)
-    peak_tokens = t.batch_size * max_len
+    from tunelab.methods import method_module
+
+    method = method_module(cfg.method.name)
+    # preference methods (DPO, ORPO, SimPO, reward) run chosen and rejected through one forward: two sequences a row
+    pairs = method.KIND == "preference"
+    peak_tokens = t.batch_size * max_len * (2 if pairs else 1)
     autocast = not gpu and wdtype == "float32" and precision in ("bf16", "fp16")
     per_elem = 5.5 if autocast else (8.0 if precision == "fp32" else 4.0)
     if cfg.adapter.type in ("lora", "dora") and cfg.adapter.dropout > 0:
@@ -238,7 +245,14 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_t
         act *= CPU_RESIDENT_FACTOR
     autocast_copies = n_lin * 2 + (arch["head_params"] * 2 if lean_loss else 0) if autocast else 0
     scored = peak_tokens * (trained_fraction if lean_loss else 1.0)
-    if lean_loss:  # bf16/float logits, their float32 copy, and softmax/gradient of the same size
+    if getattr(method, "TASK", "CAUSAL_LM") != "CAUSAL_LM":  # a score head: one number per sequence
+        loss = 0
+    elif method.KIND in ("preference", "kto"):
+        # TRL's preference trainers take log-probs over every position of the full (tokens x vocabulary) logits:
+        # the logits in the compute dtype, their float32 copy, the log-softmax and its gradient (DPO on hh-rlhf,
+        # 2 x 4 x 512 tokens: ~13.5 bytes per logit measured, 14 derived)
+        loss = peak_tokens * arch["vocab"] * ((2 if precision != "fp32" else 4) + 4 + 4 + 4)
+    elif lean_loss:  # bf16/float logits, their float32 copy, and softmax/gradient of the same size
         loss = scored * arch["vocab"] * (2 + 4 + 4)
     else:  # TRL's chunked head: a chunk of logits at a time
         loss = min(scored, 4096) * arch["vocab"] * 8
@@ -266,7 +280,9 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_t
     bwd = 2 * fwd if full else (2 * n + 2 * attn + 4 * trainable)
     if t.gradient_checkpointing:
         bwd += fwd
-    tokens_per_step = t.batch_size * t.grad_accum * mean_len
+    if cfg.method.name in ("dpo", "kto"):  # the reference model's forward (no backward) on the same tokens
+        bwd += fwd
+    tokens_per_step = t.batch_size * t.grad_accum * mean_len * (2 if pairs else 1)
     flops = tokens_per_step * (fwd + bwd)
     seconds = flops / (dev["flops"] * dev["mfu"])
     steps = t.max_steps if t.max_steps > 0 else (
