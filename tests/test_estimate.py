@@ -122,6 +122,22 @@ def test_preference_methods_count_both_sequences_and_full_logits(tmp_path, tiny_
     assert dpo50.flops_per_step == pytest.approx(orpo.flops_per_step + 2 * 4 * 50 * (2 * PARAMS + attn))
 
 
+def test_distillation_counts_the_teacher_and_a_smaller_student(tmp_path, tiny_model):
+    """student_layers cuts the student from the configured model (which stays the teacher); the frozen teacher's
+    weights and, in logits mode, both models' full logits are part of the peak."""
+    method = {"name": "distill", "student_layers": 1, "temperature": 2.0}
+    est = estimate(_cfg(tmp_path, tiny_model, adapter={"type": "none"}, method=method), "cpu", max_tokens=100,
+                   baseline_mb=0)
+    student = PARAMS - LAYER  # one of the two decoder layers kept
+    assert est.params == est.trainable == student
+    assert est.memory_mb["weights"] == pytest.approx(student * 4 / MB)
+    assert est.memory_mb["teacher"] == pytest.approx(PARAMS * 4 / MB)
+    assert est.memory_mb["loss"] == pytest.approx(4 * 100 * V * 64 / MB)
+    seq = estimate(_cfg(tmp_path, tiny_model, adapter={"type": "none"}, method={**method, "mode": "sequence"}), "cpu",
+                   max_tokens=100, baseline_mb=0)
+    assert seq.memory_mb["teacher"] == est.memory_mb["teacher"] and seq.memory_mb["loss"] < est.memory_mb["loss"]
+
+
 def test_unknown_device(tmp_path, tiny_model):
     with pytest.raises(UserError, match="unknown device"):
         estimate(_cfg(tmp_path, tiny_model), "tpu")

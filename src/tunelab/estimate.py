@@ -16,6 +16,7 @@ Memory is the sum of parts, each a plain formula below:
   loss         logits of the positions the loss scores (preference methods: every position's, as TRL computes them;
                a reward model's score head: none)
   kv_cache     GRPO: keys and values of a generation batch
+  teacher      distillation: the frozen teacher's weights (loaded like the model)
   sampler      GRPO on a bf16 CPU with LoRA: the bf16 copy of the merged policy that rollouts sample from
   runtime      CPU: the process' own resident memory before the model loads (Python, torch, the tokenized data), since
                the run's peak is measured as the process high-water mark; GPU: 0 (the allocator peak excludes it)
@@ -194,8 +195,19 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_t
         raise UserError(f"unknown device '{device}'; known: {', '.join(DEVICES)}")
     dev = DEVICES[device]
     gpu = device != "cpu"
+    distill = cfg.method.options() if cfg.method.name == "distill" else None
+    teacher = None
     if arch is None:
-        arch = architecture(config_json(cfg.model.source, cfg.model.revision, cfg.model.trust_remote_code))
+        mcfg = config_json(cfg.model.source, cfg.model.revision, cfg.model.trust_remote_code)
+        if distill is not None:  # the teacher: method.teacher, or the configured model that the student is cut from
+            teacher = architecture(config_json(distill["teacher"], trust_remote_code=cfg.model.trust_remote_code)
+                                   if distill.get("teacher") else mcfg)
+            if distill.get("student_layers"):  # methods/distill.keep_layers: the same config with fewer layers
+                text = mcfg.get_text_config()
+                text.num_hidden_layers = distill["student_layers"]
+                if getattr(text, "layer_types", None):
+                    text.layer_types = text.layer_types[:distill["student_layers"]]
+        arch = architecture(mcfg)
     t, q = cfg.training, cfg.quantization
     precision = t.precision
     if precision == "auto":
@@ -208,14 +220,17 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_t
 
     # weights
     n, n_lin = arch["params"], arch["linear_params"]
-    if q.bits == 4:  # packed 4-bit + block constants (64 per block; double quant stores them in 8 bits)
-        qbytes = 0.5 + (1 / 64 + 4 / (64 * 256) if q.double_quant else 4 / 64)
-        # prepare_model_for_kbit_training casts the layers left unquantized (embeddings, norms, head) to float32
-        weights = n_lin * qbytes + (n - n_lin) * 4
-    elif q.bits == 8:
-        weights = n_lin * 1 + (n - n_lin) * 4
-    else:
-        weights = n * wbytes
+
+    def weight_bytes(a: dict) -> float:
+        if q.bits == 4:  # packed 4-bit + block constants (64 per block; double quant stores them in 8 bits)
+            qbytes = 0.5 + (1 / 64 + 4 / (64 * 256) if q.double_quant else 4 / 64)
+            # prepare_model_for_kbit_training casts the layers left unquantized (embeddings, norms, head) to float32
+            return a["linear_params"] * qbytes + (a["params"] - a["linear_params"]) * 4
+        if q.bits == 8:
+            return a["linear_params"] * 1 + (a["params"] - a["linear_params"]) * 4
+        return a["params"] * wbytes
+
+    weights = weight_bytes(arch)
     trainable = adapter_params(cfg, arch)
     adapter = 0 if full else trainable * 4
     grads = trainable * 4
@@ -247,6 +262,11 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_t
     scored = peak_tokens * (trained_fraction if lean_loss else 1.0)
     if getattr(method, "TASK", "CAUSAL_LM") != "CAUSAL_LM":  # a score head: one number per sequence
         loss = 0
+    elif distill is not None and distill.get("mode", "logits") == "logits":
+        # student and teacher logits over every position, both log-softmaxes at the temperature, the divergence and
+        # the gradients back through them, in float32 (configs/distill/smollm2-half.yaml, 4 x 383 tokens: ~65 bytes
+        # of resident memory per logit, measured)
+        loss = peak_tokens * arch["vocab"] * 64
     elif method.KIND in ("preference", "kto"):
         # TRL's preference trainers take log-probs over every position of the full (tokens x vocabulary) logits:
         # the logits in the compute dtype, their float32 copy, the log-softmax and its gradient (DPO on hh-rlhf,
@@ -270,6 +290,8 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_t
         memory["kv_cache"] = gens * seq * L * 2 * arch["kv_heads"] * arch["head_dim"] * kv_bytes / MB
         if sampler:
             memory["sampler"] = n * 2 / MB
+    if teacher is not None:  # frozen, loaded like the model (methods/distill.extra_models)
+        memory["teacher"] = weight_bytes(teacher) / MB
     if not gpu:
         memory["runtime"] = runtime_mb() if baseline_mb is None else baseline_mb
 
