@@ -122,6 +122,14 @@ def test_preference_methods_count_both_sequences_and_full_logits(tmp_path, tiny_
     assert dpo50.flops_per_step == pytest.approx(orpo.flops_per_step + 2 * 4 * 50 * (2 * PARAMS + attn))
 
 
+def test_dora_keeps_more_activations_than_lora(tmp_path, tiny_model):
+    """DoRA keeps each linear's base and LoRA outputs too (for the magnitude's gradient): ~2 more bytes per element."""
+    dora = estimate(_cfg(tmp_path, tiny_model, adapter={"type": "dora", "r": 8, "alpha": 16, "dropout": 0.0}), "cpu",
+                    max_tokens=100, baseline_mb=0)
+    assert dora.memory_mb["activations"] == pytest.approx(4 * 100 * L * (8 + 2) * (6 * H + I) * CPU_RESIDENT_FACTOR
+                                                          / MB)
+
+
 def test_distillation_counts_the_teacher_and_a_smaller_student(tmp_path, tiny_model):
     """student_layers cuts the student from the configured model (which stays the teacher); the frozen teacher's
     weights and, in logits mode, both models' full logits are part of the peak."""

@@ -251,6 +251,10 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_t
     if cfg.adapter.type in ("lora", "dora") and cfg.adapter.dropout > 0:
         # float32: its float32 output (measured); bf16: a boolean mask and the bf16 output (derived, not measured)
         per_elem += 4.0 if (autocast or precision == "fp32") else 3.0
+    if cfg.adapter.type == "dora":
+        # DoRA also keeps each linear's base and LoRA outputs for the magnitude's gradient: configs/qa/dora.yaml
+        # measured 1,770 MB over configs/qa/lora.yaml (2,888 tokens), ~2 more bytes per element with the CPU factor
+        per_elem += 2.0
     per_token_layer = per_elem * (6 * h + inter)
     if t.gradient_checkpointing:  # each layer's input kept, one layer's activations alive during recompute
         act = peak_tokens * (L * h * (4 if autocast or precision == "fp32" else 2) + per_token_layer)
