@@ -3,7 +3,7 @@
 Each config trains for a few steps in its own process (`tunelab train CONFIG training.max_steps=N`), so the measured
 peak (the process' resident high-water mark) belongs to that run alone; summary.json holds both numbers. Configs
 whose data is not on this machine (hh-rlhf from ../shared) are listed as skipped. The last line is the count within
-the issue's +-20%.
+the +-20% target.
 
     python benchmarks/estimate_accuracy.py                     # all shipped CPU configs, 2 steps each
     python benchmarks/estimate_accuracy.py configs/qa/lora.yaml --steps 4
