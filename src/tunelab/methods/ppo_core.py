@@ -117,10 +117,10 @@ class PPOTrainer(Trainer):
         p_ids = torch.tensor([[pad] * (width - len(x)) + x for x in enc], device=model.device)
         p_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in enc], device=model.device)
         model.eval()
-        sampling = {} if greedy else dict(do_sample=True, temperature=o.temperature, top_p=o.top_p, top_k=0)
+        sampling = (dict(do_sample=False) if greedy else
+                    dict(do_sample=True, temperature=o.temperature, top_p=o.top_p, top_k=0))
         out = model.generate(input_ids=p_ids, attention_mask=p_mask, max_new_tokens=o.max_completion_length,
-                             eos_token_id=self.stop_ids, pad_token_id=pad, use_cache=True,
-                             **(sampling or dict(do_sample=False)))
+                             eos_token_id=self.stop_ids, pad_token_id=pad, use_cache=True, **sampling)
         comp = out[:, width:]
         is_stop = torch.isin(comp, torch.tensor(self.stop_ids, device=comp.device))
         ended = is_stop.any(1)
