@@ -6,7 +6,7 @@ teacher, reverse KL(student || teacher) seeks its main mode (MiniLLM, Gu et al. 
 (generalized JSD of GKD, Agarwal et al. 2024, https://arxiv.org/abs/2306.13649, whose TRL implementation computes
 the divergence here). Logits are softened by `temperature` and the loss scaled by T^2, as in Hinton et al.
 `mode: sequence` is sequence-level distillation (Kim & Rush 2016, https://arxiv.org/abs/1606.07947): the teacher
-answers every training prompt once, and the student is SFT-trained on those answers (TRL's SFTTrainer).
+answers every training prompt once, and the student is SFT-trained on those answers (SFT's trainer and lean loss).
 
 TRL's DistillationTrainer and GKDTrainer distill on-policy (the student generates during training) from raw
 messages; here the data layer's tokens and assistant-only labels are reused, so logit distillation is an SFTTrainer
@@ -25,6 +25,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunelab.errors import UserError
+from tunelab.methods import sft
 
 KIND = "conversation"
 
@@ -91,9 +92,15 @@ def extra_models(cfg, opts: Config, precision: str) -> dict:
     return {"teacher": teacher}
 
 
+def use_lean_loss(opts: Config) -> bool:
+    """Sequence mode scores only the answer tokens through the LM head on CPU (methods/sft.py); logits mode compares
+    the full logits of both models."""
+    return opts.mode == "sequence" and sft.use_lean_loss(sft.Config())
+
+
 def build(cfg, opts: Config, model, tokenizer, data, args: dict, teacher=None):
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     if teacher is None:
         raise UserError("distill: no teacher model was loaded")
@@ -104,10 +111,13 @@ def build(cfg, opts: Config, model, tokenizer, data, args: dict, teacher=None):
     if opts.mode == "sequence":
         rows = teacher_answers(teacher, tokenizer, rows, opts, cfg.data.max_length)
     sft_args = SFTConfig(**args, max_length=cfg.data.max_length)
-    trainer_cls = SFTTrainer if opts.mode == "sequence" else _logit_trainer(opts)
+    # sequence mode is SFT on the teacher's answers: it takes SFT's trainer with its lean loss where SFT would (CPU)
+    trainer_cls = sft._trainer_class() if opts.mode == "sequence" else _logit_trainer(opts)
     trainer = trainer_cls(model=model, args=sft_args, train_dataset=Dataset.from_list(rows),
                           eval_dataset=Dataset.from_list(data.validation) if data.validation else None,
                           processing_class=tokenizer)
+    if opts.mode == "sequence":
+        trainer.lean = use_lean_loss(opts)
     trainer.teacher = teacher
     held_out = data.validation or data.train[-16:]
     trainer.add_callback(report_callback(teacher, held_out))
