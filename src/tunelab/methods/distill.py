@@ -112,7 +112,7 @@ def build(cfg, opts: Config, model, tokenizer, data, args: dict, teacher=None):
         rows = teacher_answers(teacher, tokenizer, rows, opts, cfg.data.max_length)
     sft_args = SFTConfig(**args, max_length=cfg.data.max_length)
     # sequence mode is SFT on the teacher's answers: it takes SFT's trainer with its lean loss where SFT would (CPU)
-    trainer_cls = sft._trainer_class() if opts.mode == "sequence" else _logit_trainer(opts)
+    trainer_cls = sft.trainer_class() if opts.mode == "sequence" else _logit_trainer(opts)
     trainer = trainer_cls(model=model, args=sft_args, train_dataset=Dataset.from_list(rows),
                           eval_dataset=Dataset.from_list(data.validation) if data.validation else None,
                           processing_class=tokenizer)

@@ -55,7 +55,7 @@ def right_padded(mask) -> bool:
     return bool((mask.bool() == (torch.arange(mask.shape[1], device=mask.device) < lengths)).all())
 
 
-def _trainer_class():
+def trainer_class():
     import torch
     from peft.helpers import disable_input_dtype_casting
     from trl import SFTTrainer
@@ -119,7 +119,7 @@ def build(cfg, opts: Config, model, tokenizer, data, args: dict):
         neftune_noise_alpha=opts.neftune_noise_alpha,
         use_liger_kernel=opts.use_liger_kernel,
     )
-    trainer = _trainer_class()(
+    trainer = trainer_class()(
         model=model,
         args=sft_args,
         train_dataset=Dataset.from_list(data.train),
