@@ -7,6 +7,8 @@ are compared. The last line is the ratio tunelab / TRL.
 
     OMP_NUM_THREADS=2 python benchmarks/grpo_generation.py                       # embedded SmolLM2-135M, CPU
     python benchmarks/grpo_generation.py --model unsloth/Llama-3.2-1B-Instruct --prompts 8 --generations 8
+    # a model built from its config (random bf16 weights; lengths are fixed by min_new_tokens, so the rate is real)
+    python benchmarks/grpo_generation.py --model config:benchmarks/models/llama-3.2-1b.json --prompts 8 --generations 8
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 
 def make_trainer(model, tok, rows, a, generation: str, precision: str):
@@ -52,6 +55,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--tokenizer", default="embedded:smollm2-135m-instruct", help="tokenizer of a config: model")
     a = p.parse_args()
     warnings.filterwarnings("ignore")
 
@@ -64,6 +68,10 @@ def main() -> None:
     from tunelab.data.sources import read_source
 
     transformers.utils.logging.set_verbosity_error()
+    if a.model.startswith("config:"):
+        from sft_throughput import model_from_config  # benchmarks/ is this script's directory
+
+        a.model = model_from_config(a.model.removeprefix("config:"), Path(tempfile.mkdtemp()), a.tokenizer)
     precision = models.resolve_precision(a.precision)
     tok = models.load_tokenizer(a.model)
     base = AutoModelForCausalLM.from_pretrained(models.resolve_source(a.model), dtype=torch.float32)

@@ -4,8 +4,9 @@
     python benchmarks/sft_throughput.py --steps 10 --repeats 2 --model HuggingFaceTB/SmolLM2-360M-Instruct
     # GPU: a Llama-3.2-1B-shaped model built from its config (random weights, bf16), LoRA or QLoRA, tunelab's GPU
     # switches added to its side only
+    # (each --tunelab is one more tunelab variant in the same run: here its GPU defaults, then the extra switches)
     python benchmarks/sft_throughput.py --model config:benchmarks/models/llama-3.2-1b.json --qlora --dropouts 0 \
-        --tunelab model.attn_implementation=sdpa data.padding_free=true method.use_liger_kernel=true
+        --tunelab --tunelab data.padding_free=true method.use_liger_kernel=true
 
 Both paths train LoRA r=16 (alpha 32, all-linear) on the same GSM8K rows (exactly one pass: steps x batch rows),
 with the same learning rate and schedule, and run interleaved so a busy machine slows both alike. Each path runs
@@ -132,7 +133,7 @@ def run_trl(model_path: str, tokenizer, rows: list[dict], a, out: str):
     return trainer.model, trainer.state.num_input_tokens_seen, seconds, mem
 
 
-def run_tunelab(model_source: str, rows: list[dict], a, workdir: Path):
+def run_tunelab(model_source: str, rows: list[dict], a, workdir: Path, overrides: list[str]):
     from transformers import TrainerCallback
 
     from tunelab.config import load_config
@@ -152,24 +153,27 @@ def run_tunelab(model_source: str, rows: list[dict], a, workdir: Path):
                              f"training.max_steps={a.steps}", f"training.batch_size={a.batch_size}",
                              f"training.learning_rate={a.lr}", "training.scheduler=linear",
                              "training.save_steps=100000", f"output.dir={workdir}", "output.name=tunelab",
-                             *(["quantization.bits=4"] if a.qlora else []), *a.tunelab])
+                             *(["quantization.bits=4"] if a.qlora else []), *overrides])
     with PeakMemory() as mem:
         summary = run_training(cfg, overwrite=True, callbacks=[keep], echo=lambda *x: None, show_progress=False)
     # run_training's own train() wall time; the peak also covers its model load and final save
     return keep.model, summary["tokens"], summary["train_seconds"], mem, summary
 
 
-def model_from_config(config_path: str, workdir: Path) -> str:
-    """A model directory with random bf16 weights of the architecture in `config_path` and the embedded tokenizer
-    (ids stay below its 49,152 entries): for benchmarks of a model size whose weights cannot be fetched here."""
+def model_from_config(config_path: str, workdir: Path, tokenizer_source: str) -> str:
+    """A model directory with random bf16 weights of the architecture in `config_path` and a small tokenizer (the
+    embedded one by default; ids stay below its 49,152 entries): for benchmarks of a model size whose weights cannot
+    be fetched here."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from tunelab import models
 
     out = workdir / Path(config_path).stem
     config = AutoConfig.from_pretrained(config_path)
-    tokenizer = models.load_tokenizer("embedded:smollm2-135m-instruct")
+    # a tokenizer directory on its own has no config.json, which tunelab's model sources require
+    tokenizer = (AutoTokenizer.from_pretrained(tokenizer_source) if Path(tokenizer_source).is_dir()
+                 else models.load_tokenizer(tokenizer_source))
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(0)
@@ -203,9 +207,14 @@ def main() -> None:
     p.add_argument("--dropouts", type=lambda v: [float(x) for x in v.split(",")], default=[0.05, 0.0],
                    help="LoRA dropouts to run both paths at (comma-separated)")
     p.add_argument("--qlora", action="store_true", help="4-bit NF4 base on both sides (bitsandbytes)")
-    p.add_argument("--tunelab", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="extra tunelab config overrides, e.g. data.padding_free=true method.use_liger_kernel=true")
+    p.add_argument("--tunelab", nargs="*", action="append", metavar="KEY=VALUE",
+                   help="one tunelab variant with these config overrides, e.g. data.padding_free=true "
+                   "method.use_liger_kernel=true; repeat for several variants (default: one, tunelab's defaults)")
+    p.add_argument("--tokenizer", default="embedded:smollm2-135m-instruct",
+                   help="tokenizer of a config: model (hub id, local dir or embedded:NAME)")
+    p.add_argument("--json", help="also write every run's figures to this JSON file")
     a = p.parse_args()
+    variants = {(" ".join(v) or "defaults"): v for v in (a.tunelab or [[]])}
 
     import torch
 
@@ -219,7 +228,7 @@ def main() -> None:
     peak_flops = estimate.DEVICES[device]["flops"]
     with tempfile.TemporaryDirectory() as tmp:
         if a.model.startswith("config:"):
-            a.model = model_from_config(a.model.removeprefix("config:"), Path(tmp))
+            a.model = model_from_config(a.model.removeprefix("config:"), Path(tmp), a.tokenizer)
         model_path = models.resolve_source(a.model)
         tokenizer = models.load_tokenizer(a.model)
         per_token = flops_per_token(model_path, a)
@@ -235,33 +244,54 @@ def main() -> None:
         for rep in range(a.repeats):
             for dropout in a.dropouts:
                 a.dropout = dropout
-                for name in ("trl", "tunelab"):
-                    if name == "trl":
-                        model, tokens, seconds, mem = run_trl(model_path, tokenizer, rows, a, f"{tmp}/trl")
-                    else:
-                        model, tokens, seconds, mem, _ = run_tunelab(a.model, rows, a, Path(tmp))
+                for name in ("trl", *variants):
+                    est = None
+                    try:
+                        if name == "trl":
+                            model, tokens, seconds, mem = run_trl(model_path, tokenizer, rows, a, f"{tmp}/trl")
+                        else:
+                            model, tokens, seconds, mem, summary = run_tunelab(a.model, rows, a, Path(tmp),
+                                                                               variants[name])
+                            est = summary.get("memory_estimate")
+                    except Exception as e:  # noqa: BLE001  (one variant failing must not lose the others' figures)
+                        print(f"{name} dropout {dropout} run {rep + 1}: FAILED {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}", flush=True)
+                        continue
                     loss = heldout_loss(model, heldout)
-                    r = {"tokens": int(tokens), "seconds": seconds, "tokens_per_s": tokens / seconds,
-                         "mfu": tokens / seconds * per_token / peak_flops,
+                    r = {"path": name, "dropout": dropout, "tokens": int(tokens), "seconds": seconds,
+                         "tokens_per_s": tokens / seconds, "mfu": tokens / seconds * per_token / peak_flops,
                          "peak_mb": mem.peak, "peak_rise_mb": mem.peak - mem.start, "heldout_loss": loss,
-                         "load": os.getloadavg()[0]}
+                         "load": os.getloadavg()[0], "memory_estimate": est}
                     results.setdefault((name, dropout), []).append(r)
-                    print(f"{name:8s} dropout {dropout:<4} run {rep + 1}: {r['tokens']} real tokens in {seconds:.1f} s "
+                    label = "tunelab" if name == "defaults" else ("trl" if name == "trl" else f"tunelab[{name}]")
+                    # the run's own estimate (printed at its start) against its measured peak (summary.json)
+                    vs = (f" | estimate {est['total_mb']:.0f} MB, measured/estimate {est['measured_over_estimate']:.2f}"
+                          if est else "")
+                    print(f"{label} dropout {dropout:<4} run {rep + 1}: {r['tokens']} real tokens in {seconds:.1f} s "
                           f"= {r['tokens_per_s']:.1f} tokens/s | peak {r['peak_mb']:.0f} MB (+{r['peak_rise_mb']:.0f} "
-                          f"MB while training) | MFU {r['mfu']:.1%} | held-out loss {loss:.4f} | load {r['load']:.2f}", flush=True)
+                          f"MB while training) | MFU {r['mfu']:.1%} | held-out loss {loss:.4f} | "
+                          f"load {r['load']:.2f}{vs}", flush=True)
                     del model
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+        if a.json:
+            Path(a.json).write_text(json.dumps([r for v in results.values() for r in v], indent=1))
         best = {k: max(v, key=lambda r: r["tokens_per_s"]) for k, v in results.items()}
         for dropout in a.dropouts:
-            t, u = best[("trl", dropout)], best[("tunelab", dropout)]
-            print(f"same hyper-parameters, dropout {dropout}: tunelab / plain TRL real tokens/s "
-                  f"{u['tokens_per_s'] / t['tokens_per_s']:.2f}x | held-out loss trl {t['heldout_loss']:.4f}, "
-                  f"tunelab {u['heldout_loss']:.4f}")
-        if ("trl", 0.05) in best and ("tunelab", 0.0) in best:
-            t, u = best[("trl", 0.05)], best[("tunelab", 0.0)]
+            t = best.get(("trl", dropout))
+            for name in variants:
+                u = best.get((name, dropout))
+                if t is None or u is None:
+                    continue
+                print(f"same hyper-parameters, dropout {dropout}, tunelab {name}: tunelab / plain TRL real tokens/s "
+                      f"{u['tokens_per_s'] / t['tokens_per_s']:.2f}x, peak memory {u['peak_mb'] / t['peak_mb']:.2f}x | "
+                      f"held-out loss trl {t['heldout_loss']:.4f}, tunelab {u['heldout_loss']:.4f}")
+        first = next(iter(variants))
+        if ("trl", 0.05) in best and (first, 0.0) in best:
+            t, u = best[("trl", 0.05)], best[(first, 0.0)]
             print(f"defaults (tunelab LoRA dropout 0 vs TRL's 0.05): tunelab / plain TRL real tokens/s "
                   f"{u['tokens_per_s'] / t['tokens_per_s']:.2f}x | held-out loss trl {t['heldout_loss']:.4f}, "
                   f"tunelab {u['heldout_loss']:.4f} (best of {a.repeats})")
-
 
 if __name__ == "__main__":
     main()

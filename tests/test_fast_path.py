@@ -134,3 +134,41 @@ def test_right_padded_detection():
     assert not right_padded(torch.tensor([[1, 1, 1], [0, 1, 1]]))  # left padding needs the mask
     assert not right_padded(torch.tensor([[1, 0, 1]]))  # a hole
     assert not right_padded(None)
+
+
+@pytest.mark.parametrize("loss", ["lean", "fused"])
+def test_padding_free_batches_train_like_padded_batches(tmp_path, tiny_model, tiny_chat_data, loss):
+    """data.padding_free concatenates a batch into one row; position ids keep the samples apart, so each step's loss
+    equals the padded batch's (a sample attending to its neighbour would change it)."""
+    runs = {}
+    for free in (False, True):
+        path = make_config(tmp_path, tiny_model, tiny_chat_data, name=f"{loss}-free{free}", training=SETTINGS,
+                           method={"name": "sft", "loss": loss})
+        summary = run_training(load_config(path, [f"data.padding_free={str(free).lower()}"]), show_progress=False)
+        assert summary["status"] == "complete"
+        runs[free] = losses(Path(summary["run"]))
+    padded, free = runs[False], runs[True]
+    assert free.keys() == padded.keys() and len(free) == SETTINGS["max_steps"]
+    for step in free:
+        assert free[step] == pytest.approx(padded[step], abs=1e-4), (step, free, padded)
+    assert free[max(free)] < free[1] - 0.3
+
+
+def test_liger_without_its_package_or_a_gpu_is_refused_before_the_model_loads(tmp_path, tiny_model, tiny_chat_data,
+                                                                              monkeypatch):
+    import importlib.util
+
+    from tunelab.errors import UserError
+
+    path = make_config(tmp_path, tiny_model, tiny_chat_data, name="liger", training=SETTINGS,
+                       method={"name": "sft", "use_liger_kernel": True})
+    loaded = []
+    monkeypatch.setattr("tunelab.models.load_model", lambda *a, **k: loaded.append(1))
+    if importlib.util.find_spec("liger_kernel") is None:
+        with pytest.raises(UserError, match="needs the liger-kernel package"):
+            run_training(load_config(path), show_progress=False)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())  # as if installed
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(UserError, match="no CUDA device"):
+        run_training(load_config(path), show_progress=False)
+    assert not loaded

@@ -21,6 +21,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunelab.errors import UserError
+
 KIND = "conversation"
 
 
@@ -107,13 +109,29 @@ def use_lean_loss(opts: Config) -> bool:
     return opts.loss == "lean"
 
 
+def check(cfg, opts: Config, data) -> None:
+    import importlib.util
+
+    import torch
+
+    if opts.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        raise UserError("method.use_liger_kernel needs the liger-kernel package: pip install 'tunelab[gpu]' "
+                        "(or set method.use_liger_kernel=false)")
+    if opts.use_liger_kernel and not torch.cuda.is_available():
+        raise UserError("method.use_liger_kernel: Liger's kernels are Triton GPU kernels and no CUDA device is "
+                        "visible; set method.use_liger_kernel=false on this machine")
+
+
 def build(cfg, opts: Config, model, tokenizer, data, args: dict):
     from datasets import Dataset
     from trl import SFTConfig
 
+    # Rows are already cut to data.max_length (or dropped, or refused) by the data layer. TRL refuses padding-free
+    # batches without packing unless max_length is None, since its collator would not enforce it.
+    padding_free_only = cfg.data.padding_free and not cfg.data.packing
     sft_args = SFTConfig(
         **args,
-        max_length=cfg.data.max_length,
+        max_length=None if padding_free_only else cfg.data.max_length,
         packing=cfg.data.packing,
         padding_free=cfg.data.padding_free,
         neftune_noise_alpha=opts.neftune_noise_alpha,
