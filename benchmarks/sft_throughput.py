@@ -4,9 +4,10 @@
     python benchmarks/sft_throughput.py --steps 10 --repeats 2 --model HuggingFaceTB/SmolLM2-360M-Instruct
     # GPU: a Llama-3.2-1B-shaped model built from its config (random weights, bf16), LoRA or QLoRA, tunelab's GPU
     # switches added to its side only
-    # (each --tunelab is one more tunelab variant in the same run: here its GPU defaults, then the extra switches)
+    # (each --tunelab is one more tunelab variant in the same run: here its defaults, then with Liger's kernels;
+    # on a GPU quote the second repeat: the first run in a process pays CUDA/cuBLAS/Triton warm-up)
     python benchmarks/sft_throughput.py --model config:benchmarks/models/llama-3.2-1b.json --qlora --dropouts 0 \
-        --tunelab --tunelab data.padding_free=true method.use_liger_kernel=true
+        --steps 40 --batch-size 16 --repeats 2 --tunelab --tunelab method.use_liger_kernel=true
 
 Both paths train LoRA r=16 (alpha 32, all-linear) on the same GSM8K rows (exactly one pass: steps x batch rows),
 with the same learning rate and schedule, and run interleaved so a busy machine slows both alike. Each path runs
@@ -21,7 +22,8 @@ every 20 ms, as the rise over the resident memory before the run and as the abso
 the loss after training on the same held-out rows (assistant tokens only, so both are scored on the same thing),
 and MFU: model FLOPs per real token (tunelab.estimate's count for a frozen base with adapters; gradient
 checkpointing's recomputation is not counted) x tokens/s over the device's bf16 peak (estimate.DEVICES).
-Printed last: tunelab's / TRL's tokens/s at the same dropout, then tunelab's defaults against TRL's defaults.
+Printed last (best of the repeats): each tunelab variant's / TRL's tokens/s and peak memory at the same dropout, then
+tunelab's defaults against TRL's defaults.
 """
 
 from __future__ import annotations

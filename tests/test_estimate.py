@@ -191,3 +191,34 @@ def test_peak_memory_is_the_programs_own():
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout) < peak_memory_mb() - 600, (out.stdout, peak_memory_mb())
     del ballast
+
+
+def test_gpu_activations_qlora_liger_and_lean_loss(tmp_path, tiny_model):
+    """The GPU side's coefficients (measured on an H100, benchmarks/RESULTS.md): 5 B per bf16 activation element,
+    1.66x for QLoRA's float32 residual stream, 0.75x with Liger's kernels; SFT's lean loss is the default there too."""
+    tokens, per_layer = 4 * 100, 6 * H + I
+    bf16 = {"precision": "bf16"}
+    lora = estimate(_cfg(tmp_path, tiny_model, training=bf16), "h100", max_tokens=100, trained_fraction=0.5)
+    assert lora.memory_mb["activations"] == pytest.approx(tokens * L * 5.0 * per_layer / MB)
+    assert lora.memory_mb["loss"] == pytest.approx(tokens * 0.5 * V * 10 / MB)  # lean: the trained half's logits
+    assert lora.memory_mb["autocast"] == 0 and lora.memory_mb["runtime"] == 0
+
+    qlora = estimate(_cfg(tmp_path, tiny_model, training=bf16, quantization={"bits": 4}), "h100", max_tokens=100)
+    assert qlora.memory_mb["activations"] == pytest.approx(lora.memory_mb["activations"] * 1.66)
+
+    liger = estimate(_cfg(tmp_path, tiny_model, training=bf16, method={"name": "sft", "use_liger_kernel": True}),
+                     "h100", max_tokens=100, trained_fraction=0.5)
+    assert liger.memory_mb["activations"] == pytest.approx(lora.memory_mb["activations"] * 0.75)
+    assert liger.memory_mb["loss"] == lora.memory_mb["loss"]  # the lean loss replaces Liger's fused cross-entropy
+    fused = estimate(_cfg(tmp_path, tiny_model, training=bf16,
+                          method={"name": "sft", "use_liger_kernel": True, "loss": "fused"}), "h100", max_tokens=100)
+    assert fused.memory_mb["loss"] == pytest.approx(tokens * V * 1.5 / MB)  # Liger's chunked linear cross-entropy
+    plain_fused = estimate(_cfg(tmp_path, tiny_model, training=bf16, method={"name": "sft", "loss": "fused"}), "h100",
+                           max_tokens=100)
+    assert plain_fused.memory_mb["loss"] == pytest.approx(min(tokens, 4096) * V * 8 / MB)  # TRL's chunked head
+
+    # Liger's kernels are GPU kernels: the CPU estimate does not apply their factor
+    cpu = estimate(_cfg(tmp_path, tiny_model, training=bf16), "cpu", max_tokens=100, baseline_mb=0)
+    cpu_liger = estimate(_cfg(tmp_path, tiny_model, training=bf16, method={"name": "sft", "use_liger_kernel": True}),
+                         "cpu", max_tokens=100, baseline_mb=0)
+    assert cpu_liger.memory_mb["activations"] == cpu.memory_mb["activations"]
