@@ -140,7 +140,7 @@ def test_distillation_counts_the_teacher_and_a_smaller_student(tmp_path, tiny_mo
     assert est.params == est.trainable == student
     assert est.memory_mb["weights"] == pytest.approx(student * 4 / MB)
     assert est.memory_mb["teacher"] == pytest.approx(PARAMS * 4 / MB)
-    assert est.memory_mb["loss"] == pytest.approx(4 * 100 * V * 64 / MB)
+    assert est.memory_mb["loss"] == pytest.approx(4 * 100 * V * 28 / MB)
     seq = estimate(_cfg(tmp_path, tiny_model, adapter={"type": "none"}, method={**method, "mode": "sequence"}), "cpu",
                    max_tokens=100, baseline_mb=0)
     assert seq.memory_mb["teacher"] == est.memory_mb["teacher"] and seq.memory_mb["loss"] < est.memory_mb["loss"]

@@ -78,3 +78,38 @@ def test_distill_refusals(tmp_path, tiny_model, tiny_chat_data):
                      show_progress=False)
     with pytest.raises(UserError, match="did you mean 'temperature'"):
         load_config(write_config(tmp_path, tiny_model, tiny_chat_data, {"temprature": 2}, name="c"))
+
+
+def test_compare_scores_batch_by_batch_like_all_at_once(tiny_model, student, tiny_chat_data):
+    """compare() runs one batch through both models at a time; its KL and perplexities equal a computation over all
+    rows at once, and a model compared with itself has KL 0."""
+    import math
+
+    import torch
+
+    from tunelab import models
+    from tunelab.data.build import prepare_sft
+    from tunelab.methods.distill import compare, distill_loss
+
+    tok = models.load_tokenizer(tiny_model)
+    cfg = load_config(write_config(Path(tiny_chat_data).parent, tiny_model, tiny_chat_data, {}, name="cmp"))
+    rows, _, _ = prepare_sft(cfg.data, tok)
+    rows = rows[:5]  # batches of 2, 2 and 1: padding differs per batch
+    t = models.load_model(load_config(None, [f"model.source={tiny_model}"]), precision="fp32").eval()
+    s = models.load_model(load_config(None, [f"model.source={student}"]), precision="fp32").train()
+    got = compare(t, s, rows, batch_size=2)
+    assert s.training  # restored
+
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in rows])
+    mask = (torch.arange(width) < torch.tensor([[len(r["input_ids"])] for r in rows])).long()
+    lab = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows])[:, 1:]
+    with torch.no_grad():
+        tl = t(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        sl = s.eval()(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    ce = lambda lg: float(torch.nn.functional.cross_entropy(lg.flatten(0, 1), lab.flatten(), ignore_index=-100))
+    assert got["kl_teacher_student"] == pytest.approx(float(distill_loss(sl, tl, lab, "forward_kl", 1.0)), abs=1e-4)
+    assert got["teacher"]["perplexity"] == pytest.approx(math.exp(ce(tl)), rel=1e-3)
+    assert got["student"]["perplexity"] == pytest.approx(math.exp(ce(sl)), rel=1e-3)
+    assert got["kl_teacher_student"] > 0.01  # two random tiny models: near-uniform logits, a small but real KL
+    assert compare(t, t, rows, batch_size=2)["kl_teacher_student"] == pytest.approx(0, abs=1e-6)

@@ -278,9 +278,9 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_t
         loss = 0
     elif distill is not None and distill.get("mode", "logits") == "logits":
         # student and teacher logits over every position, both log-softmaxes at the temperature, the divergence and
-        # the gradients back through them, in float32 (configs/distill/smollm2-half.yaml, 4 x 383 tokens: ~65 bytes
-        # of resident memory per logit, measured)
-        loss = peak_tokens * arch["vocab"] * 64
+        # the gradient back through them, in float32: 7 float32 tensors of the logits' size (configs/distill/
+        # smollm2-half.yaml, 4 x 383 tokens: ~29 bytes of resident memory per logit, measured)
+        loss = peak_tokens * arch["vocab"] * 28
     elif method.KIND in ("preference", "kto"):
         # TRL's preference trainers take log-probs over every position of the full (tokens x vocabulary) logits:
         # the logits in the compute dtype, their float32 copy, the log-softmax and its gradient (DPO on hh-rlhf,
