@@ -290,7 +290,7 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_t
         loss = scored * arch["vocab"] * (2 + 4 + 4)
     elif liger:
         # Liger's fused linear cross-entropy works in chunks; what it kept at the peak was 0.7-2.9 GB on the H100
-        # runs (1B, 128k vocabulary, 6,752 tokens; with and without gradient checkpointing): 1.5 B per logit between
+        # runs (1B, 128k vocabulary, 6,752 tokens; with and without gradient checkpointing): 1.5 B per logit, between
         loss = peak_tokens * arch["vocab"] * 1.5
     else:  # TRL's chunked head: a chunk of logits at a time
         loss = min(scored, 4096) * arch["vocab"] * 8

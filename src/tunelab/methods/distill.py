@@ -93,8 +93,8 @@ def extra_models(cfg, opts: Config, precision: str) -> dict:
 
 
 def use_lean_loss(opts: Config) -> bool:
-    """Sequence mode scores only the answer tokens through the LM head on CPU (methods/sft.py); logits mode compares
-    the full logits of both models."""
+    """Sequence mode scores only the answer tokens through the LM head, as SFT does by default (methods/sft.py);
+    logits mode compares the full logits of both models."""
     return opts.mode == "sequence" and sft.use_lean_loss(sft.Config())
 
 
@@ -111,7 +111,7 @@ def build(cfg, opts: Config, model, tokenizer, data, args: dict, teacher=None):
     if opts.mode == "sequence":
         rows = teacher_answers(teacher, tokenizer, rows, opts, cfg.data.max_length)
     sft_args = SFTConfig(**args, max_length=cfg.data.max_length)
-    # sequence mode is SFT on the teacher's answers: it takes SFT's trainer with its lean loss where SFT would (CPU)
+    # sequence mode is SFT on the teacher's answers: it takes SFT's trainer and its default (lean) loss
     trainer_cls = sft.trainer_class() if opts.mode == "sequence" else _logit_trainer(opts)
     trainer = trainer_cls(model=model, args=sft_args, train_dataset=Dataset.from_list(rows),
                           eval_dataset=Dataset.from_list(data.validation) if data.validation else None,
