@@ -266,9 +266,11 @@ def main() -> None:
                          "load": os.getloadavg()[0], "memory_estimate": est}
                     results.setdefault((name, dropout), []).append(r)
                     label = "tunelab" if name == "defaults" else ("trl" if name == "trl" else f"tunelab[{name}]")
-                    # the run's own estimate (printed at its start) against its measured peak (summary.json)
+                    # the run's own estimate (printed at its start) against its measured peak (summary.json); on CPU
+                    # the process' resident high-water mark also holds the runs before it, so only on a GPU, whose
+                    # allocator peak is reset per run
                     vs = (f" | estimate {est['total_mb']:.0f} MB, measured/estimate {est['measured_over_estimate']:.2f}"
-                          if est else "")
+                          if est and torch.cuda.is_available() else "")
                     print(f"{label} dropout {dropout:<4} run {rep + 1}: {r['tokens']} real tokens in {seconds:.1f} s "
                           f"= {r['tokens_per_s']:.1f} tokens/s | peak {r['peak_mb']:.0f} MB (+{r['peak_rise_mb']:.0f} "
                           f"MB while training) | MFU {r['mfu']:.1%} | held-out loss {loss:.4f} | "
