@@ -140,14 +140,16 @@ def test_right_padded_detection():
 def test_padding_free_batches_train_like_padded_batches(tmp_path, tiny_model, tiny_chat_data, loss):
     """data.padding_free concatenates a batch into one row; position ids keep the samples apart, so each step's loss
     equals the padded batch's (a sample attending to its neighbour would change it)."""
-    runs = {}
+    runs, tokens = {}, {}
     for free in (False, True):
         path = make_config(tmp_path, tiny_model, tiny_chat_data, name=f"{loss}-free{free}", training=SETTINGS,
                            method={"name": "sft", "loss": loss})
         summary = run_training(load_config(path, [f"data.padding_free={str(free).lower()}"]), show_progress=False)
         assert summary["status"] == "complete"
         runs[free] = losses(Path(summary["run"]))
+        tokens[free] = summary["tokens"]
     padded, free = runs[False], runs[True]
+    assert tokens[True] == tokens[False]  # the same real tokens counted (tokens/s), end-of-turn tokens included
     assert free.keys() == padded.keys() and len(free) == SETTINGS["max_steps"]
     for step in free:
         assert free[step] == pytest.approx(padded[step], abs=1e-4), (step, free, padded)

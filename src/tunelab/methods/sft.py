@@ -100,6 +100,14 @@ def trainer_class():
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return loss
 
+        def _track_num_input_tokens(self, inputs):
+            # A padding-free batch is one row with no attention mask; the Trainer then counts the ids that differ
+            # from the pad id, which skips every end-of-turn token of a model whose pad is its end-of-turn token
+            # (SmolLM2). Every position of such a row is a real token (no pad_to_multiple_of is set).
+            if "attention_mask" not in inputs and "position_ids" in inputs and self.args.padding_free:
+                inputs = {**inputs, "attention_mask": torch.ones_like(inputs["input_ids"])}
+            return super()._track_num_input_tokens(inputs)
+
     return LeanSFTTrainer
 
 
