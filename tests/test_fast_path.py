@@ -169,7 +169,9 @@ def test_liger_without_its_package_or_a_gpu_is_refused_before_the_model_loads(tm
     if importlib.util.find_spec("liger_kernel") is None:
         with pytest.raises(UserError, match="needs the liger-kernel package"):
             run_training(load_config(path), show_progress=False)
-    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())  # as if installed
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr("importlib.util.find_spec",  # as if liger-kernel were installed
+                        lambda name, *a: object() if name == "liger_kernel" else real_find_spec(name, *a))
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(UserError, match="no CUDA device"):
         run_training(load_config(path), show_progress=False)

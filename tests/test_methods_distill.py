@@ -80,7 +80,7 @@ def test_distill_refusals(tmp_path, tiny_model, tiny_chat_data):
         load_config(write_config(tmp_path, tiny_model, tiny_chat_data, {"temprature": 2}, name="c"))
 
 
-def test_compare_scores_batch_by_batch_like_all_at_once(tiny_model, student, tiny_chat_data):
+def test_compare_scores_batch_by_batch_like_all_at_once(tmp_path, tiny_model, student, tiny_chat_data):
     """compare() runs one batch through both models at a time; its KL and perplexities equal a computation over all
     rows at once, and a model compared with itself has KL 0."""
     import math
@@ -92,7 +92,7 @@ def test_compare_scores_batch_by_batch_like_all_at_once(tiny_model, student, tin
     from tunelab.methods.distill import compare, distill_loss
 
     tok = models.load_tokenizer(tiny_model)
-    cfg = load_config(write_config(Path(tiny_chat_data).parent, tiny_model, tiny_chat_data, {}, name="cmp"))
+    cfg = load_config(write_config(tmp_path, tiny_model, tiny_chat_data, {}, name="cmp"))
     rows, _, _ = prepare_sft(cfg.data, tok)
     rows = rows[:5]  # batches of 2, 2 and 1: padding differs per batch
     t = models.load_model(load_config(None, [f"model.source={tiny_model}"]), precision="fp32").eval()

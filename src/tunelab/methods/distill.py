@@ -235,8 +235,8 @@ def compare(teacher, student, rows: list[dict], temperature: float = 1.0, batch_
                 "tokens_per_s": round(t["tokens"] / max(t["secs"], 1e-9), 1),
                 "perplexity": round(math.exp(t["nll"] / max(count, 1)), 3)}
 
-    return {"teacher": stats("teacher"), "student": stats("student"), "kl_teacher_student": round(kl / max(count, 1), 4),
-            "held_out_rows": len(rows)}
+    return {"teacher": stats("teacher"), "student": stats("student"),
+            "kl_teacher_student": round(kl / max(count, 1), 4), "held_out_rows": len(rows)}
 
 
 def report_callback(teacher, rows):

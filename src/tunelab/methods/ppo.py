@@ -67,8 +67,8 @@ def check(cfg, opts: Config, data) -> None:
     keeps_best = e.load_best or e.early_stopping_patience
     if cfg.training.eval_steps and keeps_best and not e.metric.startswith("eval_reward"):
         raise UserError(f"ppo: eval.metric '{e.metric}' is not reported: PPO evaluates by eval_reward (mean reward "
-                        "of greedy completions on the validation prompts); set eval.metric=eval_reward (or eval.load_best=false "
-                        "without early stopping)")
+                        "of greedy completions on the validation prompts); set eval.metric=eval_reward "
+                        "(or eval.load_best=false without early stopping)")
     check_rewards(opts.rewards)
 
 
