@@ -138,7 +138,7 @@ def run_trl(model_path: str, tokenizer, rows: list[dict], a, out: str):
 def run_tunelab(model_source: str, rows: list[dict], a, workdir: Path, overrides: list[str]):
     from transformers import TrainerCallback
 
-    from tunelab.config import load_config
+    from tunelab import load_config
     from tunelab.train import run_training
 
     data = workdir / "train.jsonl"
@@ -189,7 +189,7 @@ def model_from_config(config_path: str, workdir: Path, tokenizer_source: str) ->
 def flops_per_token(model_path: str, a) -> float:
     """Model FLOPs per trained token for LoRA r=16 on this model (tunelab.estimate), at the benchmark's mean length."""
     from tunelab import estimate
-    from tunelab.config import load_config
+    from tunelab import load_config
 
     cfg = load_config(None, [f"model.source={model_path}", "adapter.r=16", "training.batch_size=1",
                              f"data.max_length={a.max_length}"])
@@ -221,7 +221,7 @@ def main() -> None:
     import torch
 
     from tunelab import estimate, models, train
-    from tunelab.config import load_config
+    from tunelab import load_config
     from tunelab.data.build import prepare_sft
 
     train.quiet_libraries()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tunelab.config import load_config
+from tunelab import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL = sorted(CONFIGS.rglob("*.yaml"))

@@ -208,7 +208,7 @@ def test_empty_after_filtering(tmp_path):
 
 
 def test_config_source_errors_are_one_line():
-    from tunelab.config import load_config
+    from tunelab import load_config
 
     with pytest.raises(UserError, match="unknown source key 'wieght' \\(did you mean 'weight'\\?\\)"):
         load_config(None, ["data.train=[{path: a.jsonl, wieght: 2}]"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.config import load_config
+from tunelab import load_config
 from tunelab.errors import UserError
 from tunelab.estimate import CPU_RESIDENT_FACTOR, architecture, config_json, estimate
 

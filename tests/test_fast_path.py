@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.config import load_config
+from tunelab import load_config
 from tunelab.train import run_training
 
 from test_train import losses, make_config
@@ -109,8 +109,11 @@ def test_cpu_fast_path_loads_a_bf16_base_under_float32_adapters(tmp_path, tiny_m
 def test_base_dtype_rules(tmp_path, tiny_model):
     from tunelab.models import base_dtype
 
-    def dtype(precision="bf16", gpu=False, task="CAUSAL_LM", **sections):
-        return base_dtype(load_config(make_config(tmp_path, tiny_model, "x.jsonl", **sections)), precision, gpu, task)
+    from tunelab import methods
+
+    def dtype(precision="bf16", gpu=False, **sections):
+        cfg = load_config(make_config(tmp_path, tiny_model, "x.jsonl", **sections))
+        return base_dtype(cfg, precision, gpu, methods.get(cfg.method.name).float32_base)
 
     assert dtype() == "bfloat16"  # LoRA on CPU with bf16: frozen base in bf16
     assert dtype(adapter={"type": "dora"}) == "bfloat16"
@@ -118,7 +121,8 @@ def test_base_dtype_rules(tmp_path, tiny_model):
     assert dtype(adapter={"type": "none"}) == dtype(adapter={"type": "none"}, gpu=True) == "float32"  # master weights
     assert dtype(adapter={"type": "ia3"}) == dtype(adapter={"type": "prefix"}) == "float32"
     assert dtype(adapter={"modules_to_save": ["lm_head"]}) == "float32"
-    assert dtype(task="SEQ_CLS") == dtype(quantization={"bits": 4}) == "float32"
+    # a reward model's score head trains in full beside the adapter
+    assert dtype(method={"name": "reward"}) == dtype(quantization={"bits": 4}) == "float32"
     assert dtype(gpu=True, adapter={"type": "ia3"}) == "bfloat16" and dtype("fp16", gpu=True) == "float16"
     assert dtype(model={"dtype": "float32"}) == "float32"  # an explicit dtype wins
     assert dtype(method={"name": "grpo"}) == "float32"  # merges the adapter to generate: exact over float32 only
@@ -128,7 +132,7 @@ def test_right_padded_detection():
     """The lean loss drops the padding mask only for right-padded batches (exact under causal attention)."""
     import torch
 
-    from tunelab.methods.sft import right_padded
+    from tunelab.methods.lean import right_padded
 
     assert right_padded(torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]]))
     assert not right_padded(torch.tensor([[1, 1, 1], [0, 1, 1]]))  # left padding needs the mask

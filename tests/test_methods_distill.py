@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import build_tiny_model
-from tunelab.config import load_config
+from tunelab import load_config
 from tunelab.errors import UserError
 from tunelab.train import run_training
 

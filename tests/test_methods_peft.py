@@ -14,7 +14,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from tunelab.config import load_config
+from tunelab import load_config
 from tunelab.train import run_training
 
 ADAPTERS = {

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from transformers import TrainerCallback
 
-from tunelab.config import load_config
+from tunelab import load_config
 from tunelab.errors import UserError
 from tunelab.sweep import load_sweep, run_sweep
 

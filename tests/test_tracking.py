@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tunelab import tracking
-from tunelab.config import load_config
+from tunelab import load_config
 from tunelab.errors import UserError
 from tunelab.train import run_training
 

@@ -15,7 +15,7 @@ from conftest import StopAt
 import torch
 from transformers import TrainerCallback
 
-from tunelab.config import load_config
+from tunelab import load_config
 from tunelab.train import run_training
 
 CLI = [sys.executable, "-m", "tunelab"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunelab.config import load_config
+from tunelab import load_config
 from tunelab.errors import UserError
 from tunelab.train import run_training
 

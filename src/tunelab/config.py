@@ -2,7 +2,9 @@
 
 One pydantic model per concern (model, data, method, adapter, quantization, training, output, eval). Every model
 forbids unknown keys, so a typo is an error naming the nearest valid key instead of a silently ignored setting.
-A method's own options live in the method's file (`methods/<name>.py: Config`) and are checked against it here.
+This is the lowest layer: it imports nothing of tunelab's but errors and the adapter table. A method's own options
+live in the method's file (`methods/<name>.py: Config`) and data format names in the data layer;
+`tunelab.api.load_config` checks those against the sections read here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tunelab.adapters import ADAPTER_TYPES
 from tunelab.errors import UserError, suggest
 
 EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
@@ -40,20 +43,6 @@ class SourceConfig(Section):
     revision: str | None = Field(None, description="hub revision (pin it so the preprocessing cache cannot drift)")
     format: str | None = Field(None, description="this source's format when it differs from data.format")
     columns: dict[str, str] | None = Field(None, description="this source's rename map (your field -> expected)")
-
-    @field_validator("format")
-    @classmethod
-    def _known_format(cls, v):
-        return _check_format(v) if v is not None else v
-
-
-def _check_format(v: str) -> str:
-    from tunelab.data.formats import ALIASES, FORMATS
-
-    if v != "auto" and v not in FORMATS and v not in ALIASES:
-        raise ValueError(f"unknown data format '{v}'{suggest(v, [*FORMATS, *ALIASES])}; "
-                         f"known: auto, {', '.join(FORMATS)}")
-    return v
 
 
 Sources = str | SourceConfig | list[str | SourceConfig]
@@ -83,11 +72,6 @@ class DataConfig(Section):
     cache: bool = Field(True, description="cache tokenized data on disk, keyed by data, tokenizer, template, settings")
     cache_dir: str | None = Field(None, description="where the data cache lives (default: $TUNELAB_CACHE/data)")
 
-    @field_validator("format")
-    @classmethod
-    def _known_format(cls, v):
-        return _check_format(v)
-
     @field_validator("train", "validation", mode="before")
     @classmethod
     def _sources(cls, v):
@@ -114,7 +98,7 @@ class DataConfig(Section):
 
 
 class MethodConfig(BaseModel):
-    """`name` picks the method; every other key is checked against that method's own Config."""
+    """`name` picks the method; every other key is checked against that method's own Config (tunelab.methods)."""
 
     model_config = ConfigDict(extra="allow")
     name: str = Field("sft", description="sft | dpo | orpo | kto | simpo | reward | ppo | grpo | distill")
@@ -123,13 +107,8 @@ class MethodConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
-# adapters that prepend virtual tokens instead of changing weights (PEFT's prompt learning)
-PROMPT_LEARNING = ("prefix", "prompt", "ptuning")
-
-
 class AdapterConfig(Section):
-    type: Literal["none", "lora", "dora", "prefix", "prompt", "ptuning", "ia3"] = Field(
-        "lora", description="none = full fine-tuning")
+    type: str = Field("lora", description=f"{' | '.join(ADAPTER_TYPES)} (none = full fine-tuning; see adapters.py)")
     r: int = Field(16, gt=0, description="LoRA rank")
     alpha: int = Field(32, gt=0, description="LoRA alpha (scale = alpha / r)")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (0 = off, the fastest; 0.05-0.1 to regularize "
@@ -142,6 +121,13 @@ class AdapterConfig(Section):
     prompt_init_text: str | None = Field(None, description="prompt tuning: initialize from this text")
     encoder_hidden_size: int = Field(128, gt=0, description="P-tuning prompt encoder width")
     prefix_projection: bool = Field(False, description="prefix tuning: reparameterize through an MLP")
+
+    @field_validator("type")
+    @classmethod
+    def _known_adapter(cls, v: str) -> str:
+        if v not in ADAPTER_TYPES:
+            raise ValueError(f"unknown adapter type '{v}'{suggest(v, ADAPTER_TYPES)}; known: {', '.join(ADAPTER_TYPES)}")
+        return v
 
 
 class QuantizationConfig(Section):
@@ -209,25 +195,6 @@ class RunConfig(Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, v: MethodConfig) -> MethodConfig:
-        from tunelab.methods import METHODS
-
-        if v.name not in METHODS:
-            raise ValueError(f"unknown method '{v.name}'{suggest(v.name, METHODS)}; known: {', '.join(METHODS)}")
-        return v
-
-    def method_options(self):
-        """The method's own typed options (its `Config`), validated; imports the method module."""
-        from tunelab.methods import method_module
-
-        mod = method_module(self.method.name)
-        try:
-            return mod.Config(**self.method.options())
-        except ValidationError as e:
-            raise UserError(explain_validation_error(e, prefix="method", model=mod.Config)) from None
-
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json")
         data["method"] = {"name": self.method.name, **self.method.options()}
@@ -284,8 +251,11 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, **defaults) -> RunConfig:
-    """Read a YAML config, apply dotted overrides, validate. Errors are one-line `UserError`s."""
+def read_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply dotted overrides, validate the sections. Errors are one-line `UserError`s.
+
+    What the sections name in other layers (the method and its options, data formats) is checked by
+    `tunelab.api.load_config`, which every command uses."""
     raw: dict = {}
     if path is not None:
         p = Path(path)
@@ -306,5 +276,4 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, **d
         raise UserError(explain_validation_error(e)) from None
     if path is not None and cfg.output.name is None:
         cfg.output.name = Path(path).stem
-    cfg.method_options()  # check the method's own keys now, not after the model has loaded
     return cfg

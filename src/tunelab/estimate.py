@@ -15,9 +15,10 @@ Memory is the sum of parts, each a plain formula below:
                bf16 copy of every matmul weight kept for backward (a LoRA/DoRA base loads in bf16: models.base_dtype)
   loss         logits of the positions the loss scores (preference methods: every position's, as TRL computes them;
                a reward model's score head: none)
-  kv_cache     GRPO: keys and values of a generation batch
-  teacher      distillation: the frozen teacher's weights (loaded like the model)
-  sampler      GRPO on a bf16 CPU with LoRA: the bf16 copy of the merged policy that rollouts sample from
+  (method)     what the method adds, declared in its own file (Method.extra_memory): GRPO and PPO the keys and values
+               of a generation batch (kv_cache), GRPO on a bf16 CPU with LoRA the bf16 copy of the merged policy that
+               rollouts sample from (sampler), PPO with full fine-tuning the frozen reference copy (reference),
+               distillation the frozen teacher's weights (teacher)
   runtime      CPU: the process' own resident memory before the model loads (Python, torch, the tokenized data), since
                the run's peak is measured as the process high-water mark; GPU: 0 (the allocator peak excludes it)
 
@@ -33,9 +34,10 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
-from tunelab import models
-from tunelab.config import PROMPT_LEARNING
+from tunelab import methods, models
+from tunelab.adapters import ADAPTERS
 from tunelab.errors import UserError
+from tunelab.methods.contract import EstimateContext
 
 GB = 2**30
 MB = 2**20
@@ -157,19 +159,8 @@ def architecture(mcfg) -> dict:
 
 
 def adapter_params(cfg, arch: dict) -> int:
-    """Trainable parameters of the configured adapter (LoRA/DoRA: r x (in + out) per targeted linear layer)."""
-    a = cfg.adapter
-    if a.type == "none":
-        return arch["params"]
-    if a.type in ("lora", "dora"):
-        targets = a.target_modules
-        chosen = [(i, o) for name, i, o in arch["linears"]
-                  if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets]
-        return sum(a.r * (i + o) + (o if a.type == "dora" else 0) for i, o in chosen)
-    if a.type in PROMPT_LEARNING:
-        per_token = arch["hidden"] * (2 * arch["layers"] if a.type == "prefix" else 1)
-        return a.num_virtual_tokens * per_token
-    return sum(o for _, _, o in arch["linears"])  # IA3: one scale per output feature
+    """Trainable parameters of the configured adapter (the adapter table's count; full fine-tuning: every one)."""
+    return ADAPTERS[cfg.adapter.type].params(cfg.adapter, arch)
 
 
 def runtime_mb() -> float:
@@ -195,26 +186,18 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_t
         raise UserError(f"unknown device '{device}'; known: {', '.join(DEVICES)}")
     dev = DEVICES[device]
     gpu = device != "cpu"
-    distill = cfg.method.options() if cfg.method.name == "distill" else None
-    teacher = None
-    if arch is None:
-        mcfg = config_json(cfg.model.source, cfg.model.revision, cfg.model.trust_remote_code)
-        if distill is not None:  # the teacher: method.teacher, or the configured model that the student is cut from
-            teacher = architecture(config_json(distill["teacher"], trust_remote_code=cfg.model.trust_remote_code)
-                                   if distill.get("teacher") else mcfg)
-            if distill.get("student_layers"):  # methods/distill.keep_layers: the same config with fewer layers
-                text = mcfg.get_text_config()
-                text.num_hidden_layers = distill["student_layers"]
-                if getattr(text, "layer_types", None):
-                    text.layer_types = text.layer_types[:distill["student_layers"]]
-        arch = architecture(mcfg)
+    method, opts = methods.options(cfg)
+    if arch is None:  # the model that trains (a method may change it: distill's student has fewer layers)
+        arch = architecture(method.student_config(opts, config_json(cfg.model.source, cfg.model.revision,
+                                                                    cfg.model.trust_remote_code)))
     t, q = cfg.training, cfg.quantization
     precision = t.precision
     if precision == "auto":
         precision = "bf16" if dev["bf16"] else ("fp16" if gpu else "fp32")
-    wdtype = models.base_dtype(cfg, precision, gpu)
+    wdtype = models.base_dtype(cfg, precision, gpu, method.float32_base)
     wbytes = DTYPE_BYTES[wdtype]
-    full = cfg.adapter.type == "none"
+    adapter_type = ADAPTERS[cfg.adapter.type]
+    full = adapter_type.trains_base
 
     # weights
     n, n_lin = arch["params"], arch["linear_params"]
@@ -238,27 +221,17 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_t
     L, h, inter = arch["layers"], arch["hidden"], arch["intermediate"]
     max_len = min(max_tokens or cfg.data.max_length, cfg.data.max_length)
     mean_len = min(mean_tokens or max_len, max_len)
-    from tunelab.methods import method_module
-
-    method = method_module(cfg.method.name)
     if lean_loss is None:  # the method's own choice (SFT: lean unless `loss: fused`)
-        lean = getattr(method, "use_lean_loss", None)
-        lean_loss = bool(lean and lean(cfg.method_options()))
+        lean_loss = method.lean_loss(opts)
     # Liger's kernels (SFT on a GPU) patch RMSNorm, SwiGLU and RoPE, which keep fewer activations
-    liger = gpu and bool(cfg.method.options().get("use_liger_kernel"))
+    liger = gpu and method.uses_liger(opts)
     # preference methods (DPO, ORPO, SimPO, reward) run chosen and rejected through one forward: two sequences a row
-    pairs = method.KIND == "preference"
-    peak_tokens = t.batch_size * max_len * (2 if pairs else 1)
+    rows = method.sequences_per_row
+    peak_tokens = t.batch_size * max_len * rows
     autocast = not gpu and wdtype == "float32" and precision in ("bf16", "fp16")
     # bf16 on a GPU: 5 B per element (H100, Llama-3.2-1B shape, LoRA, batch 16: 4.9 measured from the allocator peak)
     per_elem = 5.5 if autocast else (8.0 if precision == "fp32" else (5.0 if gpu else 4.0))
-    if cfg.adapter.type in ("lora", "dora") and cfg.adapter.dropout > 0:
-        # float32: its float32 output (measured); bf16: a boolean mask and the bf16 output (derived, not measured)
-        per_elem += 4.0 if (autocast or precision == "fp32") else 3.0
-    if cfg.adapter.type == "dora":
-        # DoRA also keeps each linear's base and LoRA outputs for the magnitude's gradient: configs/qa/dora.yaml
-        # measured 1,770 MB over configs/qa/lora.yaml (2,888 tokens), ~2 more bytes per element with the CPU factor
-        per_elem += 2.0
+    per_elem += adapter_type.activation_bytes(cfg.adapter, autocast or precision == "fp32")
     per_token_layer = per_elem * (6 * h + inter)
     if t.gradient_checkpointing:  # each layer's input kept, one layer's activations alive during recompute
         act = peak_tokens * (L * h * (4 if autocast or precision == "fp32" else 2) + per_token_layer)
@@ -274,42 +247,26 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_t
         act *= 0.75
     autocast_copies = n_lin * 2 + (arch["head_params"] * 2 if lean_loss else 0) if autocast else 0
     scored = peak_tokens * (trained_fraction if lean_loss else 1.0)
-    if getattr(method, "TASK", "CAUSAL_LM") != "CAUSAL_LM":  # a score head: one number per sequence
-        loss = 0
-    elif distill is not None and distill.get("mode", "logits") == "logits":
-        # student and teacher logits over every position, both log-softmaxes at the temperature, the divergence and
-        # the gradient back through them, in float32: 7 float32 tensors of the logits' size (configs/distill/
-        # smollm2-half.yaml, 4 x 383 tokens: ~29 bytes of resident memory per logit, measured)
-        loss = peak_tokens * arch["vocab"] * 28
-    elif method.KIND in ("preference", "kto"):
-        # TRL's preference trainers take log-probs over every position of the full (tokens x vocabulary) logits:
-        # the logits in the compute dtype, their float32 copy, the log-softmax and its gradient (DPO on hh-rlhf,
-        # 2 x 4 x 512 tokens: ~13.5 bytes per logit measured, 14 derived)
-        loss = peak_tokens * arch["vocab"] * ((2 if precision != "fp32" else 4) + 4 + 4 + 4)
-    elif lean_loss:  # bf16/float logits, their float32 copy, and softmax/gradient of the same size
-        loss = scored * arch["vocab"] * (2 + 4 + 4)
-    elif liger:
-        # Liger's fused linear cross-entropy works in chunks; what it kept at the peak was 0.7-2.9 GB on the H100
-        # runs (1B, 128k vocabulary, 6,752 tokens; with and without gradient checkpointing): 1.5 B per logit, between
-        loss = peak_tokens * arch["vocab"] * 1.5
-    else:  # TRL's chunked head: a chunk of logits at a time
-        loss = min(scored, 4096) * arch["vocab"] * 8
+    ctx = EstimateContext(arch=arch, gpu=gpu, precision=precision, weight_dtype=wdtype, quant_bits=q.bits,
+                          peak_tokens=peak_tokens, scored_tokens=scored, lean_loss=lean_loss, adapter=cfg.adapter,
+                          weight_bytes=weight_bytes,
+                          architecture=lambda source: architecture(
+                              config_json(source, trust_remote_code=cfg.model.trust_remote_code)))
+    loss = method.loss_memory(opts, ctx)  # the method's own (preference: full logits; a score head: none)
+    if loss is None:  # a causal LM loss
+        if lean_loss:  # bf16/float logits, their float32 copy, and softmax/gradient of the same size
+            loss = scored * arch["vocab"] * (2 + 4 + 4)
+        elif liger:
+            # Liger's fused linear cross-entropy works in chunks; what it kept at the peak was 0.7-2.9 GB on the H100
+            # runs (1B, 128k vocabulary, 6,752 tokens; with and without gradient checkpointing): 1.5 B per logit
+            loss = peak_tokens * arch["vocab"] * 1.5
+        else:  # TRL's chunked head: a chunk of logits at a time
+            loss = min(scored, 4096) * arch["vocab"] * 8
 
     memory = {"runtime": 0.0, "weights": weights / MB, "adapter": adapter / MB, "gradients": grads / MB,
               "optimizer": opt / MB, "activations": act / MB, "autocast": autocast_copies / MB, "loss": loss / MB}
-    if cfg.method.name == "grpo":
-        o = cfg.method.options()
-        gens = o.get("num_generations", 4) * t.batch_size
-        seq = cfg.data.max_length + o.get("max_completion_length", 256)
-        # on a bf16 CPU, LoRA rollouts sample from a bf16 copy of the merged policy (methods/grpo.bf16_sampler)
-        sampler = (not gpu and precision == "bf16" and wdtype == "float32" and not q.bits
-                   and cfg.adapter.type == "lora")
-        kv_bytes = 2 if gpu or sampler else 4
-        memory["kv_cache"] = gens * seq * L * 2 * arch["kv_heads"] * arch["head_dim"] * kv_bytes / MB
-        if sampler:
-            memory["sampler"] = n * 2 / MB
-    if teacher is not None:  # frozen, loaded like the model (methods/distill.extra_models)
-        memory["teacher"] = weight_bytes(teacher) / MB
+    # what the method adds besides (GRPO/PPO: a generation KV cache; distill: the teacher; PPO: a reference copy)
+    memory.update({part: b / MB for part, b in method.extra_memory(cfg, opts, ctx).items()})
     if not gpu:
         memory["runtime"] = runtime_mb() if baseline_mb is None else baseline_mb
 
@@ -320,9 +277,9 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_t
     bwd = 2 * fwd if full else (2 * n + 2 * attn + 4 * trainable)
     if t.gradient_checkpointing:
         bwd += fwd
-    if cfg.method.name in ("dpo", "kto"):  # the reference model's forward (no backward) on the same tokens
+    if method.reference_forward:  # the reference model's forward (no backward) on the same tokens
         bwd += fwd
-    tokens_per_step = t.batch_size * t.grad_accum * mean_len * (2 if pairs else 1)
+    tokens_per_step = t.batch_size * t.grad_accum * mean_len * rows
     flops = tokens_per_step * (fwd + bwd)
     seconds = flops / (dev["flops"] * dev["mfu"])
     steps = t.max_steps if t.max_steps > 0 else (
@@ -377,12 +334,12 @@ def stats_of(rows: list[dict]) -> dict:
 def main(args) -> int:
     import json
 
-    from tunelab.config import load_config
-    from tunelab.methods import method_module
+    from tunelab.checks import check_config
+    from tunelab.config import read_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = check_config(read_config(args.config, args.overrides))
     stats = {}
-    if method_module(cfg.method.name).KIND == "conversation":
+    if methods.get(cfg.method.name).data == "conversation":
         from tunelab.models import load_tokenizer
 
         try:

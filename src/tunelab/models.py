@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from tunelab.adapters import ADAPTERS
 from tunelab.errors import UserError
 
 EMBEDDED = {
@@ -136,41 +137,42 @@ def torch_dtype(name: str):
             "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def base_dtype(cfg, precision: str, gpu: bool, task: str = "CAUSAL_LM") -> str:
+def base_dtype(cfg, precision: str, gpu: bool, float32_base: bool = False) -> str:
     """The dtype the base weights load in (shared with `tunelab estimate`).
 
     Full fine-tuning keeps float32 master weights and autocast, because pure-bf16 AdamW updates lose small steps.
     With LoRA/DoRA the base is frozen, so bf16/fp16 precision loads it in that dtype (the adapters stay float32,
     PEFT's default): half the weight memory, and on CPU no per-step cast of every weight for autocast. Measured on a
     2-core AMX CPU (SmolLM2-135M, LoRA r=16, GSM8K batches of 8): bf16 base 475 real tokens/s, float32 base under
-    bf16 autocast 444. Other adapters on CPU (prompt learning, IA3, trained `modules_to_save`, 4-bit) and reward-model
-    heads keep a float32 base, since they train or mix full-size float tensors with it, and so does GRPO, which folds
-    the adapter into the base to generate and unfolds it after: exact only over float32 weights.
+    bf16 autocast 444. Other adapters on CPU (prompt learning, IA3, trained `modules_to_save`, 4-bit: the adapter
+    table's `half_base_on_cpu`) keep a float32 base, since they train or mix full-size float tensors with it, and so
+    do methods declaring `float32_base` (a reward model's head; GRPO, which folds the adapter into the base to
+    generate and unfolds it after: exact only over float32 weights).
     """
     a = cfg.adapter
     if cfg.model.dtype != "auto":
         return cfg.model.dtype
-    if a.type == "none" or precision == "fp32":
+    if ADAPTERS[a.type].trains_base or precision == "fp32":
         return "float32"
     half = "bfloat16" if precision == "bf16" else "float16"
     if gpu:
         return half
-    if (precision == "bf16" and a.type in ("lora", "dora") and not a.modules_to_save and not cfg.quantization.bits
-            and task == "CAUSAL_LM" and cfg.method.name != "grpo"):
+    if (precision == "bf16" and ADAPTERS[a.type].half_base_on_cpu and not a.modules_to_save
+            and not cfg.quantization.bits and not float32_base):
         return "bfloat16"
     return "float32"
 
 
-def load_model(cfg, precision: str = "fp32", task: str = "CAUSAL_LM"):
+def load_model(cfg, precision: str = "fp32", task: str = "CAUSAL_LM", float32_base: bool = False):
     """Load the model described by a RunConfig (`cfg.model`, `cfg.quantization`): a causal LM, or for
     `task="SEQ_CLS"` the same base with a one-score sequence-classification head (a reward model).
-    The weight dtype follows `base_dtype`.
+    The weight dtype follows `base_dtype` (`float32_base`: the method's declaration).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     m, q = cfg.model, cfg.quantization
-    dtype = torch_dtype(base_dtype(cfg, precision, torch.cuda.is_available(), task))
+    dtype = torch_dtype(base_dtype(cfg, precision, torch.cuda.is_available(), float32_base))
     kw = dict(revision=m.revision, trust_remote_code=m.trust_remote_code, dtype=dtype)
     if m.attn_implementation:
         kw["attn_implementation"] = m.attn_implementation
@@ -192,32 +194,9 @@ def load_model(cfg, precision: str = "fp32", task: str = "CAUSAL_LM"):
 
 
 def peft_config(a, task_type: str = "CAUSAL_LM", tokenizer_path: str | None = None):
-    """AdapterConfig -> a PEFT config object (None for full fine-tuning). `tokenizer_path`: where PEFT loads the
-    tokenizer that turns `prompt_init_text` into the initial virtual tokens (prompt tuning with a text init)."""
-    import peft
-
-    if a.type == "none":
-        return None
-    if a.type in ("lora", "dora"):
-        return peft.LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, bias=a.bias,
-                               target_modules=a.target_modules, use_dora=a.type == "dora", use_rslora=a.use_rslora,
-                               modules_to_save=a.modules_to_save, task_type=task_type)
-    if a.type == "ia3":
-        targets = a.target_modules
-        if targets == "all-linear":  # IA3 needs explicit feed-forward modules; PEFT's per-arch defaults know them
-            targets = None
-        return peft.IA3Config(target_modules=targets, task_type=task_type)
-    if a.type == "prefix":
-        return peft.PrefixTuningConfig(num_virtual_tokens=a.num_virtual_tokens, prefix_projection=a.prefix_projection,
-                                       task_type=task_type)
-    if a.type == "prompt":
-        init = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": a.prompt_init_text,
-                "tokenizer_name_or_path": tokenizer_path} if a.prompt_init_text else {"prompt_tuning_init": "RANDOM"}
-        return peft.PromptTuningConfig(num_virtual_tokens=a.num_virtual_tokens, task_type=task_type, **init)
-    if a.type == "ptuning":
-        return peft.PromptEncoderConfig(num_virtual_tokens=a.num_virtual_tokens,
-                                        encoder_hidden_size=a.encoder_hidden_size, task_type=task_type)
-    raise UserError(f"adapter.type '{a.type}' is not supported")
+    """AdapterConfig -> a PEFT config object (None for full fine-tuning), built by the adapter table's entry.
+    `tokenizer_path`: where PEFT loads the tokenizer that turns `prompt_init_text` into the initial virtual tokens."""
+    return ADAPTERS[a.type].peft_config(a, task_type, tokenizer_path)
 
 
 def attach_adapter(model, cfg, gradient_checkpointing: bool = False, tokenizer=None, task: str = "CAUSAL_LM"):

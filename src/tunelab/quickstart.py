@@ -31,7 +31,7 @@ def main(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from tunelab.config import load_config
+    from tunelab.api import load_config
     from tunelab.data.sources import read_source
     from tunelab.train import quiet_libraries, run_training
 

@@ -216,3 +216,19 @@ def build_rewards(specs) -> tuple[list, list[float]]:
         funcs.append(resolve(name, options))
         weights.append(float(weight))
     return funcs, weights
+
+
+def check_specs(specs) -> None:
+    """Resolve reward specs before anything loads (unknown names, missing files); a reward model is only looked for,
+    loaded later."""
+    light = []
+    for spec in specs:
+        if isinstance(spec, dict) and spec.get("name") == "reward_model":
+            path = spec.get("path")
+            if not path or not (Path(path) / "config.json").is_file():
+                raise UserError(f"reward_model: {path} is not a model directory (no config.json); point it at the "
+                                "final/ directory of a reward-model run")
+        else:
+            light.append(spec)
+    if light or not specs:
+        build_rewards(light)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab import estimate, runs, tracking
-from tunelab.config import PROMPT_LEARNING, RunConfig, load_config
+from tunelab.adapters import ADAPTERS
+from tunelab.config import RunConfig
 from tunelab.errors import UserError
 
 
@@ -67,7 +68,7 @@ def training_arguments(cfg: RunConfig, run: runs.Run, precision: str) -> dict:
     )
 
 
-# What each method's KIND of data is prepared by (tunelab.data.build).
+# What each kind of data (a method's `data` declaration) is prepared by (tunelab.data.build).
 PREPARE = {"conversation": "prepare_sft", "preference": "prepare_preference", "kto": "prepare_kto",
            "prompt": "prepare_prompts"}
 
@@ -100,7 +101,7 @@ def evaluation_settings(cfg: RunConfig) -> dict:
     if not (e.load_best or e.early_stopping_patience):
         return {}
     args = best_model_args(e.metric, None if e.direction == "auto" else e.direction)
-    if cfg.adapter.type in PROMPT_LEARNING:
+    if ADAPTERS[cfg.adapter.type].prompt_learning:
         # A prompt-learning checkpoint holds the computed virtual tokens, not the trainable encoder (prefix
         # projection, P-tuning's MLP), so transformers cannot load it back into the training model (it raises at the
         # end of the run). The best checkpoint is still tracked; final/ is copied from it (_save_final).
@@ -173,11 +174,11 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
     import torch
     from transformers import PrinterCallback, set_seed
 
-    from tunelab import models
-    from tunelab.methods import method_module
+    from tunelab import methods, models
+    from tunelab.checks import check_config
 
-    method = method_module(cfg.method.name)
-    opts = cfg.method_options()
+    check_config(cfg)  # a RunConfig built in code has not been checked against the method table and data layer
+    method, opts = methods.options(cfg)
     eval_args = evaluation_settings(cfg)  # config mistakes surface before the run directory is touched
     tracking.check(cfg.training.report_to)
     run = runs.open_run(cfg, overwrite=overwrite)
@@ -189,20 +190,17 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
 
     tokenizer = models.load_tokenizer(cfg.model.source, cfg.model.revision, cfg.model.trust_remote_code,
                                       cfg.model.chat_template)
-    data = prepare_data(cfg, method.KIND, tokenizer)
-    if hasattr(method, "check"):
-        method.check(cfg, opts, data)  # the method's own refusals, before the model loads or the run dir is written
+    data = prepare_data(cfg, method.data, tokenizer)
+    method.check(cfg, opts, data)  # the method's own refusals, before the model loads or the run dir is written
     est = estimate.for_run(cfg, data.train, echo)  # before the weights load; compared with the peak in summary.json
-    task = getattr(method, "TASK", "CAUSAL_LM")  # a method may train another head (reward: SEQ_CLS)
-    model = models.load_model(cfg, precision=precision, task=task)
-    if hasattr(method, "prepare_model"):  # a method may reshape the model first (distill: a smaller student)
-        model = method.prepare_model(cfg, opts, model)
+    model = models.load_model(cfg, precision=precision, task=method.task, float32_base=method.float32_base)
+    model = method.prepare_model(cfg, opts, model)  # e.g. distill: a smaller student
     # models a method needs besides the trained one (distill: the teacher), passed to build() by keyword
-    extra = method.extra_models(cfg, opts, precision) if hasattr(method, "extra_models") else {}
-    if method.KIND == "conversation":
+    extra = method.extra_models(cfg, opts, precision)
+    if method.data == "conversation":
         preflight(cfg, tokenizer, model, data, echo)
     runs.start_run(run, cfg)  # every check has passed: only now is the run directory written
-    model = models.attach_adapter(model, cfg, cfg.training.gradient_checkpointing, tokenizer, task=task)
+    model = models.attach_adapter(model, cfg, cfg.training.gradient_checkpointing, tokenizer, task=method.task)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     echo(f"model: {cfg.model.source} ({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable), "
@@ -248,8 +246,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
         return summary
     # a method whose artifact is read by plain transformers (reward: AutoModelForSequenceClassification) merges it
     best = trainer.state.best_model_checkpoint if eval_args.get("metric_for_best_model") else None
-    final = _save_final(trainer, tokenizer, run, merge_adapter=getattr(method, "MERGE_FINAL", False),
-                        adapter_from=best if best and cfg.adapter.type in PROMPT_LEARNING else None)
+    final = _save_final(trainer, tokenizer, run, merge_adapter=method.merge_final,
+                        adapter_from=best if best and ADAPTERS[cfg.adapter.type].prompt_learning else None)
     summary["status"] = "complete"
     if best:
         summary["best_checkpoint"] = best
@@ -278,7 +276,9 @@ def quiet_libraries() -> None:
 
 
 def main(args) -> int:
+    from tunelab.config import read_config
+
     quiet_libraries()
-    cfg = load_config(args.config, args.overrides)
+    cfg = read_config(args.config, args.overrides)  # run_training checks it against the method table and data layer
     summary = run_training(cfg, overwrite=args.overwrite)
     return 0 if summary.get("status") in ("complete", "interrupted") else 1

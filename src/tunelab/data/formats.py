@@ -457,6 +457,25 @@ def detect(rows: list[Row], source: str) -> str:
                     f"(one of {', '.join(FORMATS)}) and data.columns to map your field names")
 
 
+def unknown_format(fmt: str | None) -> str | None:
+    """Why `fmt` is not a format name or alias (None when it is one, or "auto")."""
+    if fmt is None or fmt == "auto" or fmt in FORMATS or fmt in ALIASES:
+        return None
+    return f"unknown data format '{fmt}'{suggest(fmt, [*FORMATS, *ALIASES])}; known: auto, {', '.join(FORMATS)}"
+
+
+def check_config(data) -> None:
+    """The format names of a DataConfig (data.format and each source's format), checked before anything loads."""
+    sources = []
+    for spec in (data.train, data.validation):
+        sources += spec if isinstance(spec, list) else [spec] if spec is not None else []
+    named = [(f"source {s.path!r}: format", s.format) for s in sources if not isinstance(s, str)]
+    for key, fmt in [("config key 'data.format'", data.format), *named]:
+        why = unknown_format(fmt)
+        if why:
+            raise UserError(f"{key}: {why}")
+
+
 def resolve_format(fmt: str) -> str:
     name = ALIASES.get(fmt, fmt)
     if name != "auto" and name not in FORMATS:

@@ -171,6 +171,7 @@ def _print(report: dict) -> None:
 
 def main(args) -> int:
     from tunelab.config import DataConfig, SourceConfig
+    from tunelab.data.formats import unknown_format
 
     columns = {}
     for item in args.column or []:
@@ -178,11 +179,13 @@ def main(args) -> int:
             raise UserError(f"--column '{item}' is not yours=expected (e.g. --column instruction_text=instruction)")
         k, v = item.split("=", 1)
         columns[k] = v
+    if unknown_format(args.format):
+        raise UserError(f"--format: {unknown_format(args.format)}")
     try:
         source = SourceConfig(path=args.source, split=args.split, name=args.name)
         data_cfg = DataConfig(train=[source], format=args.format, columns=columns, max_length=args.max_length,
                               on_invalid="error" if args.strict else "skip", shuffle=False, cache=False)
-    except ValueError as e:  # pydantic's ValidationError: a bad --format or --max-length
+    except ValueError as e:  # pydantic's ValidationError: a bad --max-length
         err = e.errors()[0] if hasattr(e, "errors") else {"msg": str(e), "loc": ()}
         flag = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "option"
         raise UserError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None

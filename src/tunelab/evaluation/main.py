@@ -13,6 +13,7 @@ import gc
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from tunelab.errors import UserError
 
@@ -173,19 +174,40 @@ def _free_memory() -> None:
 
 # ------------------------------------------------------------------------------------------------------ commands
 
+# Settings of `evaluate` (and of the CLI's flags, which document them in `tunelab eval --help`).
+SETTINGS = {"data": None, "format": "auto", "n": None, "k_shot": 0, "temperature": 0.0, "top_p": 1.0, "seed": None,
+            "max_new_tokens": 256, "batch_size": 16}
+
+
+def evaluate(task: str, model: str | None = None, adapter: str | None = None, run: str | None = None,
+             **settings) -> dict:
+    """Score one model (a base, a base + adapter, or a run's final model) on `task`; returns the task's metrics and
+    examples. Python entry point behind `tunelab eval` (settings: see SETTINGS)."""
+    unknown = set(settings) - set(SETTINGS)
+    if unknown:
+        raise UserError(f"unknown evaluation setting(s) {', '.join(sorted(unknown))}; known: {', '.join(SETTINGS)}")
+    args = SimpleNamespace(**{**SETTINGS, **settings})
+    _check(args)
+    if task not in TASKS:
+        raise UserError(f"unknown task '{task}'; one of {', '.join(TASKS)}")
+    if adapter and run:
+        raise UserError("give --adapter or --run, not both (a run already names its adapter)")
+    data = task_data(task, args)
+    spec = {"label": "model", "model": model if model or run else "embedded:smollm2-135m-instruct",
+            "adapter": adapter, "run": str(resolve_run(run)) if run else None}
+    loaded, tok = load(spec)
+    t0 = time.time()
+    res = run_task(task, loaded, tok, data, args)
+    res["seconds"] = round(time.time() - t0, 2)
+    return res
+
+
 def main(args) -> int:
     """tunelab eval: one model on one task; prints the metrics and a few examples, writes results if asked."""
-    _check(args)
-    if args.adapter and args.run:
-        raise UserError("give --adapter or --run, not both (a run already names its adapter)")
     task = args.task
-    data = task_data(task, args)
+    res = evaluate(task, args.model, args.adapter, args.run, **{k: getattr(args, k) for k in SETTINGS})
     spec = {"label": "model", "model": args.model, "adapter": args.adapter,
             "run": str(resolve_run(args.run)) if args.run else None}
-    model, tok = load(spec)
-    t0 = time.time()
-    res = run_task(task, model, tok, data, args)
-    res["seconds"] = round(time.time() - t0, 2)
     print(f"{describe(spec)}")
     print(summary_line(task, res) + f"  ({res['seconds']:.0f}s)")
     for ex in res.get("examples", [])[:3]:

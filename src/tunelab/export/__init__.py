@@ -15,38 +15,52 @@ from pathlib import Path
 TARGETS = ("merged", "gguf", "ollama", "hub")
 
 
-def main(args) -> int:
+def export(run: str, to: str = "merged", out: str | Path | None = None, qtype: str = "q8_0", dtype: str = "fp32",
+           overwrite: bool = False, repo: str | None = None, dry_run: bool = False, private: bool = False):
+    """Export a finished run (`to`: merged | gguf | ollama | hub) and return where it went (None for the hub).
+    Python entry point behind `tunelab export`; a failed check raises ParityError and leaves nothing behind."""
     from tunelab.errors import UserError
-    from tunelab.export.common import ParityError, check_target, load_run
+    from tunelab.export.common import check_target, load_run
 
-    if args.to not in TARGETS:
-        raise UserError(f"--to {args.to}: choose one of {', '.join(TARGETS)}")
-    run = load_run(args.run)
-    out = Path(args.out) if args.out else None
-    qtype = (args.type or "q8_0").lower()
-    if args.to in ("gguf", "ollama"):
+    if to not in TARGETS:
+        raise UserError(f"--to {to}: choose one of {', '.join(TARGETS)}")
+    r = load_run(run)
+    out = Path(out) if out else None
+    qtype = qtype.lower()
+    if to in ("gguf", "ollama"):
         _check_type(qtype)  # before any model is loaded
+    if to == "merged":
+        from tunelab.export.merge import export_merged
+
+        target = out or r.path / "export" / "merged"
+        export_merged(r, target, dtype=dtype, overwrite=overwrite)
+    elif to == "gguf":
+        from tunelab.export.gguf import export_gguf
+        from tunelab.export.merge import merged_model
+
+        target = out or r.path / "export" / f"{r.name}-{qtype}.gguf"
+        check_target(target, overwrite)
+        model, tok, _ = merged_model(r)
+        export_gguf(model, tok, target, qtype, overwrite=overwrite, name=r.name)
+    elif to == "ollama":
+        from tunelab.export.ollama import export_ollama
+
+        target = out or r.path / "export" / "ollama"
+        export_ollama(r, target, qtype, overwrite=overwrite)
+    else:
+        from tunelab.export.hub import push
+
+        push(r, repo_id=repo, dry_run=dry_run, private=private)
+        target = None
+    return target
+
+
+def main(args) -> int:
+    from tunelab.export.common import ParityError
+
     try:
-        if args.to == "merged":
-            from tunelab.export.merge import export_merged
-
-            export_merged(run, out or run.path / "export" / "merged", dtype=args.dtype, overwrite=args.overwrite)
-        elif args.to == "gguf":
-            from tunelab.export.gguf import export_gguf
-            from tunelab.export.merge import merged_model
-
-            target = out or run.path / "export" / f"{run.name}-{qtype}.gguf"
-            check_target(target, args.overwrite)
-            model, tok, _ = merged_model(run)
-            export_gguf(model, tok, target, qtype, overwrite=args.overwrite, name=run.name)
-        elif args.to == "ollama":
-            from tunelab.export.ollama import export_ollama
-
-            export_ollama(run, out or run.path / "export" / "ollama", qtype, overwrite=args.overwrite)
-        else:
-            from tunelab.export.hub import push
-
-            push(run, repo_id=args.repo, dry_run=args.dry_run, private=args.private)
+        export(args.run, args.to, args.out, args.type or "q8_0", args.dtype, args.overwrite, args.repo, args.dry_run,
+               args.private)
     except ParityError as e:
         print(f"error: parity check failed: {e}", file=sys.stderr)
         return 1

@@ -119,6 +119,17 @@ def atomic_path(target: Path, overwrite: bool, is_dir: bool, suffix: str = ".par
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
 
 
+# Texts whose tokenization must be identical between the source tokenizer and the one rebuilt from the GGUF (by
+# transformers and by llama.cpp).
+TOKENIZER_TEXTS = [
+    "Hello world",
+    " leading space, then  two spaces and a\ttab\n\nnew lines",
+    "Digits: 1234567890, 3.14159, -42, 2024-06-01",
+    "Unicode: café naïve Ωmega 日本語 한국어 🙂👍",
+    "code: def f(x):\n    return x ** 2  # square",
+]
+
+
 def prompt_ids(tokenizer) -> list[list[int]]:
     """Token ids of the parity prompts (chat prompts only when the tokenizer has a chat template)."""
     out = []

@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 from tunelab.errors import UserError
-from tunelab.export.common import ParityError, all_logits, atomic_path, check_target, print_table, prompt_ids
+from tunelab.export.common import (TOKENIZER_TEXTS, ParityError, all_logits, atomic_path, check_target, print_table,
+                                   prompt_ids)
 
 # HF model_type -> GGUF architecture. llama.cpp runs Mistral (without sliding-window use) as "llama", as its own
 # converter does; SmolLM / SmolLM2 are plain Llama checkpoints.
@@ -39,16 +40,6 @@ TYPES = PYTHON_TYPES + LLAMACPP_TYPES
 EXACT_TOLERANCE = 1e-3
 TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "bf16": 5e-2, "q8_0": 0.08, "q4_0": 0.75,
              "q6_k": 0.15, "q5_k_m": 0.3, "q5_k_s": 0.3, "q4_k_m": 0.6, "q4_k_s": 0.6, "q3_k_m": 0.9, "q2_k": 1.5}
-
-# Texts whose tokenization must be identical between the source tokenizer and the one rebuilt from the GGUF.
-TOKENIZER_TEXTS = [
-    "Hello world",
-    " leading space, then  two spaces and a\ttab\n\nnew lines",
-    "Digits: 1234567890, 3.14159, -42, 2024-06-01",
-    "Unicode: café naïve Ωmega 日本語 한국어 🙂👍",
-    "code: def f(x):\n    return x ** 2  # square",
-]
-
 
 def _rope_theta(config) -> float:
     params = getattr(config, "rope_parameters", None) or {}

@@ -57,8 +57,7 @@ def verify(path: Path, model, tok, qtype: str) -> bool:
         return True
     import torch
 
-    from tunelab.export.common import print_table, prompt_ids
-    from tunelab.export.gguf import TOKENIZER_TEXTS
+    from tunelab.export.common import TOKENIZER_TEXTS, print_table, prompt_ids
 
     llm = load(path, n_ctx=512)
     rows, ok = [], True

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tunelab.adapters import ADAPTERS
 from tunelab.errors import UserError
 from tunelab.export.common import ParityError, Run, all_logits, atomic_path, compare_logits, logit_table, prompt_ids
 
@@ -17,7 +18,7 @@ DTYPES = ("fp32", "fp16", "bf16")
 # Relative logit error allowed between the adapter model (float32) and the merged model read back from disk:
 # float32 only reorders additions; fp16 / bf16 round every weight (10 / 7 mantissa bits).
 MERGE_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
-MERGEABLE = ("lora", "dora", "ia3")
+MERGEABLE = tuple(name for name, a in ADAPTERS.items() if a.mergeable)
 
 
 def _load_base(source: str):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from tunelab.rollout import left_pad, stop_token_ids  # noqa: F401  (stop_token_ids: used by callers of the engine)
+
 
 @dataclass
 class GenParams:
@@ -32,20 +34,6 @@ class Completion:
 
 def chat_prompts(tok, conversations: list[list[dict]]) -> list[str]:
     return [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-
-
-def stop_token_ids(tok, model) -> list[int]:
-    ids = set()
-    for src in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if isinstance(src, int):
-            ids.add(src)
-        elif isinstance(src, list):
-            ids.update(src)
-    for special in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
-        tid = tok.convert_tokens_to_ids(special)
-        if isinstance(tid, int) and tid != tok.unk_token_id and tid is not None and tid >= 0:
-            ids.add(tid)
-    return sorted(ids)
 
 
 def context_length(model, tok) -> int:
@@ -106,18 +94,8 @@ def _reply_ids(ids: list[int], eos: set[int], pad: int | None) -> tuple[list[int
 
 
 def _left_pad(tok, texts: list[str], device) -> dict:
-    """Token ids of `texts`, left-padded into one batch, so every prompt ends where its reply starts.
-
-    Padding is done here rather than by the tokenizer (`padding=True`): that call reconfigures the shared fast
-    tokenizer, which races with other threads using it (the server tokenizes while another request generates).
-    """
-    import torch
-
-    ids = tok(texts, add_special_tokens=False)["input_ids"]
-    width = max(len(x) for x in ids)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+    """Token ids of `texts`, left-padded into one batch, so every prompt ends where its reply starts."""
+    input_ids, mask = left_pad(tok(texts, add_special_tokens=False)["input_ids"], tok.pad_token_id, device)
     return {"input_ids": input_ids, "attention_mask": mask}
 
 

@@ -1,20 +1,17 @@
-"""The method table: method name -> module. Each module follows the same contract (see methods/sft.py):
+"""The method table: method name -> the module that defines it. Each module defines one `Method` subclass and an
+instance of it named `METHOD`; the contract (declarations, hooks, how to add a method) is methods/contract.py.
 
-    Config   a pydantic model of the method's own options (unknown keys rejected)
-    KIND     the record kind it trains on: "conversation" | "preference" | "prompt" | "kto"
-    build(cfg, model, tokenizer, data, args) -> a transformers Trainer (or an object with .train())
-    TASK     optional: the PEFT task type of the model to load, default "CAUSAL_LM" ("SEQ_CLS": a reward model)
-    MERGE_FINAL  optional: True saves final/ with the adapter merged in (a model plain transformers loads)
-    check(cfg, opts, data)  optional: refusals (UserError) that need the config and data, before anything is written
-
-Adding a method = one module here, one line in METHODS, one YAML in configs/, one test.
+Modules load on first use, so `tunelab --help` and config checks import only the method a run names.
 """
 
 from __future__ import annotations
 
 import importlib
 
-METHODS: dict[str, str] = {
+from tunelab.errors import UserError, suggest
+from tunelab.methods.contract import Method
+
+METHODS: dict[str, str | Method] = {
     "sft": "tunelab.methods.sft",
     "dpo": "tunelab.methods.dpo",
     "orpo": "tunelab.methods.orpo",
@@ -27,5 +24,33 @@ METHODS: dict[str, str] = {
 }
 
 
-def method_module(name: str):
-    return importlib.import_module(METHODS[name])
+def register(name: str, method: Method) -> None:
+    """Add a method defined outside this package (a plugin, a test) to the table."""
+    if not isinstance(method, Method):
+        raise TypeError(f"{name}: a method is an instance of tunelab.methods.contract.Method")
+    METHODS[name] = method
+
+
+def get(name: str) -> Method:
+    """The method called `name` (a UserError naming the nearest known one otherwise)."""
+    entry = METHODS.get(name)
+    if entry is None:
+        raise UserError(f"unknown method '{name}'{suggest(name, METHODS)}; known: {', '.join(METHODS)}")
+    if isinstance(entry, str):
+        entry = METHODS[name] = importlib.import_module(entry).METHOD
+    return entry
+
+
+def options(cfg):
+    """The run's method and its typed options, checked against the method's Config and its accepted adapters."""
+    from pydantic import ValidationError
+
+    from tunelab.config import explain_validation_error
+
+    method = get(cfg.method.name)
+    try:
+        opts = method.options(cfg.method.options())
+    except ValidationError as e:
+        raise UserError(explain_validation_error(e, prefix="method", model=method.Config)) from None
+    method.check_adapter(cfg.method.name, cfg.adapter.type)
+    return method, opts

@@ -25,9 +25,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunelab.errors import UserError
-from tunelab.methods import sft
-
-KIND = "conversation"
+from tunelab.methods.contract import EstimateContext, Method
+from tunelab.methods.lean import lean_trainer_class
+from tunelab.rollout import end_of_turn_id
 
 
 class Config(BaseModel):
@@ -46,18 +46,6 @@ class Config(BaseModel):
                                "own answers (1 - weight goes to the teacher)")
     max_new_tokens: int = Field(256, gt=0, description="sequence mode: longest teacher answer")
     teacher_temperature: float = Field(0.0, ge=0, description="sequence mode: 0 = greedy teacher answers")
-
-
-def check(cfg, opts: Config, data) -> None:
-    """Mistakes found before the model loads or the run directory is written."""
-    if opts.student_layers is None and opts.teacher is None:
-        raise UserError("distill: set method.teacher (the model to learn from) or method.student_layers (a smaller "
-                        "student made from model.source, which is then the teacher)")
-
-
-def prepare_model(cfg, opts: Config, model):
-    """Shrink the loaded model into the student (before adapters attach) when `student_layers` is set."""
-    return model if opts.student_layers is None else keep_layers(model, opts.student_layers)
 
 
 def keep_layers(model, n: int):
@@ -81,47 +69,84 @@ def keep_layers(model, n: int):
     return model
 
 
-def extra_models(cfg, opts: Config, precision: str) -> dict:
-    """The teacher, loaded like the model (same dtype and quantization), frozen."""
-    from tunelab import models
+class Distill(Method):
+    Config = Config
+    # prompt tuning and P-tuning lengthen the student's sequence by their virtual tokens, so its logits no longer line
+    # up with the teacher's and the labels; prefix tuning keeps the sequence length
+    adapters = ("none", "lora", "dora", "ia3", "prefix")
 
-    tcfg = cfg.model_copy(deep=True)
-    tcfg.model.source = opts.teacher or cfg.model.source
-    teacher = models.load_model(tcfg, precision=precision).eval()
-    teacher.requires_grad_(False)
-    return {"teacher": teacher}
+    def student_config(self, opts: Config, model_config):
+        """The student's config: the loaded model's with `student_layers` layers (keep_layers)."""
+        if opts.student_layers:
+            text = model_config.get_text_config()
+            text.num_hidden_layers = opts.student_layers
+            if getattr(text, "layer_types", None):
+                text.layer_types = text.layer_types[:opts.student_layers]
+        return model_config
 
+    def loss_memory(self, opts: Config, ctx: EstimateContext) -> float | None:
+        if opts.mode != "logits":
+            return None  # sequence mode: SFT's lean loss
+        # student and teacher logits over every position, both log-softmaxes at the temperature, the divergence and
+        # the gradient back through them, in float32: 7 float32 tensors of the logits' size (configs/distill/
+        # smollm2-half.yaml, 4 x 383 tokens: ~29 bytes of resident memory per logit, measured)
+        return ctx.peak_tokens * ctx.arch["vocab"] * 28
 
-def use_lean_loss(opts: Config) -> bool:
-    """Sequence mode scores only the answer tokens through the LM head, as SFT does by default (methods/sft.py);
-    logits mode compares the full logits of both models."""
-    return opts.mode == "sequence" and sft.use_lean_loss(sft.Config())
+    def extra_memory(self, cfg, opts: Config, ctx: EstimateContext) -> dict[str, float]:
+        """The frozen teacher, loaded like the model (extra_models): method.teacher, or the configured model that the
+        student is cut from."""
+        return {"teacher": ctx.weight_bytes(ctx.architecture(opts.teacher or cfg.model.source))}
 
+    def check(self, cfg, opts: Config, data) -> None:
+        """Mistakes found before the model loads or the run directory is written."""
+        if opts.student_layers is None and opts.teacher is None:
+            raise UserError("distill: set method.teacher (the model to learn from) or method.student_layers (a "
+                            "smaller student made from model.source, which is then the teacher)")
 
-def build(cfg, opts: Config, model, tokenizer, data, args: dict, teacher=None):
-    from datasets import Dataset
-    from trl import SFTConfig
+    def prepare_model(self, cfg, opts: Config, model):
+        """Shrink the loaded model into the student (before adapters attach) when `student_layers` is set."""
+        return model if opts.student_layers is None else keep_layers(model, opts.student_layers)
 
-    if teacher is None:
-        raise UserError("distill: no teacher model was loaded")
-    if teacher.config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
-        raise UserError("distill: teacher and student vocabularies differ; logit distillation needs one tokenizer")
-    teacher.to(model.device)
-    rows = data.train
-    if opts.mode == "sequence":
-        rows = teacher_answers(teacher, tokenizer, rows, opts, cfg.data.max_length)
-    sft_args = SFTConfig(**args, max_length=cfg.data.max_length)
-    # sequence mode is SFT on the teacher's answers: it takes SFT's trainer and its default (lean) loss
-    trainer_cls = sft.trainer_class() if opts.mode == "sequence" else _logit_trainer(opts)
-    trainer = trainer_cls(model=model, args=sft_args, train_dataset=Dataset.from_list(rows),
-                          eval_dataset=Dataset.from_list(data.validation) if data.validation else None,
-                          processing_class=tokenizer)
-    if opts.mode == "sequence":
-        trainer.lean = use_lean_loss(opts)
-    trainer.teacher = teacher
-    held_out = data.validation or data.train[-16:]
-    trainer.add_callback(report_callback(teacher, held_out))
-    return trainer
+    def extra_models(self, cfg, opts: Config, precision: str) -> dict:
+        """The teacher, loaded like the model (same dtype and quantization), frozen."""
+        from tunelab import models
+
+        tcfg = cfg.model_copy(deep=True)
+        tcfg.model.source = opts.teacher or cfg.model.source
+        teacher = models.load_model(tcfg, precision=precision).eval()
+        teacher.requires_grad_(False)
+        return {"teacher": teacher}
+
+    def lean_loss(self, opts: Config) -> bool:
+        """Sequence mode scores only the answer tokens through the LM head, as SFT does by default (methods/lean.py);
+        logits mode compares the full logits of both models."""
+        return opts.mode == "sequence"
+
+    def build(self, cfg, opts: Config, model, tokenizer, data, args: dict, teacher=None):
+        from datasets import Dataset
+        from trl import SFTConfig
+
+        if teacher is None:
+            raise UserError("distill: no teacher model was loaded")
+        if teacher.config.get_text_config().vocab_size != model.config.get_text_config().vocab_size:
+            raise UserError("distill: teacher and student vocabularies differ; logit distillation needs one "
+                            "tokenizer")
+        teacher.to(model.device)
+        rows = data.train
+        if opts.mode == "sequence":
+            rows = teacher_answers(teacher, tokenizer, rows, opts, cfg.data.max_length)
+        sft_args = SFTConfig(**args, max_length=cfg.data.max_length)
+        # sequence mode is SFT on the teacher's answers: it takes SFT's trainer and its default (lean) loss
+        trainer_cls = lean_trainer_class() if opts.mode == "sequence" else _logit_trainer(opts)
+        trainer = trainer_cls(model=model, args=sft_args, train_dataset=Dataset.from_list(rows),
+                              eval_dataset=Dataset.from_list(data.validation) if data.validation else None,
+                              processing_class=tokenizer)
+        if opts.mode == "sequence":
+            trainer.lean = self.lean_loss(opts)
+        trainer.teacher = teacher
+        held_out = data.validation or data.train[-16:]
+        trainer.add_callback(report_callback(teacher, held_out))
+        return trainer
 
 
 def _logit_trainer(opts: Config):
@@ -172,9 +197,7 @@ def teacher_answers(teacher, tokenizer, rows: list[dict], opts: Config, max_leng
         prompts.append(tokenizer.decode(r["input_ids"][:first]))
     params = GenParams(max_new_tokens=opts.max_new_tokens, temperature=opts.teacher_temperature, seed=0)
     answers = complete(teacher, tokenizer, prompts, params)
-    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if not isinstance(eot, int) or eot == tokenizer.unk_token_id:
-        eot = tokenizer.eos_token_id
+    eot = end_of_turn_id(tokenizer)
     out = []
     for prompt, ans in zip(prompts, answers):
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -270,3 +293,6 @@ def report_callback(teacher, rows):
             (run_dir / "distill_report.md").write_text("\n".join(lines) + "\n")
 
     return Report()
+
+
+METHOD = Distill()

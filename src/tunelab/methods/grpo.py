@@ -25,9 +25,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunelab.adapters import ADAPTERS
 from tunelab.errors import UserError
-
-KIND = "prompt"
+from tunelab.methods.contract import EstimateContext, Method
+from tunelab.rewards import check_specs
+from tunelab.rollout import left_pad, prompt_texts
 
 
 class Config(BaseModel):
@@ -63,83 +65,83 @@ class Config(BaseModel):
     log_completions: bool = Field(False, description="print a sample of completions with their rewards")
 
 
-def check(cfg, opts: Config, data) -> None:
-    """Mistakes found before the model loads or the run directory is written."""
-    if not data.train:
-        raise UserError("grpo: no training prompts")
-    per_step = cfg.training.batch_size * cfg.training.grad_accum
-    if per_step % opts.num_generations:
-        raise UserError(f"grpo: training.batch_size x training.grad_accum ({per_step}) completions per step must be "
-                        f"a multiple of method.num_generations ({opts.num_generations}); e.g. set "
-                        f"training.batch_size={opts.num_generations * max(1, per_step // opts.num_generations)}")
-    if opts.use_vllm:
-        import importlib.util
+class GRPO(Method):
+    Config = Config
+    data = "prompt"
+    # with LoRA the adapter is folded into the base to generate and unfolded after: exact only over float32 weights
+    float32_base = True
 
-        import torch
+    def extra_memory(self, cfg, opts: Config, ctx: EstimateContext) -> dict[str, float]:
+        """The KV cache of a generation batch, and on a bf16 CPU with LoRA the bf16 copy of the merged policy that
+        rollouts sample from (bf16_sampler)."""
+        arch = ctx.arch
+        gens = opts.num_generations * cfg.training.batch_size
+        seq = cfg.data.max_length + opts.max_completion_length
+        sampler = (not ctx.gpu and ctx.precision == "bf16" and ctx.weight_dtype == "float32" and not ctx.quant_bits
+                   and ADAPTERS[cfg.adapter.type].lora_layers)
+        kv_bytes = 2 if ctx.gpu or sampler else 4
+        memory = {"kv_cache": gens * seq * arch["layers"] * 2 * arch["kv_heads"] * arch["head_dim"] * kv_bytes}
+        if sampler:
+            memory["sampler"] = arch["params"] * 2
+        return memory
 
-        if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
-            raise UserError("grpo: method.use_vllm needs a CUDA GPU and vLLM installed (pip install vllm); "
-                            "set method.use_vllm=false to generate with transformers")
-    check_rewards(opts.rewards)
+    def check(self, cfg, opts: Config, data) -> None:
+        """Mistakes found before the model loads or the run directory is written."""
+        if not data.train:
+            raise UserError("grpo: no training prompts")
+        per_step = cfg.training.batch_size * cfg.training.grad_accum
+        if per_step % opts.num_generations:
+            raise UserError(f"grpo: training.batch_size x training.grad_accum ({per_step}) completions per step "
+                            f"must be a multiple of method.num_generations ({opts.num_generations}); e.g. set "
+                            f"training.batch_size={opts.num_generations * max(1, per_step // opts.num_generations)}")
+        if opts.use_vllm:
+            import importlib.util
 
+            import torch
 
-def check_rewards(specs) -> None:
-    """Resolve reward specs now (unknown names, missing files); a reward model is only looked for, loaded later."""
-    from pathlib import Path
+            if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
+                raise UserError("grpo: method.use_vllm needs a CUDA GPU and vLLM installed (pip install vllm); "
+                                "set method.use_vllm=false to generate with transformers")
+        check_specs(opts.rewards)
 
-    from tunelab.rewards import build_rewards
+    def build(self, cfg, opts: Config, model, tokenizer, data, args: dict):
+        from datasets import Dataset
+        from trl import GRPOConfig, GRPOTrainer
 
-    light = []
-    for spec in specs:
-        if isinstance(spec, dict) and spec.get("name") == "reward_model":
-            path = spec.get("path")
-            if not path or not (Path(path) / "config.json").is_file():
-                raise UserError(f"reward_model: {path} is not a model directory (no config.json); point it at the "
-                                "final/ directory of a reward-model run")
-        else:
-            light.append(spec)
-    if light or not specs:
-        build_rewards(light)
+        from tunelab.rewards import build_rewards
 
-
-def build(cfg, opts: Config, model, tokenizer, data, args: dict):
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-
-    from tunelab.rewards import build_rewards
-
-    funcs, weights = build_rewards(opts.rewards)
-    grpo_args = GRPOConfig(
-        # GRPO samples groups of prompts itself and counts prompt + completion tokens itself
-        **{**args, "train_sampling_strategy": "random", "include_num_input_tokens_seen": "no"},
-        num_generations=opts.num_generations,
-        max_completion_length=opts.max_completion_length,
-        temperature=opts.temperature,
-        top_p=opts.top_p,
-        beta=opts.beta,
-        loss_type=opts.loss_type,
-        scale_rewards=opts.scale_rewards,
-        epsilon=opts.epsilon,
-        epsilon_high=opts.epsilon_high,
-        num_iterations=opts.num_iterations,
-        importance_sampling_level=opts.importance_sampling_level,
-        mask_truncated_completions=opts.mask_truncated_completions,
-        reward_weights=weights,
-        use_vllm=opts.use_vllm,
-        vllm_mode=opts.vllm_mode,
-        vllm_gpu_memory_utilization=opts.vllm_gpu_memory_utilization,
-        log_completions=opts.log_completions,
-        num_generations_eval=opts.num_generations,
-    )
-    return GRPOTrainer(
-        model=model,
-        rollout_func=None if opts.use_vllm or opts.generation == "trl" else rollout,
-        reward_funcs=funcs,
-        args=grpo_args,
-        train_dataset=Dataset.from_list(data.train),
-        eval_dataset=Dataset.from_list(data.validation) if data.validation else None,
-        processing_class=tokenizer,
-    )
+        funcs, weights = build_rewards(opts.rewards)
+        grpo_args = GRPOConfig(
+            # GRPO samples groups of prompts itself and counts prompt + completion tokens itself
+            **{**args, "train_sampling_strategy": "random", "include_num_input_tokens_seen": "no"},
+            num_generations=opts.num_generations,
+            max_completion_length=opts.max_completion_length,
+            temperature=opts.temperature,
+            top_p=opts.top_p,
+            beta=opts.beta,
+            loss_type=opts.loss_type,
+            scale_rewards=opts.scale_rewards,
+            epsilon=opts.epsilon,
+            epsilon_high=opts.epsilon_high,
+            num_iterations=opts.num_iterations,
+            importance_sampling_level=opts.importance_sampling_level,
+            mask_truncated_completions=opts.mask_truncated_completions,
+            reward_weights=weights,
+            use_vllm=opts.use_vllm,
+            vllm_mode=opts.vllm_mode,
+            vllm_gpu_memory_utilization=opts.vllm_gpu_memory_utilization,
+            log_completions=opts.log_completions,
+            num_generations_eval=opts.num_generations,
+        )
+        return GRPOTrainer(
+            model=model,
+            rollout_func=None if opts.use_vllm or opts.generation == "trl" else rollout,
+            reward_funcs=funcs,
+            args=grpo_args,
+            train_dataset=Dataset.from_list(data.train),
+            eval_dataset=Dataset.from_list(data.validation) if data.validation else None,
+            processing_class=tokenizer,
+        )
 
 
 @contextmanager
@@ -198,13 +200,11 @@ def rollout(prompts: list, trainer) -> dict:
     import torch
 
     tok = trainer.processing_class
-    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True, **trainer.chat_template_kwargs)
-             if isinstance(p, list) else p for p in prompts]
+    texts = prompt_texts(tok, prompts, **trainer.chat_template_kwargs)
     prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
-    width, pad = max(map(len, prompt_ids)), tok.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(x)) + x for x in prompt_ids], device=model.device)
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompt_ids], device=model.device)
+    ids, mask = left_pad(prompt_ids, tok.pad_token_id, model.device)
+    width = ids.shape[1]
     was_training = model.training
     model.eval()  # no dropout while sampling
     try:
@@ -219,3 +219,6 @@ def rollout(prompts: list, trainer) -> dict:
         end = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
         completion_ids.append(row[:end])
     return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
+
+
+METHOD = GRPO()

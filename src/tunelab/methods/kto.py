@@ -17,9 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunelab.errors import UserError
-from tunelab.methods.dpo import dataset, reference, use_disabled_adapter_as_reference
-
-KIND = "kto"
+from tunelab.methods.preference import PreferenceMethod, dataset, reference, use_disabled_adapter_as_reference
 
 
 class Config(BaseModel):
@@ -45,38 +43,49 @@ def apart(rows: list[dict], seed: int) -> list[dict]:
     return rows
 
 
-def check(cfg, opts: Config, data) -> None:
-    labels = {row["label"] for row in data.train}
-    if labels != {True, False} and opts.loss_type == "kto":
-        kind = "desirable" if True in labels else "undesirable"
-        raise UserError(f"KTO needs both desirable and undesirable examples, but every training example is {kind}; "
-                        "add examples with the other label (or use preference pairs)")
-    if opts.loss_type == "kto" and cfg.training.batch_size < 2:
-        raise UserError("KTO estimates its KL baseline from mismatched pairs within a batch: set "
-                        "training.batch_size to 2 or more")
+class KTO(PreferenceMethod):
+    """Unpaired examples (one sequence a row); the full logits and the reference forward as DPO."""
+
+    Config = Config
+    data = "kto"
+    sequences_per_row = 1
+    reference_forward = True
+
+    def check(self, cfg, opts: Config, data) -> None:
+        labels = {row["label"] for row in data.train}
+        if labels != {True, False} and opts.loss_type == "kto":
+            kind = "desirable" if True in labels else "undesirable"
+            raise UserError(f"KTO needs both desirable and undesirable examples, but every training example is {kind}; "
+                            "add examples with the other label (or use preference pairs)")
+        if opts.loss_type == "kto" and cfg.training.batch_size < 2:
+            raise UserError("KTO estimates its KL baseline from mismatched pairs within a batch: set "
+                            "training.batch_size to 2 or more")
+
+    def build(self, cfg, opts: Config, model, tokenizer, data, args: dict):
+        from trl import KTOConfig, KTOTrainer
+
+        kto_args = KTOConfig(
+            # the KL baseline pairs each example with its neighbour in a fixed-order batch, so batches must not be
+            # shuffled or regrouped (TRL refuses other samplers); `apart` has already put the rows in a seeded
+            # random order
+            **{**args, "train_sampling_strategy": "sequential" if opts.loss_type == "kto" else "random"},
+            max_length=cfg.data.max_length,
+            beta=opts.beta,
+            loss_type=opts.loss_type,
+            desirable_weight=opts.desirable_weight,
+            undesirable_weight=opts.undesirable_weight,
+            **reference(cfg, opts.precompute_ref_log_probs),
+        )
+        trainer = KTOTrainer(
+            model=model,
+            ref_model=None,
+            args=kto_args,
+            train_dataset=dataset(apart(data.train, cfg.data.seed)),
+            eval_dataset=dataset(apart(data.validation, cfg.data.seed)),
+            processing_class=tokenizer,
+        )
+        use_disabled_adapter_as_reference(trainer, cfg)
+        return trainer
 
 
-def build(cfg, opts: Config, model, tokenizer, data, args: dict):
-    from trl import KTOConfig, KTOTrainer
-
-    kto_args = KTOConfig(
-        # the KL baseline pairs each example with its neighbour in a fixed-order batch, so batches must not be shuffled
-        # or regrouped (TRL refuses other samplers); `apart` has already put the rows in a seeded random order
-        **{**args, "train_sampling_strategy": "sequential" if opts.loss_type == "kto" else "random"},
-        max_length=cfg.data.max_length,
-        beta=opts.beta,
-        loss_type=opts.loss_type,
-        desirable_weight=opts.desirable_weight,
-        undesirable_weight=opts.undesirable_weight,
-        **reference(cfg, opts),
-    )
-    trainer = KTOTrainer(
-        model=model,
-        ref_model=None,
-        args=kto_args,
-        train_dataset=dataset(apart(data.train, cfg.data.seed)),
-        eval_dataset=dataset(apart(data.validation, cfg.data.seed)),
-        processing_class=tokenizer,
-    )
-    use_disabled_adapter_as_reference(trainer, cfg)
-    return trainer
+METHOD = KTO()

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunelab.methods.dpo import counting_pair_tokens, dataset, pairwise_sampling
-
-KIND = "preference"
+from tunelab.methods.preference import PreferenceMethod, counting_pair_tokens, dataset, pairwise_sampling
 
 
 class Config(BaseModel):
@@ -22,14 +20,23 @@ class Config(BaseModel):
     beta: float = Field(0.1, gt=0, description="weight of the odds-ratio term against the SFT loss (paper: lambda)")
 
 
-def build(cfg, opts: Config, model, tokenizer, data, args: dict):
-    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+class ORPO(PreferenceMethod):
+    Config = Config
+    # prompt tuning and P-tuning put their virtual tokens before the pair's tokens, which TRL's ORPOTrainer does not count
+    # in its labels (a shape mismatch); prefix tuning keeps the sequence length
+    adapters = ("none", "lora", "dora", "ia3", "prefix")
 
-    orpo_args = ORPOConfig(**pairwise_sampling(args), max_length=cfg.data.max_length, beta=opts.beta)
-    return counting_pair_tokens(ORPOTrainer)(
-        model=model,
-        args=orpo_args,
-        train_dataset=dataset(data.train),
-        eval_dataset=dataset(data.validation),
-        processing_class=tokenizer,
-    )
+    def build(self, cfg, opts: Config, model, tokenizer, data, args: dict):
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        orpo_args = ORPOConfig(**pairwise_sampling(args), max_length=cfg.data.max_length, beta=opts.beta)
+        return counting_pair_tokens(ORPOTrainer)(
+            model=model,
+            args=orpo_args,
+            train_dataset=dataset(data.train),
+            eval_dataset=dataset(data.validation),
+            processing_class=tokenizer,
+        )
+
+
+METHOD = ORPO()

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunelab.adapters import ADAPTERS
 from tunelab.errors import UserError
-
-KIND = "prompt"
+from tunelab.methods.contract import EstimateContext, Method
+from tunelab.rewards import check_specs
 
 
 class Config(BaseModel):
@@ -47,41 +48,59 @@ class Config(BaseModel):
                                               "hit max_completion_length without ending")
 
 
-def check(cfg, opts: Config, data) -> None:
-    """Mistakes found before the model loads or the run directory is written."""
-    if not data.train:
-        raise UserError("ppo: no training prompts")
-    from tunelab.methods.grpo import check_rewards
+class PPO(Method):
+    Config = Config
+    data = "prompt"
+    # the reference is the policy with its LoRA/DoRA adapter disabled (ppo_core), or with full fine-tuning a frozen
+    # copy of the starting weights; prompt learning would change the reference itself, and IA3 is untested here
+    adapters = tuple(name for name, a in ADAPTERS.items() if a.trains_base or a.lora_layers)
+    reference_forward = True
 
-    if cfg.training.grad_accum != 1:
-        raise UserError("ppo: training.grad_accum must be 1 (each step is a rollout; use method.num_mini_batches and "
-                        "method.ppo_epochs to split its update)")
-    if cfg.training.batch_size % opts.num_mini_batches:
-        raise UserError(f"ppo: training.batch_size ({cfg.training.batch_size}) must be a multiple of "
-                        f"method.num_mini_batches ({opts.num_mini_batches})")
-    if cfg.adapter.type not in ("none", "lora", "dora"):
-        raise UserError(f"ppo: adapter.type '{cfg.adapter.type}' is not supported (use lora, dora or none)")
-    # evaluation during training scores greedy completions of the validation prompts: it reports eval_reward (and
-    # eval_rewards/<name>), not eval_loss, so the best checkpoint and early stopping must follow a reward
-    e = cfg.eval
-    keeps_best = e.load_best or e.early_stopping_patience
-    if cfg.training.eval_steps and keeps_best and not e.metric.startswith("eval_reward"):
-        raise UserError(f"ppo: eval.metric '{e.metric}' is not reported: PPO evaluates by eval_reward (mean reward "
-                        "of greedy completions on the validation prompts); set eval.metric=eval_reward "
-                        "(or eval.load_best=false without early stopping)")
-    check_rewards(opts.rewards)
+    def extra_memory(self, cfg, opts: Config, ctx: EstimateContext) -> dict[str, float]:
+        """The KV cache of a rollout (one completion per prompt), and with full fine-tuning the reference copy."""
+        arch = ctx.arch
+        seq = cfg.data.max_length + opts.max_completion_length
+        kv_bytes = 4 if ctx.weight_dtype == "float32" else 2  # generation runs in the weights' dtype
+        memory = {"kv_cache": cfg.training.batch_size * seq * arch["layers"] * 2 * arch["kv_heads"]
+                  * arch["head_dim"] * kv_bytes}
+        if ADAPTERS[cfg.adapter.type].trains_base:
+            memory["reference"] = ctx.weight_bytes(arch)
+        return memory
+
+    def check(self, cfg, opts: Config, data) -> None:
+        """Mistakes found before the model loads or the run directory is written."""
+        if not data.train:
+            raise UserError("ppo: no training prompts")
+        if cfg.training.grad_accum != 1:
+            raise UserError("ppo: training.grad_accum must be 1 (each step is a rollout; use method.num_mini_batches "
+                            "and method.ppo_epochs to split its update)")
+        if cfg.training.batch_size % opts.num_mini_batches:
+            raise UserError(f"ppo: training.batch_size ({cfg.training.batch_size}) must be a multiple of "
+                            f"method.num_mini_batches ({opts.num_mini_batches})")
+        # evaluation during training scores greedy completions of the validation prompts: it reports eval_reward
+        # (and eval_rewards/<name>), not eval_loss, so the best checkpoint and early stopping must follow a reward
+        e = cfg.eval
+        keeps_best = e.load_best or e.early_stopping_patience
+        if cfg.training.eval_steps and keeps_best and not e.metric.startswith("eval_reward"):
+            raise UserError(f"ppo: eval.metric '{e.metric}' is not reported: PPO evaluates by eval_reward (mean "
+                            "reward of greedy completions on the validation prompts); set eval.metric=eval_reward "
+                            "(or eval.load_best=false without early stopping)")
+        check_specs(opts.rewards)
+
+    def build(self, cfg, opts: Config, model, tokenizer, data, args: dict):
+        from datasets import Dataset
+        from transformers import TrainingArguments
+
+        from tunelab.methods.ppo_core import PPOTrainer
+        from tunelab.rewards import build_rewards
+
+        funcs, weights = build_rewards(opts.rewards)
+        # rollouts count their own tokens
+        targs = TrainingArguments(**{**args, "include_num_input_tokens_seen": "no",
+                                     "train_sampling_strategy": "random"})
+        return PPOTrainer(model=model, args=targs, opts=opts, reward_funcs=funcs, reward_weights=weights,
+                          tokenizer=tokenizer, train_dataset=Dataset.from_list(data.train),
+                          eval_dataset=Dataset.from_list(data.validation) if data.validation else None)
 
 
-def build(cfg, opts: Config, model, tokenizer, data, args: dict):
-    from datasets import Dataset
-    from transformers import TrainingArguments
-
-    from tunelab.methods.ppo_core import PPOTrainer
-    from tunelab.rewards import build_rewards
-
-    funcs, weights = build_rewards(opts.rewards)
-    targs = TrainingArguments(**{**args, "include_num_input_tokens_seen": "no",  # rollouts count their own tokens
-                                 "train_sampling_strategy": "random"})
-    return PPOTrainer(model=model, args=targs, opts=opts, reward_funcs=funcs, reward_weights=weights,
-                      tokenizer=tokenizer, train_dataset=Dataset.from_list(data.train),
-                      eval_dataset=Dataset.from_list(data.validation) if data.validation else None)
+METHOD = PPO()

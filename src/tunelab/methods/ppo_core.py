@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from tunelab.rollout import left_pad, prompt_texts, stop_token_ids
+
 VALUE_HEAD = "value_head.safetensors"
 
 
@@ -49,8 +51,6 @@ def gae(rewards, values, mask, gamma: float, lam: float):
 class PPOTrainer(Trainer):
     def __init__(self, model, args, opts, reward_funcs, reward_weights, tokenizer, train_dataset, eval_dataset=None):
         from peft import PeftModel
-
-        from tunelab.inference.engine import stop_token_ids
 
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=tokenizer,
@@ -109,13 +109,11 @@ class PPOTrainer(Trainer):
         """Sample one completion per prompt and score it with the reward functions (metrics logged under `prefix`).
         Returns prompt+completion ids and mask, the prompt width, the completion mask, which ended, and the score."""
         tok, o = self.processing_class, self.opts
-        texts = [tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
-                 if isinstance(r["prompt"], list) else r["prompt"] for r in rows]
+        texts = prompt_texts(tok, [r["prompt"] for r in rows])
         enc = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-        width = max(map(len, enc))
         pad = tok.pad_token_id
-        p_ids = torch.tensor([[pad] * (width - len(x)) + x for x in enc], device=model.device)
-        p_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in enc], device=model.device)
+        p_ids, p_mask = left_pad(enc, pad, model.device)
+        width = p_ids.shape[1]
         model.eval()
         sampling = (dict(do_sample=False) if greedy else
                     dict(do_sample=True, temperature=o.temperature, top_p=o.top_p, top_k=0))

@@ -12,13 +12,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunelab.methods.dpo import dataset, pairwise_sampling
-
-KIND = "preference"
-TASK = "SEQ_CLS"  # train.py loads AutoModelForSequenceClassification (num_labels=1); PEFT trains the new head in full
-# final/ holds the adapter merged into the base: rewards.reward_model and other readers load it with plain transformers
-# (checkpoints keep the adapter alone, so resume works as for every method)
-MERGE_FINAL = True
+from tunelab.adapters import ADAPTERS
+from tunelab.methods.preference import PreferenceMethod, dataset, pairwise_sampling
 
 
 class Config(BaseModel):
@@ -45,20 +40,39 @@ def final_evaluation():
     return EvaluateAtEnd()
 
 
-def build(cfg, opts: Config, model, tokenizer, data, args: dict):
-    from trl import RewardConfig, RewardTrainer
+class Reward(PreferenceMethod):
+    Config = Config
+    # train.py loads AutoModelForSequenceClassification (num_labels=1); PEFT trains the new head in full
+    task = "SEQ_CLS"
+    # final/ holds the adapter merged into the base: rewards.reward_model and other readers load it with plain
+    # transformers (checkpoints keep the adapter alone, so resume works as for every method)
+    merge_final = True
+    # the score head trains in full next to the adapter, so the base stays float32 on CPU (models.base_dtype)
+    float32_base = True
+    # final/ is a plain sequence-classification model: only adapters that merge into the weights fit (and PEFT's
+    # prefix tuning needs a KV cache the classification head's forward does not keep)
+    adapters = tuple(name for name, a in ADAPTERS.items() if a.mergeable or a.trains_base)
 
-    # Every token of both conversations is scored as one sequence; TRL drops pairs longer than max_length
-    # (it does not truncate them), which the data layer's overlong setting counts beforehand.
-    reward_args = RewardConfig(**pairwise_sampling(args), max_length=cfg.data.max_length,
-                               center_rewards_coefficient=opts.center_rewards_coefficient)
-    trainer = RewardTrainer(
-        model=model,
-        args=reward_args,
-        train_dataset=dataset(data.train),
-        eval_dataset=dataset(data.validation),
-        processing_class=tokenizer,
-    )
-    if data.validation and opts.evaluate_at_end:
-        trainer.add_callback(final_evaluation())
-    return trainer
+    def loss_memory(self, opts, ctx) -> float:
+        return 0.0  # a score head: one number per sequence, no vocabulary-sized logits
+
+    def build(self, cfg, opts: Config, model, tokenizer, data, args: dict):
+        from trl import RewardConfig, RewardTrainer
+
+        # Every token of both conversations is scored as one sequence; TRL drops pairs longer than max_length
+        # (it does not truncate them), which the data layer's overlong setting counts beforehand.
+        reward_args = RewardConfig(**pairwise_sampling(args), max_length=cfg.data.max_length,
+                                   center_rewards_coefficient=opts.center_rewards_coefficient)
+        trainer = RewardTrainer(
+            model=model,
+            args=reward_args,
+            train_dataset=dataset(data.train),
+            eval_dataset=dataset(data.validation),
+            processing_class=tokenizer,
+        )
+        if data.validation and opts.evaluate_at_end:
+            trainer.add_callback(final_evaluation())
+        return trainer
+
+
+METHOD = Reward()

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunelab.methods.dpo import counting_pair_tokens, dataset, pairwise_sampling
-
-KIND = "preference"
+from tunelab.methods.preference import PreferenceMethod, counting_pair_tokens, dataset, pairwise_sampling
 
 
 class Config(BaseModel):
@@ -28,22 +26,31 @@ class Config(BaseModel):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="assumed rate of flipped preference labels")
 
 
-def build(cfg, opts: Config, model, tokenizer, data, args: dict):
-    from trl.experimental.cpo import CPOConfig, CPOTrainer
+class SimPO(PreferenceMethod):
+    Config = Config
+    # prompt tuning and P-tuning put their virtual tokens before the pair's tokens, which TRL's CPOTrainer does not count
+    # in its labels (a shape mismatch); prefix tuning keeps the sequence length
+    adapters = ("none", "lora", "dora", "ia3", "prefix")
 
-    simpo_args = CPOConfig(
-        **pairwise_sampling(args),
-        max_length=cfg.data.max_length,
-        loss_type="simpo",
-        beta=opts.beta,
-        simpo_gamma=opts.gamma,
-        cpo_alpha=opts.cpo_alpha,
-        label_smoothing=opts.label_smoothing,
-    )
-    return counting_pair_tokens(CPOTrainer)(
-        model=model,
-        args=simpo_args,
-        train_dataset=dataset(data.train),
-        eval_dataset=dataset(data.validation),
-        processing_class=tokenizer,
-    )
+    def build(self, cfg, opts: Config, model, tokenizer, data, args: dict):
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        simpo_args = CPOConfig(
+            **pairwise_sampling(args),
+            max_length=cfg.data.max_length,
+            loss_type="simpo",
+            beta=opts.beta,
+            simpo_gamma=opts.gamma,
+            cpo_alpha=opts.cpo_alpha,
+            label_smoothing=opts.label_smoothing,
+        )
+        return counting_pair_tokens(CPOTrainer)(
+            model=model,
+            args=simpo_args,
+            train_dataset=dataset(data.train),
+            eval_dataset=dataset(data.validation),
+            processing_class=tokenizer,
+        )
+
+
+METHOD = SimPO()

@@ -1,0 +1,107 @@
+"""The method contract: what a training method declares and which hooks it may provide.
+
+Every file in methods/ defines one subclass of `Method` and lists it in the table (methods/__init__.py). train.py,
+estimate.py and models.py read only what is declared here; none of them names a method. A method's file reads top to
+bottom: what it is (with the paper), its options (`Config`, a pydantic model rejecting unknown keys), what it declares,
+and `build`, which returns a transformers Trainer (or an object with `.train()` and the Trainer's state).
+
+Adding a method:
+  1. methods/<name>.py: a docstring, `class Config(BaseModel)` with `extra="forbid"` and a description per field, and
+     `class MyMethod(Method)` setting `Config` and whatever differs from the defaults below, plus `build`;
+  2. one line in METHODS (methods/__init__.py), or `tunelab.methods.register("name", MyMethod())` from outside the
+     package (a plugin, a test);
+  3. a YAML in configs/<task>/<name>.yaml starting with the command that runs it, and a test.
+Nothing else changes: the CLI, the config check, the estimate and the run directory follow the declaration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+from pydantic import BaseModel
+
+from tunelab.adapters import ADAPTER_TYPES
+from tunelab.errors import UserError
+
+# What a method trains on; the data layer prepares each kind (tunelab.data.build).
+DATA_KINDS = ("conversation", "preference", "kto", "prompt")
+
+
+@dataclass
+class EstimateContext:
+    """What the memory estimate knows when it asks a method for its own share (all sizes in bytes)."""
+
+    arch: dict  # the trained model's architecture (estimate.architecture)
+    gpu: bool
+    precision: str  # bf16 | fp16 | fp32
+    weight_dtype: str  # the dtype the base loads in (models.base_dtype)
+    quant_bits: int | None
+    peak_tokens: int  # tokens in the largest batch (sequences_per_row included)
+    scored_tokens: float  # of those, the tokens with a loss (all of them when the loss is not lean)
+    lean_loss: bool
+    adapter: Any  # the AdapterConfig
+    weight_bytes: Callable[[dict], float]  # bytes of a model's weights as this run loads them
+    architecture: Callable[[str], dict]  # a model source -> its architecture (reads config.json only)
+
+
+class Method:
+    """Defaults of every declaration and hook; a method overrides what differs."""
+
+    Config: ClassVar[type[BaseModel]]  # the method's options: `method: {name: ..., <options>}`
+    data: ClassVar[str] = "conversation"  # one of DATA_KINDS
+    task: ClassVar[str] = "CAUSAL_LM"  # PEFT task type of the trained model ("SEQ_CLS": a one-score head)
+    adapters: ClassVar[tuple[str, ...]] = ADAPTER_TYPES  # adapter types it trains with; others are refused up front
+    float32_base: ClassVar[bool] = False  # keep a float32 base on CPU even with a LoRA adapter (see models.base_dtype)
+    merge_final: ClassVar[bool] = False  # final/ holds the adapter merged in: a model plain transformers loads
+    sequences_per_row: ClassVar[int] = 1  # sequences one training row puts through the forward (pairs: 2)
+    reference_forward: ClassVar[bool] = False  # a frozen reference model scores each batch too (estimate FLOPs)
+
+    # -- checks, before the model loads or the run directory is written ----------------------------------------------
+    def options(self, raw: dict) -> BaseModel:
+        """The method's typed options from `method:` (less `name`)."""
+        return self.Config(**raw)
+
+    def check_adapter(self, name: str, adapter_type: str) -> None:
+        if adapter_type not in self.adapters:
+            raise UserError(f"method '{name}' does not train with adapter.type '{adapter_type}'; it takes "
+                            f"{', '.join(self.adapters)}")
+
+    def check(self, cfg, opts, data) -> None:
+        """Refusals that need the config and the prepared data (UserError, one line)."""
+
+    # -- models ------------------------------------------------------------------------------------------------------
+    def prepare_model(self, cfg, opts, model):
+        """Reshape the loaded model before the adapter attaches (distill: a smaller student)."""
+        return model
+
+    def extra_models(self, cfg, opts, precision: str) -> dict:
+        """Models besides the trained one, passed to build() by keyword (distill: the teacher)."""
+        return {}
+
+    # -- memory and time (tunelab estimate, and the estimate printed before training) -------------------------------
+    def lean_loss(self, opts) -> bool:
+        """Whether the loss projects only trained positions through the LM head (methods/lean.py)."""
+        return False
+
+    def uses_liger(self, opts) -> bool:
+        """Liger's fused kernels (GPU): fewer activations, a chunked loss."""
+        return False
+
+    def student_config(self, opts, model_config):
+        """The config of the model that trains, from the loaded model's config (distill: fewer layers)."""
+        return model_config
+
+    def loss_memory(self, opts, ctx: EstimateContext) -> float | None:
+        """Bytes the loss holds at its peak; None = a causal LM loss (lean, Liger's or TRL's chunked head)."""
+        return None
+
+    def extra_memory(self, cfg, opts, ctx: EstimateContext) -> dict[str, float]:
+        """Memory the method adds besides the model, its training state and the loss, by part (bytes)."""
+        return {}
+
+    # -- the trainer ---------------------------------------------------------------------------------------------
+    def build(self, cfg, opts, model, tokenizer, data, args: dict, **extra):
+        """A transformers Trainer (or an object with .train() and .state) for the prepared data. `args` holds the
+        TrainingArguments shared by every method (train.training_arguments); `extra` the extra_models."""
+        raise NotImplementedError
