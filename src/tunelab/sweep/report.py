@@ -2,13 +2,15 @@
 plots/ (average training loss per epoch by searched key) and best.yaml (the best trial's config, ready to train).
 
 All of it is rebuilt from the study and the trials' run directories after every session, so the files describe every
-worker's trials, not only this process's.
+worker's trials, not only this process's. Each file is written whole or not at all (temp file, then rename).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,13 @@ from tunelab.sweep.spec import Range, Sweep, validate
 from tunelab.sweep.study import decode_choice
 
 MAX_LINES_PER_VALUE = 8  # more distinct values than this (a continuous range) -> one line per trial, colored by value
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    # TODO(run-dir): runs.write_text_atomic -- runs.py owns atomic writes; use its text writer once it has one
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def format_value(v) -> str:
@@ -80,22 +89,22 @@ def write_outputs(sweep: Sweep, study, optuna) -> dict:
     sweep.dir.mkdir(parents=True, exist_ok=True)
     rows = result_rows(sweep, study, optuna)
     best = _best(sweep, rows)
-    _write_csv(sweep.dir / "results.csv", rows)
-    (sweep.dir / "results.md").write_text(results_markdown(sweep, rows, best))
+    _write_text_atomic(sweep.dir / "results.csv", results_csv(rows))
+    _write_text_atomic(sweep.dir / "results.md", results_markdown(sweep, rows, best))
     plots = plot_sweep(sweep, rows)
     if best:
         write_best_config(sweep, {k: best[k] for k in sweep.search.space}, best)
     return {"results": rows, "best": best, "plots": plots, "dir": sweep.dir}
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        if rows:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-    tmp.replace(path)
+def results_csv(rows: list[dict]) -> str:
+    """Every row with every column (an empty file before the first trial)."""
+    buf = io.StringIO(newline="")
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()
 
 
 def results_markdown(sweep: Sweep, rows: list[dict], best: dict | None) -> str:
@@ -208,7 +217,5 @@ def write_best_config(sweep: Sweep, params: dict, best: dict) -> Path:
     header = (f"# tunelab train {path}\n#\n# Best trial of sweep {sweep.name}: {best['trial']} ({sweep.objective} "
               f"{best['objective']:.4f}) with {describe(values)}.{note}\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".best.yaml.tmp")
-    tmp.write_text(header + yaml.safe_dump(raw, sort_keys=False))
-    tmp.replace(path)
+    _write_text_atomic(path, header + yaml.safe_dump(raw, sort_keys=False))
     return path

@@ -2,8 +2,8 @@
 
 Everything here runs before anything trains: `load_sweep` reads the file, builds every trial config it can in advance
 (the whole grid, or each value and range end once) and validates them as run configs, so a mistake is one line now
-instead of a failed trial later. Keys are checked with the run config's own `config_keys` and errors worded by its
-`explain_validation_error`.
+instead of a failed trial later. Configs are built with the run config's own pieces (`deep_merge`, `parse_overrides`,
+`config_keys`, `explain_validation_error`): a sweep key means exactly what it means in `tunelab train --set`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tunelab.config import RunConfig, config_keys, deep_merge, explain_validation_error
+from tunelab.config import RunConfig, config_keys, deep_merge, explain_validation_error, parse_overrides
 from tunelab.errors import UserError, suggest
 
 # objective -> default direction. eval_* task metrics (eval_gsm8k_accuracy) are maximized.
@@ -109,14 +109,16 @@ class SweepSpec(_Spec):
 # ---------------------------------------------------------------------------------------------------------- sweep
 
 
-def _set(raw: dict, dotted: str, value) -> None:
-    node = raw
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        if not isinstance(node.get(p), dict):
-            node[p] = {}
-        node = node[p]
-    node[leaf] = value
+def with_keys(raw: dict, values: dict[str, Any]) -> dict:
+    """`raw` with dotted keys set, through the run config's own parse_overrides and deep_merge.
+
+    parse_overrides reads YAML text; dumping each value as YAML first round-trips it exactly (floats by repr, lists,
+    strings that look like numbers stay strings). A key set here replaces its value whole, where deep_merge would
+    merge two mappings: a trial's `method: {name: orpo, beta: 0.2}` must not inherit the base method's options, so
+    each key is cleared (null) before the values are merged in."""
+    cleared = deep_merge(raw, parse_overrides([f"{k}=null" for k in values]))
+    items = [f"{k}={yaml.safe_dump(v, default_flow_style=True, sort_keys=False)}" for k, v in values.items()]
+    return deep_merge(cleared, parse_overrides(items))
 
 
 @dataclass
@@ -148,11 +150,10 @@ class Sweep:
     def trial_raw(self, params: dict, run_name: str, subset: bool = True) -> dict:
         raw = json.loads(json.dumps(self.raw))  # deep copy
         if subset and self.spec.subset:
-            _set(raw, "data.subset", self.spec.subset)
-        for key, value in params.items():
-            _set(raw, key, value)
-        raw["output"] = {**raw.get("output", {}), "dir": str(self.dir), "name": run_name}
-        return raw
+            raw = with_keys(raw, {"data.subset": self.spec.subset})
+        raw = with_keys(raw, params)
+        # every trial is an ordinary run in the sweep's directory, named after the trial
+        return deep_merge(raw, {"output": {"dir": str(self.dir), "name": run_name}})
 
     def trial_config(self, params: dict, run_name: str) -> RunConfig:
         return validate(self.trial_raw(params, run_name), f"{self.path}: trial {params}")
@@ -227,9 +228,9 @@ def load_sweep(path: str | Path, trials: int | None = None) -> Sweep:
         raise UserError(f"{path}: give a base config (base: ../quickstart.yaml) or an inline `config:`")
     raw = _read_yaml((path.parent / spec.base), "base config") if spec.base else {}
     raw = deep_merge(raw, spec.config)
-    for key, value in spec.overrides.items():
+    for key in spec.overrides:
         _check_key(key, f"{path}: overrides")
-        _set(raw, key, value)
+    raw = with_keys(raw, spec.overrides)
     for key, dom in s.space.items():
         _check_key(key, f"{path}: search.space")
         if s.strategy == "grid" and isinstance(dom, Range):
