@@ -194,7 +194,8 @@ def test_cli_dry_run_lists_the_grid(tmp_path, tiny_model, tiny_chat_data, capsys
 
 
 def test_list_valued_choices_travel_through_optuna_into_best_config(tmp_path, tiny_model, tiny_chat_data):
-    from tunelab.sweep import _label, _sampler, _suggest, write_best_config
+    from tunelab.sweep import write_best_config
+    from tunelab.sweep.study import encode_choice as _label, make_sampler as _sampler, suggest_value as _suggest
 
     choices = ["all-linear", ["q_proj", "v_proj"]]
     path = write_sweep(tmp_path, tiny_model, tiny_chat_data, search={

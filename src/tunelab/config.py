@@ -212,6 +212,16 @@ def _valid_keys(model: type[BaseModel], path: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def config_keys(model: type[BaseModel] = RunConfig, path: tuple = ()) -> list[str]:
+    """Every dotted key under `path` (e.g. 'training.learning_rate', 'method.name'), for checking and suggesting
+    keys given as dotted strings (sweep files). Walks the sections through `_valid_keys`, so both listings agree."""
+    out = []
+    for name in _valid_keys(model, path):
+        inner = config_keys(model, (*path, name))  # [] for a leaf: its annotation is not a section model
+        out += inner or [".".join(map(str, (*path, name)))]
+    return out
+
+
 def explain_validation_error(err: ValidationError, prefix: str = "", model: type[BaseModel] = RunConfig) -> str:
     """One line for a pydantic error: the dotted key, and for an unknown key the nearest valid one."""
     e = err.errors()[0]

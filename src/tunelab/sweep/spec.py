@@ -1,0 +1,278 @@
+"""The sweep file: its schema, its checks, and the trial configs it describes.
+
+Everything here runs before anything trains: `load_sweep` reads the file, builds every trial config it can in advance
+(the whole grid, or each value and range end once) and validates them as run configs, so a mistake is one line now
+instead of a failed trial later. Configs are built with the run config's own pieces (`deep_merge`, `parse_overrides`,
+`config_keys`, `explain_validation_error`): a sweep key means exactly what it means in `tunelab train --set`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tunelab.config import RunConfig, config_keys, deep_merge, explain_validation_error, parse_overrides
+from tunelab.errors import UserError, suggest
+
+# objective -> default direction. eval_* task metrics (eval_gsm8k_accuracy) are maximized.
+OBJECTIVES = {"eval_loss": "min", "last_epoch_train_loss": "min", "train_loss": "min",
+              "eval_gsm8k_accuracy": "max", "eval_gsm8k_format_rate": "max"}
+EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+# ---------------------------------------------------------------------------------------------------------- schema
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Range(_Spec):
+    """A range to sample from (random / optuna): floats, or integers when low and high are both integers."""
+
+    low: float | int
+    high: float | int
+    log: bool = Field(False, description="sample on a log scale (learning rates)")
+    step: float | int | None = Field(None, description="discretization step")
+
+    @property
+    def is_int(self) -> bool:
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in (self.low, self.high)) and \
+            (self.step is None or isinstance(self.step, int))
+
+
+class Pruning(_Spec):
+    """Stop a trial early when its intermediate objective (at each evaluation, or each epoch for train losses) is
+    worse than other trials' at the same point (Optuna pruners)."""
+
+    pruner: Literal["none", "median", "percentile", "hyperband", "threshold"] = Field(
+        "none", description="median: worse than the median of earlier trials; percentile: worse than `percentile`; "
+        "hyperband: successive halving brackets; threshold: worse than `threshold`")
+    startup_trials: int = Field(2, ge=0, description="median/percentile: trials that finish before any is pruned")
+    min_samples: int = Field(0, ge=0, description="no trial is pruned before it has trained on this many samples")
+    percentile: float = Field(25.0, gt=0, lt=100, description="percentile pruner: keep the best N percent")
+    threshold: float | None = Field(None, description="threshold pruner: prune when the objective is worse than this")
+
+
+class Search(_Spec):
+    strategy: Literal["grid", "random", "optuna"] = Field("grid", description="optuna = TPE (Bayesian)")
+    space: dict[str, list | Range] = Field(..., description="dotted config key -> list of values or {low, high, log}")
+    trials: int | None = Field(None, gt=0, description="trial budget (finished trials); grid: default the whole grid")
+    objective: str = Field("auto", description="auto: eval_loss when the config evaluates, else last_epoch_train_loss")
+    direction: Literal["auto", "min", "max"] = Field("auto", description="auto: minimize losses, maximize the rest")
+    seed: int = Field(0, description="sampler seed")
+    storage: str | None = Field(None, description="Optuna storage URL (default sqlite:///sweeps/<name>/study.db)")
+    study: str | None = Field(None, description="study name in the storage (default: the sweep's name)")
+    pruning: Pruning = Field(default_factory=Pruning)
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _yaml_floats(cls, v):
+        # YAML 1.1 reads 1e-4 (no dot) as a string; in a list of learning rates it means the number
+        if isinstance(v, dict):
+            return {k: [float(x) if isinstance(x, str) and EXP_FLOAT.fullmatch(x) else x for x in dom]
+                    if isinstance(dom, list) else dom for k, dom in v.items()}
+        return v
+
+    @field_validator("space")
+    @classmethod
+    def _not_empty(cls, v):
+        if not v:
+            raise ValueError("the search space is empty: give at least one key, e.g. training.learning_rate: [1e-4]")
+        for key, dom in v.items():
+            if isinstance(dom, list) and not dom:
+                raise ValueError(f"'{key}' has no values")
+            if isinstance(dom, Range) and dom.low > dom.high:
+                raise ValueError(f"'{key}': low ({dom.low}) is above high ({dom.high})")
+            if isinstance(dom, Range) and dom.log and dom.low <= 0:
+                raise ValueError(f"'{key}': a log range needs low > 0")
+        return v
+
+
+class SweepSpec(_Spec):
+    name: str | None = Field(None, description="sweep name (default: the file's name); trials go to OUT_DIR/NAME/")
+    base: str | None = Field(None, description="base run config, relative to this file")
+    config: dict[str, Any] = Field(default_factory=dict, description="inline config sections, merged over base")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys set in every trial")
+    subset: int | None = Field(None, gt=0, description="data.subset for the trials (not for best.yaml)")
+    out_dir: str = Field("sweeps", description="parent directory of sweeps")
+    search: Search
+
+
+# ---------------------------------------------------------------------------------------------------------- sweep
+
+
+def with_keys(raw: dict, values: dict[str, Any]) -> dict:
+    """`raw` with dotted keys set, through the run config's own parse_overrides and deep_merge.
+
+    parse_overrides reads YAML text; dumping each value as YAML first round-trips it exactly (floats by repr, lists,
+    strings that look like numbers stay strings). A key set here replaces its value whole, where deep_merge would
+    merge two mappings: a trial's `method: {name: orpo, beta: 0.2}` must not inherit the base method's options, so
+    each key is cleared (null) before the values are merged in."""
+    cleared = deep_merge(raw, parse_overrides([f"{k}=null" for k in values]))
+    items = [f"{k}={yaml.safe_dump(v, default_flow_style=True, sort_keys=False)}" for k, v in values.items()]
+    return deep_merge(cleared, parse_overrides(items))
+
+
+@dataclass
+class Sweep:
+    """A validated sweep: every trial config is `raw` + the trial's parameters + its output location."""
+
+    spec: SweepSpec
+    path: Path
+    name: str
+    dir: Path
+    raw: dict  # base + config + overrides (what best.yaml starts from)
+    objective: str
+    direction: str  # "min" | "max"
+    trials: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def search(self) -> Search:
+        return self.spec.search
+
+    @property
+    def storage(self) -> str:
+        return self.search.storage or f"sqlite:///{(self.dir / 'study.db').resolve()}"
+
+    @property
+    def study_name(self) -> str:
+        return self.search.study or self.name
+
+    def trial_raw(self, params: dict, run_name: str, subset: bool = True) -> dict:
+        raw = json.loads(json.dumps(self.raw))  # deep copy
+        if subset and self.spec.subset:
+            raw = with_keys(raw, {"data.subset": self.spec.subset})
+        raw = with_keys(raw, params)
+        # every trial is an ordinary run in the sweep's directory, named after the trial
+        return deep_merge(raw, {"output": {"dir": str(self.dir), "name": run_name}})
+
+    def trial_config(self, params: dict, run_name: str) -> RunConfig:
+        return validate(self.trial_raw(params, run_name), f"{self.path}: trial {params}")
+
+
+# ---------------------------------------------------------------------------------------------------------- checks
+
+
+def validate(raw: dict, where: str) -> RunConfig:
+    """A run config from raw keys, with the run config's own one-line errors prefixed by where they came from."""
+    try:
+        cfg = RunConfig(**raw)
+    except ValidationError as e:
+        raise UserError(f"{where}: {explain_validation_error(e)}") from None
+    try:
+        cfg.method_options()
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    return cfg
+
+
+def _check_key(key: str, where: str) -> None:
+    if key.split(".")[0] == "output":
+        raise UserError(f"{where}: '{key}': the sweep sets output.* itself (trials go to out_dir/name/trial-N)")
+    if key.startswith("method.") and key.count(".") == 1:
+        return  # a method's own option, checked against the method's Config when the trial configs are built
+    # the method section is also a key of its own: its options are free-form, so it can be set whole
+    # (method: [{name: sft}, {name: dpo, beta: 0.2}])
+    keys = [*config_keys(), "method"]
+    if key not in keys:
+        raise UserError(f"{where}: '{key}' is not a config key{suggest(key, keys)}")
+
+
+def _read_yaml(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise UserError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML "
+                        f"({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping")
+    return raw
+
+
+def sample_points(space: dict[str, list | Range], strategy: str) -> list[dict]:
+    """Parameter sets to check before anything trains: the whole grid, else every value and range end once."""
+    if strategy == "grid":
+        return [dict(zip(space, combo)) for combo in itertools.product(*space.values())]
+    first = {k: (v[0] if isinstance(v, list) else v.low) for k, v in space.items()}
+    points = [first]
+    for k, dom in space.items():
+        for v in (dom[1:] if isinstance(dom, list) else [dom.high]):
+            points.append({**first, k: int(v) if isinstance(dom, Range) and dom.is_int else v})
+    return points
+
+
+def load_sweep(path: str | Path, trials: int | None = None) -> Sweep:
+    """Read and check a sweep file: its own keys, the search space's keys and values against the run config, and the
+    objective against the evaluation settings of every trial config it can build in advance. Errors are UserErrors."""
+    path = Path(path)
+    data = _read_yaml(path, "sweep file")
+    try:
+        spec = SweepSpec(**data)
+    except ValidationError as e:
+        message = explain_validation_error(e, model=SweepSpec).replace("config key", "sweep key")
+        raise UserError(f"{path}: {message}") from None
+    s = spec.search
+    if spec.base is None and not spec.config:
+        raise UserError(f"{path}: give a base config (base: ../quickstart.yaml) or an inline `config:`")
+    raw = _read_yaml((path.parent / spec.base), "base config") if spec.base else {}
+    raw = deep_merge(raw, spec.config)
+    for key in spec.overrides:
+        _check_key(key, f"{path}: overrides")
+    raw = with_keys(raw, spec.overrides)
+    for key, dom in s.space.items():
+        _check_key(key, f"{path}: search.space")
+        if s.strategy == "grid" and isinstance(dom, Range):
+            raise UserError(f"{path}: search.space.{key}: a grid needs a list of values, not a range; list them "
+                            "(e.g. [1.0e-4, 3.0e-4]) or use strategy: random / optuna")
+    name = spec.name or path.stem
+    sweep_dir = Path(spec.out_dir) / name
+    probe = Sweep(spec, path, name, sweep_dir, raw, "", "min", 0)
+    points = sample_points(s.space, s.strategy)
+    cfgs = [probe.trial_config(p, "probe") for p in points]
+    grid_size = len(points) if s.strategy == "grid" else None
+
+    # the objective, and what producing it needs
+    has_eval = all(bool((c.data.validation or c.data.val_split) and c.training.eval_steps) for c in cfgs)
+    objective = s.objective if s.objective != "auto" else ("eval_loss" if has_eval else "last_epoch_train_loss")
+    if objective not in OBJECTIVES:
+        raise UserError(f"{path}: search.objective '{objective}' is unknown{suggest(objective, OBJECTIVES)}; "
+                        f"known: {', '.join(OBJECTIVES)}")
+    if objective.startswith("eval_") and not has_eval:
+        raise UserError(f"{path}: objective {objective} needs evaluation during training: set data.val_split "
+                        "(e.g. 0.1) and training.eval_steps in the config or overrides, or use objective: "
+                        "last_epoch_train_loss")
+    if objective.startswith("eval_gsm8k") and not all(c.eval.task == "gsm8k" for c in cfgs):
+        raise UserError(f"{path}: objective {objective} needs eval.task: gsm8k")
+    # train.py's own checks of the evaluation schedule and trackers, run on every probe config now (heavy imports:
+    # only once the file itself is known to be good)
+    from tunelab import tracking
+    from tunelab.train import evaluation_settings
+
+    for c in cfgs:
+        try:
+            evaluation_settings(c)
+            tracking.check(c.training.report_to)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
+    direction = s.direction if s.direction != "auto" else OBJECTIVES[objective]
+    if s.strategy != "grid" and trials is None and s.trials is None:
+        raise UserError(f"{path}: search.trials: how many trials may the {s.strategy} search run (e.g. trials: 20)?")
+    budget = trials or s.trials or grid_size
+    if grid_size is not None:
+        budget = min(budget, grid_size)
+    sweep = Sweep(spec, path, name, sweep_dir, raw, objective, direction, budget)
+    if s.pruning.pruner == "threshold" and s.pruning.threshold is None:
+        raise UserError(f"{path}: search.pruning.threshold: the threshold pruner needs a value")
+    return sweep

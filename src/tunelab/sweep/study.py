@@ -1,0 +1,182 @@
+"""Optuna glue: the study a sweep lives in, and how trials are drawn, pruned, named and recovered.
+
+Optuna does the searching for all three strategies (GridSampler, RandomSampler, TPESampler) and keeps the study in a
+database, so a re-run (or another machine on the same storage) continues it. Optuna is imported lazily: it is an
+extra (`tunelab[sweep]`), and `import_optuna` turns its absence into one line. Functions take the `optuna` module
+as an argument rather than importing it themselves, so that check happens once.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Any
+
+from tunelab.errors import UserError
+from tunelab.sweep.spec import Range, Sweep
+
+
+def import_optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise UserError("tunelab sweep needs Optuna: pip install 'tunelab[sweep]'") from None
+    # each trial gets one line from us instead (a failed trial's traceback goes to its log file)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    return optuna
+
+
+# ---------------------------------------------------------------------------------------------------------- values
+
+
+def encode_choice(value):
+    """Optuna's categorical choices must be None/bool/int/float/str: other values (lists) travel as JSON text."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else json.dumps(value)
+
+
+def decode_choice(dom, stored):
+    """A trial's stored parameter back to the config value (JSON text of a list choice -> the list)."""
+    if isinstance(dom, list):
+        return dom[[encode_choice(v) for v in dom].index(stored)]
+    return stored
+
+
+def suggest_value(trial, key: str, dom) -> Any:
+    """The trial's value for one searched key: drawn from a range, or one of the listed choices (decoded)."""
+    if isinstance(dom, Range):
+        if dom.is_int:
+            return trial.suggest_int(key, int(dom.low), int(dom.high), step=int(dom.step or 1), log=dom.log)
+        return trial.suggest_float(key, float(dom.low), float(dom.high), step=dom.step, log=dom.log)
+    labels = [encode_choice(v) for v in dom]
+    return dom[labels.index(trial.suggest_categorical(key, labels))]
+
+
+# ---------------------------------------------------------------------------------------------------------- study
+
+
+def make_sampler(sweep: Sweep, optuna, n_existing: int):
+    s = sweep.search
+    # A re-run continues the study in a new process; seeding with the number of trials already there keeps it
+    # reproducible without drawing the first session's points again.
+    seed = s.seed + n_existing
+    if s.strategy == "grid":
+        return optuna.samplers.GridSampler({k: [encode_choice(v) for v in dom] for k, dom in s.space.items()},
+                                           seed=s.seed)
+    if s.strategy == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def _pruner(sweep: Sweep, optuna):
+    p = sweep.search.pruning
+    P = optuna.pruners
+    if p.pruner == "median":
+        return P.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.min_samples)
+    if p.pruner == "percentile":
+        # Optuna reads the study's direction: percentile=25 keeps trials in the best 25% at each step
+        return P.PercentilePruner(p.percentile, n_startup_trials=p.startup_trials, n_warmup_steps=p.min_samples)
+    if p.pruner == "hyperband":
+        return P.HyperbandPruner(min_resource=max(1, p.min_samples))
+    if p.pruner == "threshold":
+        bound = {"upper": p.threshold} if sweep.direction == "min" else {"lower": p.threshold}
+        return P.ThresholdPruner(**bound, n_warmup_steps=p.min_samples)
+    return P.NopPruner()
+
+
+def safe_url(url: str) -> str:
+    """A storage URL without its password, for printing."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def open_storage(sweep: Sweep, optuna):
+    if sweep.search.storage is None:
+        sweep.dir.mkdir(parents=True, exist_ok=True)
+    try:
+        # The heartbeat marks trials of a process that died (kill -9, a lost machine) as failed after grace_period;
+        # RetryHeartbeatStaleTrialCallback then queues them again with the same parameters, hence the same run
+        # directory. Optuna flags the heartbeat as experimental; it is the documented way to recover such trials.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(sweep.storage, heartbeat_interval=30, grace_period=120,
+                                              heartbeat_stale_trial_callback=_retry(optuna, max_retry=3))
+    except Exception as e:  # a bad URL, a missing database driver, an unreachable server
+        raise UserError(f"search.storage {sweep.storage!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def open_study(sweep: Sweep, storage, optuna):
+    """Create the study or continue it; refuse one that was made for another direction or objective."""
+    direction = "minimize" if sweep.direction == "min" else "maximize"
+    study = optuna.create_study(study_name=sweep.study_name, storage=storage, direction=direction,
+                                pruner=_pruner(sweep, optuna), load_if_exists=True)
+    if study.direction.name.lower() != direction:
+        raise UserError(f"study '{sweep.study_name}' in {safe_url(sweep.storage)} was created to "
+                        f"{study.direction.name.lower()}; this sweep would {direction}: set search.study to a new "
+                        "name or pass --overwrite")
+    known = study.user_attrs.get("objective")
+    if known and known != sweep.objective:
+        raise UserError(f"study '{sweep.study_name}' optimizes {known}, this sweep {sweep.objective}: set "
+                        "search.study to a new name or pass --overwrite")
+    study.set_user_attr("objective", sweep.objective)
+    return study
+
+
+# ---------------------------------------------------------------------------------------------------------- trials
+
+
+def finished_trials(study, optuna) -> list:
+    """Trials that count against the budget: complete, pruned, or failed by their own error (not interrupted)."""
+    S = optuna.trial.TrialState
+    return [t for t in study.get_trials(deepcopy=False)
+            if t.state in (S.COMPLETE, S.PRUNED) or (t.state == S.FAIL and "error" in t.user_attrs)]
+
+
+def _retry(optuna, max_retry: int | None):
+    """Optuna's own re-queueing of a trial (same parameters, `run` user attribute copied, retry history kept)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+
+def _in_space(sweep: Sweep, params: dict) -> bool:
+    space = sweep.search.space
+    if set(params) != set(space):
+        return False
+    for k, v in params.items():
+        dom = space[k]
+        if isinstance(dom, Range) and not dom.low <= v <= dom.high:
+            return False
+        if isinstance(dom, list) and v not in [encode_choice(x) for x in dom]:
+            return False
+    return True
+
+
+def requeue_unfinished(study, sweep: Sweep, optuna) -> list[str]:
+    """Queue again the trials that were stopped before finishing (FAIL without an error of their own)."""
+    S = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    queued = []
+    for t in trials:
+        run = t.user_attrs.get("run")
+        if t.state != S.FAIL or "error" in t.user_attrs or not run or not _in_space(sweep, t.params):
+            continue
+        if any(u.number > t.number and u.user_attrs.get("run") == run for u in trials):
+            continue  # already queued again (by an earlier re-run, or by the stale-heartbeat callback)
+        _retry(optuna, None)(study, t)
+        queued.append(run)
+    return queued
+
+
+def run_name_for(study, trial, optuna) -> str:
+    """The run directory of a trial: a re-queued trial keeps its run; parameters identical to a complete trial's
+    reuse that run (run_training skips it: the value is read back, nothing trains); else trial-<number>."""
+    if trial.user_attrs.get("run"):
+        return trial.user_attrs["run"]
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.params == trial.params and t.user_attrs.get("run"):
+            return t.user_attrs["run"]
+    return f"trial-{trial.number:03d}"
