@@ -21,13 +21,13 @@ from tunelab.errors import UserError
 from tunelab.train import run_training
 
 
-def _config(tmp_path, tiny_model, data, name, subset=8, **sections) -> Path:
+def _config(tmp_path, tiny_model, chat, name, subset=8, data=(), **sections) -> Path:
     """test_train's tiny config, by default on 8 rows: 2 steps per epoch at batch size 4 (32 rows: 8 steps)."""
     import yaml
 
-    path = make_config(tmp_path, tiny_model, data, name, **sections)
+    path = make_config(tmp_path, tiny_model, chat, name, **sections)
     cfg = yaml.safe_load(path.read_text())
-    cfg["data"]["subset"] = subset
+    cfg["data"].update(subset=subset, **dict(data))
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -35,7 +35,9 @@ def _config(tmp_path, tiny_model, data, name, subset=8, **sections) -> Path:
 def _weights(run_dir: Path) -> dict:
     from safetensors.torch import load_file
 
-    return load_file(run_dir / "final" / "adapter_model.safetensors")
+    final = run_dir / "final"
+    return load_file(final / "adapter_model.safetensors" if (final / "adapter_config.json").is_file()
+                     else final / "model.safetensors")
 
 
 def _assert_same_weights(a: dict, b: dict) -> None:
@@ -113,9 +115,12 @@ class SigintAt(TrainerCallback):
 
 # max_steps inside an epoch (2 of 8 steps): the Trainer trained step 3 from checkpoint-2; at an epoch's end (the
 # epochs schedule) it trained nothing but reported a train_loss of 0
-@pytest.mark.parametrize("subset,schedule", [(None, {"max_steps": 2}), (8, {"max_steps": -1, "epochs": 1})])
-def test_resume_at_the_last_step_trains_nothing(tmp_path, tiny_model, tiny_chat_data, subset, schedule):
-    path = _config(tmp_path, tiny_model, tiny_chat_data, "last", subset, training=schedule)
+@pytest.mark.parametrize("subset,schedule,adapter", [(None, {"max_steps": 2}, "lora"),
+                                                     (8, {"max_steps": -1, "epochs": 1}, "lora"),
+                                                     (None, {"max_steps": 2}, "none")])
+def test_resume_at_the_last_step_trains_nothing(tmp_path, tiny_model, tiny_chat_data, subset, schedule, adapter):
+    path = _config(tmp_path, tiny_model, tiny_chat_data, "last", subset, training=schedule,
+                   adapter={"type": adapter})
     first = run_training(load_config(path), show_progress=False)
     assert first["status"] == "complete" and first["global_step"] == 2
     run_dir, want = Path(first["run"]), _weights(Path(first["run"]))
@@ -127,7 +132,7 @@ def test_resume_at_the_last_step_trains_nothing(tmp_path, tiny_model, tiny_chat_
         _assert_same_weights(want, _weights(run_dir))
         assert [r["step"] for r in _lines(run_dir) if "loss" in r] == [1, 2]
         assert again["train_loss"] == pytest.approx(first["train_loss"], abs=1e-6)
-    if schedule["max_steps"] > 0:
+    if schedule["max_steps"] > 0 and adapter == "lora":
         # Ctrl-C during the last step: that step completes, so the run is complete, not interrupted
         other = _config(tmp_path, tiny_model, tiny_chat_data, "sigint", subset, training=schedule)
         stopped = run_training(load_config(other), callbacks=[SigintAt(2)], show_progress=False)
@@ -225,3 +230,23 @@ def test_damaged_config_yaml_keeps_the_checkpoints(tmp_path, tiny_model, tiny_ch
     (empty / "config.yaml").write_text("")
     with pytest.raises(UserError, match="no checkpoint to resume; pass --overwrite"):
         runs.open_run(load_config(path, ["output.name=empty"]))
+
+
+def test_resume_at_the_last_step_restores_the_best_checkpoint(tmp_path, tiny_model, tiny_chat_data):
+    # other texts to validate on and a learning rate too high for them: the best checkpoint is not the last one
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+                           + "\n" for q, a in [("Who wrote Hamlet?", "William Shakespeare wrote it around 1600."),
+                                               ("What is rain?", "Water falling from clouds in drops.")]))
+    path = _config(tmp_path, tiny_model, tiny_chat_data, "best", None, adapter={"type": "none"},
+                   data={"validation": str(val)}, training={"max_steps": 6, "eval_steps": 2, "save_steps": 2,
+                                                            "learning_rate": 0.1})
+    first = run_training(load_config(path), show_progress=False)
+    run_dir, want = Path(first["run"]), _weights(Path(first["run"]))
+    best_step = min((r["eval_loss"], r["step"]) for r in _lines(run_dir) if "eval_loss" in r)[1]
+    assert best_step < 6 and first["best_checkpoint"].endswith(f"checkpoints/checkpoint-{best_step}")
+    _unfinish(run_dir)  # killed while final/ was saved
+    again = run_training(load_config(path), show_progress=False)
+    assert again["global_step"] == 6 and again["best_checkpoint"] == first["best_checkpoint"]
+    assert again["best_metric"] == first["best_metric"]
+    _assert_same_weights(want, _weights(run_dir))

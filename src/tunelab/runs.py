@@ -5,7 +5,8 @@ Layout of runs/<name>/:
   metrics.jsonl      one JSON object per log step (step, epoch, loss, learning_rate, grad_norm, tokens, tokens_per_s, elapsed)
   checkpoints/       checkpoint-N/ directories, each complete (see below); the last K are kept
   final/             the trained adapter (PEFT format) or full model (transformers format), with the tokenizer
-  summary.json       what happened: steps, losses, tokens/s, peak memory, data counts
+  summary.json       what happened: steps, losses, tokens/s, peak memory, data counts; train_loss, train_seconds and
+                     tokens/s cover every part of a resumed run (train_loss: rundir.train_loss)
   loss.png           training (and validation) loss against step
 
 Checkpoints are atomic: the Trainer writes each one under .staging/, and only once it is fully written (model,
