@@ -250,3 +250,22 @@ def test_resume_at_the_last_step_restores_the_best_checkpoint(tmp_path, tiny_mod
     assert again["global_step"] == 6 and again["best_checkpoint"] == first["best_checkpoint"]
     assert again["best_metric"] == first["best_metric"]
     _assert_same_weights(want, _weights(run_dir))
+
+
+def test_every_reader_opens_a_run_the_same_way(tmp_path, tiny_model, capsys):
+    """eval, export, serve/chat and load_for_inference all go through runs.open_finished_run: one message each."""
+    from tunelab import cli
+    from tunelab.inference.host import Host
+    from tunelab.models import load_for_inference
+
+    run = tmp_path / "r"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "adapter_config.json").write_text("{}")
+    (run / "config.yaml").write_text("")  # cut off by a crash
+    for call in (lambda: Host.load(runs=[str(run)]), lambda: load_for_inference(run=str(run))):
+        with pytest.raises(UserError, match="config.yaml is empty or unreadable"):
+            call()
+    assert cli.main(["export", str(run), "--to", "merged"]) == 2
+    assert cli.main(["eval", "--run", str(run), "--task", "gsm8k", "--n", "1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all("config.yaml is empty or unreadable" in e for e in err), err
