@@ -227,16 +227,10 @@ def load_for_inference(model: str = "embedded:smollm2-135m-instruct", adapter: s
     from transformers import AutoModelForCausalLM
 
     if run is not None:
-        final = Path(run) / "final"
-        if not final.is_dir():
-            raise UserError(f"run {run} has no final model yet (train it to the end, or pass a checkpoint as --adapter)")
-        if (final / "adapter_config.json").is_file():
-            import yaml
+        from tunelab.rundir import open_finished_run
 
-            base = yaml.safe_load((Path(run) / "config.yaml").read_text())["model"]["source"]
-            model, adapter = base, str(final)
-        else:
-            model = str(final)
+        finished = open_finished_run(run)
+        model, adapter = finished.model_source, finished.adapter
     kw = {"dtype": torch_dtype(dtype)}
     if load_in_4bit:
         from transformers import BitsAndBytesConfig

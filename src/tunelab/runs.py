@@ -5,13 +5,17 @@ Layout of runs/<name>/:
   metrics.jsonl      one JSON object per log step (step, epoch, loss, learning_rate, grad_norm, tokens, tokens_per_s, elapsed)
   checkpoints/       checkpoint-N/ directories, each complete (see below); the last K are kept
   final/             the trained adapter (PEFT format) or full model (transformers format), with the tokenizer
-  summary.json       what happened: steps, losses, tokens/s, peak memory, data counts
+  summary.json       what happened: steps, losses, tokens/s, peak memory, data counts; train_loss, train_seconds and
+                     tokens/s cover every part of a resumed run (train_loss: rundir.train_loss)
   loss.png           training (and validation) loss against step
 
 Checkpoints are atomic: the Trainer writes each one under .staging/, and only once it is fully written (model,
-optimizer, scheduler, RNG, trainer state) is it renamed into checkpoints/. A run killed mid-save leaves garbage in
-.staging/ only, which the next start deletes; everything in checkpoints/ is complete and resumable. The HF Trainer
-has no such option, so this part is written here.
+optimizer, scheduler, RNG, trainer state, and a copy of the run's config as run_config.yaml) is it renamed into
+checkpoints/. A run killed mid-save leaves garbage in .staging/ only, which the next start deletes; everything in
+checkpoints/ is complete and resumable. The HF Trainer has no such option, so this part is written here.
+
+Every file of the run directory is read and written through tunelab.rundir (re-exported here): atomic writes, the
+one metrics reader, and `open_finished_run` for eval, export, serve/chat and models.load_for_inference.
 """
 
 from __future__ import annotations
@@ -29,9 +33,13 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from tunelab.errors import UserError
+from tunelab.rundir import (FinishedRun, find_run, open_finished_run, parse_metrics, read_json,  # noqa: F401
+                            read_metrics, read_run_config, train_loss, train_seconds, write_json_atomic,
+                            write_text_atomic)  # the run directory's readers and writers live there, used via runs.*
 
 STAGING = ".staging"
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+CONFIG_COPY = "run_config.yaml"  # the run's resolved config inside each checkpoint: what those weights trained with
 
 
 @dataclass
@@ -40,6 +48,8 @@ class Run:
     resume_from: Path | None = None
     complete: bool = False
     overwrite: bool = False
+    config_text: str | None = None  # the resolved config (start_run), copied into each checkpoint
+    notice: str | None = None  # one line for the user about a repair open_run decided on
 
     @property
     def checkpoints(self) -> Path:
@@ -72,11 +82,56 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
     return None
 
 
-def open_run(cfg, overwrite: bool = False) -> Run:
-    """Decide what to do with the run directory: start, resume, or nothing (complete). Writes nothing; refuses to
-    touch an existing run unless it is the same config (resume) or `overwrite` is given. `start_run` writes."""
+def _config_dict(cfg) -> dict:
     import yaml
 
+    d = yaml.safe_load(cfg.to_yaml())
+    d.get("output", {}).pop("resume", None)  # how to treat an existing run is not part of what the run is
+    return d
+
+
+def _saved_config(path: Path) -> dict | None:
+    """A config.yaml (the run's, or a checkpoint's copy) as a dict, None when missing or damaged. tunelab writes it
+    ending with a newline, so a file without one was cut off, even where the part left still parses."""
+    if not path.is_file() or not path.read_bytes().endswith(b"\n"):
+        return None
+    d = _yaml_file(path)
+    if d is not None:
+        d.get("output", {}).pop("resume", None)
+    return d
+
+
+def _yaml_file(path: Path) -> dict | None:
+    import yaml
+
+    try:
+        d = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return d if isinstance(d, dict) and d else None
+
+
+def _state_difference(cfg, ckpt: Path) -> str | None:
+    """What the checkpoint's trainer state records of the schedule (steps, epochs, save and log intervals) against
+    the config; the fallback check for checkpoints written before they carried a copy of the config."""
+    state = read_json(ckpt / "trainer_state.json", {})
+    t = cfg.training
+    now = {"save_steps": t.save_steps, "logging_steps": t.logging_steps}
+    now.update({"max_steps": t.max_steps} if t.max_steps and t.max_steps > 0 else {"num_train_epochs": t.epochs})
+    for k, v in now.items():
+        if k in state and state[k] != v:
+            return f"training.{k.replace('num_train_', '')}: {state[k]!r} in {ckpt.name}, {v!r} now"
+    return None
+
+
+def open_run(cfg, overwrite: bool = False) -> Run:
+    """Decide what to do with the run directory: start, resume, or nothing (complete). Writes nothing; refuses to
+    touch an existing run unless it is the same config (resume) or `overwrite` is given. `start_run` writes.
+
+    The config a run is checked against is its config.yaml or, where that is missing, damaged or differs, the copy
+    in its last checkpoint (what those weights trained with): a crash that cut config.yaml off then costs nothing,
+    and the user is never sent to --overwrite (which deletes the checkpoints) for a file tunelab can rewrite.
+    """
     run_dir = Path(cfg.output.dir) / (cfg.output.name or "run")
     run = Run(run_dir, overwrite=overwrite)
     if run_dir.exists() and not overwrite and any(run_dir.iterdir()):
@@ -84,23 +139,32 @@ def open_run(cfg, overwrite: bool = False) -> Run:
         if cfg.output.resume == "never":
             raise UserError(f"run directory {run_dir} already exists; pass --overwrite to start over or set "
                             "output.name to a new name")
-        if not saved.is_file():
-            raise UserError(f"{run_dir} exists and is not a tunelab run (no config.yaml); choose another "
-                            "output.name or pass --overwrite")
-        old = yaml.safe_load(saved.read_text())
-        new = yaml.safe_load(cfg.to_yaml())
-        for d in (old, new):
-            d.get("output", {}).pop("resume", None)
-        diff = _first_difference(new, old)
+        ckpts = complete_checkpoints(run.checkpoints)
+        new, old = _config_dict(cfg), _saved_config(saved)
+        if old is None and not ckpts:
+            if not saved.is_file():
+                raise UserError(f"{run_dir} exists and is not a tunelab run (no config.yaml); choose another "
+                                "output.name or pass --overwrite")
+            raise UserError(f"{saved} is empty or cut off (a crash while it was written?) and the run has no "
+                            "checkpoint to resume; pass --overwrite to start over (or restore the file)")
+        diff, where = (_first_difference(new, old), None) if old is not None else ("damaged", None)
+        if diff and ckpts:
+            copy = _saved_config(ckpts[-1] / CONFIG_COPY)
+            if copy is not None:
+                diff, where = _first_difference(new, copy), f"{ckpts[-1].name}/{CONFIG_COPY}"
+            elif old is None:  # checkpoints from before config copies: check what their trainer state records
+                diff, where = _state_difference(cfg, ckpts[-1]), f"{ckpts[-1].name}/trainer_state.json"
+            if not diff:
+                run.notice = (f"{saved} was missing, cut off or changed; the current config agrees with {where}, "
+                              "so config.yaml is rewritten from it and the run resumes")
         if diff:
-            raise UserError(f"run {run_dir} exists with a different config ({diff}); resume with the same config, "
-                            "pass --overwrite to start over, or set output.name to a new name")
-        summary = run_dir / "summary.json"
-        if (run_dir / "final").is_dir() and summary.is_file() and \
-                json.loads(summary.read_text()).get("status") == "complete":
+            per = f", per {where}" if where else ""
+            raise UserError(f"run {run_dir} exists with a different config ({diff}{per}); resume with the same "
+                            "config, pass --overwrite to start over, or set output.name to a new name")
+        summary = read_json(run_dir / "summary.json", {})
+        if (run_dir / "final").is_dir() and isinstance(summary, dict) and summary.get("status") == "complete":
             run.complete = True
             return run
-        ckpts = complete_checkpoints(run.checkpoints)
         run.resume_from = ckpts[-1] if ckpts else None
     return run
 
@@ -111,7 +175,8 @@ def start_run(run: Run, cfg) -> None:
         shutil.rmtree(run.dir)
     run.dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(run.staging, ignore_errors=True)  # leftovers of a save that was cut off
-    (run.dir / "config.yaml").write_text(cfg.to_yaml())
+    run.config_text = cfg.to_yaml()
+    write_text_atomic(run.dir / "config.yaml", run.config_text)  # rewritten at every start: never half of it
     _truncate_metrics(run.dir / "metrics.jsonl", _ckpt_step(run.resume_from))
 
 
@@ -119,20 +184,42 @@ def _ckpt_step(path: Path | None) -> int:
     return int(CKPT_RE.match(path.name).group(1)) if path else 0
 
 
+def training_finished(ckpt: Path | None) -> bool:
+    """Whether checkpoint `ckpt` was saved at the run's last step (its global_step reached max_steps).
+
+    The Trainer checks max_steps only after a step, so resuming from such a checkpoint would train one step past
+    the end (`9/8`); train writes final/ from it instead."""
+    if ckpt is None:
+        return False
+    state = read_json(Path(ckpt) / "trainer_state.json", {})
+    return bool(state.get("max_steps")) and state.get("global_step", 0) >= state["max_steps"]
+
+
+def load_finished_checkpoint(trainer, run: Run) -> None:
+    """Put the run's last-step checkpoint (run.resume_from, see training_finished) into `trainer` as training would
+    have left it, without training: its TrainerState (steps, epoch, tokens, best checkpoint) and its weights, or the
+    best checkpoint's where the run restores the best model at the end (load_best_model_at_end)."""
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(str(Path(run.resume_from) / "trainer_state.json"))
+    if state.best_model_checkpoint:  # saved under its staging name (AtomicCheckpoints renames it afterwards)
+        real = run.checkpoints / Path(state.best_model_checkpoint).name
+        state.best_model_checkpoint = str(real) if real.is_dir() else None
+    trainer.state = state
+    best = state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
+    # the loader train(resume_from_checkpoint=...) itself uses: adapters or full weights, sharded or not, and what a
+    # method's trainer adds (PPO's value head)
+    trainer._load_from_checkpoint(best or str(run.resume_from))
+
+
 def _truncate_metrics(path: Path, upto_step: int) -> None:
-    """On resume, drop log lines past the checkpoint so the curve continues exactly from there."""
+    """On resume, keep what the checkpoint covers, so the curve continues exactly from there: log lines up to its
+    step, without a line cut off by a kill (it would glue onto the next append) and without the end-of-part record
+    (`train_loss`, the Trainer's summary of that part only: the finished run logs its own at the end)."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= upto_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    keep = [r for r in read_metrics(path.parent) if r.get("step", 0) <= upto_step and "train_loss" not in r]
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def peak_memory_mb() -> float:
@@ -161,6 +248,10 @@ class AtomicCheckpoints(TrainerCallback):
         if not staged.is_dir():
             return
         self.run.checkpoints.mkdir(exist_ok=True)
+        if self.run.config_text is not None:
+            # inside the checkpoint before the rename, so it is as complete as the weights: what they trained with,
+            # and what open_run checks a resume against when config.yaml is missing or cut off
+            write_text_atomic(staged / CONFIG_COPY, self.run.config_text)
         target = self.run.checkpoints / staged.name
         if target.exists():
             shutil.rmtree(target)
@@ -217,7 +308,13 @@ class GracefulStop(TrainerCallback):
 
 
 class MetricsLog(TrainerCallback):
-    """Append every log to metrics.jsonl with tokens seen (non-padding) and tokens/s; show a progress line."""
+    """Append every log to metrics.jsonl with tokens seen (non-padding) and tokens/s; show a progress line.
+
+    Besides every `logging_steps`, it logs at every checkpoint, evaluation, epoch end and the last step. A resume
+    starts at a checkpoint, so the logged losses then cover every step of every part (the whole run's train_loss is
+    their step-weighted mean, rundir.train_loss), and the run clock (`elapsed`, carried on across resumes) has a
+    point at each epoch's end (per-epoch durations that sum the parts).
+    """
 
     def __init__(self, run: Run, show_progress: bool = True):
         self.path = run.dir / "metrics.jsonl"
@@ -230,9 +327,8 @@ class MetricsLog(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
         self.t0 = self.last_t = time.time()
         self.last_tokens = state.num_input_tokens_seen or 0
-        if self.path.is_file():  # resumed: elapsed time continues from the last logged line
-            lines = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
-            self.elapsed_before = max((x.get("elapsed", 0) for x in lines), default=0.0)
+        # resumed: the run clock continues from the last logged line (start_run cut the log at the checkpoint)
+        self.elapsed_before = train_seconds(read_metrics(self.path.parent)) or 0.0
         if self.show:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -242,8 +338,14 @@ class MetricsLog(TrainerCallback):
             self.progress.start()
 
     def on_step_end(self, args, state, control, **kw):
+        # runs after the Trainer's flow callback and GracefulStop, which decide on saving, evaluating and stopping
+        if control.should_save or control.should_evaluate or control.should_training_stop:
+            control.should_log = True
         if self.progress:
             self.progress.update(self.task, completed=state.global_step)
+
+    def on_epoch_end(self, args, state, control, **kw):
+        control.should_log = True  # the Trainer logs right after, unless this step was logged already
 
     def on_log(self, args, state, control, logs=None, **kw):
         logs = dict(logs or {})
@@ -261,6 +363,9 @@ class MetricsLog(TrainerCallback):
         rec["elapsed"] = round(self.elapsed_before + now - self.t0, 3)
         skip = {"num_input_tokens_seen", "train_runtime", "train_tokens_per_second", "num_tokens"}
         rec.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str)) and k not in skip})
+        if "train_loss" in rec:  # the Trainer's covers this part only (since the last resume): the whole run's
+            whole = train_loss(read_metrics(self.path.parent))
+            rec["train_loss"] = rec["train_loss"] if whole is None else whole
         with open(self.path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
         if self.progress and "loss" in rec:
@@ -269,8 +374,3 @@ class MetricsLog(TrainerCallback):
     def on_train_end(self, args, state, control, **kw):
         if self.progress:
             self.progress.stop()
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    p = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.is_file() else []

@@ -217,29 +217,44 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
         for cb in (runs.AtomicCheckpoints(run, cfg.training.save_total_limit), stop, *before,
                    runs.MetricsLog(run, show_progress=show_progress), *after, *callbacks):
             trainer.add_callback(cb)
-        if run.resume_from:
-            echo(f"resuming from {run.resume_from}")
+        if run.notice:
+            echo(run.notice)
+        # earlier parts' training time: the run clock of the log, which start_run cut at the checkpoint
+        seconds_before = (runs.train_seconds(runs.read_metrics(run.dir)) or 0.0) if run.resume_from else 0.0
         t0 = time.time()
-        result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+        result = None
+        if runs.training_finished(run.resume_from):
+            # stopped or killed after the last step's checkpoint: the Trainer would train a step past the end from
+            # it, so it is loaded as it stands and only final/ and the summary are written
+            echo(f"{run.resume_from} holds the last step: writing the final model from it")
+            runs.load_finished_checkpoint(trainer, run)
+        else:
+            if run.resume_from:
+                echo(f"resuming from {run.resume_from}")
+            result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
         elapsed = time.time() - t0
 
+    rows = runs.read_metrics(run.dir)
+    train_loss = runs.train_loss(rows)  # the whole run's, every resumed part (the Trainer's: since the last resume)
+    seconds = seconds_before + elapsed  # likewise: train() wall time summed over the parts
     summary = {
         "run": str(run.dir), "method": cfg.method.name, "base_model": cfg.model.source,
         "adapter": cfg.adapter.type, "quantization": cfg.quantization.bits, "precision": precision,
         "global_step": trainer.state.global_step, "epoch": trainer.state.epoch,
-        "train_loss": result.training_loss, "tokens": trainer.state.num_input_tokens_seen,
-        "tokens_per_s": round((trainer.state.num_input_tokens_seen or 0) / max(elapsed, 1e-9), 2),
-        "train_seconds": round(elapsed, 2), "peak_memory_mb": round(runs.peak_memory_mb(), 1),
+        "train_loss": result.training_loss if train_loss is None and result else train_loss,
+        "tokens": trainer.state.num_input_tokens_seen,
+        "tokens_per_s": round((trainer.state.num_input_tokens_seen or 0) / max(seconds, 1e-9), 2),
+        "train_seconds": round(seconds, 2), "peak_memory_mb": round(runs.peak_memory_mb(), 1),
         "trainable_params": trainable, "total_params": total, "data": data.stats,
         "resumed_from": str(run.resume_from) if run.resume_from else None,
     }
     if est is not None:
         summary["memory_estimate"] = {**est.to_dict(), "measured_peak_mb": summary["peak_memory_mb"],
                                       "measured_over_estimate": round(summary["peak_memory_mb"] / est.total_mb, 3)}
-    losses = [r["loss"] for r in runs.read_metrics(run.dir) if "loss" in r]
+    losses = [r["loss"] for r in rows if "loss" in r]
     if losses:
         summary["first_loss"], summary["last_loss"] = losses[0], losses[-1]
-    if stop.requested:
+    if stop.requested and trainer.state.global_step < trainer.state.max_steps:  # at the last step: it is done
         summary["status"] = "interrupted"
         runs.write_json_atomic(run.dir / "summary.json", summary)
         echo(f"stopped at step {trainer.state.global_step}; checkpoint saved. Re-run the same command to resume.")

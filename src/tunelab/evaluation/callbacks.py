@@ -4,7 +4,8 @@
   `eval_gsm8k_format_rate`) to the evaluation metrics, so `metric_for_best_model`, `load_best_model_at_end` and
   transformers' own `EarlyStoppingCallback` can use it like `eval_loss`.
 - `OverfittingWarning`: warns when validation loss has risen for k evaluations in a row while training loss fell.
-- `EpochTable`: per-epoch table (epoch, train loss, val loss, duration) kept up to date in RUN/epochs.json.
+- `EpochTable`: per-epoch table (epoch, train loss, val loss, duration) kept up to date in RUN/epochs.json; in a
+  tunelab run the durations come from the run clock of metrics.jsonl, so they add up the parts of a resumed run.
 - `PlotLosses`: refreshes loss.png and loss_epoch.png at every evaluation and at the end.
 
 Early stopping and best-checkpoint restore are transformers' (`EarlyStoppingCallback`, `load_best_model_at_end`):
@@ -18,17 +19,15 @@ and best-checkpoint selection. So this callback must come before the callback th
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from tunelab.evaluation.report import epoch_table, plot_losses
+from tunelab.rundir import read_metrics, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -140,19 +139,15 @@ class OverfittingWarning(TrainerCallback):
         self.notify(msg)
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
-
-
 class EpochTable(TrainerCallback):
     """Per-epoch table: epoch, mean train loss, validation loss at the epoch's last evaluation, wall-clock duration.
 
     Kept in `self.rows` and written to RUN/epochs.json (run_dir defaults to the Trainer's output_dir) whenever it
     changes, so a run stopped half way still has it; the report and loss_epoch.png read it.
+
+    Durations: where RUN/metrics.jsonl exists (a tunelab run), from its run clock (`elapsed`), which carries on
+    across resumes and has a point at each epoch's end, so an epoch split by a resume counts both parts and no
+    epoch of an earlier part is lost. Elsewhere (a plain Trainer) from this callback's own timers, this process only.
     """
 
     def __init__(self, run_dir=None):
@@ -174,6 +169,10 @@ class EpochTable(TrainerCallback):
     def on_evaluate(self, args, state, control, **kw):
         self._write(args, state)
 
+    def on_log(self, args, state, control, **kw):
+        if state.epoch and state.epoch == int(state.epoch):  # the epoch-end line reached metrics.jsonl just now:
+            self._write(args, state)  # the epoch's duration is known (not at every log: _write reads the log)
+
     def on_train_end(self, args, state, control, **kw):
         if self._epoch_start is not None and state.epoch:  # a run stopped mid-epoch: time the partial epoch
             from tunelab.evaluation.report import _epoch_index
@@ -183,12 +182,13 @@ class EpochTable(TrainerCallback):
 
     def _write(self, args, state) -> None:
         rows = epoch_table([h for h in state.log_history if "epoch" in h])
-        for r in rows:
-            r["duration_s"] = self.durations.get(r["epoch"])
-        self.rows = rows
         run_dir = self.run_dir or (Path(args.output_dir) if args.output_dir else None)
+        clock = {r["epoch"]: r["duration_s"] for r in epoch_table(read_metrics(run_dir))} if run_dir else {}
+        for r in rows:
+            r["duration_s"] = clock.get(r["epoch"]) if clock else self.durations.get(r["epoch"])
+        self.rows = rows
         if run_dir is not None and state.is_world_process_zero:
-            _write_json_atomic(run_dir / "epochs.json", rows)
+            write_json_atomic(run_dir / "epochs.json", rows, indent=1)
 
 
 class PlotLosses(TrainerCallback):

@@ -10,7 +10,6 @@ Models are loaded one at a time and freed before the next, so comparing two 1B m
 from __future__ import annotations
 
 import gc
-import json
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,28 +23,26 @@ DEFAULT_DATA = {"gsm8k": "bundled:gsm8k/test", "perplexity": "bundled:gsm8k/test
 # --------------------------------------------------------------------------------------------------- model specs
 
 def resolve_run(run: str) -> Path:
-    """A run directory, given as a path or as a name under runs/."""
-    for p in (Path(run), Path("runs") / run):
-        if p.is_dir() and (p / "config.yaml").is_file():
-            return p
-    raise UserError(f"run '{run}' not found (expected a directory with config.yaml, e.g. runs/NAME)")
+    """A run directory, given as a path or as a name under runs/ (its config read and checked: tunelab.rundir)."""
+    from tunelab.rundir import open_finished_run
+
+    return open_finished_run(run, need_final=False).path
 
 
 def run_base_model(run_dir: Path) -> str:
-    import yaml
+    """The base model a run was trained from (what `compare RUN` evaluates as "base")."""
+    from tunelab.rundir import open_finished_run
 
-    try:
-        return yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["source"]
-    except (KeyError, TypeError, yaml.YAMLError):
-        raise UserError(f"{run_dir}/config.yaml has no model.source; cannot tell the run's base model") from None
+    base = open_finished_run(run_dir, need_final=False).base
+    if not base:
+        raise UserError(f"{run_dir}/config.yaml has no model.source; cannot tell the run's base model")
+    return base
 
 
 def _is_run(spec: str) -> bool:
-    try:
-        resolve_run(spec)
-        return True
-    except UserError:
-        return False
+    from tunelab.rundir import find_run
+
+    return find_run(spec) is not None
 
 
 def model_specs(args) -> list[dict]:
@@ -219,10 +216,9 @@ def main(args) -> int:
         results = [{"label": spec["label"] if not spec["run"] else Path(spec["run"]).name, "model": describe(spec),
                     "tasks": {task: res}}]
         if out.endswith(".json"):
-            p = Path(out)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(json.dumps({"settings": _settings(args, [task]), "results": results}, indent=1,
-                                    default=str))
+            from tunelab.rundir import write_json_atomic
+
+            p = write_json_atomic(out, {"settings": _settings(args, [task]), "results": results}, indent=1)
             print(f"results: {p}")
         else:
             from tunelab.evaluation.report import write_report

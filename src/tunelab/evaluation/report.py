@@ -10,9 +10,10 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
+
+# the run directory's one reader of metrics.jsonl (a cut-off last line dropped) and its atomic writer
+from tunelab.rundir import read_json, read_metrics, write_text_atomic  # noqa: F401 (read_metrics: report's API too)
 
 # metric keys shown per task, in order, and whether higher is better
 METRICS = {
@@ -23,15 +24,6 @@ METRICS = {
 }
 MAX_EXAMPLES = 50  # per task in a report; the JSON next to it keeps them all
 MAX_OUTPUT_CHARS = 2000
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write-then-rename, so a report being read (or a crash) never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def fmt(v) -> str:
@@ -47,19 +39,6 @@ def fmt(v) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- training records
-
-def read_metrics(run_dir) -> list[dict]:
-    p = Path(run_dir) / "metrics.jsonl"
-    if not p.is_file():
-        return []
-    rows = []
-    for line in p.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a killed run: the rest is still worth plotting
-    return rows
-
 
 def _epoch_index(epoch: float) -> int:
     """Epoch 0.25 and 1.0 belong to epoch 1, 1.5 to epoch 2 (the Trainer logs fractional epochs)."""
@@ -92,13 +71,8 @@ def epoch_table(rows: list[dict]) -> list[dict]:
 
 def load_epoch_table(run_dir) -> list[dict]:
     """The run's per-epoch table: epochs.json written during training, else computed from metrics.jsonl."""
-    p = Path(run_dir) / "epochs.json"
-    if p.is_file():
-        try:
-            return json.loads(p.read_text())
-        except json.JSONDecodeError:
-            pass
-    return epoch_table(read_metrics(run_dir))
+    rows = read_json(Path(run_dir) / "epochs.json")
+    return rows if isinstance(rows, list) else epoch_table(read_metrics(run_dir))
 
 
 def _plot(path: Path, series: list[tuple[list, str | None, str]], xlabel: str, title: str, xticks=None) -> Path:
@@ -264,15 +238,11 @@ def to_markdown(results: list[dict], title: str, run_dir: Path | None = None, se
 
 def _training_md(run_dir: Path) -> list[str]:
     lines = []
-    summary_p = run_dir / "summary.json"
-    if summary_p.is_file():
-        try:
-            s = json.loads(summary_p.read_text())
-            keys = ("method", "base_model", "adapter", "global_step", "epoch", "first_loss", "last_loss",
-                    "tokens_per_s", "train_seconds", "status")
-            lines += ["", "## Training", ""] + [f"- {k}: {fmt(s[k])}" for k in keys if k in s]
-        except json.JSONDecodeError:
-            pass
+    s = read_json(run_dir / "summary.json")
+    if isinstance(s, dict):
+        keys = ("method", "base_model", "adapter", "global_step", "epoch", "first_loss", "last_loss",
+                "tokens_per_s", "train_seconds", "status")
+        lines += ["", "## Training", ""] + [f"- {k}: {fmt(s[k])}" for k in keys if k in s]
     table = load_epoch_table(run_dir)
     if table:
         if not lines:
@@ -355,8 +325,8 @@ def write_report(out_dir, results: list[dict], title: str = "tunelab evaluation"
     run_dir = out if include_training and ((out / "metrics.jsonl").is_file() or (out / "summary.json").is_file()) \
         else None
     paths = {"md": out / "report.md", "html": out / "report.html", "json": out / "report.json"}
-    _write_atomic(paths["md"], to_markdown(results, title, run_dir, settings))
-    _write_atomic(paths["html"], to_html(results, title, run_dir, settings))
-    _write_atomic(paths["json"], json.dumps({"title": title, "settings": settings or {}, "results": results},
+    write_text_atomic(paths["md"], to_markdown(results, title, run_dir, settings))
+    write_text_atomic(paths["html"], to_html(results, title, run_dir, settings))
+    write_text_atomic(paths["json"], json.dumps({"title": title, "settings": settings or {}, "results": results},
                                             indent=1, default=str))
     return paths

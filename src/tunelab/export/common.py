@@ -1,19 +1,21 @@
-"""What every export shares: reading a run directory, writing output atomically, and comparing logits.
+"""What every export shares: opening a finished run, writing output atomically, and comparing logits.
 
 A run directory (written by `tunelab train`) holds `config.yaml` (the resolved config) and `final/`, which is either a
-PEFT adapter (adapter_config.json) over the base model named in `model.source`, or a full transformers model.
+PEFT adapter (adapter_config.json) over the base model named in `model.source`, or a full transformers model. It is
+opened by tunelab.rundir.open_finished_run, as eval, serve and chat open it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import UserError
+from tunelab.rundir import FinishedRun, open_finished_run
+from tunelab.rundir import atomic_path as rundir_atomic_path
+
+Run = FinishedRun  # a finished run as the exporters take it (path, config, final, is_adapter, base, tokenizer())
 
 # Prompts for the parity checks: chat turns (rendered with the model's own template, so special tokens are exercised)
 # and plain text with digits, punctuation, unicode and odd whitespace (where tokenizers usually disagree).
@@ -31,61 +33,9 @@ class ParityError(Exception):
     """An export does not reproduce its source (logits or tokenization): the CLI prints it and exits 1."""
 
 
-@dataclass
-class Run:
-    """A finished run: where its final artifact is and what it was trained from."""
-
-    path: Path
-    config: dict
-    final: Path
-    is_adapter: bool
-    base: str | None  # model.source for adapter runs (hub id, local dir or embedded:NAME)
-    adapter_type: str = "none"
-    quant_bits: int | None = None
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.path.resolve().name
-
-    def tokenizer(self):
-        """The tokenizer the run trained with: final/'s when it saved one (it may carry a changed chat template),
-        else the base model's. Loaded as saved: no pad token is invented, so what gets exported is what was trained."""
-        from transformers import AutoTokenizer
-
-        from tunelab.models import resolve_source
-
-        src = str(self.final) if (self.final / "tokenizer_config.json").is_file() else resolve_source(self.base)
-        return AutoTokenizer.from_pretrained(src)
-
-
-def load_run(run: str) -> Run:
-    import yaml
-
-    p = Path(run)
-    if not p.is_dir() and Path("runs", run).is_dir():  # `tunelab export NAME` as well as a path
-        p = Path("runs", run)
-    if not p.is_dir():
-        raise UserError(f"run directory {run} does not exist (pass runs/<name>, as written by `tunelab train`)")
-    cfg_file = p / "config.yaml"
-    if not cfg_file.is_file():
-        raise UserError(f"{p} has no config.yaml: not a tunelab run directory")
-    final = p / "final"
-    if not final.is_dir():
-        raise UserError(f"run {p} has no final/ model yet (train it to the end first)")
-    try:
-        cfg = yaml.safe_load(cfg_file.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{cfg_file}: invalid YAML ({str(e).splitlines()[0]})") from None
-    is_adapter = (final / "adapter_config.json").is_file()
-    if not is_adapter and not (final / "config.json").is_file():
-        raise UserError(f"{final} holds neither a PEFT adapter (adapter_config.json) nor a model (config.json)")
-    base = (cfg.get("model") or {}).get("source")
-    if is_adapter and not base:
-        raise UserError(f"{cfg_file}: model.source is missing; it names the base model the adapter was trained on")
-    return Run(path=p, config=cfg, final=final, is_adapter=is_adapter, base=base,
-               adapter_type=(cfg.get("adapter") or {}).get("type") or ("lora" if is_adapter else "none"),
-               quant_bits=(cfg.get("quantization") or {}).get("bits"))
+def load_run(run: str) -> FinishedRun:
+    """The finished run to export (a path, or NAME under runs/)."""
+    return open_finished_run(run)
 
 
 def check_target(path: Path, overwrite: bool) -> None:
@@ -95,28 +45,15 @@ def check_target(path: Path, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def atomic_path(target: Path, overwrite: bool, is_dir: bool, suffix: str = ".partial"):
-    """Yield a temporary sibling of `target`; on success it is renamed into place, on failure removed.
+    """Yield a temporary sibling of `target`; on success it is renamed into place, on failure removed
+    (tunelab.rundir.atomic_path), once `target` is checked free or --overwrite given.
 
     A crash or a failed parity check therefore never leaves a half-written export under the final name, and an
     existing export is only replaced (with --overwrite) once the new one is complete.
     """
-    target = Path(target)
-    check_target(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-        os.close(fd)
-        tmp = Path(name)
-    try:
+    check_target(Path(target), overwrite)
+    with rundir_atomic_path(target, is_dir=is_dir, suffix=suffix) as tmp:
         yield tmp
-        if target.exists():  # only reachable with overwrite=True
-            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
 
 
 # Texts whose tokenization must be identical between the source tokenizer and the one rebuilt from the GGUF (by

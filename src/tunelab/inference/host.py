@@ -19,18 +19,11 @@ DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
 
 def run_artifact(run: str) -> tuple[str, str | None]:
-    """(base model source, adapter dir or None) for a finished run directory."""
-    final = Path(run) / "final"
-    if not final.is_dir():
-        raise UserError(f"run {run} has no final model yet (train it to the end, or pass a checkpoint as --adapter)")
-    if (final / "adapter_config.json").is_file():
-        import yaml
+    """(base model source, adapter dir or None) for a finished run directory (tunelab.rundir.open_finished_run)."""
+    from tunelab.rundir import open_finished_run
 
-        cfg = Path(run) / "config.yaml"
-        if not cfg.is_file():
-            raise UserError(f"run {run} has an adapter but no config.yaml naming its base model (pass --model)")
-        return yaml.safe_load(cfg.read_text())["model"]["source"], str(final)
-    return str(final), None
+    r = open_finished_run(run)
+    return r.model_source, r.adapter
 
 
 def _default_name(source: str) -> str:

@@ -1,0 +1,225 @@
+"""Reading and writing a run directory's files: the one place that does it (re-exported by `tunelab.runs`).
+
+Train writes a run; eval, export, serve/chat, sweeps and `models.load_for_inference` read it. They all go through
+these functions, so a file written here is never half-written (temp file + os.replace) and a file read here is read
+the same way everywhere (a metrics line cut off by a killed run is dropped by every reader alike).
+
+Light on purpose (no transformers import): `tunelab --help`, report writing and sweep tables import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunelab.errors import UserError
+
+RUNS_ROOT = Path("runs")  # where `tunelab train` puts runs by default: `NAME` alone means runs/NAME
+
+
+# --------------------------------------------------------------------------------------------------- atomic writes
+
+@contextlib.contextmanager
+def atomic_path(target, is_dir: bool = False, suffix: str = ".tmp"):
+    """Yield a temporary sibling of `target` (an empty directory, or a file path) to write into; on success it is
+    renamed into place (replacing what was there), on failure removed. A reader or a crash therefore sees the old
+    `target` or the new one, never half of one. Creates the parent directory."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        # os.replace puts a file over a file (atomically) but nothing over a directory, nor a directory over a link
+        if target.is_symlink() and tmp.is_dir():
+            target.unlink()
+        elif target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path, text: str) -> Path:
+    """Write `text` to `path` through a temp file in the same directory and one rename (atomic_path)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json_atomic(path, obj, indent: int | None = 2) -> Path:
+    """`obj` as JSON (values JSON cannot hold, e.g. Paths, written as strings), atomically as `write_text_atomic`."""
+    return write_text_atomic(path, json.dumps(obj, indent=indent, default=str))
+
+
+# --------------------------------------------------------------------------------------------------------- readers
+
+def read_json(path, default=None):
+    """The JSON in `path`, or `default` when the file is missing or damaged (e.g. written by hand and cut off)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def parse_metrics(text: str) -> list[dict]:
+    """metrics.jsonl records from its text. A line that does not parse is dropped: a killed run cuts off its last
+    line mid-write, and what was logged before it is still worth plotting and resuming from."""
+    rows = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            rows.append(rec)
+    return rows
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """RUN/metrics.jsonl as a list of records ([] when there is none); a cut-off line is dropped (parse_metrics)."""
+    p = Path(run_dir) / "metrics.jsonl"
+    return parse_metrics(p.read_text(errors="replace")) if p.is_file() else []
+
+
+def train_loss(rows: list[dict]) -> float | None:
+    """The whole run's training loss from metrics.jsonl records: the mean of every step's loss.
+
+    Each logged `loss` is the Trainer's mean over the steps since the previous logged loss, so it is weighted by that
+    step count. runs.MetricsLog also logs at every checkpoint, evaluation, epoch end and the last step, so the logged
+    losses cover every step of every part of a resumed run, and for an uninterrupted run this equals the Trainer's own
+    `train_loss`. (The Trainer's value after a resume covers only the part after the resume.)
+    """
+    total = steps = 0.0
+    prev = 0
+    for r in sorted((r for r in rows if "loss" in r and "step" in r), key=lambda r: r["step"]):
+        n = r["step"] - prev
+        if n <= 0:  # two records of one step (should not happen): count it once
+            continue
+        total, steps, prev = total + r["loss"] * n, steps + n, r["step"]
+    return total / steps if steps else None
+
+
+def train_seconds(rows: list[dict]) -> float | None:
+    """Wall-clock seconds of training over every part of a resumed run: the run clock (`elapsed`) that metrics.jsonl
+    carries on across resumes, at its last record."""
+    times = [r["elapsed"] for r in rows if isinstance(r.get("elapsed"), (int, float))]
+    return max(times) if times else None
+
+
+# ----------------------------------------------------------------------------------------------- a finished run
+
+@dataclass
+class FinishedRun:
+    """A run directory that `tunelab train` finished: what every reader of a run needs, read once, checked once."""
+
+    path: Path
+    config: dict  # the resolved config the run trained with (config.yaml)
+    final: Path  # final/: a PEFT adapter or a full transformers model, with the tokenizer
+    is_adapter: bool
+    base: str | None  # model.source: the base model (hub id, local dir or embedded:NAME) the run started from
+    summary: dict | None = None  # summary.json (None when missing or damaged)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.resolve().name
+
+    @property
+    def adapter_type(self) -> str:
+        return (self.config.get("adapter") or {}).get("type") or ("lora" if self.is_adapter else "none")
+
+    @property
+    def quant_bits(self) -> int | None:
+        return (self.config.get("quantization") or {}).get("bits")
+
+    @property
+    def model_source(self) -> str:
+        """What to load as the model: the base for an adapter run (then apply `adapter`), else final/ itself."""
+        return self.base if self.is_adapter else str(self.final)
+
+    @property
+    def adapter(self) -> str | None:
+        """final/ when it is an adapter over `base`, else None."""
+        return str(self.final) if self.is_adapter else None
+
+    def tokenizer(self):
+        """The tokenizer the run trained with: final/'s when it saved one (it may carry a changed chat template),
+        else the base model's. Loaded as saved: no pad token is invented, so what gets exported is what was trained."""
+        from transformers import AutoTokenizer
+
+        from tunelab.models import resolve_source
+
+        src = str(self.final) if (self.final / "tokenizer_config.json").is_file() else resolve_source(self.base)
+        return AutoTokenizer.from_pretrained(src)
+
+
+def find_run(spec) -> Path | None:
+    """The run directory `spec` names (a path, or NAME under runs/), or None. A run directory holds config.yaml or,
+    for a run whose config.yaml is missing, final/."""
+    for p in (Path(spec), RUNS_ROOT / str(spec)):
+        if p.is_dir() and ((p / "config.yaml").is_file() or (p / "final").is_dir()):
+            return p
+    return None
+
+
+def read_run_config(run_dir) -> dict | None:
+    """RUN/config.yaml as a dict; None when it is missing, empty, unparsable or not a mapping (damaged)."""
+    import yaml
+
+    p = Path(run_dir) / "config.yaml"
+    try:
+        cfg = yaml.safe_load(p.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return cfg if isinstance(cfg, dict) and cfg else None
+
+
+def open_finished_run(spec, need_final: bool = True) -> FinishedRun:
+    """Open the finished run `spec` (a run directory, or NAME under runs/): its config, base model, final/ and
+    summary. Raises UserError (one line, says how to fix) for anything missing or unreadable.
+
+    need_final=False opens a run that has not written final/ yet (e.g. to name its base model); `final` then points
+    where final/ will be, `is_adapter` follows the config's adapter type and `base` may be None.
+    """
+    p = find_run(spec)
+    if p is None:
+        also = "" if Path(spec).is_absolute() else f", nor as {RUNS_ROOT / str(spec)}"
+        raise UserError(f"run {spec} does not exist (not found as a run directory{also}), so there is no final "
+                        "model to use; pass a run directory written by `tunelab train`, e.g. runs/NAME")
+    cfg_file, final = p / "config.yaml", p / "final"
+    cfg = read_run_config(p)
+    if cfg is None and cfg_file.is_file():
+        raise UserError(f"{cfg_file} is empty or unreadable (cut off by a crash?): it names the run's base model; "
+                        "restore it from the config that trained the run")
+    cfg = cfg or {}
+    if need_final and not final.is_dir():
+        raise UserError(f"run {p} has no final model yet (train it to the end: re-running the same `tunelab train` "
+                        "resumes it; or pass a checkpoint as --adapter)")
+    if final.is_dir():
+        is_adapter = (final / "adapter_config.json").is_file()
+        if not is_adapter and not (final / "config.json").is_file():
+            raise UserError(f"{final} holds neither a PEFT adapter (adapter_config.json) nor a model (config.json)")
+    else:
+        is_adapter = ((cfg.get("adapter") or {}).get("type") or "none") != "none"
+    base = (cfg.get("model") or {}).get("source")
+    if is_adapter and final.is_dir() and not base:
+        what = "no config.yaml" if not cfg_file.is_file() else "no model.source in config.yaml"
+        raise UserError(f"run {p} has {what}: it names the base model the run was trained from; restore it "
+                        "(model.source: BASE)")
+    return FinishedRun(path=p, config=cfg, final=final, is_adapter=is_adapter, base=base,
+                       summary=read_json(p / "summary.json"))
