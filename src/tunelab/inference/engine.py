@@ -121,9 +121,31 @@ def _left_pad(tok, texts: list[str], device) -> dict:
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
-def complete(model, tok, prompts: list[str], params: GenParams | None = None, batch_size: int = 16) -> list[Completion]:
-    """Completions with usage and finish reason for raw prompt strings (already chat-templated), in input order."""
+class Cancelled(Exception):
+    """`complete` was cancelled through its `cancel` event before it finished."""
+
+
+def _cancel_criteria(cancel: threading.Event):
+    """A StoppingCriteria that ends `generate` at its next token once `cancel` is set (a client that went away)."""
     import torch
+    from transformers import StoppingCriteria
+
+    class _Cancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return _Cancelled()
+
+
+def complete(model, tok, prompts: list[str], params: GenParams | None = None, batch_size: int = 16,
+             cancel: threading.Event | None = None) -> list[Completion]:
+    """Completions with usage and finish reason for raw prompt strings (already chat-templated), in input order.
+
+    Setting `cancel` (from another thread) stops generating at the next token and raises `Cancelled`: the server
+    uses it for a request whose client has disconnected.
+    """
+    import torch
+    from transformers import StoppingCriteriaList
 
     params = params or GenParams()
     if params.seed is not None:
@@ -133,11 +155,15 @@ def complete(model, tok, prompts: list[str], params: GenParams | None = None, ba
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     kw = _gen_kwargs(tok, model, params)
     eos = set(kw["eos_token_id"])
+    if cancel is not None:
+        kw["stopping_criteria"] = StoppingCriteriaList([_cancel_criteria(cancel)])
     for b in range(0, len(order), batch_size):
         idx = order[b: b + batch_size]
         enc = _left_pad(tok, [prompts[i] for i in idx], model.device)
         with torch.inference_mode():
             out = model.generate(**enc, **kw)
+        if cancel is not None and cancel.is_set():
+            raise Cancelled
         new = out[:, enc["input_ids"].shape[1]:].tolist()
         for j, i in enumerate(idx):
             ids, hit_eos = _reply_ids(new[j], eos, tok.pad_token_id)
@@ -168,16 +194,10 @@ class TextStream:
 
     def __init__(self, model, tok, prompt: str, params: GenParams | None = None):
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         self.params = params or GenParams()
         self._cancel = threading.Event()
-        cancel = self._cancel
-
-        class _Cancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-
         enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
         self.prompt_tokens = int(enc["input_ids"].shape[1])
         self.completion_tokens = 0
@@ -186,7 +206,7 @@ class TextStream:
         self._hit_stop = False
         self._streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         kw = _gen_kwargs(tok, model, self.params)
-        kw.update(streamer=self._streamer, stopping_criteria=StoppingCriteriaList([_Cancelled()]))
+        kw.update(streamer=self._streamer, stopping_criteria=StoppingCriteriaList([_cancel_criteria(self._cancel)]))
         eos, pad = set(kw["eos_token_id"]), tok.pad_token_id
         if self.params.seed is not None:
             torch.manual_seed(self.params.seed)
