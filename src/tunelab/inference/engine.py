@@ -91,8 +91,21 @@ def _gen_kwargs(tok, model, params: GenParams) -> dict:
         # Greedy: clear the sampling knobs a checkpoint's generation_config may carry, or transformers warns.
         kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     if params.stop:
-        kw.update(stop_strings=params.stop, tokenizer=tok)
+        from transformers import StopStringCriteria, StoppingCriteriaList
+
+        try:
+            kw["stopping_criteria"] = StoppingCriteriaList([StopStringCriteria(tok, params.stop)])
+        except ValueError:
+            # transformers cannot match a stop string of characters its vocabulary lacks (e.g. "\x06"): generation
+            # then runs to max_new_tokens, and the text is still cut at the stop string afterwards.
+            pass
     return kw
+
+
+def _with_cancel(kw: dict, cancel: threading.Event) -> None:
+    from transformers import StoppingCriteriaList
+
+    kw["stopping_criteria"] = StoppingCriteriaList([*kw.get("stopping_criteria", []), _cancel_criteria(cancel)])
 
 
 def _reply_ids(ids: list[int], eos: set[int], pad: int | None) -> tuple[list[int], bool]:
@@ -145,7 +158,6 @@ def complete(model, tok, prompts: list[str], params: GenParams | None = None, ba
     uses it for a request whose client has disconnected.
     """
     import torch
-    from transformers import StoppingCriteriaList
 
     params = params or GenParams()
     if params.seed is not None:
@@ -156,7 +168,7 @@ def complete(model, tok, prompts: list[str], params: GenParams | None = None, ba
     kw = _gen_kwargs(tok, model, params)
     eos = set(kw["eos_token_id"])
     if cancel is not None:
-        kw["stopping_criteria"] = StoppingCriteriaList([_cancel_criteria(cancel)])
+        _with_cancel(kw, cancel)
     for b in range(0, len(order), batch_size):
         idx = order[b: b + batch_size]
         enc = _left_pad(tok, [prompts[i] for i in idx], model.device)
@@ -194,7 +206,7 @@ class TextStream:
 
     def __init__(self, model, tok, prompt: str, params: GenParams | None = None):
         import torch
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
+        from transformers import TextIteratorStreamer
 
         self.params = params or GenParams()
         self._cancel = threading.Event()
@@ -206,7 +218,8 @@ class TextStream:
         self._hit_stop = False
         self._streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         kw = _gen_kwargs(tok, model, self.params)
-        kw.update(streamer=self._streamer, stopping_criteria=StoppingCriteriaList([_cancel_criteria(self._cancel)]))
+        kw["streamer"] = self._streamer
+        _with_cancel(kw, self._cancel)
         eos, pad = set(kw["eos_token_id"]), tok.pad_token_id
         if self.params.seed is not None:
             torch.manual_seed(self.params.seed)
