@@ -166,6 +166,27 @@ def test_bad_requests_are_400_in_openai_shape(client, server):
     assert r.usage.completion_tokens <= 64  # the server's --max-tokens in this fixture
 
 
+def test_values_that_used_to_crash_are_400_and_keep_the_connection(server):
+    """A seed past 2^64, a lone surrogate, an empty prompt: each a 400 in OpenAI's shape naming the field, streamed
+    or not, on one kept-alive connection (a 500 made the server drop it)."""
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    cases = [("/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 2, "seed": 2**64}, "seed"),
+             ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": "\ud800"}]},
+              "messages.0.content"),
+             ("/v1/completions", {"model": "tiny", "prompt": [""], "max_tokens": 2}, "prompt.0"),
+             ("/v1/completions", {"model": "tiny", "prompt": [""], "max_tokens": 2, "stream": True}, "prompt.0"),
+             ("/v1/completions", {"model": "tiny", "prompt": [], "max_tokens": 2}, "prompt")]
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
+        for path, body, param in cases:
+            # json.dumps writes the lone surrogate as the escape "\ud800", as a client's JSON would
+            r = c.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
+            assert r.status_code == 400, (body, r.text)
+            err = r.json()["error"]
+            assert err["param"] == param and err["type"] == "invalid_request_error" and param in err["message"]
+            assert r.headers.get("connection") != "close"
+        assert c.post("/v1/chat/completions", json=chat).status_code == 200
+
+
 def test_api_key_missing_or_wrong_is_401(server):
     for key in ("wrong-key",):
         bad = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)

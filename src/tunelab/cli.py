@@ -107,6 +107,10 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
         A("--max-concurrency", type=int, default=1, help="generations running at once"),
         A("--max-queue", type=int, default=16, help="requests waiting beyond those; more get 429"),
         A("--max-tokens", type=int, default=512, help="default and largest max_tokens per request"),
+        A("--max-choices", type=int, default=16,
+          help="most completions one request may ask for: prompts x n (more get 400)"),
+        A("--max-body-bytes", type=int, default=4 * 1024 * 1024,
+          help="largest request body in bytes (default 4 MiB; larger get 413 before being read)"),
     ]),
     "ui": ("tunelab.inference.webui:main", "web UI (Gradio): Chatbot and Storymaker tabs", [
         *INFER_ARGS,

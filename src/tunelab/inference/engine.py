@@ -79,8 +79,21 @@ def _gen_kwargs(tok, model, params: GenParams) -> dict:
         # Greedy: clear the sampling knobs a checkpoint's generation_config may carry, or transformers warns.
         kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     if params.stop:
-        kw.update(stop_strings=params.stop, tokenizer=tok)
+        from transformers import StopStringCriteria, StoppingCriteriaList
+
+        try:
+            kw["stopping_criteria"] = StoppingCriteriaList([StopStringCriteria(tok, params.stop)])
+        except ValueError:
+            # transformers cannot match a stop string of characters its vocabulary lacks (e.g. "\x06"): generation
+            # then runs to max_new_tokens, and the text is still cut at the stop string afterwards.
+            pass
     return kw
+
+
+def _with_cancel(kw: dict, cancel: threading.Event) -> None:
+    from transformers import StoppingCriteriaList
+
+    kw["stopping_criteria"] = StoppingCriteriaList([*kw.get("stopping_criteria", []), _cancel_criteria(cancel)])
 
 
 def _reply_ids(ids: list[int], eos: set[int], pad: int | None) -> tuple[list[int], bool]:
@@ -99,8 +112,29 @@ def _left_pad(tok, texts: list[str], device) -> dict:
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
-def complete(model, tok, prompts: list[str], params: GenParams | None = None, batch_size: int = 16) -> list[Completion]:
-    """Completions with usage and finish reason for raw prompt strings (already chat-templated), in input order."""
+class Cancelled(Exception):
+    """`complete` was cancelled through its `cancel` event before it finished."""
+
+
+def _cancel_criteria(cancel: threading.Event):
+    """A StoppingCriteria that ends `generate` at its next token once `cancel` is set (a client that went away)."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class _Cancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return _Cancelled()
+
+
+def complete(model, tok, prompts: list[str], params: GenParams | None = None, batch_size: int = 16,
+             cancel: threading.Event | None = None) -> list[Completion]:
+    """Completions with usage and finish reason for raw prompt strings (already chat-templated), in input order.
+
+    Setting `cancel` (from another thread) stops generating at the next token and raises `Cancelled`: the server
+    uses it for a request whose client has disconnected.
+    """
     import torch
 
     params = params or GenParams()
@@ -111,11 +145,15 @@ def complete(model, tok, prompts: list[str], params: GenParams | None = None, ba
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     kw = _gen_kwargs(tok, model, params)
     eos = set(kw["eos_token_id"])
+    if cancel is not None:
+        _with_cancel(kw, cancel)
     for b in range(0, len(order), batch_size):
         idx = order[b: b + batch_size]
         enc = _left_pad(tok, [prompts[i] for i in idx], model.device)
         with torch.inference_mode():
             out = model.generate(**enc, **kw)
+        if cancel is not None and cancel.is_set():
+            raise Cancelled
         new = out[:, enc["input_ids"].shape[1]:].tolist()
         for j, i in enumerate(idx):
             ids, hit_eos = _reply_ids(new[j], eos, tok.pad_token_id)
@@ -146,16 +184,10 @@ class TextStream:
 
     def __init__(self, model, tok, prompt: str, params: GenParams | None = None):
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import TextIteratorStreamer
 
         self.params = params or GenParams()
         self._cancel = threading.Event()
-        cancel = self._cancel
-
-        class _Cancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-
         enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
         self.prompt_tokens = int(enc["input_ids"].shape[1])
         self.completion_tokens = 0
@@ -164,7 +196,8 @@ class TextStream:
         self._hit_stop = False
         self._streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         kw = _gen_kwargs(tok, model, self.params)
-        kw.update(streamer=self._streamer, stopping_criteria=StoppingCriteriaList([_Cancelled()]))
+        kw["streamer"] = self._streamer
+        _with_cancel(kw, self._cancel)
         eos, pad = set(kw["eos_token_id"]), tok.pad_token_id
         if self.params.seed is not None:
             torch.manual_seed(self.params.seed)

@@ -3,10 +3,13 @@
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (both stream as server-sent events ending
 in `data: [DONE]`), GET /health. The request's `model` picks the base or one of its adapters. Errors use OpenAI's
 shape, `{"error": {"message", "type", "param", "code"}}`, so OpenAI clients report them properly: 400 for a malformed
-request (FastAPI's own answer would be 422), 401 for a missing or wrong key, 404 for an unknown model, 429 when busy.
+request (FastAPI's own answer would be 422), 401 for a missing or wrong key, 404 for an unknown model, 413 for a body
+over --max-body-bytes, 429 when busy. /openapi.json documents exactly these.
 
 Load is bounded: at most --max-concurrency generations run, at most --max-queue requests wait, and anything beyond
-is answered 429 at once rather than piling up until clients time out.
+is answered 429 at once rather than piling up until clients time out. Work per request is bounded too: a body of at
+most --max-body-bytes, at most --max-choices completions (prompts x n), each at most --max-tokens long. A request
+whose client disconnects leaves the queue, and its generation stops at the next token.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations (Request, the bodies)
@@ -20,9 +23,10 @@ import os
 import sys
 import time
 import uuid
-from typing import Literal
+import threading
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from tunelab.errors import UserError
 from tunelab.inference.engine import GenParams
@@ -39,25 +43,84 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready: nobody reads what the server would send."""
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """What every error answer carries (OpenAI's shape); documented in the schema for each status it is sent with."""
+    error: ErrorBody
+
+
 # --- request bodies (the subset of OpenAI's fields that a local model can honour; unknown fields are ignored) ---
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+def _unicode(s: str) -> str:
+    # JSON may carry a lone UTF-16 surrogate ("\ud800"); Python keeps it in the str, but it is not text: the
+    # tokenizer and the UTF-8 encoder of every answer fail on it. Refuse it here, where the error can name the field.
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("invalid Unicode: a lone surrogate escape such as \\ud800 (send valid UTF-16 pairs)") from None
+    return s
 
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
+
+def _integral(v):
+    # JSON has one number type: 2.0 is an integer to JSON Schema (and to OpenAI), but not to strict pydantic.
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_unicode)]
+# Bounds come before the validator: after it, pydantic writes them into the JSON schema as "ge"/"le", which JSON
+# Schema does not know, so the published schema would not bound them.
+TokenCount = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
+# JSON's interoperable integers (RFC 7493: beyond 2^53 a JSON number loses digits in many parsers); well inside
+# torch.manual_seed's range, outside which generation would fail.
+Seed = Annotated[int, Field(ge=-(2**53 - 1), le=2**53 - 1), BeforeValidator(_integral)]
+
+
+def _unsupported(v):
+    if v is not None:
+        raise ValueError("not supported by this server (send null or leave it out)")
+    return v
+
+
+# A field OpenAI defines that this server cannot honour: null only, so the schema says what the server accepts.
+Unsupported = Annotated[None, BeforeValidator(_unsupported)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    # strict: a JSON string is not a number or a boolean ("stream": "false" is an error, as with OpenAI), so the
+    # server accepts exactly what its published schema allows.
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: Text
+    max_tokens: TokenCount | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=16)
+    n: Annotated[int, Field(ge=1, le=16, description="completions per prompt; 1 with stream=true, and at most "
+                            "the server's --max-choices (default 16) completions per request in all (prompts x n)"),
+                 BeforeValidator(_integral)] = 1
     stream: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream_options: dict | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
+    seed: Seed | None = None
+    stream_options: StreamOptions | None = None
 
     def gen_params(self, max_new_tokens: int) -> GenParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stop) > 4:
-            raise ApiError(400, "stop: at most 4 stop sequences", param="stop")
         # OpenAI's default temperature is 1 (sampling); temperature 0 means greedy here.
         temperature = 1.0 if self.temperature is None else self.temperature
         return GenParams(max_new_tokens=max_new_tokens, temperature=temperature,
@@ -65,15 +128,17 @@ class _Request(BaseModel):
 
 
 class _TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[_TextPart] | None = None
+    content: Text | list[_TextPart] | None = None
 
     def as_dict(self) -> dict:
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
@@ -83,14 +148,16 @@ class Message(BaseModel):
 
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: TokenCount | None = None
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] = Field(min_length=1)
+    # Every prompt needs at least one token to continue from: an empty one has nothing for the model to attend to.
+    prompt: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)] = Field(
+        description="a prompt or a list of them; stream=true takes one")
     echo: bool = False
-    logprobs: int | None = None
-    suffix: str | None = None
+    logprobs: Unsupported = None
+    suffix: Unsupported = None
 
 
 # --- scheduling ---
@@ -162,19 +229,144 @@ class Scheduler:
 
 # --- the app ---
 
+def _validation_error(exc) -> ApiError:
+    """One 400 from FastAPI's RequestValidationError: the most telling of pydantic's errors, at a clean location.
+
+    A value that fits no member of a union (`prompt: str | list[str]`) gets one error per member, each located under
+    the member's label ('str', 'list[...]', 'function-after[...]'), which is no field of the request. The label is
+    dropped by following the location through the request body, and the error that got deepest into the value, or
+    failing that one that is not a plain type mismatch, is the one reported ("prompt.0: String should have at least
+    1 character" rather than "Input should be a valid string").
+    """
+    errors = exc.errors()
+    if not errors:
+        return ApiError(400, "invalid request")
+    if errors[0].get("type") == "json_invalid":
+        return ApiError(400, f"body is not valid JSON: {errors[0].get('ctx', {}).get('error', errors[0]['msg'])}")
+
+    def path(err) -> list[str]:
+        loc, node, out = err.get("loc", ()), exc.body, []
+        for i, key in enumerate(loc[1:] if loc[:1] == ("body",) else loc):
+            if isinstance(node, dict) and key in node:
+                node = node[key]
+            elif isinstance(node, list) and isinstance(key, int) and 0 <= key < len(node):
+                node = node[key]
+            elif not (err["type"] == "missing" and i == len(loc) - 2):  # a missing field is named, though absent
+                continue
+            out.append(str(key))
+        return out
+
+    err = min(errors, key=lambda e: (-len(path(e)), e["type"].endswith("_type")))
+    where = ".".join(path(err))
+    msg = err["msg"].removeprefix("Value error, ")
+    return ApiError(400, f"{where}: {msg}" if where else msg, param=where or None)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over `max_bytes`, decided before the body is parsed or tokenized:
+    at once from Content-Length, else as soon as the bytes received pass the limit.
+
+    Written by hand because Starlette's own limit (FastAPI's `max_body_size`) answers a too-large Content-Length with
+    a plain-text 413 that replaces the app's answer, and OpenAI clients read errors from the JSON error shape.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _error(self) -> ApiError:
+        return ApiError(413, f"Request body too large: this server accepts at most {self.max_bytes} bytes "
+                             "(--max-body-bytes)")
+
+    async def __call__(self, scope, receive, send):
+        from fastapi.responses import JSONResponse
+        from starlette.datastructures import Headers
+        from starlette.exceptions import HTTPException
+
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.max_bytes:
+            err = self._error()
+            return await JSONResponse(err.body(), status_code=413)(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # Raised into the app's body read: FastAPI passes an HTTPException on (anything else would
+                    # become its 400 "error parsing the body") and the app's handler answers it in the error shape.
+                    raise HTTPException(413, self._error().message)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+# Server defaults, also the CLI's (documented in the README's serve section).
+MAX_BODY_BYTES = 4 * 1024 * 1024  # ample for a full context of text (even JSON-escaped), small enough to parse at once
+MAX_CHOICES = 16  # completions per request (prompts x n): one batch of the engine's generate
+DISCONNECT_POLL_S = 0.25  # how often a queued or generating request checks that its client is still there
+
+_ERRORS = {
+    400: "Malformed request, or one the server cannot honour (a limit, the model's context length)",
+    401: "Missing or wrong API key (only when the server was started with one)",
+    404: "No such model",
+    413: "Request body over the server's --max-body-bytes",
+    429: "Busy: every generation slot and queue place is taken; retry after Retry-After seconds",
+    # FastAPI documents a 422 for every route with parameters unless a 4XX (or 422) response is declared; this
+    # server answers 400 instead, so declaring 4XX both drops the false 422 and says every other 4xx (e.g. 405) has
+    # the same error shape.
+    "4XX": "Any other client error, in the same shape",
+}
+
+
+def _responses(*codes) -> dict:
+    out = {code: {"model": ErrorResponse, "description": _ERRORS[code]} for code in (*codes, "4XX")}
+    if 429 in out:
+        out[429]["headers"] = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
+    return out
+
+
+# The generation endpoints answer JSON, or server-sent events when the request says "stream": true.
+_GENERATION_RESPONSES = {
+    200: {"description": "The completion (JSON), or with stream=true its chunks as server-sent events ending in "
+                         "`data: [DONE]`",
+          # Each event: its `data` is one JSON chunk, or [DONE] last.
+          "content": {"text/event-stream": {"schema": {"type": "object", "required": ["data"],
+                                                       "properties": {"data": {"type": "string"}}}}}},
+    **_responses(400, 401, 404, 413, 429),
+}
+
+
+def _check_limits(max_tokens: int, max_body_bytes: int, max_choices: int) -> None:
+    for flag, value in (("--max-tokens", max_tokens), ("--max-body-bytes", max_body_bytes),
+                        ("--max-choices", max_choices)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+
+
 def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_queue: int = 16,
-               max_tokens: int = 512):
-    """The FastAPI app serving `host` (a tunelab.inference.host.Host)."""
+               max_tokens: int = 512, max_body_bytes: int = MAX_BODY_BYTES, max_choices: int = MAX_CHOICES):
+    """The FastAPI app serving `host` (a tunelab.inference.host.Host).
+
+    `max_tokens` is the default and largest max_tokens of a request (larger asks are capped); `max_body_bytes` the
+    largest request body (413 beyond); `max_choices` the most completions one request may ask for, prompts x n (400
+    beyond). Together they bound the work one request can take.
+    """
     import anyio
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from tunelab.inference.engine import TextStream, chat_prompts, complete, count_tokens
 
+    _check_limits(max_tokens, max_body_bytes, max_choices)
     app = FastAPI(title="tunelab", version="1")
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     sched = Scheduler(host, max_concurrency, max_queue)
     created = int(time.time())
 
@@ -182,13 +374,14 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
     async def _api_error(request, exc: ApiError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request, exc: ClientGone):
+        # Nobody reads this answer; 499 ("client closed request", nginx's code) is what the access log then shows.
+        return Response(status_code=499)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
-        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        where = ".".join(loc)
-        return JSONResponse(ApiError(400, f"{where}: {err['msg']}" if where else err["msg"],
-                                     param=where or None).body(), status_code=400)
+        return JSONResponse(_validation_error(exc).body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
@@ -214,12 +407,18 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
             raise ApiError(404, f"The model '{name}' does not exist; available: {', '.join(host.names)}",
                            param="model", code="model_not_found")
 
-    def budget(req: _Request, prompt_tokens: int, requested: int | None) -> int:
+    def check_choices(prompts: int, n: int) -> None:
+        if prompts * n > max_choices:
+            raise ApiError(400, f"{prompts} prompt(s) x n={n} asks for {prompts * n} completions; this server "
+                                f"generates at most {max_choices} per request (--max-choices)",
+                           param="n" if prompts == 1 else "prompt")
+
+    def budget(prompt_tokens: int, requested: int | None, param: str) -> int:
         """max_tokens for a request: what it asked (or the server default), capped by the server and the context."""
         room = host.context_length - prompt_tokens
         if room < 1:
             raise ApiError(400, f"This model's maximum context length is {host.context_length} tokens, but the "
-                                f"prompt has {prompt_tokens} tokens", param="messages", code="context_length_exceeded")
+                                f"prompt has {prompt_tokens} tokens", param=param, code="context_length_exceeded")
         return max(1, min(requested or max_tokens, max_tokens, room))
 
     async def admit(name: str) -> None:
@@ -228,6 +427,31 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
         except QueueFull:
             raise ApiError(429, f"Server busy: {sched.active} running and {sched.waiting} queued; retry shortly",
                            type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
+
+    async def while_connected(request: Request, work, cancel: threading.Event | None = None):
+        """Await the coroutine `work` while the client stays connected; if it leaves first, cancel `work` and raise
+        ClientGone, so an abandoned request neither keeps its queue place nor goes on generating.
+
+        Written by hand because Starlette watches for a disconnect only while a StreamingResponse is being sent;
+        before a response starts, Request.is_disconnected is the way to ask, so it is polled here.
+        """
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return task.result()
+                if await request.is_disconnected() and not task.done():
+                    raise ClientGone
+        finally:
+            if not task.done():
+                if cancel is not None:
+                    cancel.set()  # a running generation stops at its next token
+                task.cancel()  # a request waiting in the queue leaves it
+                with anyio.CancelScope(shield=True):  # return only once the slot is free again
+                    await asyncio.wait({task})
+                if not task.cancelled():
+                    task.exception()  # retrieved: an abandoned request's outcome is of no interest
 
     def usage(prompt_tokens: int, completion_tokens: int) -> dict:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -262,8 +486,14 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
                 return
             yield piece
 
-    async def run_stream(name: str, prompt: str, params: GenParams, chunk, final, include_usage: bool):
-        gen = TextStream(host.model, host.tok, prompt, params)
+    async def stream(request: Request, name: str, prompt: str, params: GenParams, chunk, final, include_usage: bool):
+        """Queue (leaving the queue if the client does), then answer with the generation as server-sent events."""
+        await while_connected(request, admit(name))
+        try:
+            gen = TextStream(host.model, host.tok, prompt, params)
+        except BaseException:
+            sched.release()
+            raise
 
         async def events():
             try:
@@ -281,39 +511,53 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
 
         return SlotStream(events(), gen)
 
-    async def run_batch(name: str, prompts: list[str], params: GenParams):
-        try:
-            return await run_in_threadpool(complete, host.model, host.tok, prompts, params)
-        finally:
-            sched.release()
+    async def batch(request: Request, name: str, prompts: list[str], params: GenParams):
+        """Queue, generate and return the completions; abandoned as soon as the client disconnects."""
+        cancel = threading.Event()
+
+        async def work():
+            await admit(name)
+            try:
+                return await run_in_threadpool(complete, host.model, host.tok, prompts, params, cancel=cancel)
+            finally:
+                sched.release()  # after the generation thread has returned: the model is free
+
+        return await while_connected(request, work(), cancel)
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "models": host.names, "running": sched.active, "queued": sched.waiting,
                 "max_concurrency": sched.max_active, "max_queue": sched.max_queue}
 
-    @app.get("/v1/models", dependencies=[Depends(auth)])
+    @app.get("/v1/models", dependencies=[Depends(auth)], responses=_responses(401))
     async def models():
         return {"object": "list", "data": [_model_card(n, created) for n in host.names]}
 
-    @app.get("/v1/models/{name:path}", dependencies=[Depends(auth)])
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(auth)], responses=_responses(401, 404))
     async def model(name: str):
         check_model(name)
         return _model_card(name, created)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
-    async def chat_completions(req: ChatRequest):
+    @app.post("/v1/chat/completions", dependencies=[Depends(auth)], responses=_GENERATION_RESPONSES)
+    async def chat_completions(req: ChatRequest, request: Request):
         check_model(req.model)
         if req.stream and req.n > 1:
             raise ApiError(400, "n > 1 is not supported with stream=true", param="n")
-        try:
-            prompt = chat_prompts(host.tok, [[m.as_dict() for m in req.messages]])[0]
-        except Exception as e:  # the chat template rejects the conversation (e.g. roles out of order)
-            raise ApiError(400, f"messages: the model's chat template rejected them: {e}", param="messages") from None
-        n_prompt = count_tokens(host.tok, prompt)
-        params = req.gen_params(budget(req, n_prompt, req.max_completion_tokens or req.max_tokens))
+        check_choices(1, req.n)
+
+        def render() -> tuple[str, int]:
+            try:
+                prompt = chat_prompts(host.tok, [[m.as_dict() for m in req.messages]])[0]
+            except Exception as e:  # the chat template rejects the conversation (e.g. roles out of order)
+                raise ApiError(400, f"messages: the model's chat template rejected them: {e}",
+                               param="messages") from None
+            return prompt, count_tokens(host.tok, prompt)
+
+        # Templating and tokenizing take time in proportion to the body: on a worker thread, so that the event loop
+        # keeps serving everyone else (/health included) meanwhile.
+        prompt, n_prompt = await run_in_threadpool(render)
+        params = req.gen_params(budget(n_prompt, req.max_completion_tokens or req.max_tokens, "messages"))
         cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        await admit(req.model)
         if req.stream:
             head = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": req.model}
 
@@ -324,30 +568,31 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
             def final(reason):
                 return {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": reason}]}
 
-            try:
-                return await run_stream(req.model, prompt, params, chunk, final,
-                                        bool((req.stream_options or {}).get("include_usage")))
-            except BaseException:
-                sched.release()
-                raise
-        outs = await run_batch(req.model, [prompt] * req.n, params)
+            return await stream(request, req.model, prompt, params, chunk, final,
+                                bool(req.stream_options and req.stream_options.include_usage))
+        outs = await batch(request, req.model, [prompt] * req.n, params)
         return {"id": cid, "object": "chat.completion", "created": now, "model": req.model,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
                              "finish_reason": c.finish_reason} for i, c in enumerate(outs)],
                 "usage": usage(outs[0].prompt_tokens, sum(c.completion_tokens for c in outs))}
 
-    @app.post("/v1/completions", dependencies=[Depends(auth)])
-    async def completions(req: CompletionRequest):
+    @app.post("/v1/completions", dependencies=[Depends(auth)], responses=_GENERATION_RESPONSES)
+    async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
-        if req.logprobs is not None or req.suffix is not None:
-            raise ApiError(400, "logprobs and suffix are not supported", param="logprobs" if req.logprobs else "suffix")
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if req.stream and (req.n > 1 or len(prompts) > 1):
             raise ApiError(400, "stream=true takes one prompt and n=1", param="prompt")
-        n_prompt = max(count_tokens(host.tok, p) for p in prompts)
-        params = req.gen_params(budget(req, n_prompt, req.max_tokens))
+        check_choices(len(prompts), req.n)
+        # On a worker thread, as in chat_completions.
+        counts = await run_in_threadpool(lambda: [count_tokens(host.tok, p) for p in prompts])
+        # A prompt of only characters the tokenizer drops (e.g. "\x06") has nothing to continue from; as OpenAI does
+        # for an empty prompt, the model then starts as at the beginning of a document (its BOS/EOS token).
+        start = host.tok.bos_token or host.tok.eos_token
+        if min(counts) == 0 and not start:
+            raise ApiError(400, "prompt: a prompt must have at least one token to continue from", param="prompt")
+        inputs = [p if c else start for p, c in zip(prompts, counts)]
+        params = req.gen_params(budget(max(counts), req.max_tokens, "prompt"))
         cid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        await admit(req.model)
         if req.stream:
             head = {"id": cid, "object": "text_completion", "created": now, "model": req.model}
 
@@ -360,13 +605,9 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
             def final(reason):
                 return {**head, "choices": [{"index": 0, "text": "", "finish_reason": reason}]}
 
-            try:
-                return await run_stream(req.model, prompts[0], params, chunk, final,
-                                        bool((req.stream_options or {}).get("include_usage")))
-            except BaseException:
-                sched.release()
-                raise
-        outs = await run_batch(req.model, [p for p in prompts for _ in range(req.n)], params)
+            return await stream(request, req.model, inputs[0], params, chunk, final,
+                                bool(req.stream_options and req.stream_options.include_usage))
+        outs = await batch(request, req.model, [p for p in inputs for _ in range(req.n)], params)
         choices = [{"index": i, "text": (prompts[i // req.n] if req.echo else "") + c.text, "logprobs": None,
                     "finish_reason": c.finish_reason} for i, c in enumerate(outs)]
         return {"id": cid, "object": "text_completion", "created": now, "model": req.model, "choices": choices,
@@ -394,12 +635,11 @@ def main(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this port can use it",
               file=sys.stderr)
-    if args.max_tokens < 1:
-        raise UserError("--max-tokens must be >= 1")
+    _check_limits(args.max_tokens, args.max_body_bytes, args.max_choices)  # before the slow model load
     host = Host.load(args.model, adapters=args.adapter, runs=args.run, dtype=args.dtype,
                      load_in_4bit=args.load_in_4bit, served_name=args.served_model_name)
     app = create_app(host, api_key=api_key, max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-                     max_tokens=args.max_tokens)
+                     max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, max_choices=args.max_choices)
     print(f"serving {', '.join(host.names)} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
