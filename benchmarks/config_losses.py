@@ -37,11 +37,12 @@ def runnable(path: Path) -> str | None:
     return None
 
 
-def losses_of(path: Path, steps: int, out_dir: Path) -> dict:
+def losses_of(path: Path, steps: int, out_dir: Path, subset: int | None) -> dict:
     from tunelab.api import finetune as train, load_config
 
+    extra = [f"data.subset={subset}"] if subset else []
     cfg = load_config(path, [f"training.max_steps={steps}", f"output.dir={out_dir}", f"output.name={path.stem}",
-                             "training.report_to=[]"])
+                             "training.report_to=[]", *extra])
     train(cfg, echo=lambda *a, **k: None, show_progress=False)
     rows = [json.loads(line) for line in (out_dir / path.stem / "metrics.jsonl").read_text().splitlines() if line]
     keep = ("loss", "eval_loss", "reward", "eval_reward")
@@ -54,6 +55,8 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--compare")
     ap.add_argument("--tol", type=float, default=1e-6)
+    ap.add_argument("--subset", type=int, default=None, help="train on N rows of each config's data (faster; "
+                    "sequence distillation has the teacher answer every training row first)")
     ap.add_argument("configs", nargs="*", help="default: every config under configs/")
     a = ap.parse_args()
     import os
@@ -67,7 +70,7 @@ def main() -> int:
             print(f"skip {p.relative_to(ROOT)}: {why}", flush=True)
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            results[str(p.relative_to(ROOT))] = losses_of(p, a.steps, Path(tmp))
+            results[str(p.relative_to(ROOT))] = losses_of(p, a.steps, Path(tmp), a.subset)
         print(p.relative_to(ROOT), results[str(p.relative_to(ROOT))], flush=True)
     Path(a.out).write_text(json.dumps(results, indent=1))
     if not a.compare:

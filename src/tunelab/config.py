@@ -261,24 +261,29 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def read_yaml(path: str | Path, what: str = "config file",
+              expected: str = "a config must be a mapping of sections (model:, data:, training:, ...)") -> dict:
+    """A YAML mapping from a file, unvalidated (the sweep reads its own file and a base config this way)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: {expected}")
+    return raw
+
+
 def read_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config, apply dotted overrides, validate the sections. Errors are one-line `UserError`s.
 
     What the sections name in other layers (the method and its options, data formats) is checked by
     `tunelab.api.load_config`, which every command uses."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise UserError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"{path}: a config must be a mapping of sections (model:, data:, training:, ...)")
+    raw = read_yaml(path) if path is not None else {}
     raw = deep_merge(raw, parse_overrides(overrides or []))
     try:
         cfg = RunConfig(**raw)

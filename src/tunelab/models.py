@@ -11,6 +11,7 @@ import contextlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -90,12 +91,43 @@ def resolve_source(source: str) -> str:
     return source
 
 
+# Weight files that unpickle (they can carry code that runs on load); safetensors files hold tensors only.
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+_noted_pickle: set[str] = set()
+
+
+def _note_pickle_only(source: str) -> None:
+    """One line, once per directory, for a local model whose weights exist only as pickle files."""
+    p = Path(source)
+    if (not p.is_dir() or source in _noted_pickle or any(p.glob("*.safetensors"))
+            or not any((p / f).is_file() for f in PICKLE_WEIGHTS)):
+        return
+    _noted_pickle.add(source)
+    print(f"note: {source} has pickle weights only (pytorch_model.bin); they load through torch's weights-only "
+          "unpickler, which refuses code. safetensors is preferred (it cannot carry code and loads faster): "
+          "re-save the model with save_pretrained()", file=sys.stderr)
+
+
 def _from_pretrained(loader, source: str, **kw):
+    import pickle
+
+    _note_pickle_only(source)
     try:
         return loader.from_pretrained(source, **kw)
     except OSError as e:
         raise UserError(f"could not load model '{source}': {str(e).splitlines()[0]} "
                         "(check the hub id / path, or use embedded:smollm2-135m-instruct offline)") from None
+    except pickle.UnpicklingError as e:
+        # torch's weights-only unpickler met something other than tensors: loading it would run code
+        what = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "a non-tensor object")
+        raise UserError(f"refused to load model '{source}': its pickle weights hold code, not only tensors "
+                        f"({what[:120]}); use a safetensors copy of the model from a source you trust") from None
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise UserError(f"model '{source}' needs its own Python code to load (custom architecture), which tunelab "
+                        "does not run unless asked: read that code, then set model.trust_remote_code=true "
+                        "(or pick a model transformers supports natively)") from None
 
 
 def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: bool = False, chat_template=None):

@@ -157,16 +157,6 @@ class FinishedRun:
         """final/ when it is an adapter over `base`, else None."""
         return str(self.final) if self.is_adapter else None
 
-    def tokenizer(self):
-        """The tokenizer the run trained with: final/'s when it saved one (it may carry a changed chat template),
-        else the base model's. Loaded as saved: no pad token is invented, so what gets exported is what was trained."""
-        from transformers import AutoTokenizer
-
-        from tunelab.models import resolve_source
-
-        src = str(self.final) if (self.final / "tokenizer_config.json").is_file() else resolve_source(self.base)
-        return AutoTokenizer.from_pretrained(src)
-
 
 def find_run(spec) -> Path | None:
     """The run directory `spec` names (a path, or NAME under runs/), or None. A run directory holds config.yaml or,

@@ -15,7 +15,7 @@ from tunelab.errors import UserError
 from tunelab.rundir import FinishedRun, open_finished_run
 from tunelab.rundir import atomic_path as rundir_atomic_path
 
-Run = FinishedRun  # a finished run as the exporters take it (path, config, final, is_adapter, base, tokenizer())
+Run = FinishedRun  # a finished run as the exporters take it (path, config, final, is_adapter, base, summary)
 
 # Prompts for the parity checks: chat turns (rendered with the model's own template, so special tokens are exercised)
 # and plain text with digits, punctuation, unicode and odd whitespace (where tokenizers usually disagree).
@@ -54,6 +54,17 @@ def atomic_path(target: Path, overwrite: bool, is_dir: bool, suffix: str = ".par
     check_target(Path(target), overwrite)
     with rundir_atomic_path(target, is_dir=is_dir, suffix=suffix) as tmp:
         yield tmp
+
+
+def run_tokenizer(run: Run):
+    """The tokenizer the run trained with: final/'s when it saved one (it may carry a changed chat template), else
+    the base model's. Loaded as saved: no pad token is invented, so what gets exported is what was trained."""
+    from transformers import AutoTokenizer
+
+    from tunelab.models import resolve_source
+
+    src = str(run.final) if (run.final / "tokenizer_config.json").is_file() else resolve_source(run.base)
+    return AutoTokenizer.from_pretrained(src)
 
 
 # Texts whose tokenization must be identical between the source tokenizer and the one rebuilt from the GGUF (by

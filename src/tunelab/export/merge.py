@@ -12,7 +12,8 @@ from pathlib import Path
 
 from tunelab.adapters import ADAPTERS
 from tunelab.errors import UserError
-from tunelab.export.common import ParityError, Run, all_logits, atomic_path, compare_logits, logit_table, prompt_ids
+from tunelab.export.common import (ParityError, Run, all_logits, atomic_path, compare_logits, logit_table, prompt_ids,
+                                   run_tokenizer)
 
 DTYPES = ("fp32", "fp16", "bf16")
 # Relative logit error allowed between the adapter model (float32) and the merged model read back from disk:
@@ -42,7 +43,7 @@ def merged_model(run: Run, quiet: bool = False):
 
     from tunelab.models import _from_pretrained
 
-    tok = run.tokenizer()
+    tok = run_tokenizer(run)
     if not run.is_adapter:  # a full fine-tune: nothing to merge; its own logits are the reference for the copy
         model = _from_pretrained(AutoModelForCausalLM, str(run.final), dtype=torch.float32).eval()
         if quiet:

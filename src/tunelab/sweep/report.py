@@ -10,24 +10,16 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tunelab import runs
+from tunelab.rundir import read_metrics, write_text_atomic
 from tunelab.sweep.spec import Range, Sweep, validate
 from tunelab.sweep.study import decode_choice
 
 MAX_LINES_PER_VALUE = 8  # more distinct values than this (a continuous range) -> one line per trial, colored by value
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    # TODO(run-dir): runs.write_text_atomic -- runs.py owns atomic writes; use its text writer once it has one
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def format_value(v) -> str:
@@ -67,7 +59,7 @@ def result_rows(sweep: Sweep, study, optuna) -> list[dict]:
         # a pruned trial is shown with the last value it reported: the one the pruner judged
         value = t.value if t.state == S.COMPLETE else (
             t.intermediate_values[t.last_step] if t.state == S.PRUNED and t.last_step is not None else None)
-        metrics = runs.read_metrics(sweep.dir / run)
+        metrics = read_metrics(sweep.dir / run)
         elapsed = max((m.get("elapsed", 0) for m in metrics), default=None)
         rows.append({"trial": run, **{k: t.params.get(k) for k in sweep.search.space}, "objective": value,
                      "status": status, "time_s": round(elapsed, 1) if elapsed is not None else None,
@@ -89,8 +81,8 @@ def write_outputs(sweep: Sweep, study, optuna) -> dict:
     sweep.dir.mkdir(parents=True, exist_ok=True)
     rows = result_rows(sweep, study, optuna)
     best = _best(sweep, rows)
-    _write_text_atomic(sweep.dir / "results.csv", results_csv(rows))
-    _write_text_atomic(sweep.dir / "results.md", results_markdown(sweep, rows, best))
+    write_text_atomic(sweep.dir / "results.csv", results_csv(rows))
+    write_text_atomic(sweep.dir / "results.md", results_markdown(sweep, rows, best))
     plots = plot_sweep(sweep, rows)
     if best:
         write_best_config(sweep, {k: best[k] for k in sweep.search.space}, best)
@@ -217,5 +209,5 @@ def write_best_config(sweep: Sweep, params: dict, best: dict) -> Path:
     header = (f"# tunelab train {path}\n#\n# Best trial of sweep {sweep.name}: {best['trial']} ({sweep.objective} "
               f"{best['objective']:.4f}) with {describe(values)}.{note}\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(path, header + yaml.safe_dump(raw, sort_keys=False))
+    write_text_atomic(path, header + yaml.safe_dump(raw, sort_keys=False))
     return path

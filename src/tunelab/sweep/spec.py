@@ -18,7 +18,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tunelab.config import RunConfig, config_keys, deep_merge, explain_validation_error, parse_overrides
+from tunelab.checks import check_config
+from tunelab.config import (RunConfig, config_keys, deep_merge, explain_validation_error, parse_overrides,
+                            read_yaml)
 from tunelab.errors import UserError, suggest
 
 # objective -> default direction. eval_* task metrics (eval_gsm8k_accuracy) are maximized.
@@ -165,14 +167,11 @@ class Sweep:
 def validate(raw: dict, where: str) -> RunConfig:
     """A run config from raw keys, with the run config's own one-line errors prefixed by where they came from."""
     try:
-        cfg = RunConfig(**raw)
+        return check_config(RunConfig(**raw))
     except ValidationError as e:
         raise UserError(f"{where}: {explain_validation_error(e)}") from None
-    try:
-        cfg.method_options()
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
-    return cfg
 
 
 def _check_key(key: str, where: str) -> None:
@@ -185,20 +184,6 @@ def _check_key(key: str, where: str) -> None:
     keys = [*config_keys(), "method"]
     if key not in keys:
         raise UserError(f"{where}: '{key}' is not a config key{suggest(key, keys)}")
-
-
-def _read_yaml(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise UserError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML "
-                        f"({getattr(e, 'problem', e)})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping")
-    return raw
 
 
 def sample_points(space: dict[str, list | Range], strategy: str) -> list[dict]:
@@ -217,7 +202,7 @@ def load_sweep(path: str | Path, trials: int | None = None) -> Sweep:
     """Read and check a sweep file: its own keys, the search space's keys and values against the run config, and the
     objective against the evaluation settings of every trial config it can build in advance. Errors are UserErrors."""
     path = Path(path)
-    data = _read_yaml(path, "sweep file")
+    data = read_yaml(path, "sweep file", "expected a mapping")
     try:
         spec = SweepSpec(**data)
     except ValidationError as e:
@@ -226,7 +211,7 @@ def load_sweep(path: str | Path, trials: int | None = None) -> Sweep:
     s = spec.search
     if spec.base is None and not spec.config:
         raise UserError(f"{path}: give a base config (base: ../quickstart.yaml) or an inline `config:`")
-    raw = _read_yaml((path.parent / spec.base), "base config") if spec.base else {}
+    raw = read_yaml(path.parent / spec.base, "base config", "expected a mapping") if spec.base else {}
     raw = deep_merge(raw, spec.config)
     for key in spec.overrides:
         _check_key(key, f"{path}: overrides")
