@@ -16,7 +16,7 @@ from test_train import make_config
 from transformers import TrainerCallback
 
 from tunelab import runs
-from tunelab.config import load_config
+from tunelab import load_config
 from tunelab.errors import UserError
 from tunelab.train import run_training
 

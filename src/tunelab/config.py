@@ -150,7 +150,9 @@ class TrainingConfig(Section):
     grad_accum: int = Field(1, gt=0, description="gradient accumulation steps")
     optimizer: str = Field("adamw_torch", description="adamw_torch | adamw_8bit | paged_adamw_32bit | ... (TrainingArguments optim)")
     max_grad_norm: float = Field(1.0, ge=0)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="recompute activations in backward (less memory, ~1/3 more compute); auto: on only "
+        "when the estimate says the run would not fit the device's free memory otherwise (tunelab/autoplan.py)")
     group_by_length: bool = Field(True, description="batch samples of similar length (less padding); TRL default False")
     logging_steps: int = Field(1, gt=0)
     eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps (needs validation data)")

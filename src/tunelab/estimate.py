@@ -176,11 +176,13 @@ def runtime_mb() -> float:
 
 def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_tokens: float | None = None,
              max_tokens: int | None = None, trained_fraction: float = 0.5, num_samples: int | None = None,
-             baseline_mb: float | None = None, arch: dict | None = None, lean_loss: bool | None = None) -> Estimate:
+             baseline_mb: float | None = None, arch: dict | None = None, lean_loss: bool | None = None,
+             gradient_checkpointing: bool | None = None) -> Estimate:
     """Predict peak memory (MB, by part) and step time of `cfg` on `device`.
 
     mean_tokens / max_tokens: token length statistics of the training samples (default: data.max_length);
     trained_fraction: share of tokens with a loss; baseline_mb: the runtime's own memory (CPU; default: this process).
+    lean_loss / gradient_checkpointing: the settings to estimate (default: the config's; `auto` counts as off).
     """
     if device not in DEVICES:
         raise UserError(f"unknown device '{device}'; known: {', '.join(DEVICES)}")
@@ -233,7 +235,9 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_t
     per_elem = 5.5 if autocast else (8.0 if precision == "fp32" else (5.0 if gpu else 4.0))
     per_elem += adapter_type.activation_bytes(cfg.adapter, autocast or precision == "fp32")
     per_token_layer = per_elem * (6 * h + inter)
-    if t.gradient_checkpointing:  # each layer's input kept, one layer's activations alive during recompute
+    if gradient_checkpointing is None:
+        gradient_checkpointing = t.gradient_checkpointing is True
+    if gradient_checkpointing:  # each layer's input kept, one layer's activations alive during recompute
         act = peak_tokens * (L * h * (4 if autocast or precision == "fp32" else 2) + per_token_layer)
     else:
         act = peak_tokens * L * per_token_layer
@@ -275,7 +279,7 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_t
     attn = 4 * L * mean_len * arch["heads"] * arch["head_dim"]
     fwd = 2 * n + attn
     bwd = 2 * fwd if full else (2 * n + 2 * attn + 4 * trainable)
-    if t.gradient_checkpointing:
+    if gradient_checkpointing:
         bwd += fwd
     if method.reference_forward:  # the reference model's forward (no backward) on the same tokens
         bwd += fwd

@@ -84,6 +84,15 @@ class Method:
         """Whether the loss projects only trained positions through the LM head (methods/lean.py)."""
         return False
 
+    def loss_choices(self, opts) -> tuple[bool, ...]:
+        """The lean_loss values the memory plan may pick from, fastest first (SFT with `loss: auto`: lean, then
+        TRL's chunked head, which holds no trained-tokens x vocabulary logits). Default: the method's one choice."""
+        return (self.lean_loss(opts),)
+
+    def with_lean_loss(self, opts, lean: bool):
+        """`opts` with the memory plan's choice of loss (only called with a value from loss_choices)."""
+        return opts
+
     def uses_liger(self, opts) -> bool:
         """Liger's fused kernels (GPU): fewer activations, a chunked loss."""
         return False

@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunelab.errors import UserError
-from tunelab.methods.preference import (PreferenceMethod, dataset, pairwise_sampling, reference,
+from tunelab.methods.preference import (PreferenceMethod, pair_trainer, pairwise_sampling, reference,
                                          use_disabled_adapter_as_reference)
 
 LossType = Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
@@ -61,14 +61,7 @@ class DPO(PreferenceMethod):
             label_smoothing=opts.label_smoothing,
             **reference(cfg, opts.precompute_ref_log_probs),
         )
-        trainer = DPOTrainer(
-            model=model,
-            ref_model=None,
-            args=dpo_args,
-            train_dataset=dataset(data.train),
-            eval_dataset=dataset(data.validation),
-            processing_class=tokenizer,
-        )
+        trainer = pair_trainer(DPOTrainer, model, dpo_args, data, tokenizer, ref_model=None)
         use_disabled_adapter_as_reference(trainer, cfg)
         return trainer
 

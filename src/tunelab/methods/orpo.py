@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunelab.methods.preference import PreferenceMethod, counting_pair_tokens, dataset, pairwise_sampling
+from tunelab.methods.preference import PreferenceMethod, counting_pair_tokens, pair_trainer, pairwise_sampling
 
 
 class Config(BaseModel):
@@ -30,13 +30,7 @@ class ORPO(PreferenceMethod):
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
         orpo_args = ORPOConfig(**pairwise_sampling(args), max_length=cfg.data.max_length, beta=opts.beta)
-        return counting_pair_tokens(ORPOTrainer)(
-            model=model,
-            args=orpo_args,
-            train_dataset=dataset(data.train),
-            eval_dataset=dataset(data.validation),
-            processing_class=tokenizer,
-        )
+        return pair_trainer(counting_pair_tokens(ORPOTrainer), model, orpo_args, data, tokenizer)
 
 
 METHOD = ORPO()

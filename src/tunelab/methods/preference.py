@@ -80,3 +80,9 @@ def dataset(rows):
     from datasets import Dataset
 
     return Dataset.from_list(rows) if rows else None
+
+
+def pair_trainer(trainer_class, model, args, data, tokenizer, **kw):
+    """A TRL preference trainer on the prepared rows (training and validation), the way every method here builds it."""
+    return trainer_class(model=model, args=args, train_dataset=dataset(data.train),
+                         eval_dataset=dataset(data.validation), processing_class=tokenizer, **kw)

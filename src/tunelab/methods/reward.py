@@ -13,7 +13,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunelab.adapters import ADAPTERS
-from tunelab.methods.preference import PreferenceMethod, dataset, pairwise_sampling
+from tunelab.methods.preference import PreferenceMethod, pair_trainer, pairwise_sampling
 
 
 class Config(BaseModel):
@@ -63,13 +63,7 @@ class Reward(PreferenceMethod):
         # (it does not truncate them), which the data layer's overlong setting counts beforehand.
         reward_args = RewardConfig(**pairwise_sampling(args), max_length=cfg.data.max_length,
                                    center_rewards_coefficient=opts.center_rewards_coefficient)
-        trainer = RewardTrainer(
-            model=model,
-            args=reward_args,
-            train_dataset=dataset(data.train),
-            eval_dataset=dataset(data.validation),
-            processing_class=tokenizer,
-        )
+        trainer = pair_trainer(RewardTrainer, model, reward_args, data, tokenizer)
         if data.validation and opts.evaluate_at_end:
             trainer.add_callback(final_evaluation())
         return trainer

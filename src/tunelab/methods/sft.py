@@ -32,7 +32,7 @@ class Config(BaseModel):
     loss: Literal["auto", "lean", "fused"] = Field(
         "auto", description="lean: project only trained positions through the LM head (fastest on CPU and GPU); "
         "fused: TRL's chunked LM head with entropy/accuracy metrics (TRL's default; less memory for large "
-        "vocabularies); auto: lean")
+        "vocabularies); auto: lean, or fused when the memory plan finds the run would not fit otherwise")
 
 
 class SFT(Method):
@@ -40,6 +40,12 @@ class SFT(Method):
 
     def lean_loss(self, opts: Config) -> bool:
         return opts.loss in ("auto", "lean")
+
+    def loss_choices(self, opts: Config) -> tuple[bool, ...]:
+        return (True, False) if opts.loss == "auto" else (self.lean_loss(opts),)
+
+    def with_lean_loss(self, opts: Config, lean: bool) -> Config:
+        return opts.model_copy(update={"loss": "lean" if lean else "fused"})
 
     def uses_liger(self, opts: Config) -> bool:
         return opts.use_liger_kernel

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunelab.methods.preference import PreferenceMethod, counting_pair_tokens, dataset, pairwise_sampling
+from tunelab.methods.preference import PreferenceMethod, counting_pair_tokens, pair_trainer, pairwise_sampling
 
 
 class Config(BaseModel):
@@ -44,13 +44,7 @@ class SimPO(PreferenceMethod):
             cpo_alpha=opts.cpo_alpha,
             label_smoothing=opts.label_smoothing,
         )
-        return counting_pair_tokens(CPOTrainer)(
-            model=model,
-            args=simpo_args,
-            train_dataset=dataset(data.train),
-            eval_dataset=dataset(data.validation),
-            processing_class=tokenizer,
-        )
+        return pair_trainer(counting_pair_tokens(CPOTrainer), model, simpo_args, data, tokenizer)
 
 
 METHOD = SimPO()

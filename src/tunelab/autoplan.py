@@ -1,0 +1,87 @@
+"""Memory-aware defaults: settings left at `auto` are chosen before the model loads, from tunelab's own estimate
+against the memory the device has free, and printed in the pre-flight with the reason.
+
+The levers trade speed for memory and none changes what is learned (the loss and its gradients are the same):
+
+  loss                      SFT's `loss: auto`: the lean loss (fastest) holds the logits of the trained tokens;
+                            TRL's chunked head ("fused") holds a chunk of them at a time
+  gradient checkpointing    `training.gradient_checkpointing: auto`: off keeps every layer's activations; on keeps
+                            each layer's input and recomputes the rest in backward (about a third more compute)
+
+Candidates are tried fastest first (nothing saved; the loss alone; checkpointing alone; both) and the first whose
+estimate fits the budget wins. When none fits, the most frugal one is chosen and the reason says by how much it is
+over, so the run still starts (the estimate is advice: it is within about 20% of the measured peak).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tunelab.estimate import MB, estimate, local_device
+
+# Share of the free memory the estimate may fill: the allocator's fragmentation and the estimate's own error
+# (within ~20% of the measured peak, benchmarks/RESULTS.md) need the rest.
+HEADROOM = 0.85
+
+
+@dataclass
+class Plan:
+    gradient_checkpointing: bool
+    lean_loss: bool
+    estimate_mb: float
+    budget_mb: float | None
+    reason: str
+
+
+def free_memory_mb(device: str) -> float | None:
+    """Memory this process may still fill: the GPU's free memory, or on a CPU MemAvailable (Linux); None if unknown."""
+    if device != "cpu":
+        import torch
+
+        return torch.cuda.mem_get_info()[0] / MB
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def plan(cfg, method, opts, stats: dict, device: str | None = None, budget_mb: float | None = None) -> Plan:
+    """The settings for `auto`: the fastest candidate whose estimate fits `budget_mb` (default: HEADROOM x the free
+    memory of `device`, default this machine's device). Settings the config fixes are kept as they are."""
+    device = device or local_device()
+    if budget_mb is None:
+        free = free_memory_mb(device)
+        budget_mb = free * HEADROOM if free is not None else None
+    gc = cfg.training.gradient_checkpointing
+    gc_choices = (False, True) if gc == "auto" else (gc,)
+    loss_choices = method.loss_choices(opts)
+    candidates = [(g, lean) for g in gc_choices for lean in loss_choices]  # fastest first: checkpointing costs most
+    sizes = []
+    for g, lean in candidates:
+        total = estimate(cfg, device, gradient_checkpointing=g, lean_loss=lean, **stats).total_mb
+        sizes.append(total)
+        if budget_mb is None or total <= budget_mb:
+            break
+    g, lean = candidates[len(sizes) - 1]
+    total = sizes[-1]
+    chosen = f"gradient checkpointing {'on' if g else 'off'}, {'lean' if lean else 'chunked (fused)'} loss"
+    if budget_mb is None:
+        reason = f"{chosen} (free memory unknown: the fastest settings)"
+    elif total <= budget_mb and len(sizes) == 1:
+        reason = f"{chosen}: the fastest settings fit ({total:,.0f} MB estimated, {budget_mb:,.0f} MB budget)"
+    elif total <= budget_mb:
+        reason = (f"{chosen}: the faster settings need {sizes[0]:,.0f} MB, over the {budget_mb:,.0f} MB budget; "
+                  f"these need {total:,.0f} MB")
+    else:
+        reason = (f"{chosen}: does NOT fit even so ({total:,.0f} MB estimated, {budget_mb:,.0f} MB budget); lower "
+                  "training.batch_size or data.max_length, or use quantization.bits=4")
+    return Plan(gradient_checkpointing=g, lean_loss=lean, estimate_mb=total, budget_mb=budget_mb, reason=reason)
+
+
+def apply(cfg, method, opts, p: Plan):
+    """(cfg, opts) with the plan's choices in place of `auto` (copies; the run directory keeps the user's config)."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.training.gradient_checkpointing = p.gradient_checkpointing
+    return cfg, method.with_lean_loss(opts, p.lean_loss) if len(method.loss_choices(opts)) > 1 else opts

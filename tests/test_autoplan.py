@@ -1,0 +1,66 @@
+"""Memory-aware defaults: `auto` settings follow the estimate against a memory budget, fastest first."""
+
+from __future__ import annotations
+
+import pytest
+
+from tunelab import load_config, methods
+from tunelab.autoplan import apply, plan
+
+STATS = {"mean_tokens": 400, "max_tokens": 512, "trained_fraction": 0.5, "num_samples": 64, "baseline_mb": 0.0}
+
+
+def setup(tiny_model, *overrides):
+    cfg = load_config(None, [f"model.source={tiny_model}", "data.max_length=512", "training.batch_size=16",
+                             "training.precision=fp32", *overrides])
+    method, opts = methods.options(cfg)
+    return cfg, method, opts
+
+
+def test_fastest_settings_when_they_fit_and_frugal_ones_when_not(tiny_model):
+    cfg, method, opts = setup(tiny_model)
+    roomy = plan(cfg, method, opts, STATS, device="cpu", budget_mb=1e9)
+    assert (roomy.gradient_checkpointing, roomy.lean_loss) == (False, True)
+    assert "the fastest settings fit" in roomy.reason
+
+    sizes = {(g, lean): plan(cfg.model_copy(update={"training": cfg.training.model_copy(
+        update={"gradient_checkpointing": g})}), method, method.with_lean_loss(opts, lean), STATS, device="cpu",
+        budget_mb=1e9).estimate_mb for g in (False, True) for lean in (True, False)}
+    # each lever saves memory on this shape (a 49k vocabulary: the lean loss's logits are the largest part)
+    assert sizes[(False, False)] < sizes[(False, True)] and sizes[(True, True)] < sizes[(False, True)]
+    assert sizes[(True, False)] < min(sizes[(False, False)], sizes[(True, True)])
+
+    just_under = plan(cfg, method, opts, STATS, device="cpu", budget_mb=sizes[(False, True)] - 1)
+    assert (just_under.gradient_checkpointing, just_under.lean_loss) == (False, False)  # cheaper lever first
+    assert "over the" in just_under.reason
+
+    tight = plan(cfg, method, opts, STATS, device="cpu", budget_mb=sizes[(True, False)] + 1)
+    assert (tight.gradient_checkpointing, tight.lean_loss) == (True, False)
+
+    impossible = plan(cfg, method, opts, STATS, device="cpu", budget_mb=1.0)
+    assert (impossible.gradient_checkpointing, impossible.lean_loss) == (True, False)
+    assert "does NOT fit" in impossible.reason
+
+
+def test_settings_the_config_fixes_are_kept(tiny_model):
+    cfg, method, opts = setup(tiny_model, "training.gradient_checkpointing=false", "method.loss=lean")
+    p = plan(cfg, method, opts, STATS, device="cpu", budget_mb=1.0)
+    assert (p.gradient_checkpointing, p.lean_loss) == (False, True)
+    cfg2, opts2 = apply(cfg, method, opts, p)
+    assert cfg2.training.gradient_checkpointing is False and opts2.loss == "lean"
+
+
+def test_apply_resolves_auto_without_touching_the_users_config(tiny_model):
+    cfg, method, opts = setup(tiny_model)
+    p = plan(cfg, method, opts, STATS, device="cpu", budget_mb=1.0)
+    run_cfg, run_opts = apply(cfg, method, opts, p)
+    assert run_cfg.training.gradient_checkpointing is True and run_opts.loss == "fused"
+    assert cfg.training.gradient_checkpointing == "auto" and opts.loss == "auto"
+
+
+@pytest.mark.parametrize("name", ["dpo", "grpo"])
+def test_methods_without_a_loss_choice_plan_checkpointing_only(tiny_model, name):
+    cfg, method, opts = setup(tiny_model, f"method.name={name}")
+    assert len(method.loss_choices(opts)) == 1
+    p = plan(cfg, method, opts, STATS, device="cpu", budget_mb=1.0)
+    assert p.gradient_checkpointing is True and p.lean_loss == method.lean_loss(opts)
