@@ -64,3 +64,30 @@ def test_methods_without_a_loss_choice_plan_checkpointing_only(tiny_model, name)
     assert len(method.loss_choices(opts)) == 1
     p = plan(cfg, method, opts, STATS, device="cpu", budget_mb=1.0)
     assert p.gradient_checkpointing is True and p.lean_loss == method.lean_loss(opts)
+
+
+def test_a_run_under_a_small_budget_saves_memory_and_learns_the_same(tmp_path, tiny_model, tiny_chat_data):
+    """training.memory_budget_gb too small for the fast settings: checkpointing and the chunked loss are chosen,
+    printed, recorded in summary.json, and the losses equal the fast run's (neither lever changes the math)."""
+    from tunelab import finetune
+
+    def run(name, *extra):
+        lines = []
+        cfg = load_config(None, [f"model.source={tiny_model}", f"data.train={tiny_chat_data}", "data.max_length=64",
+                                 "training.max_steps=3", "training.batch_size=4", "training.precision=fp32",
+                                 f"output.dir={tmp_path}", f"output.name={name}", *extra])
+        summary = finetune(cfg, show_progress=False, echo=lines.append)
+        import json
+        from pathlib import Path
+
+        rows = map(json.loads, (Path(summary["run"]) / "metrics.jsonl").read_text().splitlines())
+        return summary, [r["loss"] for r in rows if "loss" in r], lines
+
+    fast, fast_losses, fast_lines = run("fast")
+    small, small_losses, small_lines = run("small", "training.memory_budget_gb=0.001")
+    assert fast["memory_plan"]["gradient_checkpointing"] is False and fast["memory_plan"]["lean_loss"] is True
+    assert small["memory_plan"]["gradient_checkpointing"] is True and small["memory_plan"]["lean_loss"] is False
+    assert any(line.startswith("memory plan: gradient checkpointing on") for line in small_lines), small_lines
+    assert small_losses == pytest.approx(fast_losses, abs=1e-4)
+    # the run directory keeps what the user wrote: a re-run with the same command is the same config
+    assert "gradient_checkpointing: auto" in (tmp_path / "small" / "config.yaml").read_text()

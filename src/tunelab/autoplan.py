@@ -48,9 +48,12 @@ def free_memory_mb(device: str) -> float | None:
 
 
 def plan(cfg, method, opts, stats: dict, device: str | None = None, budget_mb: float | None = None) -> Plan:
-    """The settings for `auto`: the fastest candidate whose estimate fits `budget_mb` (default: HEADROOM x the free
-    memory of `device`, default this machine's device). Settings the config fixes are kept as they are."""
+    """The settings for `auto`: the fastest candidate whose estimate fits `budget_mb` (default: training.
+    memory_budget_gb, else HEADROOM x the free memory of `device`, default this machine's device). Settings the
+    config fixes are kept as they are."""
     device = device or local_device()
+    if budget_mb is None and cfg.training.memory_budget_gb:
+        budget_mb = cfg.training.memory_budget_gb * 1024
     if budget_mb is None:
         free = free_memory_mb(device)
         budget_mb = free * HEADROOM if free is not None else None
@@ -78,6 +81,26 @@ def plan(cfg, method, opts, stats: dict, device: str | None = None, budget_mb: f
         reason = (f"{chosen}: does NOT fit even so ({total:,.0f} MB estimated, {budget_mb:,.0f} MB budget); lower "
                   "training.batch_size or data.max_length, or use quantization.bits=4")
     return Plan(gradient_checkpointing=g, lean_loss=lean, estimate_mb=total, budget_mb=budget_mb, reason=reason)
+
+
+def resolve(cfg, method, opts, rows: list[dict], echo=print):
+    """(run config, options, lean_loss) with `auto` resolved for this machine, the choice and its reason printed.
+    A config without `auto` settings comes back unchanged. The plan is advice: where the estimate cannot model the
+    model, the fastest settings are taken."""
+    from tunelab.estimate import stats_of
+
+    stats = stats_of(rows) if rows and "input_ids" in rows[0] else {}
+    auto = cfg.training.gradient_checkpointing == "auto" or len(method.loss_choices(opts)) > 1
+    try:
+        p = plan(cfg, method, opts, stats)
+    except Exception as e:  # noqa: BLE001  (any failure to model an architecture must not block training)
+        p = Plan(gradient_checkpointing=cfg.training.gradient_checkpointing is True,
+                 lean_loss=method.loss_choices(opts)[0], estimate_mb=0.0, budget_mb=None,
+                 reason=f"the fastest settings (no estimate for this model: {type(e).__name__})")
+    if auto:
+        echo(f"memory plan: {p.reason}")
+    run_cfg, run_opts = apply(cfg, method, opts, p)
+    return run_cfg, run_opts, p
 
 
 def apply(cfg, method, opts, p: Plan):

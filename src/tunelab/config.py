@@ -153,6 +153,8 @@ class TrainingConfig(Section):
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="recompute activations in backward (less memory, ~1/3 more compute); auto: on only "
         "when the estimate says the run would not fit the device's free memory otherwise (tunelab/autoplan.py)")
+    memory_budget_gb: float | None = Field(
+        None, gt=0, description="memory the `auto` settings plan for; default: 85% of the device's free memory")
     group_by_length: bool = Field(True, description="batch samples of similar length (less padding); TRL default False")
     logging_steps: int = Field(1, gt=0)
     eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps (needs validation data)")

@@ -306,12 +306,12 @@ def local_device() -> str:
     return next((d for d in DEVICES if d != "cpu" and d in name), "a100")
 
 
-def for_run(cfg, rows: list[dict], echo=print):
+def for_run(cfg, rows: list[dict], echo=print, lean_loss: bool | None = None):
     """The estimate `tunelab train` prints at start, from the prepared rows; None (with a note) when the architecture
     cannot be built on the meta device: the estimate is advice and never stops a run."""
     stats = stats_of(rows) if rows and "input_ids" in rows[0] else {}
     try:
-        est = estimate(cfg, local_device(), **stats)
+        est = estimate(cfg, local_device(), lean_loss=lean_loss, **stats)
     except Exception as e:  # noqa: BLE001  (any failure to model an architecture must not block training)
         echo(f"estimate: not available for this model ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
         return None

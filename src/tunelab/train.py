@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunelab import estimate, runs, tracking
+from tunelab import autoplan, estimate, runs, tracking
 from tunelab.adapters import ADAPTERS
 from tunelab.config import RunConfig
 from tunelab.errors import UserError
@@ -192,7 +192,11 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
                                       cfg.model.chat_template)
     data = prepare_data(cfg, method.data, tokenizer)
     method.check(cfg, opts, data)  # the method's own refusals, before the model loads or the run dir is written
-    est = estimate.for_run(cfg, data.train, echo)  # before the weights load; compared with the peak in summary.json
+    # `auto` settings (gradient checkpointing, SFT's loss) chosen for this machine's free memory; the run directory
+    # keeps the user's config, the run uses run_cfg
+    run_cfg, opts, plan = autoplan.resolve(cfg, method, opts, data.train, echo)
+    # before the weights load; compared with the peak in summary.json
+    est = estimate.for_run(run_cfg, data.train, echo, lean_loss=plan.lean_loss)
     model = models.load_model(cfg, precision=precision, task=method.task, float32_base=method.float32_base)
     model = method.prepare_model(cfg, opts, model)  # e.g. distill: a smaller student
     # models a method needs besides the trained one (distill: the teacher), passed to build() by keyword
@@ -200,16 +204,17 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
     if method.data == "conversation":
         preflight(cfg, tokenizer, model, data, echo)
     runs.start_run(run, cfg)  # every check has passed: only now is the run directory written
-    model = models.attach_adapter(model, cfg, cfg.training.gradient_checkpointing, tokenizer, task=method.task)
+    model = models.attach_adapter(model, run_cfg, run_cfg.training.gradient_checkpointing, tokenizer,
+                                  task=method.task)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     echo(f"model: {cfg.model.source} ({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable), "
          f"adapter: {cfg.adapter.type}, quantization: {cfg.quantization.bits or 'none'}, precision: {precision}")
 
-    args = {**training_arguments(cfg, run, precision), **eval_args}
+    args = {**training_arguments(run_cfg, run, precision), **eval_args}
     # trackers (tensorboard / wandb / mlflow) write offline into the run directory, not into .staging/
     with tracking.environment(cfg, run.dir):
-        trainer = method.build(cfg, opts, model, tokenizer, data, args, **extra)
+        trainer = method.build(run_cfg, opts, model, tokenizer, data, args, **extra)
         trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress line instead
         stop = runs.GracefulStop()
         # order matters: the task metric joins an evaluation's log entry before MetricsLog writes it to metrics.jsonl
@@ -247,6 +252,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
         "train_seconds": round(seconds, 2), "peak_memory_mb": round(runs.peak_memory_mb(), 1),
         "trainable_params": trainable, "total_params": total, "data": data.stats,
         "resumed_from": str(run.resume_from) if run.resume_from else None,
+        "memory_plan": {"gradient_checkpointing": plan.gradient_checkpointing, "lean_loss": plan.lean_loss,
+                        "reason": plan.reason},
     }
     if est is not None:
         summary["memory_estimate"] = {**est.to_dict(), "measured_peak_mb": summary["peak_memory_mb"],
