@@ -51,6 +51,8 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
         A("config", help="path to a YAML config (see configs/)"),
         OVERRIDES,
         A("--overwrite", action="store_true", help="delete an existing run directory of the same name and start over"),
+        A("--nproc", type=int, default=1, help="processes on this machine (data-parallel through torchrun; one per "
+          "GPU, or CPU processes over gloo); the config's distributed: section picks DDP, FSDP or DeepSpeed"),
     ]),
     "sweep": ("tunelab.sweep:main", "search hyper-parameters: grid / random / Optuna trials, results table, plots", [
         A("sweep", help="a sweep YAML (see configs/sweeps/)"),

@@ -189,6 +189,22 @@ class EvalConfig(Section):
     overfitting_patience: int = Field(3, gt=0, description="warn when val loss rises N evals while train loss falls")
 
 
+class DistributedConfig(Section):
+    """How several processes share a run (`tunelab train --nproc N`, torchrun or accelerate launch); unused in one."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="ddp: a full copy per process, gradients averaged; fsdp: weights, gradients and "
+        "optimizer state sharded across processes (FSDP2); deepspeed: ZeRO (needs the deepspeed package)")
+    fsdp_sharding: Literal["full_shard", "shard_grad_op", "hybrid_shard"] = Field(
+        "full_shard", description="fsdp: what is sharded (full_shard: everything, like ZeRO-3)")
+    fsdp_cpu_offload: bool = Field(False, description="fsdp: keep sharded parameters in CPU memory")
+    fsdp_activation_checkpointing: bool = Field(False, description="fsdp: recompute each wrapped layer in backward")
+    zero_stage: Literal[2, 3] = Field(2, description="deepspeed: ZeRO stage (2: optimizer state and gradients "
+                                      "sharded; 3: the weights too)")
+    zero_offload: bool = Field(False, description="deepspeed: optimizer state (and with stage 3 the weights) in CPU "
+                               "memory")
+
+
 class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -198,6 +214,7 @@ class RunConfig(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json")

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from tunelab import distributed
 from tunelab.errors import UserError
 from tunelab.rundir import (FinishedRun, find_run, open_finished_run, parse_metrics, read_json,  # noqa: F401
                             read_metrics, read_run_config, train_loss, train_seconds, write_json_atomic,
@@ -244,6 +245,16 @@ class AtomicCheckpoints(TrainerCallback):
         self.run, self.keep = run, keep
 
     def on_save(self, args, state, control, **kw):
+        # several processes: every rank has written its part (its RNG state, a shard) before rank 0 renames
+        distributed.barrier()
+        if distributed.is_main():
+            self._commit(state)
+        distributed.barrier()
+        staged = f"checkpoint-{state.global_step}"
+        if state.best_model_checkpoint and Path(state.best_model_checkpoint).name == staged:
+            state.best_model_checkpoint = str(self.run.checkpoints / staged)  # on every rank: where it now is
+
+    def _commit(self, state):
         staged = self.run.staging / f"checkpoint-{state.global_step}"
         if not staged.is_dir():
             return
@@ -256,8 +267,6 @@ class AtomicCheckpoints(TrainerCallback):
         if target.exists():
             shutil.rmtree(target)
         os.replace(staged, target)
-        if state.best_model_checkpoint and Path(state.best_model_checkpoint).name == staged.name:
-            state.best_model_checkpoint = str(target)
         self._rotate(state)
 
     def _rotate(self, state):

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunelab import autoplan, estimate, runs, tracking
+from tunelab import autoplan, distributed, estimate, runs, tracking
 from tunelab.adapters import ADAPTERS
 from tunelab.config import RunConfig
 from tunelab.errors import UserError
@@ -65,6 +65,7 @@ def training_arguments(cfg: RunConfig, run: runs.Run, precision: str) -> dict:
         dataloader_num_workers=0,
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),  # bf16 autocast on CPU is allowed only when asked for explicitly
+        **distributed.training_arguments(cfg.distributed),  # FSDP / DeepSpeed when several processes run
     )
 
 
@@ -151,21 +152,29 @@ def preflight(cfg: RunConfig, tokenizer, model, data: TrainData, echo=print) -> 
 
 def _save_final(trainer, tokenizer, run: runs.Run, merge_adapter: bool = False,
                 adapter_from: Path | None = None) -> Path:
-    """Write final/ atomically: the trained model, or (adapter_from) the adapter files of a checkpoint."""
+    """Write final/ atomically: the trained model, or (adapter_from) the adapter files of a checkpoint. With several
+    processes every one calls the Trainer's save (a sharded state is gathered there); rank 0 writes the files."""
     final, tmp = run.dir / "final", run.dir / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    main = distributed.is_main()
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    distributed.barrier()
     if adapter_from is not None:
-        tmp.mkdir(parents=True)
-        for f in Path(adapter_from).glob("adapter_*"):
-            shutil.copy2(f, tmp / f.name)
+        if main:
+            tmp.mkdir(parents=True)
+            for f in Path(adapter_from).glob("adapter_*"):
+                shutil.copy2(f, tmp / f.name)
     elif merge_adapter and hasattr(trainer.model, "merge_and_unload"):
-        trainer.model.merge_and_unload().save_pretrained(str(tmp))  # a standalone model, loadable without PEFT
+        if main:  # a standalone model, loadable without PEFT
+            trainer.model.merge_and_unload().save_pretrained(str(tmp))
     else:
         trainer.save_model(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if main:
+        tokenizer.save_pretrained(str(tmp))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    distributed.barrier()
     return final
 
 
@@ -181,6 +190,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
     method, opts = methods.options(cfg)
     eval_args = evaluation_settings(cfg)  # config mistakes surface before the run directory is touched
     tracking.check(cfg.training.report_to)
+    distributed.check(cfg.distributed)
+    echo = distributed.quiet_unless_main(echo)  # several processes: rank 0 prints and writes
     run = runs.open_run(cfg, overwrite=overwrite)
     if run.complete:
         echo(f"run {run.dir} is already complete (final model in {run.dir / 'final'}); --overwrite retrains it")
@@ -190,7 +201,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
 
     tokenizer = models.load_tokenizer(cfg.model.source, cfg.model.revision, cfg.model.trust_remote_code,
                                       cfg.model.chat_template)
-    data = prepare_data(cfg, method.data, tokenizer)
+    with distributed.main_first():  # rank 0 fills the tokenized-data cache, the others read it
+        data = prepare_data(cfg, method.data, tokenizer)
     method.check(cfg, opts, data)  # the method's own refusals, before the model loads or the run dir is written
     # `auto` settings (gradient checkpointing, SFT's loss) chosen for this machine's free memory; the run directory
     # keeps the user's config, the run uses run_cfg
@@ -203,7 +215,12 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
     extra = method.extra_models(cfg, opts, precision)
     if method.data == "conversation":
         preflight(cfg, tokenizer, model, data, echo)
-    runs.start_run(run, cfg)  # every check has passed: only now is the run directory written
+    distributed.barrier()  # every process has looked at the run directory (open_run) before rank 0 writes it
+    if distributed.is_main():
+        runs.start_run(run, cfg)  # every check has passed: only now is the run directory written
+    else:
+        run.config_text = cfg.to_yaml()
+    distributed.barrier()
     model = models.attach_adapter(model, run_cfg, run_cfg.training.gradient_checkpointing, tokenizer,
                                   task=method.task)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -220,7 +237,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
         # order matters: the task metric joins an evaluation's log entry before MetricsLog writes it to metrics.jsonl
         before, after = evaluation_callbacks(cfg, run, tokenizer)
         for cb in (runs.AtomicCheckpoints(run, cfg.training.save_total_limit), stop, *before,
-                   runs.MetricsLog(run, show_progress=show_progress), *after, *callbacks):
+                   *([runs.MetricsLog(run, show_progress=show_progress), *after] if distributed.is_main() else []),
+                   *callbacks):
             trainer.add_callback(cb)
         if run.notice:
             echo(run.notice)
@@ -263,7 +281,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
         summary["first_loss"], summary["last_loss"] = losses[0], losses[-1]
     if stop.requested and trainer.state.global_step < trainer.state.max_steps:  # at the last step: it is done
         summary["status"] = "interrupted"
-        runs.write_json_atomic(run.dir / "summary.json", summary)
+        if distributed.is_main():
+            runs.write_json_atomic(run.dir / "summary.json", summary)
         echo(f"stopped at step {trainer.state.global_step}; checkpoint saved. Re-run the same command to resume.")
         return summary
     # a method whose artifact is read by plain transformers (reward: AutoModelForSequenceClassification) merges it
@@ -275,7 +294,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
         summary["best_checkpoint"] = best
         summary["best_metric"] = {eval_args["metric_for_best_model"]: trainer.state.best_metric}
     summary["final"] = str(final)
-    runs.write_json_atomic(run.dir / "summary.json", summary)
+    if distributed.is_main():
+        runs.write_json_atomic(run.dir / "summary.json", summary)
     del trainer
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -300,6 +320,9 @@ def quiet_libraries() -> None:
 def main(args) -> int:
     from tunelab.config import read_config
 
+    if args.nproc > 1 and distributed.world_size() == 1:  # start the processes; each runs this command again
+        argv = ["train", args.config, *args.overrides, *(["--overwrite"] if args.overwrite else [])]
+        return distributed.launch(argv, args.nproc)
     quiet_libraries()
     cfg = read_config(args.config, args.overrides)  # run_training checks it against the method table and data layer
     summary = run_training(cfg, overwrite=args.overwrite)

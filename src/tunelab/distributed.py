@@ -1,0 +1,109 @@
+"""Several processes, one run: data-parallel training through accelerate and the standard launchers.
+
+`tunelab train CONFIG --nproc N` starts N processes with torch's own launcher (`python -m torch.distributed.run`,
+i.e. torchrun); `torchrun --nnodes 2 --nproc-per-node 8 ... -m tunelab train CONFIG` and `accelerate launch -m
+tunelab train CONFIG` work the same way. Each process runs the same `tunelab train`: the Trainer (through accelerate)
+wraps the model in DDP, gives every process its own share of each batch and averages the gradients; on a CPU the
+collectives run over gloo, on GPUs over NCCL. No collective code is written here.
+
+What this module adds is the run directory's side of it: one process (rank 0) writes and prints, the others wait at
+the points where they must agree (the run directory exists, a checkpoint is complete on every rank before it is
+renamed into place, final/ is written). torchrun stops every process when one dies (a SIGKILL of one rank ends the
+job), and the same command resumes from the last complete checkpoint, each rank with its own saved RNG state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def _state():
+    """accelerate's process state: it sets up the process group from the launcher's environment (once)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def barrier() -> None:
+    """Every process waits here until all have arrived (nothing to do in a single process)."""
+    if world_size() > 1:
+        _state().wait_for_everyone()
+
+
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the body first (e.g. building the tokenized-data cache), then the others (who then read it)."""
+    if world_size() == 1:
+        yield
+        return
+    with _state().main_process_first():
+        yield
+
+
+def quiet_unless_main(echo):
+    """`echo` on rank 0, a no-op elsewhere: the pre-flight, estimate and progress print once."""
+    return echo if is_main() else (lambda *a, **k: None)
+
+
+def check(dcfg) -> None:
+    """A strategy whose package is missing, refused before anything loads (one line)."""
+    import importlib.util
+
+    from tunelab.errors import UserError
+
+    if dcfg.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise UserError("distributed.strategy=deepspeed needs the deepspeed package: pip install 'tunelab[deepspeed]' "
+                        "(or use distributed.strategy=ddp / fsdp, which need nothing more)")
+
+
+def training_arguments(dcfg) -> dict:
+    """TrainingArguments for the strategy when this process is one of several (accelerate builds its plugin from
+    them); nothing in a single process."""
+    if world_size() == 1 or dcfg.strategy == "ddp":
+        return {}
+    if dcfg.strategy == "fsdp":
+        return {"fsdp": f"{dcfg.fsdp_sharding} auto_wrap" + (" offload" if dcfg.fsdp_cpu_offload else ""),
+                "fsdp_config": {"version": 2, "activation_checkpointing": dcfg.fsdp_activation_checkpointing}}
+    offload = {"device": "cpu"} if dcfg.zero_offload else {"device": "none"}
+    zero = {"stage": dcfg.zero_stage, "offload_optimizer": offload}
+    if dcfg.zero_stage == 3:
+        # ZeRO-3 keeps the weights sharded: gather them when saving, or final/ would hold empty tensors
+        zero.update(offload_param=offload, stage3_gather_16bit_weights_on_model_save=True)
+    return {"deepspeed": {"zero_optimization": zero, "train_micro_batch_size_per_gpu": "auto",
+                          "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+                          "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}}
+
+
+def launch(argv: list[str], nproc: int) -> int:
+    """Run `tunelab <argv>` in `nproc` processes on this machine with torch's launcher; its exit code.
+
+    torchrun is used rather than a process pool of our own: it sets RANK/WORLD_SIZE/MASTER_ADDR for every process,
+    forwards Ctrl-C and SIGTERM to them, and ends the whole job when one process fails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+           str(_free_port()), "-m", "tunelab", *argv]
+    return subprocess.call(cmd)
+
+
+def _free_port() -> int:
+    """A port for the launcher's rendezvous, so two jobs on one machine (two tests, two users) do not collide."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

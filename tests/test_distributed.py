@@ -1,0 +1,117 @@
+"""Several processes on one machine (torch's gloo backend on CPU): `tunelab train --nproc 2` learns exactly what one
+process learns with the same global batch, writes every file once, and a rank killed with SIGKILL ends the job,
+after which the same command resumes on the same loss curve."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+CLI = [sys.executable, "-m", "tunelab", "train"]
+
+
+def write_config(tmp_path, tiny_model, data, name, batch_size, max_steps=6, **extra) -> Path:
+    cfg = {"model": {"source": tiny_model}, "data": {"train": data, "max_length": 64},
+           "adapter": {"type": "lora", "r": 8, "alpha": 16},
+           "training": {"max_steps": max_steps, "batch_size": batch_size, "learning_rate": 1e-2,
+                        "precision": "fp32", "save_steps": 3, "save_total_limit": None},
+           "output": {"dir": str(tmp_path / "runs"), "name": name}}
+    for section, values in extra.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert len(steps) == len(set(steps)), f"a step was logged twice (two ranks writing?): {steps}"
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def train(path, *extra, env=None, check=True):
+    out = subprocess.run([*CLI, str(path), *extra], capture_output=True, text=True, env=env, timeout=600)
+    if check:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_model, tiny_chat_data):
+    """The reference: one process, batch 8."""
+    tmp = tmp_path_factory.mktemp("one")
+    train(write_config(tmp, tiny_model, tiny_chat_data, "one", batch_size=8, max_steps=12))
+    return losses(tmp / "runs" / "one")
+
+
+def test_two_processes_learn_what_one_process_learns(tmp_path, tiny_model, tiny_chat_data, one_process):
+    out = train(write_config(tmp_path, tiny_model, tiny_chat_data, "two", batch_size=4, max_steps=12), "--nproc", "2")
+    run = tmp_path / "runs" / "two"
+    assert losses(run) == pytest.approx(one_process, abs=1e-4)
+    assert out.stdout.count("pre-flight: first training sample") == 1  # rank 0 prints, the others stay quiet
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["global_step"] == 12
+    ckpt = run / "checkpoints" / "checkpoint-12"
+    assert (ckpt / "rng_state_0.pth").is_file() and (ckpt / "rng_state_1.pth").is_file()  # each rank's part
+    assert (run / "final" / "adapter_model.safetensors").is_file()
+    assert not (run / ".staging").exists() or not any((run / ".staging").iterdir())
+
+
+def _rank_pid(marker: str, rank: int) -> int | None:
+    """The pid of the worker process with RANK=`rank` among those started with TUNELAB_TEST_JOB=`marker`."""
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            env = dict(kv.split("=", 1) for kv in (p / "environ").read_text().split("\0") if "=" in kv)
+        except (OSError, ValueError):
+            continue
+        if env.get("TUNELAB_TEST_JOB") == marker and env.get("RANK") == str(rank) and "LOCAL_RANK" in env:
+            return int(p.name)
+    return None
+
+
+def test_a_killed_rank_stops_the_job_and_the_same_command_resumes_exactly(tmp_path, tiny_model, tiny_chat_data,
+                                                                          one_process):
+    path = write_config(tmp_path, tiny_model, tiny_chat_data, "killed", batch_size=4, max_steps=12,
+                        training={"save_steps": 2})
+    run = tmp_path / "runs" / "killed"
+    env = {**os.environ, "TUNELAB_TEST_JOB": str(tmp_path)}
+    job = subprocess.Popen([*CLI, str(path), "--nproc", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env=env)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (run / "checkpoints" / "checkpoint-4").is_dir() and job.poll() is None:
+            time.sleep(0.05)
+        pid = _rank_pid(str(tmp_path), 1)
+        assert pid is not None and job.poll() is None, "the job ended before a rank could be killed"
+        os.kill(pid, signal.SIGKILL)
+        assert job.wait(timeout=300) != 0  # the launcher ends the whole job when one rank dies
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert not (run / "final").exists()
+    out = train(path, "--nproc", "2", env=env)
+    assert "resuming from" in out.stdout
+    assert losses(run) == pytest.approx(one_process, abs=1e-4)  # the same curve as an uninterrupted run
+
+
+def test_deepspeed_without_its_package_is_refused_before_anything_loads(tmp_path, tiny_model, tiny_chat_data):
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed here")
+    path = write_config(tmp_path, tiny_model, tiny_chat_data, "ds", batch_size=4,
+                        distributed={"strategy": "deepspeed"})
+    out = train(path, check=False)
+    assert out.returncode == 2 and "distributed.strategy=deepspeed needs the deepspeed package" in out.stderr
+    assert not (tmp_path / "runs").exists()
