@@ -136,17 +136,18 @@ def test_sft_on_preference_trains_only_the_chosen_reply(tok):
 
 
 def test_prepare_preference_conversational_rows(tok):
-    cfg = DataConfig(train=[str(FMT / "preference_strings.jsonl"), str(FMT / "hh_rlhf.jsonl")], shuffle=False)
+    cfg = DataConfig(train=[str(FMT / "preference_strings.jsonl"), str(FMT / "hh_rlhf.jsonl")], shuffle=False,
+                     cache=False)
     train, val, stats = build.prepare_preference(cfg, tok)
     assert len(train) == 3 and val == [] and stats["samples"] == 3
     assert set(train[0]) == {"prompt", "chosen", "rejected"}
     assert train[0]["prompt"] == [{"role": "user", "content": "Write a greeting."}]
     with pytest.raises(UserError, match="needs preference"):
-        build.prepare_preference(DataConfig(train=str(FMT / "qa_gsm8k.jsonl")), tok)
+        build.prepare_preference(DataConfig(train=str(FMT / "qa_gsm8k.jsonl"), cache=False), tok)
 
 
 def test_prepare_preference_overlong(tok):
-    cfg = DataConfig(train=str(FMT / "hh_rlhf.jsonl"), max_length=20, overlong="drop")
+    cfg = DataConfig(train=str(FMT / "hh_rlhf.jsonl"), max_length=20, overlong="drop", cache=False)
     with pytest.raises(UserError, match="no training samples left"):
         build.prepare_preference(cfg, tok)
     with pytest.raises(UserError, match=r"hh_rlhf.jsonl:1: sample is \d+ tokens, longer than data.max_length=20"):
@@ -172,3 +173,44 @@ def test_prepare_prompts_keep_gold_answers():
     assert summ[0]["answer"].startswith("#Person2#")
     with pytest.raises(UserError, match="needs prompt data"):
         build.prepare_prompts(DataConfig(train=str(FMT / "text.txt")))
+
+
+# ------------------------------------------------------------------------------------------- cache of every kind
+
+class CountingTokenizer:
+    """Wraps a tokenizer and counts tokenizing calls, to show a cache hit does not tokenize at all."""
+
+    def __init__(self, tok):
+        self.tok, self.calls = tok, 0
+
+    def __call__(self, *args, **kw):
+        self.calls += 1
+        return self.tok(*args, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+@pytest.mark.parametrize("prepare, source", [
+    (build.prepare_sft, "messages.jsonl"),
+    (build.prepare_preference, "hh_rlhf.jsonl"),
+    (build.prepare_kto, "kto.csv"),
+    (build.prepare_prompts, "qa_gsm8k.jsonl"),
+])
+def test_every_kind_is_cached(tok, tmp_path, prepare, source):
+    cfg = DataConfig(train=str(FMT / source), cache_dir=str(tmp_path / "cache"), shuffle=False)
+    counting = CountingTokenizer(tok)
+    first = prepare(cfg, counting)
+    assert first[2]["cache"] == "built" and counting.calls > 0
+    counting.calls = 0
+    again = prepare(cfg, counting)
+    assert again[2]["cache"] == "hit" and counting.calls == 0 and again[:2] == first[:2]
+    assert {k: v for k, v in again[2].items() if k != "cache"} == {k: v for k, v in first[2].items() if k != "cache"}
+
+
+def test_kinds_do_not_share_cache_files(tok, tmp_path):
+    # preference pairs feed SFT, DPO and KTO alike; each kind's rows differ, so each has its own key and file
+    cfg = DataConfig(train=str(FMT / "hh_rlhf.jsonl"), cache_dir=str(tmp_path), shuffle=False)
+    for prepare in (build.prepare_sft, build.prepare_preference, build.prepare_kto):
+        assert prepare(cfg, tok)[2]["cache"] == "built"
+    assert sorted(f.name.split("-")[0] for f in tmp_path.glob("*.json")) == ["kto", "preference", "sft"]

@@ -1,8 +1,9 @@
 """From `cfg.data` to what a method trains on: read -> normalize -> dedupe/mix -> shuffle/subset/split -> encode.
 
-`prepare_sft` gives tokenized rows with the assistant-only loss mask (cached on disk); `prepare_preference`,
-`prepare_kto` and `prepare_prompts` give TRL-ready conversational rows for DPO/ORPO/SimPO/reward, KTO and GRPO/PPO.
-Each returns (train rows, validation rows, stats); the stats are JSON-ready counts for the run report.
+`prepare_sft` gives tokenized rows with the assistant-only loss mask; `prepare_preference`, `prepare_kto` and
+`prepare_prompts` give TRL-ready conversational rows for DPO/ORPO/SimPO/reward, KTO and GRPO/PPO. Each returns
+(train rows, validation rows, stats); the stats are JSON-ready counts for the run report, including the chat template
+used. All four are cached on disk the same way (see `cache`), keyed by their kind.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import logging
 import random
 
-from tunelab.data import cache, formats, render
+from tunelab.data import cache, formats, render, templates
 from tunelab.data.sources import fingerprint, read_source
 from tunelab.errors import UserError
 
@@ -206,32 +207,28 @@ def _source_prints(data_cfg) -> list[str]:
     return [fingerprint(s) for s in _source_list(data_cfg.train) + _source_list(data_cfg.validation)]
 
 
-def prepare_sft(data_cfg, tok) -> tuple[list[dict], list[dict], dict]:
-    """Tokenized train and validation rows for SFT-style methods, plus counts for the report.
+def _cached(kind: str, data_cfg, tok, build_rows) -> tuple[list[dict], list[dict], dict]:
+    """`build_rows()` -> (train, validation, stats), read from / written to the on-disk cache of `kind` rows.
 
-    Cached on disk (see `cache`): a repeated or resumed job with the same data, tokenizer, template and settings
-    reads the rows back instead of re-tokenizing; a damaged cache file is rebuilt.
+    A repeated or resumed job with the same data, tokenizer, template and settings reads the rows back instead of
+    reading, normalizing and tokenizing again; a damaged cache file is rebuilt. Without a tokenizer (preference, KTO
+    and prompt rows can be made without one) nothing is tokenized, so there is nothing worth caching.
     """
-    use_cache = getattr(data_cfg, "cache", True)
+    use_cache = getattr(data_cfg, "cache", True) and tok is not None
     key = path = None
     status = "off"
     if use_cache:
-        key = cache.make_key("sft", data_cfg, tok, _source_prints(data_cfg))
-        path = cache.path_for(data_cfg, "sft", key)
+        key = cache.make_key(kind, data_cfg, tok, _source_prints(data_cfg))
+        path = cache.path_for(data_cfg, kind, key)
         payload, status = cache.load(path, key)
         if payload is not None:
             stats = dict(payload["stats"], cache="hit", cache_path=str(path))
             return payload["train"], payload["validation"], stats
         if status == "corrupt":
             log.warning("data cache %s is damaged; rebuilding it", path)
-    info = _new_info()
-    train_rec, val_rec = train_val_records(data_cfg, info)
-    train, stats = encode_records(tok, train_rec, data_cfg)
-    val, val_stats = encode_records(tok, val_rec, data_cfg) if val_rec else ([], {})
-    stats["validation_samples"] = len(val)
-    stats["validation_truncated"] = val_stats.get("truncated", 0)
-    stats["validation_dropped"] = val_stats.get("dropped", 0)
-    stats.update(_report(info))
+    train, val, stats = build_rows()
+    if tok is not None:
+        stats["template"] = templates.describe(tok)
     if use_cache:
         try:
             cache.save(path, key, {"train": train, "validation": val, "stats": stats})
@@ -242,6 +239,23 @@ def prepare_sft(data_cfg, tok) -> tuple[list[dict], list[dict], dict]:
         stats["cache_path"] = str(path)
     else:
         stats["cache"] = "off"
+    return train, val, stats
+
+
+def prepare_sft(data_cfg, tok) -> tuple[list[dict], list[dict], dict]:
+    """Tokenized train and validation rows for SFT-style methods, plus counts for the report (cached on disk)."""
+    return _cached("sft", data_cfg, tok, lambda: _build_sft(data_cfg, tok))
+
+
+def _build_sft(data_cfg, tok) -> tuple[list[dict], list[dict], dict]:
+    info = _new_info()
+    train_rec, val_rec = train_val_records(data_cfg, info)
+    train, stats = encode_records(tok, train_rec, data_cfg)
+    val, val_stats = encode_records(tok, val_rec, data_cfg) if val_rec else ([], {})
+    stats["validation_samples"] = len(val)
+    stats["validation_truncated"] = val_stats.get("truncated", 0)
+    stats["validation_dropped"] = val_stats.get("dropped", 0)
+    stats.update(_report(info))
     return train, val, stats
 
 
@@ -292,9 +306,10 @@ def _prepare(data_cfg, tok, kinds, method_kind, convert, parts):
 
 def prepare_preference(data_cfg, tok=None) -> tuple[list[dict], list[dict], dict]:
     """Rows {prompt, chosen, rejected} as conversational message lists (TRL's DPO/ORPO/SimPO/reward format)."""
-    return _prepare(data_cfg, tok, {"preference"}, "preference (prompt/chosen/rejected)",
-                    lambda r: [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}],
-                    lambda r: (r["prompt"] + r["chosen"], r["prompt"] + r["rejected"]))
+    return _cached("preference", data_cfg, tok, lambda: _prepare(
+        data_cfg, tok, {"preference"}, "preference (prompt/chosen/rejected)",
+        lambda r: [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}],
+        lambda r: (r["prompt"] + r["chosen"], r["prompt"] + r["rejected"])))
 
 
 def _kto_rows(r: dict):
@@ -306,9 +321,10 @@ def _kto_rows(r: dict):
 
 def prepare_kto(data_cfg, tok=None) -> tuple[list[dict], list[dict], dict]:
     """Rows {prompt, completion, label} (TRL's unpaired KTO format); preference pairs are split into one of each."""
-    return _prepare(data_cfg, tok, {"kto", "preference"}, "KTO (prompt/completion/label) or preference", _kto_rows,
-                    lambda r: ([r["prompt"] + r["chosen"], r["prompt"] + r["rejected"]] if "chosen" in r
-                               else [r["prompt"] + r["completion"]]))
+    return _cached("kto", data_cfg, tok, lambda: _prepare(
+        data_cfg, tok, {"kto", "preference"}, "KTO (prompt/completion/label) or preference", _kto_rows,
+        lambda r: ([r["prompt"] + r["chosen"], r["prompt"] + r["rejected"]] if "chosen" in r
+                   else [r["prompt"] + r["completion"]])))
 
 
 def _prompt_row(r: dict) -> dict:
@@ -328,6 +344,10 @@ def _prompt_row(r: dict) -> dict:
 def prepare_prompts(data_cfg, tok=None) -> tuple[list[dict], list[dict], dict]:
     """Prompt-only rows {prompt: messages, answer: gold or None} for GRPO/PPO (and eval); the gold answer is the
     GSM8K number, the summary, or the final reply. Rows carry `aliases` when the data has them (TriviaQA)."""
+    return _cached("prompts", data_cfg, tok, lambda: _build_prompts(data_cfg, tok))
+
+
+def _build_prompts(data_cfg, tok):
     train, val, stats = _prepare(data_cfg, tok, {"conversation", "prompt", "preference", "kto"}, "prompt",
                                  lambda r: [_prompt_row(r)], lambda r: [_prompt_row(r)["prompt"]])
     for rows in (train, val):  # one schema for every row, so `datasets.Dataset.from_list` keeps the column
