@@ -91,7 +91,8 @@ def test_base_model_gets_the_default_and_trains_eos_despite_pad_eos(base_model, 
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
                                                      {"role": "assistant", "content": a}]}) + "\n"
                             for q, a in [("Say hi.", "Hi!"), ("Name a longer colour, please.", "Blue.")]))
-    rows, _, _ = build.prepare_sft(DataConfig(train=str(data), cache=False, shuffle=False), tok)
+    rows, _, stats = build.prepare_sft(DataConfig(train=str(data), cache=False, shuffle=False), tok)
+    assert stats["template"].startswith("alpaca") and stats["eos_lost"] == 0
     assert tok.decode([t for t in rows[0]["labels"] if t != render.IGNORE]) == "Hi!<|endoftext|>"
     # the collator TRL's SFT uses pads labels with -100 by position, so each reply's EOS stays a target
     batch = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)(rows)

@@ -3,7 +3,8 @@
 `prepare_sft` gives tokenized rows with the assistant-only loss mask; `prepare_preference`, `prepare_kto` and
 `prepare_prompts` give TRL-ready conversational rows for DPO/ORPO/SimPO/reward, KTO and GRPO/PPO. Each returns
 (train rows, validation rows, stats); the stats are JSON-ready counts for the run report, including the chat template
-used. All four are cached on disk the same way (see `cache`), keyed by their kind.
+used and how many samples keep their end-of-turn token after truncation (see `check_end_of_turn`). All four are
+cached on disk the same way (see `cache`), keyed by their kind.
 """
 
 from __future__ import annotations
@@ -151,9 +152,10 @@ def encode_text(tok, text: str, max_length: int | None = None) -> render.Encoded
     ids = tok(text, add_special_tokens=True)["input_ids"]
     if tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
         ids = ids + [tok.eos_token_id]
-    truncated = max_length is not None and len(ids) > max_length
+    length = len(ids)
+    truncated = max_length is not None and length > max_length
     ids = ids[:max_length] if truncated else ids
-    return render.Encoded(list(ids), list(ids), truncated)
+    return render.Encoded(list(ids), list(ids), truncated, length)
 
 
 def encode_record(tok, rec: dict, max_length: int | None = None) -> render.Encoded:
@@ -166,13 +168,16 @@ def encode_record(tok, rec: dict, max_length: int | None = None) -> render.Encod
 
 def encode_records(tok, records: list[dict], data_cfg) -> tuple[list[dict], dict]:
     """Token rows {input_ids, labels} and counts of what happened to over-long samples."""
-    rows, stats = [], {"samples": 0, "truncated": 0, "dropped": 0, "no_reply": 0}
+    rows, stats = [], {"samples": 0, "truncated": 0, "dropped": 0, "no_reply": 0, "eos_kept": 0, "eos_lost": 0,
+                       "eos_missing": 0}
+    eot, lengths = render.end_of_turn_ids(tok), []
     for i, r in enumerate(records):
         if r.get("label") is False:  # an undesirable KTO completion is not something to imitate
             stats["dropped"] += 1
             stats["undesirable"] = stats.get("undesirable", 0) + 1
             continue
         enc = encode_record(tok, r, data_cfg.max_length)
+        lengths.append(enc.length)
         if enc.truncated:
             if data_cfg.overlong == "error":
                 where = r.get("origin", f"sample {i}")
@@ -186,8 +191,15 @@ def encode_records(tok, records: list[dict], data_cfg) -> tuple[list[dict], dict
             stats["no_reply"] += 1  # nothing to learn from (no assistant turn, or truncated before the reply)
             stats["dropped"] += 1
             continue
+        # a sample whose reply was cut before its end-of-turn token teaches the model to run on instead of stopping;
+        # one that has none without truncation is the template's doing (eos_missing), which max_length cannot fix
+        if any(lab in eot for lab in enc.labels if lab != render.IGNORE):
+            stats["eos_kept"] += 1
+        else:
+            stats["eos_lost" if enc.truncated else "eos_missing"] += 1
         rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
     stats["samples"] = len(rows)
+    stats["length_p95"] = percentile(sorted(lengths), 0.95) if lengths else 0
     if not rows and records and all(formats.kind_of(r) == "prompt" for r in records):
         raise UserError(f"{records[0].get('origin', 'data')}: the data is prompts without replies; SFT needs "
                         "conversations with assistant replies (prompt-only data is for GRPO/PPO)")
@@ -195,6 +207,30 @@ def encode_records(tok, records: list[dict], data_cfg) -> tuple[list[dict], dict
         raise UserError("no trainable samples after filtering (all were dropped as over-long or had no assistant "
                         "reply); check data.max_length and the data")
     return rows, stats
+
+
+def percentile(sorted_vals: list[int], q: float) -> int:
+    # nearest-rank: a value that actually occurs, which is what a user compares with max_length
+    k = max(0, min(len(sorted_vals) - 1, int(round(q * len(sorted_vals) + 0.5)) - 1))
+    return sorted_vals[k]
+
+
+def check_end_of_turn(stats: dict, max_length: int, allow_lost: bool = False) -> str | None:
+    """Refuse data where most samples (> 50%) lose their end-of-turn token to truncation at data.max_length: the
+    model would learn to run on rather than to stop. Returns a warning line when some (but not most, or
+    `allow_lost`) lose it, None when none do. Reads the counts every prepare_* puts in its stats."""
+    lost = stats.get("eos_lost", 0)
+    if not lost:
+        return None
+    total = lost + stats.get("eos_kept", 0) + stats.get("eos_missing", 0)
+    share = f"{lost} of {total} samples ({100 * lost / total:.0f}%)"
+    suggest = stats.get("length_p95", 0)
+    fix = (f"set data.max_length to {suggest} (the 95th percentile sample length)" if suggest > max_length
+           else "raise data.max_length")
+    if lost * 2 > total and not allow_lost:
+        raise UserError(f"data.max_length={max_length} cuts the end-of-turn token off {share}, so the model would "
+                        f"not learn to stop; {fix}, set data.overlong: drop, or data.allow_truncated_eos: true")
+    return f"data.max_length={max_length} cuts the end-of-turn token off {share}; {fix} to keep it"
 
 
 def _report(info: dict) -> dict:
@@ -269,13 +305,14 @@ def _need(records: list[dict], kinds: set[str], method_kind: str, info: dict) ->
                         f"{formats.kind_of(bad)} data (format {found}); see `tunelab data inspect`")
 
 
-def _length_filter(tok, records: list[dict], data_cfg, parts, stats: dict) -> list[dict]:
+def _length_filter(tok, records: list[dict], data_cfg, parts, stats: dict, lengths: list[int]) -> list[dict]:
     """Apply data.overlong to the rendered length of each record's longest conversation."""
     if tok is None:
         return records
     out = []
     for r in records:
         n = max(len(tok(render.render(tok, msgs), add_special_tokens=False)["input_ids"]) for msgs in parts(r))
+        lengths.append(n)
         if n > data_cfg.max_length:
             stats["overlong"] += 1
             if data_cfg.overlong == "error":
@@ -289,18 +326,24 @@ def _length_filter(tok, records: list[dict], data_cfg, parts, stats: dict) -> li
     return out
 
 
-def _prepare(data_cfg, tok, kinds, method_kind, convert, parts):
+def _prepare(data_cfg, tok, kinds, method_kind, convert, parts, replies: bool = True):
     """Shared by the conversational preparations: `convert(record) -> [rows]`, `parts(record) -> [messages, ...]`
-    whose rendered lengths decide over-long handling (with a tokenizer; without one, the trainer truncates)."""
+    whose rendered lengths decide over-long handling (with a tokenizer; without one, the trainer truncates).
+    `replies`: rows end with a reply, whose end-of-turn token a truncated sample loses (the trainer cuts the end)."""
     info = _new_info()
     train_rec, val_rec = train_val_records(data_cfg, info)
     _need(train_rec + val_rec, kinds, method_kind, info)
     stats = {"samples": 0, "overlong": 0, "truncated": 0, "dropped": 0}
-    train = [row for r in _length_filter(tok, train_rec, data_cfg, parts, stats) for row in convert(r)]
-    val = [row for r in _length_filter(tok, val_rec, data_cfg, parts, dict(stats)) for row in convert(r)]
+    lengths: list[int] = []
+    kept = _length_filter(tok, train_rec, data_cfg, parts, stats, lengths)
+    train = [row for r in kept for row in convert(r)]
+    val = [row for r in _length_filter(tok, val_rec, data_cfg, parts, dict(stats), []) for row in convert(r)]
     if not train:
         raise UserError("no training samples left after filtering over-long ones; raise data.max_length")
     stats.update(samples=len(train), validation_samples=len(val), **_report(info))
+    if tok is not None and replies:
+        stats.update(eos_kept=len(kept) - stats["truncated"], eos_lost=stats["truncated"],
+                     length_p95=percentile(sorted(lengths), 0.95))
     return train, val, stats
 
 
@@ -348,8 +391,9 @@ def prepare_prompts(data_cfg, tok=None) -> tuple[list[dict], list[dict], dict]:
 
 
 def _build_prompts(data_cfg, tok):
+    # prompts end where the model's reply would begin: there is no end-of-turn token to keep (replies=False)
     train, val, stats = _prepare(data_cfg, tok, {"conversation", "prompt", "preference", "kto"}, "prompt",
-                                 lambda r: [_prompt_row(r)], lambda r: [_prompt_row(r)["prompt"]])
+                                 lambda r: [_prompt_row(r)], lambda r: [_prompt_row(r)["prompt"]], replies=False)
     for rows in (train, val):  # one schema for every row, so `datasets.Dataset.from_list` keeps the column
         if any("aliases" in x for x in rows):
             for x in rows:

@@ -20,7 +20,7 @@ import os
 import tempfile
 from pathlib import Path
 
-# 2: every method's data is cached (kinds sft, preference, kto, prompts); stats carry the template
+# 2: every method's data is cached (kinds sft, preference, kto, prompts); stats carry eos_kept/eos_lost/template
 VERSION = 2
 # settings that do not change the tokenized rows (they are applied later, by the trainer)
 _NOT_IN_KEY = {"packing", "padding_free", "cache", "cache_dir"}

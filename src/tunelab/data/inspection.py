@@ -34,10 +34,7 @@ def load_tokenizer(model: str, chat_template: str | None = None):
     return load(model, chat_template=chat_template)
 
 
-def _percentile(sorted_vals: list[int], q: float) -> int:
-    # nearest-rank: a value that actually occurs, which is what a user compares with max_length
-    k = max(0, min(len(sorted_vals) - 1, int(round(q * len(sorted_vals) + 0.5)) - 1))
-    return sorted_vals[k]
+_percentile = build.percentile
 
 
 def histogram(lengths: list[int], bins: int = 10) -> list[dict]:

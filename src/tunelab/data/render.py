@@ -22,6 +22,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    length: int = 0  # tokens before truncation: what data.max_length would have to be to keep the whole sample
 
 
 def _render(tok, messages, add_generation_prompt=False) -> str:
@@ -97,10 +98,11 @@ def encode_conversation(tok, messages: list[dict], max_length: int | None = None
     for tid, (start, end) in zip(ids, offsets):
         trained = any(s <= start < e for s, e in spans) and end > start
         labels.append(tid if trained else IGNORE)
-    truncated = max_length is not None and len(ids) > max_length
+    length = len(ids)
+    truncated = max_length is not None and length > max_length
     if truncated:
         ids, labels = ids[:max_length], labels[:max_length]
-    return Encoded(ids, labels, truncated)
+    return Encoded(ids, labels, truncated, length)
 
 
 def end_of_turn_ids(tok, model_config=None) -> set[int]:
