@@ -136,17 +136,18 @@ def test_sft_on_preference_trains_only_the_chosen_reply(tok):
 
 
 def test_prepare_preference_conversational_rows(tok):
-    cfg = DataConfig(train=[str(FMT / "preference_strings.jsonl"), str(FMT / "hh_rlhf.jsonl")], shuffle=False)
+    cfg = DataConfig(train=[str(FMT / "preference_strings.jsonl"), str(FMT / "hh_rlhf.jsonl")], shuffle=False,
+                     cache=False)
     train, val, stats = build.prepare_preference(cfg, tok)
     assert len(train) == 3 and val == [] and stats["samples"] == 3
     assert set(train[0]) == {"prompt", "chosen", "rejected"}
     assert train[0]["prompt"] == [{"role": "user", "content": "Write a greeting."}]
     with pytest.raises(UserError, match="needs preference"):
-        build.prepare_preference(DataConfig(train=str(FMT / "qa_gsm8k.jsonl")), tok)
+        build.prepare_preference(DataConfig(train=str(FMT / "qa_gsm8k.jsonl"), cache=False), tok)
 
 
 def test_prepare_preference_overlong(tok):
-    cfg = DataConfig(train=str(FMT / "hh_rlhf.jsonl"), max_length=20, overlong="drop")
+    cfg = DataConfig(train=str(FMT / "hh_rlhf.jsonl"), max_length=20, overlong="drop", cache=False)
     with pytest.raises(UserError, match="no training samples left"):
         build.prepare_preference(cfg, tok)
     with pytest.raises(UserError, match=r"hh_rlhf.jsonl:1: sample is \d+ tokens, longer than data.max_length=20"):
@@ -172,3 +173,80 @@ def test_prepare_prompts_keep_gold_answers():
     assert summ[0]["answer"].startswith("#Person2#")
     with pytest.raises(UserError, match="needs prompt data"):
         build.prepare_prompts(DataConfig(train=str(FMT / "text.txt")))
+
+
+# ------------------------------------------------------------------------------------------- cache of every kind
+
+class CountingTokenizer:
+    """Wraps a tokenizer and counts tokenizing calls, to show a cache hit does not tokenize at all."""
+
+    def __init__(self, tok):
+        self.tok, self.calls = tok, 0
+
+    def __call__(self, *args, **kw):
+        self.calls += 1
+        return self.tok(*args, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+@pytest.mark.parametrize("prepare, source", [
+    (build.prepare_sft, "messages.jsonl"),
+    (build.prepare_preference, "hh_rlhf.jsonl"),
+    (build.prepare_kto, "kto.csv"),
+    (build.prepare_prompts, "qa_gsm8k.jsonl"),
+])
+def test_every_kind_is_cached(tok, tmp_path, prepare, source):
+    cfg = DataConfig(train=str(FMT / source), cache_dir=str(tmp_path / "cache"), shuffle=False)
+    counting = CountingTokenizer(tok)
+    first = prepare(cfg, counting)
+    assert first[2]["cache"] == "built" and counting.calls > 0
+    counting.calls = 0
+    again = prepare(cfg, counting)
+    assert again[2]["cache"] == "hit" and counting.calls == 0 and again[:2] == first[:2]
+    assert {k: v for k, v in again[2].items() if k != "cache"} == {k: v for k, v in first[2].items() if k != "cache"}
+
+
+def test_kinds_do_not_share_cache_files(tok, tmp_path):
+    # preference pairs feed SFT, DPO and KTO alike; each kind's rows differ, so each has its own key and file
+    cfg = DataConfig(train=str(FMT / "hh_rlhf.jsonl"), cache_dir=str(tmp_path), shuffle=False)
+    for prepare in (build.prepare_sft, build.prepare_preference, build.prepare_kto):
+        assert prepare(cfg, tok)[2]["cache"] == "built"
+    assert sorted(f.name.split("-")[0] for f in tmp_path.glob("*.json")) == ["kto", "preference", "sft"]
+
+
+# ------------------------------------------------------------------------------------------------ end of turn
+
+def test_eos_counts_and_check_end_of_turn(tok, tmp_path):
+    p = tmp_path / "c.jsonl"
+    write_chat(p, 2)  # short replies: the end-of-turn token survives max_length=48
+    with open(p, "a") as f:
+        for _ in range(3):
+            f.write(json.dumps({"messages": [{"role": "user", "content": "Long?"},
+                                             {"role": "assistant", "content": "word " * 60}]}) + "\n")
+    cfg = DataConfig(train=str(p), max_length=48, cache=False, shuffle=False)
+    _, _, stats = build.prepare_sft(cfg, tok)
+    assert (stats["eos_kept"], stats["eos_lost"], stats["eos_missing"]) == (2, 3, 0) and stats["length_p95"] > 48
+    with pytest.raises(UserError, match=r"^data.max_length=48 cuts the end-of-turn token off 3 of 5 samples \(60%\)"
+                                        rf".*set data.max_length to {stats['length_p95']} \(the 95th percentile"):
+        build.check_end_of_turn(stats, cfg.max_length, allow_lost=False)
+    warning = build.check_end_of_turn(stats, cfg.max_length, allow_lost=True)
+    assert warning.startswith("data.max_length=48 cuts the end-of-turn token off 3 of 5") and "\n" not in warning
+    # a minority losing it is a warning, none losing it is silent
+    assert "1 of 4 samples" in build.check_end_of_turn({"eos_kept": 3, "eos_lost": 1, "length_p95": 40}, 32)
+    assert build.check_end_of_turn(build.prepare_sft(cfg.model_copy(update={"max_length": 256}), tok)[2], 256) is None
+    # a template that never ends the reply with EOS is not a max_length problem (the pre-flight refuses it)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    _, _, stats = build.prepare_sft(cfg.model_copy(update={"max_length": 256}), tok)
+    assert stats["eos_missing"] == 5 and build.check_end_of_turn(stats, 256) is None
+
+
+def test_preference_truncation_counts_lost_eos(tok):
+    cfg = DataConfig(train=str(FMT / "hh_rlhf.jsonl"), max_length=20, overlong="truncate", cache=False)
+    _, _, stats = build.prepare_preference(cfg, tok)
+    assert stats["eos_lost"] == stats["truncated"] > 0 and stats["eos_kept"] == 0
+    with pytest.raises(UserError, match="cuts the end-of-turn token off"):
+        build.check_end_of_turn(stats, cfg.max_length)
+    _, _, prompt_stats = build.prepare_prompts(DataConfig(train=str(FMT / "qa_gsm8k.jsonl"), cache=False), tok)
+    assert "eos_lost" not in prompt_stats  # prompts end before the reply: nothing to lose

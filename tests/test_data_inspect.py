@@ -27,6 +27,7 @@ def test_inspect_json_report(capsys, tiny_model, tmp_path):
     p.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[1:]))  # one duplicate
     rep = run_json(capsys, p, "--model", tiny_model, "--max-length", 40)
     assert rep["format"] == "messages" and rep["kinds"] == {"conversation": 3}
+    assert rep["template"] == "the tokenizer's own (or model.chat_template Jinja)"
     assert rep["rows"] == {"read": 3, "valid": 3, "invalid": 0, "duplicates": 1}
     t = rep["tokens"]
     assert t["measured"] == 3 and t["min"] <= t["median"] <= t["p95"] <= t["max"]

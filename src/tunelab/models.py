@@ -131,13 +131,18 @@ def _from_pretrained(loader, source: str, **kw):
 
 
 def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: bool = False, chat_template=None):
+    """The model's tokenizer with its chat template set: `chat_template` (a built-in name, Jinja text or a file) if
+    given, else the model's own, else tunelab's default (see tunelab.data.templates). Set here, it is saved with the
+    run's tokenizer, so chat, serving and export render exactly what was trained."""
     from transformers import AutoTokenizer
+
+    from tunelab.data import templates
 
     tok = _from_pretrained(AutoTokenizer, resolve_source(source), revision=revision,
                            trust_remote_code=trust_remote_code)
-    if chat_template:
-        p = Path(chat_template)
-        tok.chat_template = p.read_text() if p.is_file() else chat_template
+    templates.apply(tok, chat_template)
+    # GPT-2-style tokenizers have no pad token; EOS stands in. The data layer's labels keep the trained EOS anyway:
+    # collators pad labels with -100 and never mask by token id.
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -1,8 +1,10 @@
 """From `cfg.data` to what a method trains on: read -> normalize -> dedupe/mix -> shuffle/subset/split -> encode.
 
-`prepare_sft` gives tokenized rows with the assistant-only loss mask (cached on disk); `prepare_preference`,
-`prepare_kto` and `prepare_prompts` give TRL-ready conversational rows for DPO/ORPO/SimPO/reward, KTO and GRPO/PPO.
-Each returns (train rows, validation rows, stats); the stats are JSON-ready counts for the run report.
+`prepare_sft` gives tokenized rows with the assistant-only loss mask; `prepare_preference`, `prepare_kto` and
+`prepare_prompts` give TRL-ready conversational rows for DPO/ORPO/SimPO/reward, KTO and GRPO/PPO. Each returns
+(train rows, validation rows, stats); the stats are JSON-ready counts for the run report, including the chat template
+used and how many samples keep their end-of-turn token after truncation (see `check_end_of_turn`). All four are
+cached on disk the same way (see `cache`), keyed by their kind.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import logging
 import random
 
-from tunelab.data import cache, formats, render
+from tunelab.data import cache, formats, render, templates
 from tunelab.data.sources import fingerprint, read_source
 from tunelab.errors import UserError
 
@@ -150,9 +152,10 @@ def encode_text(tok, text: str, max_length: int | None = None) -> render.Encoded
     ids = tok(text, add_special_tokens=True)["input_ids"]
     if tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
         ids = ids + [tok.eos_token_id]
-    truncated = max_length is not None and len(ids) > max_length
+    length = len(ids)
+    truncated = max_length is not None and length > max_length
     ids = ids[:max_length] if truncated else ids
-    return render.Encoded(list(ids), list(ids), truncated)
+    return render.Encoded(list(ids), list(ids), truncated, length)
 
 
 def encode_record(tok, rec: dict, max_length: int | None = None) -> render.Encoded:
@@ -165,13 +168,16 @@ def encode_record(tok, rec: dict, max_length: int | None = None) -> render.Encod
 
 def encode_records(tok, records: list[dict], data_cfg) -> tuple[list[dict], dict]:
     """Token rows {input_ids, labels} and counts of what happened to over-long samples."""
-    rows, stats = [], {"samples": 0, "truncated": 0, "dropped": 0, "no_reply": 0}
+    rows, stats = [], {"samples": 0, "truncated": 0, "dropped": 0, "no_reply": 0, "eos_kept": 0, "eos_lost": 0,
+                       "eos_missing": 0}
+    eot, lengths = render.end_of_turn_ids(tok), []
     for i, r in enumerate(records):
         if r.get("label") is False:  # an undesirable KTO completion is not something to imitate
             stats["dropped"] += 1
             stats["undesirable"] = stats.get("undesirable", 0) + 1
             continue
         enc = encode_record(tok, r, data_cfg.max_length)
+        lengths.append(enc.length)
         if enc.truncated:
             if data_cfg.overlong == "error":
                 where = r.get("origin", f"sample {i}")
@@ -185,8 +191,15 @@ def encode_records(tok, records: list[dict], data_cfg) -> tuple[list[dict], dict
             stats["no_reply"] += 1  # nothing to learn from (no assistant turn, or truncated before the reply)
             stats["dropped"] += 1
             continue
+        # a sample whose reply was cut before its end-of-turn token teaches the model to run on instead of stopping;
+        # one that has none without truncation is the template's doing (eos_missing), which max_length cannot fix
+        if any(lab in eot for lab in enc.labels if lab != render.IGNORE):
+            stats["eos_kept"] += 1
+        else:
+            stats["eos_lost" if enc.truncated else "eos_missing"] += 1
         rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
     stats["samples"] = len(rows)
+    stats["length_p95"] = percentile(sorted(lengths), 0.95) if lengths else 0
     if not rows and records and all(formats.kind_of(r) == "prompt" for r in records):
         raise UserError(f"{records[0].get('origin', 'data')}: the data is prompts without replies; SFT needs "
                         "conversations with assistant replies (prompt-only data is for GRPO/PPO)")
@@ -194,6 +207,30 @@ def encode_records(tok, records: list[dict], data_cfg) -> tuple[list[dict], dict
         raise UserError("no trainable samples after filtering (all were dropped as over-long or had no assistant "
                         "reply); check data.max_length and the data")
     return rows, stats
+
+
+def percentile(sorted_vals: list[int], q: float) -> int:
+    # nearest-rank: a value that actually occurs, which is what a user compares with max_length
+    k = max(0, min(len(sorted_vals) - 1, int(round(q * len(sorted_vals) + 0.5)) - 1))
+    return sorted_vals[k]
+
+
+def check_end_of_turn(stats: dict, max_length: int, allow_lost: bool = False) -> str | None:
+    """Refuse data where most samples (> 50%) lose their end-of-turn token to truncation at data.max_length: the
+    model would learn to run on rather than to stop. Returns a warning line when some (but not most, or
+    `allow_lost`) lose it, None when none do. Reads the counts every prepare_* puts in its stats."""
+    lost = stats.get("eos_lost", 0)
+    if not lost:
+        return None
+    total = lost + stats.get("eos_kept", 0) + stats.get("eos_missing", 0)
+    share = f"{lost} of {total} samples ({100 * lost / total:.0f}%)"
+    suggest = stats.get("length_p95", 0)
+    fix = (f"set data.max_length to {suggest} (the 95th percentile sample length)" if suggest > max_length
+           else "raise data.max_length")
+    if lost * 2 > total and not allow_lost:
+        raise UserError(f"data.max_length={max_length} cuts the end-of-turn token off {share}, so the model would "
+                        f"not learn to stop; {fix}, set data.overlong: drop, or data.allow_truncated_eos: true")
+    return f"data.max_length={max_length} cuts the end-of-turn token off {share}; {fix} to keep it"
 
 
 def _report(info: dict) -> dict:
@@ -206,32 +243,28 @@ def _source_prints(data_cfg) -> list[str]:
     return [fingerprint(s) for s in _source_list(data_cfg.train) + _source_list(data_cfg.validation)]
 
 
-def prepare_sft(data_cfg, tok) -> tuple[list[dict], list[dict], dict]:
-    """Tokenized train and validation rows for SFT-style methods, plus counts for the report.
+def _cached(kind: str, data_cfg, tok, build_rows) -> tuple[list[dict], list[dict], dict]:
+    """`build_rows()` -> (train, validation, stats), read from / written to the on-disk cache of `kind` rows.
 
-    Cached on disk (see `cache`): a repeated or resumed job with the same data, tokenizer, template and settings
-    reads the rows back instead of re-tokenizing; a damaged cache file is rebuilt.
+    A repeated or resumed job with the same data, tokenizer, template and settings reads the rows back instead of
+    reading, normalizing and tokenizing again; a damaged cache file is rebuilt. Without a tokenizer (preference, KTO
+    and prompt rows can be made without one) nothing is tokenized, so there is nothing worth caching.
     """
-    use_cache = getattr(data_cfg, "cache", True)
+    use_cache = getattr(data_cfg, "cache", True) and tok is not None
     key = path = None
     status = "off"
     if use_cache:
-        key = cache.make_key("sft", data_cfg, tok, _source_prints(data_cfg))
-        path = cache.path_for(data_cfg, "sft", key)
+        key = cache.make_key(kind, data_cfg, tok, _source_prints(data_cfg))
+        path = cache.path_for(data_cfg, kind, key)
         payload, status = cache.load(path, key)
         if payload is not None:
             stats = dict(payload["stats"], cache="hit", cache_path=str(path))
             return payload["train"], payload["validation"], stats
         if status == "corrupt":
             log.warning("data cache %s is damaged; rebuilding it", path)
-    info = _new_info()
-    train_rec, val_rec = train_val_records(data_cfg, info)
-    train, stats = encode_records(tok, train_rec, data_cfg)
-    val, val_stats = encode_records(tok, val_rec, data_cfg) if val_rec else ([], {})
-    stats["validation_samples"] = len(val)
-    stats["validation_truncated"] = val_stats.get("truncated", 0)
-    stats["validation_dropped"] = val_stats.get("dropped", 0)
-    stats.update(_report(info))
+    train, val, stats = build_rows()
+    if tok is not None:
+        stats["template"] = templates.describe(tok)
     if use_cache:
         try:
             cache.save(path, key, {"train": train, "validation": val, "stats": stats})
@@ -245,6 +278,23 @@ def prepare_sft(data_cfg, tok) -> tuple[list[dict], list[dict], dict]:
     return train, val, stats
 
 
+def prepare_sft(data_cfg, tok) -> tuple[list[dict], list[dict], dict]:
+    """Tokenized train and validation rows for SFT-style methods, plus counts for the report (cached on disk)."""
+    return _cached("sft", data_cfg, tok, lambda: _build_sft(data_cfg, tok))
+
+
+def _build_sft(data_cfg, tok) -> tuple[list[dict], list[dict], dict]:
+    info = _new_info()
+    train_rec, val_rec = train_val_records(data_cfg, info)
+    train, stats = encode_records(tok, train_rec, data_cfg)
+    val, val_stats = encode_records(tok, val_rec, data_cfg) if val_rec else ([], {})
+    stats["validation_samples"] = len(val)
+    stats["validation_truncated"] = val_stats.get("truncated", 0)
+    stats["validation_dropped"] = val_stats.get("dropped", 0)
+    stats.update(_report(info))
+    return train, val, stats
+
+
 # ------------------------------------------------------------------------------------ preference / KTO / prompts
 
 def _need(records: list[dict], kinds: set[str], method_kind: str, info: dict) -> None:
@@ -255,13 +305,14 @@ def _need(records: list[dict], kinds: set[str], method_kind: str, info: dict) ->
                         f"{formats.kind_of(bad)} data (format {found}); see `tunelab data inspect`")
 
 
-def _length_filter(tok, records: list[dict], data_cfg, parts, stats: dict) -> list[dict]:
+def _length_filter(tok, records: list[dict], data_cfg, parts, stats: dict, lengths: list[int]) -> list[dict]:
     """Apply data.overlong to the rendered length of each record's longest conversation."""
     if tok is None:
         return records
     out = []
     for r in records:
         n = max(len(tok(render.render(tok, msgs), add_special_tokens=False)["input_ids"]) for msgs in parts(r))
+        lengths.append(n)
         if n > data_cfg.max_length:
             stats["overlong"] += 1
             if data_cfg.overlong == "error":
@@ -275,26 +326,33 @@ def _length_filter(tok, records: list[dict], data_cfg, parts, stats: dict) -> li
     return out
 
 
-def _prepare(data_cfg, tok, kinds, method_kind, convert, parts):
+def _prepare(data_cfg, tok, kinds, method_kind, convert, parts, replies: bool = True):
     """Shared by the conversational preparations: `convert(record) -> [rows]`, `parts(record) -> [messages, ...]`
-    whose rendered lengths decide over-long handling (with a tokenizer; without one, the trainer truncates)."""
+    whose rendered lengths decide over-long handling (with a tokenizer; without one, the trainer truncates).
+    `replies`: rows end with a reply, whose end-of-turn token a truncated sample loses (the trainer cuts the end)."""
     info = _new_info()
     train_rec, val_rec = train_val_records(data_cfg, info)
     _need(train_rec + val_rec, kinds, method_kind, info)
     stats = {"samples": 0, "overlong": 0, "truncated": 0, "dropped": 0}
-    train = [row for r in _length_filter(tok, train_rec, data_cfg, parts, stats) for row in convert(r)]
-    val = [row for r in _length_filter(tok, val_rec, data_cfg, parts, dict(stats)) for row in convert(r)]
+    lengths: list[int] = []
+    kept = _length_filter(tok, train_rec, data_cfg, parts, stats, lengths)
+    train = [row for r in kept for row in convert(r)]
+    val = [row for r in _length_filter(tok, val_rec, data_cfg, parts, dict(stats), []) for row in convert(r)]
     if not train:
         raise UserError("no training samples left after filtering over-long ones; raise data.max_length")
     stats.update(samples=len(train), validation_samples=len(val), **_report(info))
+    if tok is not None and replies:
+        stats.update(eos_kept=len(kept) - stats["truncated"], eos_lost=stats["truncated"],
+                     length_p95=percentile(sorted(lengths), 0.95))
     return train, val, stats
 
 
 def prepare_preference(data_cfg, tok=None) -> tuple[list[dict], list[dict], dict]:
     """Rows {prompt, chosen, rejected} as conversational message lists (TRL's DPO/ORPO/SimPO/reward format)."""
-    return _prepare(data_cfg, tok, {"preference"}, "preference (prompt/chosen/rejected)",
-                    lambda r: [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}],
-                    lambda r: (r["prompt"] + r["chosen"], r["prompt"] + r["rejected"]))
+    return _cached("preference", data_cfg, tok, lambda: _prepare(
+        data_cfg, tok, {"preference"}, "preference (prompt/chosen/rejected)",
+        lambda r: [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}],
+        lambda r: (r["prompt"] + r["chosen"], r["prompt"] + r["rejected"])))
 
 
 def _kto_rows(r: dict):
@@ -306,9 +364,10 @@ def _kto_rows(r: dict):
 
 def prepare_kto(data_cfg, tok=None) -> tuple[list[dict], list[dict], dict]:
     """Rows {prompt, completion, label} (TRL's unpaired KTO format); preference pairs are split into one of each."""
-    return _prepare(data_cfg, tok, {"kto", "preference"}, "KTO (prompt/completion/label) or preference", _kto_rows,
-                    lambda r: ([r["prompt"] + r["chosen"], r["prompt"] + r["rejected"]] if "chosen" in r
-                               else [r["prompt"] + r["completion"]]))
+    return _cached("kto", data_cfg, tok, lambda: _prepare(
+        data_cfg, tok, {"kto", "preference"}, "KTO (prompt/completion/label) or preference", _kto_rows,
+        lambda r: ([r["prompt"] + r["chosen"], r["prompt"] + r["rejected"]] if "chosen" in r
+                   else [r["prompt"] + r["completion"]])))
 
 
 def _prompt_row(r: dict) -> dict:
@@ -328,8 +387,13 @@ def _prompt_row(r: dict) -> dict:
 def prepare_prompts(data_cfg, tok=None) -> tuple[list[dict], list[dict], dict]:
     """Prompt-only rows {prompt: messages, answer: gold or None} for GRPO/PPO (and eval); the gold answer is the
     GSM8K number, the summary, or the final reply. Rows carry `aliases` when the data has them (TriviaQA)."""
+    return _cached("prompts", data_cfg, tok, lambda: _build_prompts(data_cfg, tok))
+
+
+def _build_prompts(data_cfg, tok):
+    # prompts end where the model's reply would begin: there is no end-of-turn token to keep (replies=False)
     train, val, stats = _prepare(data_cfg, tok, {"conversation", "prompt", "preference", "kto"}, "prompt",
-                                 lambda r: [_prompt_row(r)], lambda r: [_prompt_row(r)["prompt"]])
+                                 lambda r: [_prompt_row(r)], lambda r: [_prompt_row(r)["prompt"]], replies=False)
     for rows in (train, val):  # one schema for every row, so `datasets.Dataset.from_list` keeps the column
         if any("aliases" in x for x in rows):
             for x in rows:

@@ -3,7 +3,8 @@
 The key is a hash of everything that decides the tokens: the bytes of every source file (or a hub dataset's
 id/split/config/revision), the tokenizer (its full serialized vocabulary/merges/normalizer and special tokens),
 the chat template, the data settings, and `VERSION` (bump it when the preprocessing code changes what it writes).
-A repeated or resumed job with the same inputs reads the file instead of re-tokenizing.
+A repeated or resumed job with the same inputs reads the file instead of re-tokenizing. Every kind of data is cached
+(SFT token rows, preference / KTO / prompt rows); the kind is part of the key and of the file name.
 
 A cache file is one header line (JSON: version, key, sha256 and length of the body) followed by the body (JSON).
 It is written to a temporary file in the same directory and renamed into place, so a crash never leaves a
@@ -19,7 +20,8 @@ import os
 import tempfile
 from pathlib import Path
 
-VERSION = 1
+# 2: every method's data is cached (kinds sft, preference, kto, prompts); stats carry eos_kept/eos_lost/template
+VERSION = 2
 # settings that do not change the tokenized rows (they are applied later, by the trainer)
 _NOT_IN_KEY = {"packing", "padding_free", "cache", "cache_dir"}
 

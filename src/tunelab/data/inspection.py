@@ -1,6 +1,7 @@
 """`tunelab data inspect SOURCE`: what the data layer makes of a dataset, before any training is spent on it.
 
-Reports the detected format, row counts, token lengths under the model's chat template (min/median/p95/max and a
+Reports the chat template in use (the model's own, a built-in one by name, or the default for base models), the
+detected format, row counts, token lengths under the model's chat template (min/median/p95/max and a
 histogram), over-long samples, exact duplicates, invalid rows (with file:line), the first sample rendered with its
 trained tokens highlighted, and warnings: EOS never trained, a system prompt the template inserts by itself,
 duplicates, over-long samples.
@@ -12,28 +13,28 @@ import json
 import statistics
 from pathlib import Path
 
-from tunelab.data import build, formats, render
+from tunelab.data import build, formats, render, templates
 from tunelab.errors import UserError
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
 
-def load_tokenizer(model: str):
-    """The tokenizer of a model source; a directory holding only a tokenizer (no config.json) works too."""
+def load_tokenizer(model: str, chat_template: str | None = None):
+    """The tokenizer of a model source, with the chat template training would use (`chat_template`: a built-in
+    name, Jinja or a file, as model.chat_template); a directory holding only a tokenizer (no config.json) works too."""
     p = Path(model).expanduser()
     if p.is_dir() and not (p / "config.json").is_file() and (p / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(p)
+        tok = AutoTokenizer.from_pretrained(p)
+        templates.apply(tok, chat_template)  # as models.load_tokenizer does
+        return tok
     from tunelab.models import load_tokenizer as load
 
-    return load(model)
+    return load(model, chat_template=chat_template)
 
 
-def _percentile(sorted_vals: list[int], q: float) -> int:
-    # nearest-rank: a value that actually occurs, which is what a user compares with max_length
-    k = max(0, min(len(sorted_vals) - 1, int(round(q * len(sorted_vals) + 0.5)) - 1))
-    return sorted_vals[k]
+_percentile = build.percentile
 
 
 def histogram(lengths: list[int], bins: int = 10) -> list[dict]:
@@ -80,6 +81,7 @@ def inspect(source, tok, data_cfg, limit: int | None = None) -> dict:
     fmt_names = sorted(set(info["formats"].values()))
     report = {
         "source": source if isinstance(source, str) else [getattr(s, "path", s) for s in source],
+        "template": templates.describe(tok),
         "format": fmt_names[0] if len(fmt_names) == 1 else fmt_names,
         "kinds": kinds,
         "rows": {"read": info["rows"], "valid": len(records), "invalid": info["invalid_skipped"],
@@ -137,6 +139,7 @@ def _print(report: dict) -> None:
     kinds = ", ".join(f"{n} {k}" for k, n in report["kinds"].items())
     rows, tok = report["rows"], report["tokens"]
     con.print(Text.assemble(("source  ", "bold"), str(src)))
+    con.print(Text.assemble(("template", "bold"), f"  {report['template']}"))
     con.print(Text.assemble(("format  ", "bold"), f"{fmt}  ({kinds})"))
     con.print(Text.assemble(("rows    ", "bold"), f"{rows['read']} read, {rows['valid']} valid, "
                                                   f"{rows['invalid']} invalid, {rows['duplicates']} duplicates"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tunelab.data import templates
 from tunelab.errors import UserError
 
 IGNORE = -100
@@ -21,13 +22,16 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    length: int = 0  # tokens before truncation: what data.max_length would have to be to keep the whole sample
 
 
 def _render(tok, messages, add_generation_prompt=False) -> str:
-    if not getattr(tok, "chat_template", None):
-        raise UserError("the tokenizer has no chat template; set model.chat_template (a Jinja template or a file)")
+    # A tokenizer without a template (a base model loaded outside models.load_tokenizer, which sets it) is rendered
+    # with the same default that load_tokenizer would give it, rather than refused.
+    template = None if getattr(tok, "chat_template", None) else templates.text(templates.DEFAULT, tok)
     try:
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                       chat_template=template)
     except Exception as e:  # noqa: BLE001 - templates raise their own errors (e.g. "roles must alternate")
         if isinstance(e, UserError):
             raise
@@ -94,15 +98,21 @@ def encode_conversation(tok, messages: list[dict], max_length: int | None = None
     for tid, (start, end) in zip(ids, offsets):
         trained = any(s <= start < e for s, e in spans) and end > start
         labels.append(tid if trained else IGNORE)
-    truncated = max_length is not None and len(ids) > max_length
+    length = len(ids)
+    truncated = max_length is not None and length > max_length
     if truncated:
         ids, labels = ids[:max_length], labels[:max_length]
-    return Encoded(ids, labels, truncated)
+    return Encoded(ids, labels, truncated, length)
 
 
 def end_of_turn_ids(tok, model_config=None) -> set[int]:
-    """Token ids that end a reply: the tokenizer's EOS and the model's generation EOS ids."""
+    """Token ids that end a reply: the tokenizer's EOS, the end-of-turn token of the built-in template in use (e.g.
+    llama3's <|eot_id|>, which a base Llama 3's EOS is not) and the model's generation EOS ids."""
     ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    name = templates.identify(tok)
+    end = templates.end_token(tok, name) if name else None
+    if end is not None and templates.single_token(tok, end) is not None:
+        ids.add(templates.single_token(tok, end))
     gen_eos = getattr(getattr(model_config, "generation_config", None), "eos_token_id", None) if model_config else None
     if isinstance(gen_eos, int):
         ids.add(gen_eos)
