@@ -280,6 +280,8 @@ def test_resume_from_another_runs_checkpoint_continues_exactly(tmp_path, tiny_mo
     assert sorted(b) == list(range(6, 11))
     for step in b:
         assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
-    # the same command again: the run is complete, nothing is retrained or refused
-    again = run_training(load_config(path), show_progress=False)
-    assert again["global_step"] == 10
+    # the same command again, or without resume_from (where the run started is not what the run is): complete,
+    # nothing retrained or refused as a different config
+    for overrides in ([], ["output.resume_from=null"]):
+        again = run_training(load_config(path, overrides), show_progress=False)
+        assert again["global_step"] == 10 and again["resumed_from"] == str(ckpt)

@@ -32,25 +32,26 @@ def training_arguments(cfg: RunConfig, run: runs.Run, precision: str) -> dict:
 
     t = cfg.training
     strategy = eval_strategy(cfg)
+    # Settings a method (or a plugin method) may set in its own TRL config too: passed only when the config moves
+    # them off TrainingArguments' defaults, so a method that sets one keeps working until the user sets it as well
+    optional = {k: v for k, v, default in (
+        ("lr_scheduler_kwargs", dict(t.scheduler_kwargs), {}), ("adam_beta1", t.adam_beta1, 0.9),
+        ("adam_beta2", t.adam_beta2, 0.999), ("adam_epsilon", t.adam_epsilon, 1e-8),
+        ("label_smoothing_factor", t.label_smoothing, 0.0), ("torch_compile", t.torch_compile, False)) if v != default}
     return dict(
+        **optional,
         output_dir=str(run.staging),  # checkpoints are staged here and renamed into checkpoints/ when complete
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.scheduler,
-        lr_scheduler_kwargs=dict(t.scheduler_kwargs),
         warmup_steps=t.warmup_steps if t.warmup_steps else t.warmup_ratio,
         weight_decay=t.weight_decay,
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         optim=t.optimizer,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        adam_epsilon=t.adam_epsilon,
         max_grad_norm=t.max_grad_norm,
-        label_smoothing_factor=t.label_smoothing,
-        torch_compile=t.torch_compile,
         gradient_checkpointing=t.gradient_checkpointing,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         logging_steps=t.logging_steps,
