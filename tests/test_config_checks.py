@@ -14,6 +14,8 @@ REFUSALS = {
     # the comma form is split into names; one of them is not a module of the tiny Llama
     "targets": (["adapter.target_modules=q_proj,qv_proj"], ["adapter.target_modules", "'qv_proj'", "v_proj",
                                                             "o_proj"]),
+    # a block's name, not a layer PEFT can adapt
+    "target_block": (["adapter.target_modules=[q_proj, mlp]"], ["'mlp' matches no module", "gate_proj"]),
     "optimizer": (["training.optimizer=adamw_torh"], ["training.optimizer", "did you mean 'adamw_torch'"]),
     "min_lr": (["training.scheduler=cosine_with_min_lr"], ["training.scheduler_kwargs", "min_lr_rate"]),
     "wsd": (["training.scheduler=warmup_stable_decay"], ["training.scheduler_kwargs", "num_decay_steps"]),

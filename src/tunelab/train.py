@@ -244,10 +244,13 @@ def check_target_modules(cfg: RunConfig, model) -> None:
         return  # all-linear, full fine-tuning, virtual tokens: nothing to match
     import torch
 
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n}
-    # bitsandbytes' 4/8-bit layers subclass torch.nn.Linear, so QLoRA bases list the same names
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                     if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"} - {"lm_head", "score"})
+    # the layer kinds PEFT adapts (a block such as "mlp" matches a name but PEFT refuses it); bitsandbytes' 4/8-bit
+    # layers subclass torch.nn.Linear, so QLoRA bases list the same names; GPT-2 style models use transformers' Conv1D
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    layers = [(n.rsplit(".", 1)[-1], m) for n, m in model.named_modules() if n]
+    names = {n for n, m in layers if isinstance(m, kinds) or type(m).__name__ == "Conv1D"}
+    linear = sorted({n for n, m in layers if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}
+                    - {"lm_head", "score"})
     missing = [t for t in a.target_modules if t not in names]
     if missing:
         raise UserError(f"config key 'adapter.target_modules': {', '.join(repr(m) for m in missing)} "
