@@ -242,3 +242,46 @@ def test_quickstart_config_trains_embedded_model(tmp_path, embedded_model):
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(embedded_model), summary["final"])
     assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_eval_and_save_per_epoch_resume_exactly(tmp_path, tiny_model, tiny_chat_data):
+    # 24 training rows (val_split 0.25 of 32) in batches of 4: 6 steps an epoch, checkpoints at 6 and 12
+    import shutil
+
+    sections = dict(training={"max_steps": -1, "epochs": 2, "eval_strategy": "epoch", "save_strategy": "epoch"})
+    val = ["data.val_split=0.25"]
+    full = run_training(load_config(make_config(tmp_path, tiny_model, tiny_chat_data, "full", **sections), val),
+                        show_progress=False)
+    run_dir = Path(full["run"])
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-12", "checkpoint-6"]
+    evals = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if "eval_loss" in r]
+    assert evals == [6, 12]
+    path = make_config(tmp_path, tiny_model, tiny_chat_data, "split", **sections)
+    run_training(load_config(path, val), callbacks=[StopAt(6)], show_progress=False)
+    split = tmp_path / "runs" / "split"
+    shutil.rmtree(split / "final")  # as if the process had been interrupted after the epoch's checkpoint
+    (split / "summary.json").unlink()
+    second = run_training(load_config(path, val), show_progress=False)
+    assert second["resumed_from"].endswith("checkpoint-6")
+    a, b = losses(run_dir), losses(split)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+
+
+def test_resume_from_another_runs_checkpoint_continues_exactly(tmp_path, tiny_model, tiny_chat_data):
+    src = run_training(load_config(make_config(tmp_path, tiny_model, tiny_chat_data, "src")), show_progress=False)
+    ckpt = Path(src["run"]) / "checkpoints" / "checkpoint-5"
+    path = make_config(tmp_path, tiny_model, tiny_chat_data, "branch", output={"resume_from": str(ckpt)})
+    branch = run_training(load_config(path), show_progress=False)
+    assert branch["status"] == "complete" and branch["resumed_from"] == str(ckpt)
+    a, b = losses(Path(src["run"])), losses(Path(branch["run"]))
+    assert sorted(b) == list(range(6, 11))
+    for step in b:
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+    # the same command again, or without resume_from (where the run started is not what the run is): complete,
+    # nothing retrained or refused as a different config
+    for overrides in ([], ["output.resume_from=null"]):
+        again = run_training(load_config(path, overrides), show_progress=False)
+        assert again["global_step"] == 10 and again["resumed_from"] == str(ckpt)

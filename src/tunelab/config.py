@@ -114,13 +114,28 @@ class AdapterConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (0 = off, the fastest; 0.05-0.1 to regularize "
                            "small datasets)")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="which biases train")
-    target_modules: str | list[str] = Field("all-linear", description="'all-linear' or a list of module names")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="'all-linear', or module names as a list or a comma string ('q_proj,v_proj', as "
+        "training scripts pass --target_modules); names matching no linear layer of the model are refused")
     modules_to_save: list[str] | None = Field(None, description="extra modules trained fully and saved")
     use_rslora: bool = Field(False, description="rank-stabilized LoRA scaling alpha/sqrt(r)")
     num_virtual_tokens: int = Field(20, gt=0, description="prefix / prompt / P-tuning: virtual tokens")
     prompt_init_text: str | None = Field(None, description="prompt tuning: initialize from this text")
     encoder_hidden_size: int = Field(128, gt=0, description="P-tuning prompt encoder width")
     prefix_projection: bool = Field(False, description="prefix tuning: reparameterize through an MLP")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _module_list(cls, v):
+        # PEFT reads a plain string as one regular expression, so "q_proj,v_proj" would match nothing and fail only
+        # when the adapter attaches; names are what users mean, so a string becomes the list of its comma parts
+        if isinstance(v, str) and v != "all-linear":
+            v = v.split(",")
+        if isinstance(v, list):
+            v = [x.strip() for x in v if x.strip()]
+            if not v:
+                raise ValueError("give module names, e.g. q_proj,v_proj, or all-linear")
+        return v
 
     @field_validator("type")
     @classmethod
@@ -137,19 +152,52 @@ class QuantizationConfig(Section):
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="4-bit matmul dtype")
 
 
+# Arguments each learning-rate schedule takes through training.scheduler_kwargs (transformers.get_scheduler's
+# scheduler_specific_kwargs), and those it cannot run without: (allowed, required, "one of" groups).
+SCHEDULER_ARGS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[str, ...], ...]]] = {
+    "linear": ((), (), ()),
+    "cosine": (("num_cycles",), (), ()),
+    "constant": ((), (), ()),
+    "constant_with_warmup": ((), (), ()),
+    "cosine_with_restarts": (("num_cycles",), (), ()),
+    "polynomial": (("lr_end", "power"), (), ()),
+    "inverse_sqrt": (("timescale",), (), ()),
+    "cosine_with_min_lr": (("min_lr", "min_lr_rate", "num_cycles"), (), (("min_lr", "min_lr_rate"),)),
+    "warmup_stable_decay": (("num_decay_steps", "num_stable_steps", "warmup_type", "decay_type", "min_lr_ratio",
+                             "num_cycles"), ("num_decay_steps",), ()),
+}
+SCHEDULER_EXAMPLE = {"cosine_with_min_lr": "training.scheduler_kwargs={min_lr_rate: 0.1}",
+                     "warmup_stable_decay": "training.scheduler_kwargs={num_decay_steps: 100}"}
+
+
 class TrainingConfig(Section):
     epochs: float = Field(1.0, gt=0, description="passes over the training data (ignored when max_steps > 0)")
     max_steps: int = Field(-1, description="optimizer steps; -1 = use epochs")
     learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
-                       "polynomial", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"] = "linear"
+                       "polynomial", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"] = Field(
+        "linear", description="learning-rate schedule (TrainingArguments lr_scheduler_type)")
+    scheduler_kwargs: dict[str, float | int | str] = Field(
+        default_factory=dict, validate_default=True,
+        description="the schedule's own arguments (TrainingArguments lr_scheduler_kwargs): cosine_with_min_lr needs "
+        "min_lr or min_lr_rate (a fraction of learning_rate); warmup_stable_decay needs num_decay_steps (and takes "
+        "num_stable_steps, decay_type, min_lr_ratio, ...); cosine: num_cycles; polynomial: lr_end, power; "
+        "inverse_sqrt: timescale. Default: none")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of steps spent warming up")
     warmup_steps: int = Field(0, ge=0, description="warmup steps (overrides warmup_ratio when > 0)")
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(8, gt=0, description="per-device batch size")
+    eval_batch_size: int | None = Field(None, gt=0, description="per-device batch size for evaluation; None = "
+                                        "batch_size")
     grad_accum: int = Field(1, gt=0, description="gradient accumulation steps")
     optimizer: str = Field("adamw_torch", description="adamw_torch | adamw_8bit | paged_adamw_32bit | ... (TrainingArguments optim)")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="Adam(W) beta1 (TrainingArguments default)")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="Adam(W) beta2 (TrainingArguments default)")
+    adam_epsilon: float = Field(1e-8, gt=0, description="Adam(W) epsilon (TrainingArguments default)")
     max_grad_norm: float = Field(1.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing factor (0 = off; "
+                                   "TrainingArguments label_smoothing_factor)")
+    torch_compile: bool = Field(False, description="compile the model with torch.compile (slow first steps; GPU)")
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="recompute activations in backward (less memory, ~1/3 more compute); auto: on only "
         "when the estimate says the run would not fit the device's free memory otherwise (tunelab/autoplan.py)")
@@ -157,13 +205,35 @@ class TrainingConfig(Section):
         None, gt=0, description="memory the `auto` settings plan for; default: 85% of the device's free memory")
     group_by_length: bool = Field(True, description="batch samples of similar length (less padding); TRL default False")
     logging_steps: int = Field(1, gt=0)
+    eval_strategy: Literal["steps", "epoch", "no"] = Field(
+        "steps", description="steps: evaluate every eval_steps (none while eval_steps is unset); epoch: at the end "
+        "of every epoch; no: never (all need validation data except no)")
     eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps (needs validation data)")
-    save_steps: int = Field(50, gt=0, description="checkpoint every N steps")
+    save_strategy: Literal["steps", "epoch"] = Field(
+        "steps", description="steps: checkpoint every save_steps; epoch: at the end of every epoch (checkpoints "
+        "stay atomic and resumable either way)")
+    save_steps: int = Field(50, gt=0, description="checkpoint every N steps (save_strategy steps)")
     save_total_limit: int | None = Field(2, gt=0, description="keep the last K checkpoints")
     seed: int = 42
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto = bf16 where the hardware has it (also on CPU), else fp32")
     report_to: list[str] = Field(default_factory=list, description="tensorboard | wandb | mlflow")
+
+    @field_validator("scheduler_kwargs")
+    @classmethod
+    def _scheduler_arguments(cls, v, info):
+        name = info.data.get("scheduler")
+        if name not in SCHEDULER_ARGS:  # the scheduler itself was refused; that error is the one reported
+            return v
+        allowed, required, one_of = SCHEDULER_ARGS[name]
+        for k in v:
+            if k not in allowed:
+                takes = f"it takes {', '.join(allowed)}" if allowed else "it takes none"
+                raise ValueError(f"scheduler '{name}' has no argument '{k}'{suggest(k, allowed)}; {takes}")
+        missing = [k for k in required if k not in v] + [" or ".join(g) for g in one_of if not any(k in v for k in g)]
+        if missing:
+            raise ValueError(f"scheduler '{name}' needs {missing[0]}, e.g. {SCHEDULER_EXAMPLE.get(name, '')}")
+        return v
 
 
 class OutputConfig(Section):
@@ -171,6 +241,10 @@ class OutputConfig(Section):
     name: str | None = Field(None, description="run name; default: the config file's name")
     resume: Literal["auto", "never"] = Field(
         "auto", description="auto: continue from the last complete checkpoint; never: refuse an existing run")
+    resume_from: str | None = Field(
+        None, description="start this run from a checkpoint directory (checkpoints/checkpoint-N of a run with the "
+        "same model, method, adapter and quantization): weights, optimizer, scheduler, RNG and step continue from "
+        "it. Used while the run has no checkpoint of its own; after that the run resumes from its own last one")
 
 
 class EvalConfig(Section):

@@ -87,8 +87,15 @@ def _config_dict(cfg) -> dict:
     import yaml
 
     d = yaml.safe_load(cfg.to_yaml())
-    d.get("output", {}).pop("resume", None)  # how to treat an existing run is not part of what the run is
+    _drop_start_settings(d)
     return d
+
+
+def _drop_start_settings(d: dict) -> None:
+    # how to treat an existing run, and the checkpoint it started from (output.resume_from, used only until the run
+    # has checkpoints of its own), are not part of what the run is: changing them must not refuse a resume
+    for key in ("resume", "resume_from"):
+        d.get("output", {}).pop(key, None)
 
 
 def _saved_config(path: Path) -> dict | None:
@@ -98,7 +105,7 @@ def _saved_config(path: Path) -> dict | None:
         return None
     d = _yaml_file(path)
     if d is not None:
-        d.get("output", {}).pop("resume", None)
+        _drop_start_settings(d)
     return d
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from tunelab import autoplan, distributed, estimate, runs, tracking
 from tunelab.adapters import ADAPTERS
 from tunelab.config import RunConfig
-from tunelab.errors import UserError
+from tunelab.errors import UserError, suggest
 
 
 @dataclass
@@ -31,9 +31,15 @@ def training_arguments(cfg: RunConfig, run: runs.Run, precision: str) -> dict:
     import torch
 
     t = cfg.training
-    has_val = bool(cfg.data.validation or cfg.data.val_split)
-    eval_every = t.eval_steps if has_val else None
+    strategy = eval_strategy(cfg)
+    # Settings a method (or a plugin method) may set in its own TRL config too: passed only when the config moves
+    # them off TrainingArguments' defaults, so a method that sets one keeps working until the user sets it as well
+    optional = {k: v for k, v, default in (
+        ("lr_scheduler_kwargs", dict(t.scheduler_kwargs), {}), ("adam_beta1", t.adam_beta1, 0.9),
+        ("adam_beta2", t.adam_beta2, 0.999), ("adam_epsilon", t.adam_epsilon, 1e-8),
+        ("label_smoothing_factor", t.label_smoothing, 0.0), ("torch_compile", t.torch_compile, False)) if v != default}
     return dict(
+        **optional,
         output_dir=str(run.staging),  # checkpoints are staged here and renamed into checkpoints/ when complete
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
@@ -42,7 +48,7 @@ def training_arguments(cfg: RunConfig, run: runs.Run, precision: str) -> dict:
         warmup_steps=t.warmup_steps if t.warmup_steps else t.warmup_ratio,
         weight_decay=t.weight_decay,
         per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         optim=t.optimizer,
         max_grad_norm=t.max_grad_norm,
@@ -50,9 +56,9 @@ def training_arguments(cfg: RunConfig, run: runs.Run, precision: str) -> dict:
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        eval_strategy="steps" if eval_every else "no",
-        eval_steps=eval_every,
-        save_strategy="steps",
+        eval_strategy=strategy,
+        eval_steps=t.eval_steps if strategy == "steps" else None,
+        save_strategy=t.save_strategy,
         save_steps=t.save_steps,
         save_total_limit=None,  # rotation happens after the atomic rename (runs.AtomicCheckpoints)
         seed=t.seed,
@@ -69,6 +75,17 @@ def training_arguments(cfg: RunConfig, run: runs.Run, precision: str) -> dict:
     )
 
 
+def check_arguments(args: dict) -> None:
+    """Build the shared TrainingArguments once as a check: transformers refuses some combinations only here (a
+    scheduler argument of the wrong type, bf16 without hardware, ...). Its ValueError becomes one line."""
+    from transformers import TrainingArguments
+
+    try:
+        TrainingArguments(**args)
+    except ValueError as e:
+        raise UserError(f"training settings refused by transformers: {str(e).strip().splitlines()[0]}") from None
+
+
 # What each kind of data (a method's `data` declaration) is prepared by (tunelab.data.build).
 PREPARE = {"conversation": "prepare_sft", "preference": "prepare_preference", "kto": "prepare_kto",
            "prompt": "prepare_prompts"}
@@ -81,22 +98,41 @@ def prepare_data(cfg: RunConfig, kind: str, tokenizer) -> TrainData:
     return TrainData(train, val, stats)
 
 
+def eval_strategy(cfg: RunConfig) -> str:
+    """When the run evaluates: 'steps' (every training.eval_steps), 'epoch' or 'no' (TrainingArguments eval_strategy).
+    training.eval_strategy 'steps' without eval_steps, or no validation data, means no evaluation."""
+    t = cfg.training
+    has_val = bool(cfg.data.validation or cfg.data.val_split)
+    if not has_val or t.eval_strategy == "no" or (t.eval_strategy == "steps" and not t.eval_steps):
+        return "no"
+    return t.eval_strategy
+
+
 def evaluation_settings(cfg: RunConfig) -> dict:
     """TrainingArguments for evaluation during training: schedule, best checkpoint, checked before anything loads."""
     from tunelab.evaluation.callbacks import best_model_args
 
     t, e = cfg.training, cfg.eval
     has_val = bool(cfg.data.validation or cfg.data.val_split)
+    if t.eval_strategy == "no" and t.eval_steps:
+        raise UserError("training.eval_steps is set but training.eval_strategy is 'no'; remove one of them")
     if not has_val:
-        if t.eval_steps or e.task or e.early_stopping_patience:
+        if t.eval_steps or t.eval_strategy == "epoch" or e.task or e.early_stopping_patience:
             raise UserError("evaluation during training needs validation data: set data.val_split (e.g. 0.1) or "
                             "data.validation")
         return {}
-    if not t.eval_steps:
+    if eval_strategy(cfg) == "no":
         if e.task or e.early_stopping_patience:
-            raise UserError("eval.task / eval.early_stopping_patience need training.eval_steps (evaluate every N steps)")
+            raise UserError("eval.task / eval.early_stopping_patience need evaluations: set training.eval_steps "
+                            "(every N steps) or training.eval_strategy=epoch")
         return {}
-    if (e.load_best or e.early_stopping_patience) and t.save_steps % t.eval_steps:
+    keeps_best = e.load_best or e.early_stopping_patience
+    if keeps_best and t.eval_strategy != t.save_strategy:
+        # the Trainer can only pick the best checkpoint when every evaluation has a checkpoint beside it
+        raise UserError(f"training.eval_strategy ({t.eval_strategy}) and training.save_strategy ({t.save_strategy}) "
+                        f"must match to keep the best checkpoint; set training.save_strategy={t.eval_strategy} "
+                        "(or eval.load_best=false)")
+    if keeps_best and t.eval_strategy == "steps" and t.save_steps % t.eval_steps:
         raise UserError(f"training.save_steps ({t.save_steps}) must be a multiple of training.eval_steps "
                         f"({t.eval_steps}) to keep the best checkpoint; e.g. set training.save_steps={t.eval_steps}")
     if not (e.load_best or e.early_stopping_patience):
@@ -114,7 +150,7 @@ def evaluation_callbacks(cfg: RunConfig, run: runs.Run, tokenizer) -> tuple[list
     from tunelab.evaluation.callbacks import training_callbacks
 
     task_rows = None
-    if cfg.eval.task and cfg.training.eval_steps:
+    if cfg.eval.task and eval_strategy(cfg) != "no":
         from tunelab.data.sources import read_source
 
         task_rows = [r.data for r in read_source(cfg.eval.task_data)][: cfg.eval.task_samples]
@@ -148,6 +184,79 @@ def preflight(cfg: RunConfig, tokenizer, model, data: TrainData, echo=print) -> 
     echo(f"pre-flight: {len(data.train)} training samples ({s.get('truncated', 0)} truncated, "
          f"{s.get('dropped', 0)} dropped), {len(data.validation)} validation; {trained}/{total} tokens trained "
          f"({100 * trained / max(total, 1):.0f}%); end-of-turn token trained: yes")
+
+
+def check_training(cfg: RunConfig) -> None:
+    """Refusals of training.* values that only transformers knows (UserError, one line), before anything loads."""
+    from transformers.training_args import OptimizerNames
+
+    names = [o.value for o in OptimizerNames]
+    if cfg.training.optimizer not in names:
+        raise UserError(f"config key 'training.optimizer': unknown optimizer '{cfg.training.optimizer}'"
+                        f"{suggest(cfg.training.optimizer, names)}; e.g. adamw_torch, adamw_8bit, paged_adamw_8bit, "
+                        "sgd, adafactor (transformers OptimizerNames)")
+
+
+def resume_point(cfg: RunConfig, run: runs.Run) -> Path | None:
+    """The checkpoint output.resume_from names, checked (exists, is a checkpoint, trained the same model, method,
+    adapter and quantization), when the run is to start from it; None when there is none or the run already has
+    checkpoints of its own (then it resumes from its last one, so re-running after an interruption continues)."""
+    given = cfg.output.resume_from
+    if not given:
+        return None
+    ckpt = Path(given).expanduser()
+    if not ckpt.is_dir():
+        raise UserError(f"config key 'output.resume_from': {given} is not a directory; give a checkpoint, e.g. "
+                        "runs/NAME/checkpoints/checkpoint-N")
+    if not (ckpt / "trainer_state.json").is_file():
+        raise UserError(f"config key 'output.resume_from': {given} is not a training checkpoint (no "
+                        "trainer_state.json); give a checkpoints/checkpoint-N directory")
+    inside = ckpt.resolve().is_relative_to(run.dir.resolve())
+    if inside and run.overwrite:
+        raise UserError(f"config key 'output.resume_from': {given} is inside the run directory {run.dir}, which "
+                        "--overwrite deletes; copy the checkpoint elsewhere or drop --overwrite")
+    if run.resume_from is not None:
+        if inside and ckpt.resolve() != run.resume_from.resolve():
+            # resuming an earlier checkpoint of this run would make each later re-run go back there again
+            raise UserError(f"config key 'output.resume_from': {given} is an earlier checkpoint of this run, which "
+                            f"resumes from its last one ({run.resume_from.name}); remove output.resume_from, or start "
+                            "a new run (output.name) from it")
+        return None
+    saved = runs._saved_config(ckpt / runs.CONFIG_COPY)
+    if saved is not None:
+        import yaml
+
+        now = yaml.safe_load(cfg.to_yaml())
+        for section in ("model", "method", "adapter", "quantization"):  # what the checkpoint's weights mean
+            diff = runs._first_difference({section: now.get(section)}, {section: saved.get(section)})
+            if diff:
+                raise UserError(f"config key 'output.resume_from': {given} was trained with a different setting "
+                                f"({diff.replace(' in the run', ' in the checkpoint')}); resume from a checkpoint "
+                                "of the same model, method, adapter and quantization")
+    return ckpt
+
+
+def check_target_modules(cfg: RunConfig, model) -> None:
+    """Refuse adapter.target_modules names that match no module of the loaded model (PEFT would raise a traceback
+    while attaching), naming the model's linear layers."""
+    a = cfg.adapter
+    kind = ADAPTERS[a.type]
+    if not isinstance(a.target_modules, list) or kind.trains_base or kind.prompt_learning:
+        return  # all-linear, full fine-tuning, virtual tokens: nothing to match
+    import torch
+
+    # the layer kinds PEFT adapts (a block such as "mlp" matches a name but PEFT refuses it); bitsandbytes' 4/8-bit
+    # layers subclass torch.nn.Linear, so QLoRA bases list the same names; GPT-2 style models use transformers' Conv1D
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    layers = [(n.rsplit(".", 1)[-1], m) for n, m in model.named_modules() if n]
+    names = {n for n, m in layers if isinstance(m, kinds) or type(m).__name__ == "Conv1D"}
+    linear = sorted({n for n, m in layers if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}
+                    - {"lm_head", "score"})
+    missing = [t for t in a.target_modules if t not in names]
+    if missing:
+        raise UserError(f"config key 'adapter.target_modules': {', '.join(repr(m) for m in missing)} "
+                        f"{'matches' if len(missing) == 1 else 'match'} no module of {cfg.model.source}"
+                        f"{suggest(missing[0], linear)}; its linear layers: {', '.join(linear)} (or all-linear)")
 
 
 def _save_final(trainer, tokenizer, run: runs.Run, merge_adapter: bool = False,
@@ -189,6 +298,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
     check_config(cfg)  # a RunConfig built in code has not been checked against the method table and data layer
     method, opts = methods.options(cfg)
     eval_args = evaluation_settings(cfg)  # config mistakes surface before the run directory is touched
+    check_training(cfg)
     tracking.check(cfg.training.report_to)
     distributed.check(cfg.distributed)
     echo = distributed.quiet_unless_main(echo)  # several processes: rank 0 prints and writes
@@ -196,6 +306,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
     if run.complete:
         echo(f"run {run.dir} is already complete (final model in {run.dir / 'final'}); --overwrite retrains it")
         return json.loads((run.dir / "summary.json").read_text())
+    started_from = resume_point(cfg, run)  # output.resume_from, while the run has no checkpoint of its own
     precision = models.resolve_precision(cfg.training.precision)
     set_seed(cfg.training.seed)
 
@@ -215,12 +326,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
     extra = method.extra_models(cfg, opts, precision)
     if method.data == "conversation":
         preflight(cfg, tokenizer, model, data, echo)
-    distributed.barrier()  # every process has looked at the run directory (open_run) before rank 0 writes it
-    if distributed.is_main():
-        runs.start_run(run, cfg)  # every check has passed: only now is the run directory written
-    else:
-        run.config_text = cfg.to_yaml()
-    distributed.barrier()
+    check_target_modules(cfg, model)
     model = models.attach_adapter(model, run_cfg, run_cfg.training.gradient_checkpointing, tokenizer,
                                   task=method.task)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -229,9 +335,25 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
          f"adapter: {cfg.adapter.type}, quantization: {cfg.quantization.bits or 'none'}, precision: {precision}")
 
     args = {**training_arguments(run_cfg, run, precision), **eval_args}
+    check_arguments(args)
     # trackers (tensorboard / wandb / mlflow) write offline into the run directory, not into .staging/
     with tracking.environment(cfg, run.dir):
-        trainer = method.build(run_cfg, opts, model, tokenizer, data, args, **extra)
+        # the trainer is built before the run directory is written, so a mistake it finds leaves nothing on disk
+        new_dir = not run.dir.exists()
+        try:
+            trainer = method.build(run_cfg, opts, model, tokenizer, data, args, **extra)
+        except BaseException:
+            if new_dir and distributed.is_main():  # the Trainer creates its output_dir (.staging/) when built
+                shutil.rmtree(run.dir, ignore_errors=True)
+            raise
+        distributed.barrier()  # every process has looked at the run directory (open_run) before rank 0 writes it
+        if distributed.is_main():
+            runs.start_run(run, cfg)  # every check has passed: only now is the run directory written
+        else:
+            run.config_text = cfg.to_yaml()
+        distributed.barrier()
+        if started_from is not None:
+            run.resume_from = started_from
         trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress line instead
         stop = runs.GracefulStop()
         # order matters: the task metric joins an evaluation's log entry before MetricsLog writes it to metrics.jsonl

@@ -1,0 +1,96 @@
+"""Config mistakes found before the run directory is written (one line, exit 2, nothing on disk), and the keys for
+training scripts' flags reaching the TrainingArguments."""
+
+from __future__ import annotations
+
+import pytest
+from test_train import make_config
+
+from tunelab import cli, load_config
+from tunelab.runs import open_run
+from tunelab.train import training_arguments
+
+REFUSALS = {
+    # the comma form is split into names; one of them is not a module of the tiny Llama
+    "targets": (["adapter.target_modules=q_proj,qv_proj"], ["adapter.target_modules", "'qv_proj'", "v_proj",
+                                                            "o_proj"]),
+    # a block's name, not a layer PEFT can adapt
+    "target_block": (["adapter.target_modules=[q_proj, mlp]"], ["'mlp' matches no module", "gate_proj"]),
+    "optimizer": (["training.optimizer=adamw_torh"], ["training.optimizer", "did you mean 'adamw_torch'"]),
+    "min_lr": (["training.scheduler=cosine_with_min_lr"], ["training.scheduler_kwargs", "min_lr_rate"]),
+    "wsd": (["training.scheduler=warmup_stable_decay"], ["training.scheduler_kwargs", "num_decay_steps"]),
+    "scheduler_arg": (["training.scheduler_kwargs.min_lr=0.1"], ["scheduler 'linear' has no argument 'min_lr'"]),
+    "resume_from": (["output.resume_from=/nonexistent/checkpoint-5"], ["output.resume_from", "not a directory"]),
+    "epoch_eval_no_val": (["training.eval_strategy=epoch"], ["validation data"]),
+    "best_needs_same_strategy": (["data.val_split=0.25", "training.eval_strategy=epoch"],
+                                 ["training.save_strategy=epoch"]),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_mistakes_are_refused_before_the_run_directory(tmp_path, tiny_model, tiny_chat_data, capsys, case):
+    overrides, expected = REFUSALS[case]
+    path = make_config(tmp_path, tiny_model, tiny_chat_data, training={"max_steps": 1})
+    assert cli.main(["train", str(path), *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for text in expected:
+        assert text in err, (text, err)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_from_a_different_adapter_is_refused(tmp_path, tiny_model, tiny_chat_data, capsys):
+    from tunelab.train import run_training
+
+    src = run_training(load_config(make_config(tmp_path, tiny_model, tiny_chat_data, "src",
+                                               training={"max_steps": 2, "save_steps": 2})), show_progress=False)
+    ckpt = f"{src['run']}/checkpoints/checkpoint-2"
+    path = make_config(tmp_path, tiny_model, tiny_chat_data, "other", adapter={"r": 4},
+                       output={"resume_from": ckpt})
+    assert cli.main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "output.resume_from" in err and "adapter.r" in err
+    assert not (tmp_path / "runs" / "other").exists()
+    # not a checkpoint: the run directory itself
+    assert cli.main(["train", str(path), f"output.resume_from={src['run']}", "adapter.r=8"]) == 2
+    assert "trainer_state.json" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "other").exists()
+
+
+def test_seed_flags_reach_training_arguments(tmp_path, tiny_model, tiny_chat_data):
+    from transformers import TrainingArguments
+
+    training = {"eval_batch_size": 3, "scheduler": "cosine_with_min_lr", "scheduler_kwargs": {"min_lr_rate": 0.1},
+                "adam_beta1": 0.8, "adam_beta2": 0.95, "adam_epsilon": 1e-6, "label_smoothing": 0.1,
+                "torch_compile": True, "eval_strategy": "epoch", "save_strategy": "epoch", "optimizer": "sgd"}
+    cfg = load_config(make_config(tmp_path, tiny_model, tiny_chat_data, training=training), ["data.val_split=0.25"])
+    args = TrainingArguments(**training_arguments(cfg, open_run(cfg), "fp32"))
+    assert args.per_device_train_batch_size == 4 and args.per_device_eval_batch_size == 3
+    assert args.lr_scheduler_type == "cosine_with_min_lr" and args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+    assert (args.adam_beta1, args.adam_beta2, args.adam_epsilon) == (0.8, 0.95, 1e-6)
+    assert args.label_smoothing_factor == 0.1 and args.torch_compile and args.optim == "sgd"
+    assert args.eval_strategy == "epoch" and args.save_strategy == "epoch"
+    # defaults: eval batch = train batch, TrainingArguments' Adam settings, steps
+    cfg = load_config(make_config(tmp_path, tiny_model, tiny_chat_data))
+    args = TrainingArguments(**training_arguments(cfg, open_run(cfg), "fp32"))
+    assert args.per_device_eval_batch_size == 4 and args.eval_strategy == "no" and args.save_strategy == "steps"
+    assert (args.adam_beta1, args.adam_beta2, args.adam_epsilon, args.label_smoothing_factor) == (0.9, 0.999, 1e-8, 0)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_comma_targets_and_min_lr_schedule_train(tmp_path, tiny_model, tiny_chat_data):
+    """The failing seed-script settings of the issue, in one short run: they train and land where they should."""
+    import json
+    from pathlib import Path
+
+    from tunelab.train import run_training
+
+    path = make_config(tmp_path, tiny_model, tiny_chat_data, adapter={"target_modules": "q_proj, v_proj"},
+                       training={"max_steps": 4, "scheduler": "cosine_with_min_lr",
+                                 "scheduler_kwargs": {"min_lr_rate": 0.5}, "label_smoothing": 0.1})
+    summary = run_training(load_config(path), show_progress=False)
+    assert summary["status"] == "complete"
+    adapter = json.loads((Path(summary["final"]) / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    lrs = [json.loads(x).get("learning_rate") for x in (Path(summary["run"]) / "metrics.jsonl").read_text().splitlines()]
+    assert min(x for x in lrs if x) >= 0.5 * 5e-3 - 1e-9  # the schedule's floor: min_lr_rate x learning_rate
