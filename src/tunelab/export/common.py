@@ -59,7 +59,7 @@ def atomic_path(target: Path, overwrite: bool, is_dir: bool, suffix: str = ".par
 
 
 def _umask() -> int:
-    """The process umask. Linux reports it in /proc (reading it elsewhere means setting it, briefly, for all threads)."""
+    """The process umask. Linux reports it in /proc; elsewhere reading it means setting it, briefly, for all threads."""
     try:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
