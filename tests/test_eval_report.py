@@ -101,3 +101,44 @@ def test_cli_errors_are_one_line(argv, msg, capsys):
     assert cli(argv) == 2
     err = capsys.readouterr().err
     assert msg in err and err.count("\n") == 1
+
+
+def test_compare_run_defaults_to_its_own_validation_data_and_a_sample(tiny_run, tmp_path, capsys):
+    run = tmp_path / "tiny-val"
+    shutil.copytree(tiny_run, run)
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant",
+                                                                                      "content": a}]}) + "\n"
+                           for q, a in [("Hi?", "Hello."), ("2+2?", "4")]))
+    (run / "config.yaml").write_text((tiny_run / "config.yaml").read_text() + f"data:\n  validation: {val}\n")
+    assert cli(["compare", str(run), "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"comparing on perplexity ({val}), first 50 samples (--task perplexity: the run's validation data; " \
+           "data: the run's own)" in out
+    assert json.loads((run / "report.json").read_text())["results"][1]["tasks"]["perplexity"]["n"] == 2
+
+
+def test_compare_defaults_follow_the_runs_eval_task():
+    from tunelab.evaluation.main import compare_defaults
+
+    cfg = {"eval": {"task": "gsm8k", "task_data": "held.jsonl"}, "data": {"validation": "val.jsonl"}}
+    assert compare_defaults(cfg, None, None)[:2] == (["gsm8k"], {"gsm8k": "held.jsonl"})
+    assert compare_defaults({}, None, None)[:2] == (["gsm8k"], {"gsm8k": None})  # bundled GSM8K test, 50 of it
+    assert compare_defaults(cfg, ["perplexity"], "mine.jsonl") == (["perplexity"], {"perplexity": "mine.jsonl"}, None)
+
+
+def test_eval_says_where_the_outputs_it_does_not_print_are(tiny_run, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("One?\nTwo?\nThree?\nFour?\nFive?\n")
+    out = tmp_path / "res.json"
+    assert cli(["eval", "--run", str(tiny_run), "--task", "prompts", "--data", str(prompts), "--max-new-tokens", "2",
+                "--out", str(out)]) == 0
+    assert f"(2 more outputs not shown: all 5 are in {out})" in capsys.readouterr().out
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "longest generation per sample (default: 256)" in text and "(default: 16)" in text
+    assert "(default: None)" not in text

@@ -278,6 +278,33 @@ def test_ollama_export_writes_gguf_and_modelfile(lora_run, tmp_path, capsys):
     assert 'PARAMETER stop "<|im_end|>"' in mf and 'PARAMETER stop "<|im_start|>"' in mf
 
 
+def test_ollama_reuses_a_checked_gguf_of_the_same_type(lora_run, tmp_path, capsys):
+    gguf = lora_run / "export" / "tiny-lora-f16.gguf"
+    assert cli.main(["export", str(lora_run), "--to", "gguf", "--type", "f16", "--overwrite"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "ollama"
+    assert cli.main(["export", str(lora_run), "--to", "ollama", "--type", "f16", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"reusing {gguf} (GGUF f16, checked)" in printed
+    assert (out / "tiny-lora-f16.gguf").stat().st_ino == gguf.stat().st_ino  # linked, not converted again
+
+
+def test_exports_get_the_usual_permissions_under_umask_022(lora_run, tmp_path):
+    """An Ollama service account must be able to read what export writes: 0755 directories, 0644 files."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "merged"
+        assert cli.main(["export", str(lora_run), "--to", "merged", "--out", str(out)]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}
+
+
 def test_modelfile_template_detection(tiny_model):
     from transformers import AutoTokenizer
 
@@ -319,6 +346,26 @@ def test_hub_model_card_has_config_metrics_and_plot(lora_run):
     assert "| last logged loss | 2.7 |" in card
     assert "learning_rate: 0.0002" in card  # the training config
     assert 'AutoPeftModelForCausalLM.from_pretrained("someone/tiny-lora")' in card
+
+
+def test_hub_names_the_public_id_of_the_embedded_base(tiny_model, tmp_path, capsys):
+    """A run on the embedded model records its cache directory as the base (here: the tiny model's directory); the
+    upload must name the public id instead, in adapter_config.json (which the card's snippet loads) and the card."""
+    from tunelab.export.common import load_run
+    from tunelab.export.hub import push, stage
+
+    run = load_run(str(make_run(tmp_path / "emb", tiny_model, source="embedded:smollm2-135m-instruct")))
+    assert json.loads((run.final / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_model
+    push(run, repo_id="someone/emb", dry_run=True)
+    assert "base model: HuggingFaceTB/SmolLM2-135M-Instruct (the run's embedded:smollm2-135m-instruct)" in \
+        capsys.readouterr().out
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    stage(run, staged, "someone/emb")
+    cfg = json.loads((staged / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    card = (staged / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and tiny_model not in card
 
 
 def test_hub_push_needs_repo(lora_run, capsys):

@@ -36,7 +36,7 @@ EVAL_ARGS = [
     A("--data", default=None, help="evaluation data: a file the data layer reads or bundled:NAME "
       "(default for gsm8k and perplexity: bundled:gsm8k/test)"),
     A("--format", default="auto", help="data format when detection is not enough (see tunelab data inspect)"),
-    A("--n", type=int, default=None, help="evaluate only the first N samples (default: all)"),
+    A("--n", type=int, default=None, help="evaluate only the first N samples (default: all for eval, 50 for compare)"),
     A("--k-shot", type=int, default=0, help="gsm8k: solved training examples shown as earlier chat turns"),
     A("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples"),
     A("--top-p", type=float, default=1.0, help="nucleus sampling when --temperature > 0"),
@@ -94,9 +94,9 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
         A("--system", default=None, help="system prompt text, or @FILE"),
         A("--persona", default=None, help="a built-in system prompt: assistant, tutor, pirate, storyteller"),
         A("--temperature", type=float, default=0.7, help="0 = greedy"),
-        A("--top-p", type=float, default=0.9),
+        A("--top-p", type=float, default=0.9, help="nucleus sampling: keep the most likely tokens up to this mass"),
         A("--max-tokens", type=int, default=256, help="longest reply, in tokens"),
-        A("--seed", type=int, default=None),
+        A("--seed", type=int, default=None, help="seed for sampling (default: a different reply each time)"),
     ]),
     "serve": ("tunelab.inference.server:main", "OpenAI-compatible API: one base, any number of adapters", [
         *INFER_ARGS,
@@ -104,7 +104,7 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
           help="an adapter to serve as model NAME (default: its directory name); repeat for more"),
         A("--served-model-name", default=None, help="the base model's name in the API (default: its dir name or id)"),
         A("--host", default="127.0.0.1", help="address to bind (default loopback only; 0.0.0.0 exposes it)"),
-        A("--port", type=int, default=8000),
+        A("--port", type=int, default=8000, help="port to listen on"),
         A("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $TUNELAB_API_KEY if set)"),
         A("--max-concurrency", type=int, default=1, help="generations running at once"),
         A("--max-queue", type=int, default=16, help="requests waiting beyond those; more get 429"),
@@ -118,7 +118,7 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
         *INFER_ARGS,
         A("--adapter", action="append", default=[], metavar="[NAME=]PATH", help="an adapter to offer; repeatable"),
         A("--host", default="127.0.0.1", help="address to bind (default loopback only)"),
-        A("--port", type=int, default=7860),
+        A("--port", type=int, default=7860, help="port to listen on"),
     ]),
     "export": ("tunelab.export:main", "export a run: merged model, verified GGUF, Ollama Modelfile, or Hub push", [
         A("run", help="a run directory (runs/NAME) or run name"),
@@ -135,7 +135,7 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
         A("--gguf", required=True, help="the GGUF file"),
         A("--prompt", default=None, help="one prompt; without it, read prompts from stdin"),
         A("--system", default=None, help="system prompt"),
-        A("--max-new-tokens", type=int, default=256),
+        A("--max-new-tokens", type=int, default=256, help="longest reply, in tokens"),
         A("--n-ctx", type=int, default=2048, help="context window in tokens"),
         A("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)"),
     ]),
@@ -151,28 +151,42 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
                 "metric table and examples in report.md/report.html", [
         A("models", nargs="+", metavar="RUN_OR_MODEL", help="one run (its base vs it), or two or more runs/models"),
         A("--task", action="append", choices=["gsm8k", "summarization", "perplexity", "prompts"],
-          help="task to compare on; repeatable (default: gsm8k)"),
+          help="task to compare on; repeatable (default: the run's eval.task, else perplexity on its validation "
+          "data, else gsm8k)"),
         *EVAL_ARGS,
         A("--out", default=None, help="report directory (default: the last run given)"),
     ]),
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after each option's help, except where it says nothing (no default, a flag that is
+    off) or where the help text already explains its default in words."""
+
+    def _get_help_string(self, action):
+        off = action.default is None or action.default is False or action.default == [] or \
+            action.default == argparse.SUPPRESS
+        if off or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add(sub, name: str, spec) -> None:
     target, help_text, args = spec
-    p = sub.add_parser(name, help=help_text, description=help_text)
+    p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
     for flags, kw in args:
         p.add_argument(*flags, **kw)
     p.set_defaults(_target=target)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune open LLMs end to end.")
+    parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune open LLMs end to end.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, spec in COMMANDS.items():
         if isinstance(spec, dict):  # a command group, e.g. `tunelab data inspect`
-            group = sub.add_parser(name, help=spec["help"], description=spec["help"])
+            group = sub.add_parser(name, help=spec["help"], description=spec["help"], formatter_class=HelpFormatter)
             gsub = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
             for sub_name, sub_spec in spec["commands"].items():
                 _add(gsub, sub_name, sub_spec)

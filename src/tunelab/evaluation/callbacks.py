@@ -61,7 +61,8 @@ class TaskMetricCallback(TrainerCallback):
 
         t0 = time.time()
         res = gsm8k.evaluate(model, tok, self.rows, k_shot=self.k_shot, shots=self.shots,
-                             batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
+                             batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
+                             show_progress=False)  # inside training, whose own progress is showing
         out = {self.key: res["accuracy"], f"{self.prefix}format_rate": res["format_rate"]}
         self.history.append({"step": state.global_step, "accuracy": res["accuracy"],
                              "format_rate": res["format_rate"], "seconds": round(time.time() - t0, 2)})

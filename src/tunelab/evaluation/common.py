@@ -3,6 +3,10 @@ model is asked and the reference reply it is scored against."""
 
 from __future__ import annotations
 
+import contextlib
+import time
+from dataclasses import replace
+
 from tunelab.errors import UserError
 
 
@@ -37,3 +41,55 @@ def prompt_and_reference(rec: dict) -> tuple[list[dict], str | None]:
 def prompt_text(messages: list[dict]) -> str:
     """The last user message: what a report shows as 'the prompt'."""
     return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+
+
+@contextlib.contextmanager
+def progress(label: str, total: int, show: bool = True, console=None):
+    """Yield `advance(n)`, to call as samples finish: a rich progress bar in a terminal; elsewhere (`> log`, CI, a
+    notebook), where rich would draw the bar only once, at the end, one plain line per call with count and ETA."""
+    from rich.console import Console
+
+    console = console or Console()
+    if not show:
+        yield lambda n: None
+    elif console.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
+                      transient=True) as bar:
+            task = bar.add_task(label, total=total)
+            yield lambda n: bar.advance(task, n)
+    else:
+        from tunelab.evaluation.report import format_duration
+
+        t0, done = time.time(), 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            elapsed = time.time() - t0
+            eta = format_duration(elapsed / done * (total - done)) if done else "?"
+            print(f"{label}: {done}/{total}  elapsed {format_duration(elapsed)}  ETA {eta}", flush=True)
+
+        yield advance
+
+
+def chat_with_progress(model, tok, conversations: list[list[dict]], params, batch_size: int, label: str,
+                       show: bool = True) -> list[str]:
+    """inference.engine.chat, one batch at a time so progress can be shown between batches; same batches and same
+    outputs as one call (engine.complete batches longest prompts first: so does this; a seed is set once)."""
+    from tunelab.inference.engine import chat_prompts, generate
+
+    prompts = chat_prompts(tok, conversations)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    outputs: list[str] = [""] * len(prompts)
+    with progress(label, len(prompts), show) as advance:
+        for b in range(0, len(order), batch_size):
+            idx = order[b: b + batch_size]
+            # the engine seeds at every call: only the first, so sampling continues as in one call
+            texts = generate(model, tok, [prompts[i] for i in idx], params if b == 0 else replace(params, seed=None),
+                             batch_size)
+            for i, t in zip(idx, texts):
+                outputs[i] = t
+            advance(len(idx))
+    return outputs

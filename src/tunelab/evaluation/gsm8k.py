@@ -64,15 +64,17 @@ def score(outputs: list[str], golds: list[str | None]) -> dict:
 
 
 def evaluate(model, tok, rows: list, *, k_shot: int = 0, shots: list | None = None, batch_size: int = 16,
-             max_new_tokens: int = 256, params=None) -> dict:
+             max_new_tokens: int = 256, params=None, show_progress: bool = True) -> dict:
     """Generate an answer for each GSM8K row and score it.
 
     rows: dicts with `question` and `answer` (GSM8K's raw format; normalized {messages, answer} records work too).
     shots: solved examples for k-shot (default: the bundled training sample, never the test questions).
     params: a `GenParams` (sampling); default greedy with `max_new_tokens`.
+    show_progress: progress per batch (common.progress); off inside training, which shows its own.
     Returns {"n", "accuracy", "format_rate", "examples": [{question, gold, output, pred, correct, formatted}]}.
     """
-    from tunelab.inference.engine import GenParams, chat
+    from tunelab.evaluation.common import chat_with_progress
+    from tunelab.inference.engine import GenParams
 
     if not rows:
         raise UserError("GSM8K evaluation got no questions")
@@ -82,7 +84,7 @@ def evaluate(model, tok, rows: list, *, k_shot: int = 0, shots: list | None = No
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        outputs = chat(model, tok, convs, params, batch_size)
+        outputs = chat_with_progress(model, tok, convs, params, batch_size, "gsm8k", show_progress)
     finally:
         if was_training:
             model.train()

@@ -15,6 +15,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from tunelab.errors import UserError
+from tunelab.evaluation.report import format_duration
+from tunelab.rundir import open_finished_run
 
 TASKS = ("gsm8k", "summarization", "perplexity", "prompts")
 DEFAULT_DATA = {"gsm8k": "bundled:gsm8k/test", "perplexity": "bundled:gsm8k/test"}
@@ -206,12 +208,17 @@ def main(args) -> int:
     spec = {"label": "model", "model": args.model, "adapter": args.adapter,
             "run": str(resolve_run(args.run)) if args.run else None}
     print(f"{describe(spec)}")
-    print(summary_line(task, res) + f"  ({res['seconds']:.0f}s)")
-    for ex in res.get("examples", [])[:3]:
+    print(summary_line(task, res) + f"  ({format_duration(res['seconds'])})")
+    examples = res.get("examples", [])
+    for ex in examples[:SHOWN_EXAMPLES]:
         prompt = (ex.get("question") or ex.get("prompt") or "").strip().replace("\n", " ")
         out = (ex.get("output") or "").strip().replace("\n", " ")
         print(f"- {prompt[:100]}{'…' if len(prompt) > 100 else ''}\n  → {out[:200]}{'…' if len(out) > 200 else ''}")
     out = args.out or (str(Path(spec["run"]) / "eval" / f"{task}.json") if spec["run"] else None)
+    hidden = len(examples) - SHOWN_EXAMPLES
+    if hidden > 0:  # say where the rest are: the output file (written below) or how to get one
+        print(f"({hidden} more output{'s' if hidden > 1 else ''} not shown: "
+              + (f"all {len(examples)} are in {out})" if out else "pass --out FILE.json to keep them all)"))
     if out:
         results = [{"label": spec["label"] if not spec["run"] else Path(spec["run"]).name, "model": describe(spec),
                     "tasks": {task: res}}]
@@ -229,17 +236,52 @@ def main(args) -> int:
     return 0
 
 
+COMPARE_N = 50  # samples per task `compare` evaluates unless --n is given
+SHOWN_EXAMPLES = 3  # outputs `eval` prints; the results file keeps them all
+
+
+def compare_defaults(run_cfg: dict, tasks: list[str] | None, data: str | None) -> tuple[list, dict, str | None]:
+    """(tasks, {task: data}, why) for `compare`: what was asked, else what the run itself was evaluated on.
+
+    A run that scored a task during training (eval.task) is compared on that task and its held-out data; one with
+    validation data, on perplexity over that data (comparable with its eval_loss); otherwise on GSM8K. `why` says
+    which default applied, None when --task and --data said it all.
+    """
+    ev, val = run_cfg.get("eval") or {}, (run_cfg.get("data") or {}).get("validation")
+    own = {}
+    if ev.get("task"):
+        own[ev["task"]] = ev.get("task_data") or DEFAULT_DATA.get(ev["task"])
+    if val is not None and isinstance(val, str):  # a list/mapping of sources is the data layer's to mix, not ours
+        own.update({t: val for t in ("perplexity", "summarization", "prompts")})
+    why = []
+    if not tasks:
+        tasks = [ev["task"]] if ev.get("task") else ["perplexity"] if "perplexity" in own else ["gsm8k"]
+        why.append(f"--task {tasks[0]}: " + ("the run's eval.task" if ev.get("task") else "the run's validation data"
+                                             if "perplexity" in own else "the default"))
+    spec = {t: data or own.get(t) for t in tasks}
+    if not data and any(own.get(t) for t in tasks):
+        why.append("data: the run's own")
+    return list(dict.fromkeys(tasks)), spec, "; ".join(why) or None
+
+
 def compare(args) -> int:
     """tunelab compare: the same tasks and data for each model; a metric table and per-example side by side."""
     from tunelab.evaluation.report import write_report
 
     _check(args)
-    tasks = list(dict.fromkeys(args.task or ["gsm8k"]))
+    specs = model_specs(args)
+    run_cfg = open_finished_run(next(s["run"] for s in specs if s["run"]), need_final=False).config \
+        if any(s["run"] for s in specs) else {}
+    tasks, data_spec, why = compare_defaults(run_cfg, args.task, args.data)
     for t in tasks:
         if t not in TASKS:
             raise UserError(f"unknown task '{t}'; one of {', '.join(TASKS)}")
-    specs = model_specs(args)
-    data = {t: task_data(t, args) for t in tasks}
+    # all 1,319 GSM8K questions take hours on a CPU for a first look: a sample, unless --n says otherwise
+    args = SimpleNamespace(**{**vars(args), "n": args.n or COMPARE_N})
+    print(f"comparing on {', '.join(f'{t} ({data_spec.get(t) or DEFAULT_DATA.get(t)})' for t in tasks)}, "
+          f"{'first ' + str(args.n) if args.n else 'all'} samples" + (f" ({why})" if why else ""))
+    data = {t: task_data(t, SimpleNamespace(**{**vars(args), "data": data_spec.get(t)})) for t in tasks}
+    args.data = args.data or "; ".join(f"{t}: {d}" for t, d in data_spec.items() if d) or None  # for the report
     runs = [s["run"] for s in specs if s["run"]]
     out = Path(args.out) if args.out else (Path(runs[-1]) if runs else None)
     if out is None:
@@ -253,7 +295,7 @@ def compare(args) -> int:
             t0 = time.time()
             tasks_res[t] = run_task(t, model, tok, data[t], args)
             tasks_res[t]["seconds"] = round(time.time() - t0, 2)
-            print("  " + summary_line(t, tasks_res[t]) + f"  ({tasks_res[t]['seconds']:.0f}s)")
+            print("  " + summary_line(t, tasks_res[t]) + f"  ({format_duration(tasks_res[t]['seconds'])})")
         results.append({"label": spec["label"], "model": describe(spec), "tasks": tasks_res})
         del model, tok
         _free_memory()

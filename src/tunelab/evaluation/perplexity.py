@@ -12,12 +12,14 @@ import math
 from tunelab.errors import UserError
 
 
-def evaluate(model, tok, records: list[dict], *, batch_size: int = 8, max_length: int = 1024) -> dict:
+def evaluate(model, tok, records: list[dict], *, batch_size: int = 8, max_length: int = 1024,
+             show_progress: bool = True) -> dict:
     """{"n", "tokens", "loss", "perplexity"} of `model` on normalized records."""
     import torch
 
     from tunelab.data.build import encode_record
     from tunelab.data.render import IGNORE
+    from tunelab.evaluation.common import progress
 
     rows = []
     for rec in records:
@@ -33,29 +35,31 @@ def evaluate(model, tok, records: list[dict], *, batch_size: int = 8, max_length
     total_nll, total_tokens = 0.0, 0
     # Longest first, so similar lengths share a batch and padding stays small.
     rows.sort(key=lambda e: -len(e.input_ids))
-    try:
-        for b in range(0, len(rows), batch_size):
-            batch = rows[b: b + batch_size]
-            width = max(len(e.input_ids) for e in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, e in enumerate(batch):
-                n = len(e.input_ids)
-                ids[i, :n] = torch.tensor(e.input_ids)
-                labels[i, :n] = torch.tensor(e.labels)
-                mask[i, :n] = 1
-            ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-            with torch.inference_mode():
-                logits = model(input_ids=ids, attention_mask=mask).logits.float()
-            # token t is predicted from positions < t
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
-                                                    labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
-            total_nll += nll.item()
-            total_tokens += int((labels[:, 1:] != IGNORE).sum())
-    finally:
-        if was_training:
-            model.train()
+    with progress("perplexity", len(rows), show_progress) as advance:
+        try:
+            for b in range(0, len(rows), batch_size):
+                batch = rows[b: b + batch_size]
+                width = max(len(e.input_ids) for e in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for i, e in enumerate(batch):
+                    n = len(e.input_ids)
+                    ids[i, :n] = torch.tensor(e.input_ids)
+                    labels[i, :n] = torch.tensor(e.labels)
+                    mask[i, :n] = 1
+                ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+                with torch.inference_mode():
+                    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+                # token t is predicted from positions < t
+                nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
+                                                        labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
+                total_nll += nll.item()
+                total_tokens += int((labels[:, 1:] != IGNORE).sum())
+                advance(len(batch))
+        finally:
+            if was_training:
+                model.train()
     loss = total_nll / total_tokens
     return {"n": len(rows), "tokens": total_tokens, "loss": loss,
             "perplexity": math.exp(loss) if loss < 700 else float("inf")}

@@ -38,6 +38,18 @@ def fmt(v) -> str:
     return str(v)
 
 
+def format_duration(seconds) -> str:
+    """Seconds as people read them: 42s, 5m 35s, 2h 03m (a duration printed as 334.5800 says neither unit nor size)."""
+    if seconds is None:
+        return "–"
+    s = int(round(float(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s // 3600}h {s % 3600 // 60:02d}m"
+
+
 # ---------------------------------------------------------------------------------------------- training records
 
 def _epoch_index(epoch: float) -> int:
@@ -242,14 +254,15 @@ def _training_md(run_dir: Path) -> list[str]:
     if isinstance(s, dict):
         keys = ("method", "base_model", "adapter", "global_step", "epoch", "first_loss", "last_loss",
                 "tokens_per_s", "train_seconds", "status")
-        lines += ["", "## Training", ""] + [f"- {k}: {fmt(s[k])}" for k in keys if k in s]
+        lines += ["", "## Training", ""] + [f"- {k}: {format_duration(s[k]) if k == 'train_seconds' else fmt(s[k])}"
+                                            for k in keys if k in s]
     table = load_epoch_table(run_dir)
     if table:
         if not lines:
             lines += ["", "## Training", ""]
-        lines += ["", "| epoch | train loss | val loss | duration (s) |", "|---|---|---|---|"]
-        lines += [f"| {t['epoch']} | {fmt(t['train_loss'])} | {fmt(t['val_loss'])} | {fmt(t['duration_s'])} |"
-                  for t in table]
+        lines += ["", "| epoch | train loss | val loss | duration |", "|---|---|---|---|"]
+        lines += [f"| {t['epoch']} | {fmt(t['train_loss'])} | {fmt(t['val_loss'])} | "
+                  f"{format_duration(t['duration_s'])} |" for t in table]
     for img in ("loss.png", "loss_epoch.png"):
         if (run_dir / img).is_file():
             lines += ["", f"![{img}]({img})"]
@@ -288,9 +301,9 @@ def to_html(results: list[dict], title: str, run_dir: Path | None = None, settin
         table = load_epoch_table(run_dir)
         if table:
             parts.append("<h2>Training</h2><table><tr><th>epoch</th><th>train loss</th><th>val loss</th>"
-                         "<th>duration (s)</th></tr>")
+                         "<th>duration</th></tr>")
             parts += [f"<tr><td>{t['epoch']}</td><td>{fmt(t['train_loss'])}</td><td>{fmt(t['val_loss'])}</td>"
-                      f"<td>{fmt(t['duration_s'])}</td></tr>" for t in table]
+                      f"<td>{format_duration(t['duration_s'])}</td></tr>" for t in table]
             parts.append("</table>")
         imgs = [i for i in ("loss.png", "loss_epoch.png") if (run_dir / i).is_file()]
         parts += [f"<img src='{i}' alt='{i}'>" for i in imgs]

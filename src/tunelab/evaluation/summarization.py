@@ -38,12 +38,14 @@ def rouge(predictions: list[str], references: list[str]) -> dict:
     return {k: (sum(p[k] for p in pairs) / n if n else 0.0) for k in ROUGE_TYPES}
 
 
-def evaluate(model, tok, records: list[dict], *, batch_size: int = 8, max_new_tokens: int = 128, params=None) -> dict:
+def evaluate(model, tok, records: list[dict], *, batch_size: int = 8, max_new_tokens: int = 128, params=None,
+             show_progress: bool = True) -> dict:
     """Summaries for normalized records ({messages} with the reference as the last assistant turn).
 
     Returns {"n", "rouge1", "rouge2", "rougeL", "examples": [{prompt, reference, output, rouge1, rouge2, rougeL}]}.
     """
-    from tunelab.inference.engine import GenParams, chat
+    from tunelab.evaluation.common import chat_with_progress
+    from tunelab.inference.engine import GenParams
 
     prompts, refs = [], []
     for rec in records:
@@ -56,7 +58,7 @@ def evaluate(model, tok, records: list[dict], *, batch_size: int = 8, max_new_to
     if not prompts:
         raise UserError("summarization got no samples")
     params = params or GenParams(max_new_tokens=max_new_tokens)
-    outputs = chat(model, tok, prompts, params, batch_size)
+    outputs = chat_with_progress(model, tok, prompts, params, batch_size, "summarization", show_progress)
     pairs = rouge_pairs(outputs, refs)
     examples = [{"prompt": prompt_text(p), "reference": r, "output": o, **s}
                 for p, r, o, s in zip(prompts, refs, outputs, pairs)]

@@ -8,6 +8,7 @@ opened by tunelab.rundir.open_finished_run, as eval, serve and chat open it.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,29 @@ def atomic_path(target: Path, overwrite: bool, is_dir: bool, suffix: str = ".par
     check_target(Path(target), overwrite)
     with rundir_atomic_path(target, is_dir=is_dir, suffix=suffix) as tmp:
         yield tmp
+        _usual_modes(tmp)
+
+
+def _umask() -> int:
+    """The process umask. Linux reports it in /proc; elsewhere reading it means setting it, briefly, for all threads."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        old = os.umask(0o022)
+        os.umask(old)
+        return old
+
+
+def _usual_modes(root: Path) -> None:
+    """Give an export the permissions a plain `cp` would: 0666/0777 less the umask (0644/0755 under umask 022).
+
+    Exports are read by other accounts (an Ollama service, a shared model directory), but some writers create private
+    files (transformers writes model.safetensors through a 0600 temporary file), so the modes are set once, here."""
+    mask = _umask()
+    for p in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def run_tokenizer(run: Run):

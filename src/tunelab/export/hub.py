@@ -15,20 +15,41 @@ from pathlib import Path
 from tunelab.errors import UserError
 from tunelab.export.common import Run, print_table
 
-# Hub ids of the embedded models, for the card's `base_model` (a local path is not a Hub reference).
-EMBEDDED_HUB_IDS = {"embedded:smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 RUN_FILES = {"config.yaml": "tunelab_config.yaml", "summary.json": "summary.json", "metrics.jsonl": "metrics.jsonl",
              "loss.png": "loss.png"}
 
 
 def _base_hub_id(source: str | None) -> str | None:
+    """The Hub id of the run's base model, or None when it has none (a local directory of the user's own).
+
+    An embedded model has the public id declared beside models.EMBEDDED, whether the run names it as embedded:NAME
+    or by the cache directory it was loaded from (what PEFT records in adapter_config.json)."""
+    from tunelab.models import EMBEDDED_PUBLIC_IDS, cache_dir
+
     if not source:
         return None
-    if source in EMBEDDED_HUB_IDS:
-        return EMBEDDED_HUB_IDS[source]
-    if Path(source).expanduser().exists() or source.startswith("embedded:"):
+    if source.startswith("embedded:"):
+        return EMBEDDED_PUBLIC_IDS.get(source.split(":", 1)[1])
+    path = Path(source).expanduser()
+    if path.exists():
+        cached = cache_dir() / "models"
+        if path.resolve().parent == cached.resolve():
+            return EMBEDDED_PUBLIC_IDS.get(path.name)
         return None
     return source
+
+
+def _public_base(run: Run, dest: Path) -> str | None:
+    """Point the staged adapter_config.json at the base's Hub id (PEFT records the local directory it loaded, e.g.
+    the embedded model's cache): AutoPeftModelForCausalLM, and the card's snippet, load the base from there."""
+    cfg_file = dest / "adapter_config.json"
+    recorded = json.loads(cfg_file.read_text()).get("base_model_name_or_path") if cfg_file.is_file() else None
+    base = _base_hub_id(run.base) or _base_hub_id(recorded)
+    if base and cfg_file.is_file() and recorded != base:
+        cfg = json.loads(cfg_file.read_text())
+        cfg["base_model_name_or_path"] = base
+        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return base
 
 
 def _metrics(run: Run) -> tuple[dict, list[dict]]:
@@ -97,6 +118,7 @@ def stage(run: Run, dest: Path, repo_id: str | None) -> list[Path]:
     for src, name in RUN_FILES.items():
         if (run.path / src).is_file():
             shutil.copy2(run.path / src, dest / name)
+    _public_base(run, dest)
     (dest / "README.md").write_text(model_card(run, repo_id))  # replaces PEFT's placeholder card, if any
     return sorted(p.relative_to(dest) for p in dest.rglob("*") if p.is_file())
 
@@ -115,6 +137,14 @@ def push(run: Run, repo_id: str | None, dry_run: bool = False, private: bool = F
         files = stage(run, Path(td), repo_id)
         print_table(f"files {'that would be' if dry_run else 'to be'} uploaded to {repo_id or '(no --repo given)'}:",
                     ["file", "bytes"], [[str(f), (Path(td) / f).stat().st_size] for f in files])
+        base = _base_hub_id(run.base)
+        if base:
+            local = f" (the run's {run.base})" if base != run.base else ""
+            print(f"base model: {base}{local}, as named in the model card" +
+                  (" and adapter_config.json" if run.is_adapter else ""))
+        else:
+            print(f"warning: the base model {run.base} is a local directory with no Hub id: the card and "
+                  "adapter_config.json name that path, which others cannot load; train from a Hub id to share it")
         if dry_run:
             print("dry run: nothing was uploaded")
             return files

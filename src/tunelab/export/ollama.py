@@ -118,6 +118,32 @@ def modelfile(tok, gguf_name: str) -> tuple[str, str | None]:
     return "\n".join(lines) + "\n", fmt
 
 
+def _reuse_gguf(existing: Path, dest: Path, model, tok, qtype: str) -> bool:
+    """Put the GGUF that `--to gguf` already wrote for this run and type at `dest`, when it still reproduces the run's
+    model (the same checks as a fresh export: it may predate a retraining); False when there is none or it fails.
+
+    Converting and quantizing again costs minutes on a 1B model; checking the file costs a load and a few prompts.
+    """
+    import os
+    import shutil
+
+    from tunelab.export import llamacpp
+    from tunelab.export.gguf import verify_gguf
+
+    if not existing.is_file():
+        return False
+    print(f"found {existing}: checking it against the run's model before reusing it")
+    if not (verify_gguf(existing, model, tok, qtype)["ok"] and llamacpp.verify(existing, model, tok, qtype)):
+        print(f"{existing} does not reproduce the run's model (exported before a retraining?): converting again")
+        return False
+    try:  # a hard link costs no disk; both names are only ever replaced whole (atomic_path), never written in place
+        os.link(existing, dest)
+    except OSError:  # another filesystem, or one without links
+        shutil.copy2(existing, dest)
+    print(f"reusing {existing} (GGUF {qtype}, checked)")
+    return True
+
+
 def export_ollama(run: Run, out: Path, qtype: str = "q8_0", overwrite: bool = False) -> Path:
     from tunelab.export.gguf import export_gguf
     from tunelab.export.merge import merged_model
@@ -127,7 +153,8 @@ def export_ollama(run: Run, out: Path, qtype: str = "q8_0", overwrite: bool = Fa
     name = run.name.lower()
     gguf_name = f"{name}-{qtype}.gguf"
     with atomic_path(out, overwrite, is_dir=True) as tmp:
-        export_gguf(model, tok, tmp / gguf_name, qtype, name=run.name)
+        if not _reuse_gguf(run.path / "export" / gguf_name, tmp / gguf_name, model, tok, qtype):
+            export_gguf(model, tok, tmp / gguf_name, qtype, name=run.name)
         text, fmt = modelfile(tok, gguf_name)
         (tmp / "Modelfile").write_text(text)
     if fmt:
