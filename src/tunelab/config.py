@@ -32,7 +32,9 @@ class ModelConfig(Section):
         "auto", description="weight dtype; auto follows training.precision")
     trust_remote_code: bool = Field(False, description="run model code from the hub; off unless you trust it")
     attn_implementation: str | None = Field(None, description="eager | sdpa | flash_attention_2; None = library default")
-    chat_template: str | None = Field(None, description="a Jinja chat template (or a file path) replacing the model's")
+    chat_template: str | None = Field(
+        None, description="a built-in template name (chatml, llama3, mistral, gemma, phi, alpaca, completion), Jinja "
+        "text, or a file; default: the model's own, else alpaca (data/templates.py)")
 
 
 class SourceConfig(Section):
@@ -66,6 +68,9 @@ class DataConfig(Section):
     on_invalid: Literal["error", "skip"] = Field(
         "error", description="a malformed or invalid row: stop with its file:line, or skip it (counted and reported)")
     system_prompt: str | None = Field(None, description="system prompt added to conversations that have none")
+    allow_truncated_eos: bool = Field(
+        False, description="train even when data.max_length cuts the end-of-turn token off most samples (a model "
+        "that then rarely learns to stop); default: refuse, naming a max_length that keeps it")
     dedupe: bool = Field(False, description="drop exact duplicate rows")
     packing: bool = Field(False, description="pack samples into max_length rows (SFT)")
     padding_free: bool = Field(False, description="concatenate a batch without padding, positions kept apart (SFT)")

@@ -168,6 +168,8 @@ def preflight(cfg: RunConfig, tokenizer, model, data: TrainData, echo=print) -> 
     first = data.train[0]
     from tunelab.data.render import Encoded
 
+    if data.stats.get("template"):
+        echo(f"pre-flight: chat template: {data.stats['template']}")
     echo("pre-flight: first training sample as the model sees it ([[trained]] tokens in double brackets):")
     echo(show_mask(tokenizer, Encoded(first["input_ids"], first["labels"])))
     trained = sum(sum(1 for x in r["labels"] if x != IGNORE) for r in data.train)
@@ -294,6 +296,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
 
     from tunelab import methods, models
     from tunelab.checks import check_config
+    from tunelab.data.build import check_end_of_turn
 
     check_config(cfg)  # a RunConfig built in code has not been checked against the method table and data layer
     method, opts = methods.options(cfg)
@@ -315,6 +318,9 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
     with distributed.main_first():  # rank 0 fills the tokenized-data cache, the others read it
         data = prepare_data(cfg, method.data, tokenizer)
     method.check(cfg, opts, data)  # the method's own refusals, before the model loads or the run dir is written
+    warning = check_end_of_turn(data.stats, cfg.data.max_length, cfg.data.allow_truncated_eos)
+    if warning:
+        echo(f"warning: {warning}")
     # `auto` settings (gradient checkpointing, SFT's loss) chosen for this machine's free memory; the run directory
     # keeps the user's config, the run uses run_cfg
     run_cfg, opts, plan = autoplan.resolve(cfg, method, opts, data.train, echo)
