@@ -46,6 +46,16 @@ def tiny_model(tmp_path_factory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama")))
 
 
+def write_chat(path: Path, pairs, repeat: int = 1) -> str:
+    """An OpenAI-messages JSONL of (question, answer) pairs repeated `repeat` times; returns its path."""
+    with open(path, "w") as f:
+        for i in range(repeat * len(pairs)):
+            q, a = pairs[i % len(pairs)]
+            f.write(json.dumps({"messages": [{"role": "user", "content": q},
+                                             {"role": "assistant", "content": a}]}) + "\n")
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_chat_data(tmp_path_factory) -> str:
     """A small OpenAI-messages JSONL: the same few short Q/A pairs repeated, so a tiny model can fit them."""

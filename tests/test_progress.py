@@ -5,9 +5,10 @@ terminal); durations read as 5m 35s; a finished run leaves no .staging/ behind."
 from __future__ import annotations
 
 import io
-import json
 import re
 from pathlib import Path
+
+from conftest import write_chat
 
 from tunelab import load_config
 from tunelab.train import run_training
@@ -15,21 +16,12 @@ from tunelab.train import run_training
 PAIRS = [("What is 2+2?", "2+2 = 4.\n#### 4"), ("Say hi.", "Hi there!")]
 
 
-def _write(path: Path, repeat: int) -> str:
-    with open(path, "w") as f:
-        for i in range(repeat * len(PAIRS)):
-            q, a = PAIRS[i % len(PAIRS)]
-            f.write(json.dumps({"messages": [{"role": "user", "content": q},
-                                             {"role": "assistant", "content": a}]}) + "\n")
-    return str(path)
-
-
 def _cfg(tmp_path, tiny_model):
     import yaml
 
     cfg = {
         "model": {"source": tiny_model},
-        "data": {"train": _write(tmp_path / "train.jsonl", 4), "validation": _write(tmp_path / "val.jsonl", 1),
+        "data": {"train": write_chat(tmp_path / "train.jsonl", PAIRS, 4), "validation": write_chat(tmp_path / "val.jsonl", PAIRS, 1),
                  "max_length": 64},
         "adapter": {"type": "lora", "r": 4},
         "training": {"max_steps": 4, "batch_size": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1,

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import write_chat
+
 from tunelab import load_config
 from tunelab.errors import UserError
 from tunelab.train import run_training
@@ -20,22 +22,13 @@ VAL = [("Who wrote Hamlet?", "William Shakespeare wrote it around 1600."),
        ("What is rain?", "Water falling from clouds in drops.")]
 
 
-def _write(path: Path, pairs, repeat):
-    with open(path, "w") as f:
-        for i in range(repeat * len(pairs)):
-            q, a = pairs[i % len(pairs)]
-            f.write(json.dumps({"messages": [{"role": "user", "content": q},
-                                             {"role": "assistant", "content": a}]}) + "\n")
-    return str(path)
-
-
 def _cfg(tmp_path, tiny_model, overrides=()):
     import yaml
 
     cfg = {
         "model": {"source": tiny_model},
-        "data": {"train": _write(tmp_path / "train.jsonl", TRAIN, 8),
-                 "validation": _write(tmp_path / "val.jsonl", VAL, 1), "max_length": 128},
+        "data": {"train": write_chat(tmp_path / "train.jsonl", TRAIN, 8),
+                 "validation": write_chat(tmp_path / "val.jsonl", VAL, 1), "max_length": 128},
         "adapter": {"type": "none"},
         "training": {"max_steps": 80, "batch_size": 8, "learning_rate": 1e-2, "scheduler": "constant",
                      "eval_steps": 4, "save_steps": 4, "save_total_limit": 1, "precision": "fp32"},
