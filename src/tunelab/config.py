@@ -295,6 +295,15 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
+    def eval_schedule(self) -> str:
+        """When the run evaluates: 'steps' (every training.eval_steps), 'epoch' or 'no' (TrainingArguments
+        eval_strategy). training.eval_strategy 'steps' without eval_steps, or no validation data, means none."""
+        t = self.training
+        has_val = bool(self.data.validation or self.data.val_split)
+        if not has_val or t.eval_strategy == "no" or (t.eval_strategy == "steps" and not t.eval_steps):
+            return "no"
+        return t.eval_strategy
+
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json")
         data["method"] = {"name": self.method.name, **self.method.options()}

@@ -31,7 +31,7 @@ def training_arguments(cfg: RunConfig, run: runs.Run, precision: str) -> dict:
     import torch
 
     t = cfg.training
-    strategy = eval_strategy(cfg)
+    strategy = cfg.eval_schedule()
     # Settings a method (or a plugin method) may set in its own TRL config too: passed only when the config moves
     # them off TrainingArguments' defaults, so a method that sets one keeps working until the user sets it as well
     optional = {k: v for k, v, default in (
@@ -87,16 +87,6 @@ def prepare_data(cfg: RunConfig, kind: str, tokenizer) -> TrainData:
     return TrainData(train, val, stats)
 
 
-def eval_strategy(cfg: RunConfig) -> str:
-    """When the run evaluates: 'steps' (every training.eval_steps), 'epoch' or 'no' (TrainingArguments eval_strategy).
-    training.eval_strategy 'steps' without eval_steps, or no validation data, means no evaluation."""
-    t = cfg.training
-    has_val = bool(cfg.data.validation or cfg.data.val_split)
-    if not has_val or t.eval_strategy == "no" or (t.eval_strategy == "steps" and not t.eval_steps):
-        return "no"
-    return t.eval_strategy
-
-
 def evaluation_settings(cfg: RunConfig) -> dict:
     """TrainingArguments for evaluation during training: schedule, best checkpoint, checked before anything loads."""
     from tunelab.evaluation.callbacks import best_model_args
@@ -110,7 +100,7 @@ def evaluation_settings(cfg: RunConfig) -> dict:
             raise UserError("evaluation during training needs validation data: set data.val_split (e.g. 0.1) or "
                             "data.validation")
         return {}
-    if eval_strategy(cfg) == "no":
+    if cfg.eval_schedule() == "no":
         if e.task or e.early_stopping_patience:
             raise UserError("eval.task / eval.early_stopping_patience need evaluations: set training.eval_steps "
                             "(every N steps) or training.eval_strategy=epoch")
@@ -139,7 +129,7 @@ def evaluation_callbacks(cfg: RunConfig, run: runs.Run, tokenizer) -> tuple[list
     from tunelab.evaluation.callbacks import training_callbacks
 
     task_rows = None
-    if cfg.eval.task and eval_strategy(cfg) != "no":
+    if cfg.eval.task and cfg.eval_schedule() != "no":
         from tunelab.data.sources import read_source
 
         task_rows = [r.data for r in read_source(cfg.eval.task_data)][: cfg.eval.task_samples]

@@ -81,7 +81,7 @@ class PPO(Method):
         # (and eval_rewards/<name>), not eval_loss, so the best checkpoint and early stopping must follow a reward
         e = cfg.eval
         keeps_best = e.load_best or e.early_stopping_patience
-        if cfg.training.eval_steps and keeps_best and not e.metric.startswith("eval_reward"):
+        if cfg.eval_schedule() != "no" and keeps_best and not e.metric.startswith("eval_reward"):
             raise UserError(f"ppo: eval.metric '{e.metric}' is not reported: PPO evaluates by eval_reward (mean "
                             "reward of greedy completions on the validation prompts); set eval.metric=eval_reward "
                             "(or eval.load_best=false without early stopping)")
