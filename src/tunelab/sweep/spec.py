@@ -236,8 +236,8 @@ def load_sweep(path: str | Path, trials: int | None = None) -> Sweep:
                         f"known: {', '.join(OBJECTIVES)}")
     if objective.startswith("eval_") and not has_eval:
         raise UserError(f"{path}: objective {objective} needs evaluation during training: set data.val_split "
-                        "(e.g. 0.1) and training.eval_steps (or training.eval_strategy: epoch) in the config or overrides, or use "
-                        "objective: last_epoch_train_loss")
+                        "(e.g. 0.1) and training.eval_steps (or training.eval_strategy: epoch) in the config or "
+                        "overrides, or use objective: last_epoch_train_loss")
     if objective.startswith("eval_gsm8k") and not all(c.eval.task == "gsm8k" for c in cfgs):
         raise UserError(f"{path}: objective {objective} needs eval.task: gsm8k")
     # train.py's own checks of the evaluation schedule and trackers, run on every probe config now (heavy imports:
