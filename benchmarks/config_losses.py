@@ -62,7 +62,7 @@ def main() -> int:
     import os
 
     os.chdir(ROOT)  # shipped configs name ../shared/... relative to the repository root
-    paths = [Path(p) for p in a.configs] or sorted((ROOT / "configs").rglob("*.yaml"))
+    paths = [Path(p).resolve() for p in a.configs] or sorted((ROOT / "configs").rglob("*.yaml"))
     results = {}
     for p in paths:
         why = runnable(p)
