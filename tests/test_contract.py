@@ -132,6 +132,18 @@ def test_every_adapter_trains_at_the_default_precision(tmp_path, tiny_model, tin
     assert summary["status"] == "complete" and len(losses(summary)) == 2
 
 
+@pytest.mark.parametrize("adapter", ["lora", "dora"])
+def test_gradient_checkpointing_trains_at_the_default_precision(tmp_path, tiny_model, tiny_chat_data, adapter):
+    """The lean loss under bf16 with checkpointing: the recompute in backward must see the forward's dtypes (it
+    raised a CheckpointError when the memory plan turned checkpointing on for a DoRA run)."""
+    from tunelab import finetune, load_config
+
+    path = write_config(tmp_path, tiny_model, tiny_chat_data, {"name": "sft"}, adapter={"type": adapter},
+                        max_steps=2, precision="auto", gradient_checkpointing=True)
+    summary = finetune(load_config(path), show_progress=False, echo=lambda *a: None)
+    assert summary["status"] == "complete" and len(losses(summary)) == 2
+
+
 def test_adapter_table_declares_what_the_estimate_and_reference_need():
     assert [a for a in ADAPTERS.values() if a.trains_base] == [ADAPTERS["none"]]
     assert {a.name for a in ADAPTERS.values() if a.prompt_learning} == {"prefix", "prompt", "ptuning"}

@@ -65,8 +65,11 @@ def lean_trainer_class():
             # The decoder and head are called directly, around the forward that accelerate wrapped in autocast, so
             # mixed precision has to be entered here (without it the CPU matmuls ran in float32, 3x slower). Under
             # autocast PEFT's cast of each adapter input to float32 is only undone again by the matmul: skip it.
-            mixed = self.args.bf16 or self.args.fp16
-            with self.accelerator.autocast(), disable_input_dtype_casting(model, active=mixed and casts_inputs(model)):
+            # Not with gradient checkpointing: its recompute runs in backward, outside this context, where PEFT casts
+            # again, and the recomputed tensors' dtypes would no longer match the forward's (a CheckpointError).
+            skip_casts = ((self.args.bf16 or self.args.fp16) and not self.args.gradient_checkpointing
+                          and casts_inputs(model))
+            with self.accelerator.autocast(), disable_input_dtype_casting(model, active=skip_casts):
                 hidden = causal_lm.get_decoder()(**features, use_cache=False).last_hidden_state
                 targets = labels[:, 1:]
                 trained = targets != -100
