@@ -169,6 +169,7 @@ class Format:
     fields: tuple[str, ...] = ()  # all needed
     optional: tuple[str, ...] = ()  # understood when present (they count towards detection)
     fallback = False  # only chosen when nothing else fits (plain `text` sits beside many other fields)
+    reference: str | None = None  # the field holding the reference reply; `<field>1..N` are several references
     doc = ""
 
     def shape(self, data: dict) -> bool:
@@ -231,7 +232,7 @@ def _instruction(d: dict, origin: str, extra_key: str, heading: str) -> str:
 
 
 class Alpaca(Format):
-    name, fields, optional = "alpaca", ("instruction", "output"), ("input", "system", "history")
+    name, fields, optional, reference = "alpaca", ("instruction", "output"), ("input", "system", "history"), "output"
     doc = 'Alpaca: {"instruction", "input" (may be empty), "output"} (+ optional "system", "history": [[q, a], ...])'
 
     def normalize(self, row):
@@ -251,7 +252,7 @@ class Alpaca(Format):
 
 
 class Dolly(Format):
-    name, fields, optional = "dolly", ("instruction", "response"), ("context", "category")
+    name, fields, optional, reference = "dolly", ("instruction", "response"), ("context", "category"), "response"
     doc = 'Dolly: {"instruction", "context" (may be empty), "response", "category"}'
 
     def normalize(self, row):
@@ -313,8 +314,9 @@ class QuestionAnswer(Format):
 
 
 class DialogueSummary(Format):
-    name, fields, optional = "dialogue_summary", ("dialogue", "summary"), ("topic", "fname", "id")
-    doc = f'Dialogue summarization (DialogSum): {{"dialogue", "summary"}} -> "{SUMMARIZE_PROMPT}" + dialogue'
+    name, fields, optional, reference = "dialogue_summary", ("dialogue", "summary"), ("topic", "fname", "id"), "summary"
+    doc = (f'Dialogue summarization (DialogSum): {{"dialogue", "summary"}} -> "{SUMMARIZE_PROMPT}" + dialogue; '
+           'several references as "summary1".."summaryN" (DialogSum test) or a "references" list')
 
     def normalize(self, row):
         d, o = row.data, row.origin
@@ -419,8 +421,51 @@ ALIASES = {"openai": "messages", "chatml": "messages", "hh-rlhf": "hh_rlhf", "di
 
 # --------------------------------------------------------------------------------------------- detection + normalize
 
+# ------------------------------------------------------------------------------------------ several references
+
+REFERENCES = "references"  # a list of reference replies, for any conversation format
+
+
+def _numbered(data: dict, base: str) -> list[str]:
+    """`base1`, `base2`, ... keys of a row, in number order (DialogSum's test split: summary1..summary3)."""
+    return sorted((k for k in data if k[len(base):].isdigit() and k.startswith(base)), key=lambda k: int(k[len(base):]))
+
+
+def _fields_of(f: Format, data: dict) -> set:
+    """The row's fields as format `f` sees them: numbered references or a `references` list stand in for the
+    format's reference field when the row has no such field."""
+    keys = set(data)
+    if f.reference and f.reference not in keys and (REFERENCES in keys or _numbered(data, f.reference)):
+        keys.add(f.reference)
+    return keys
+
+
+def _references(f: Format, row: Row) -> tuple[Row, list[str] | None]:
+    """(the row as `f.normalize` reads it, its references when it has several).
+
+    References come from a `references` list, else from `<reference field>1..N` (after the field itself, when the
+    row has both). Training reads the reference field, which is the first reference when the row has no such field.
+    """
+    d, o = row.data, row.origin
+    refs: list[str] = []
+    if REFERENCES in d:
+        v = _maybe_json(d[REFERENCES])
+        if not isinstance(v, list) or not v or not all(isinstance(x, str) and x.strip() for x in v):
+            raise UserError(f"{o}: '{REFERENCES}' must be a non-empty list of reference texts")
+        refs = list(v)
+    elif f.reference:
+        numbered = _numbered(d, f.reference)
+        if numbered:
+            refs = ([_text(d, f.reference, o)] if f.reference in d else []) + [_text(d, k, o) for k in numbered]
+    if not refs:
+        return row, None
+    if f.reference and f.reference not in d:
+        row = Row({**d, f.reference: refs[0]}, o)
+    return row, refs
+
+
 def _fits(f: Format, data: dict) -> bool:
-    if not set(f.fields) <= set(data):
+    if not set(f.fields) <= _fields_of(f, data):
         return False
     try:
         return bool(f.shape(data))
@@ -439,7 +484,7 @@ def detect(rows: list[Row], source: str) -> str:
     if fits and not all(f.fallback for f in fits):
         fits = [f for f in fits if not f.fallback]
     if fits:
-        score = {f.name: len((set(f.fields) | set(f.optional)) & keys) for f in fits}
+        score = {f.name: len((set(f.fields) | set(f.optional)) & _fields_of(f, first.data)) for f in fits}
         best = max(score.values())
         top = [n for n, s in score.items() if s == best]
         if len(top) == 1:
@@ -520,11 +565,14 @@ def normalize_rows(rows: list[Row], fmt: str, source: str, columns: dict[str, st
     out = []
     for r in rows:
         try:
-            missing = [k for k in f.fields if k not in r.data]
+            missing = [k for k in f.fields if k not in _fields_of(f, r.data)]
             if missing:
                 raise UserError(f"{r.origin}: missing field(s) {', '.join(missing)} for format '{name}' "
                                 f"(fields here: {', '.join(sorted(r.data))}; map yours with data.columns)")
-            rec = f.normalize(r)
+            row, refs = _references(f, r)
+            rec = f.normalize(row)
+            if refs and "messages" in rec:  # evaluation scores against every reference; training uses the reply
+                rec[REFERENCES] = refs
         except UserError as e:
             if problems is None:
                 raise

@@ -114,6 +114,10 @@ def inspect(source, tok, data_cfg, limit: int | None = None) -> dict:
                  "template and that max_length does not cut replies")
     if no_reply and kinds.get("prompt", 0) < len(records):
         w.append(f"{no_reply} samples have no trained tokens (no assistant reply); SFT drops them")
+    multi = [len(r["references"]) for r in records if len(r.get("references") or []) > 1]
+    if multi:
+        w.append(f"{len(multi)} samples have several references (up to {max(multi)}): training uses the first; "
+                 "tunelab eval scores summarization against all of them (best and mean)")
     default_sys = render.default_system_prompt(tok)
     if default_sys:
         without = sum(1 for r in records if (msgs := formats.conversation(r)) and msgs[0]["role"] != "system")

@@ -10,12 +10,13 @@ from dataclasses import replace
 from tunelab.errors import UserError
 
 
-def load_records(spec: str, fmt: str = "auto", n: int | None = None) -> list[dict]:
-    """Normalized records of any source the data layer reads (same detection and prompts as training), first `n`."""
+def load_records(spec: str, fmt: str = "auto", n: int | None = None, columns: dict | None = None) -> list[dict]:
+    """Normalized records of any source the data layer reads (same detection and prompts as training), first `n`;
+    `columns` renames fields (yours -> expected), as data.columns does for training."""
     from tunelab.config import DataConfig
     from tunelab.data.build import load_records as _load
 
-    records = _load(spec, DataConfig(train=spec, format=fmt))
+    records = _load(spec, DataConfig(train=spec, format=fmt, columns=columns or {}))
     if not records:
         raise UserError(f"{spec}: no rows to evaluate")
     return records[:n] if n else records

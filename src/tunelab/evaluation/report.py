@@ -134,6 +134,16 @@ def plot_losses(run_dir) -> list[Path]:
 
 # ------------------------------------------------------------------------------------------------- metric tables
 
+def task_metrics(task: str, task_results: list[dict]) -> list[tuple[str, bool | None]]:
+    """(metric key, higher is better) of a task, in order: what its results declare under "metrics" (lm-evaluation
+    -harness tasks, summarization scored against several references), else the task's entry in METRICS."""
+    declared: dict[str, bool | None] = {}
+    for res in task_results:
+        for key, higher in res.get("metrics") or []:
+            declared.setdefault(key, higher)
+    return list(declared.items()) if declared else METRICS.get(task, [])
+
+
 def metric_rows(results: list[dict]) -> list[dict]:
     """[{task, metric, values: [per model], better}] for every task any model was evaluated on."""
     tasks = []
@@ -141,7 +151,7 @@ def metric_rows(results: list[dict]) -> list[dict]:
         tasks += [t for t in r["tasks"] if t not in tasks]
     out = []
     for t in tasks:
-        for key, higher in METRICS.get(t, []):
+        for key, higher in task_metrics(t, [r["tasks"].get(t, {}) for r in results]):
             out.append({"task": t, "metric": key, "higher_is_better": higher,
                         "values": [r["tasks"].get(t, {}).get(key) for r in results]})
         out.append({"task": t, "metric": "n", "higher_is_better": None,
@@ -185,10 +195,14 @@ def side_by_side(results: list[dict], task: str, limit: int = MAX_EXAMPLES) -> l
 def _verdict(task: str, ex: dict | None) -> str:
     if ex is None:
         return "not evaluated"
+    if ex.get("verdict"):  # examples that say how they scored (lm-evaluation-harness tasks)
+        return ex["verdict"]
     if task == "gsm8k":
         return f"pred {fmt(ex.get('pred'))} {'✓' if ex.get('correct') else '✗'}" + \
             ("" if ex.get("formatted") else " (no ####)")
     if task == "summarization":
+        if "rougeL_best_ref" in ex:
+            return f"ROUGE-L best ref {fmt(ex['rougeL_best_ref'])}, mean over refs {fmt(ex['rougeL_mean_ref'])}"
         return f"ROUGE-L {fmt(ex.get('rougeL'))}"
     return ""
 
