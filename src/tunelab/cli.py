@@ -36,6 +36,8 @@ EVAL_ARGS = [
     A("--data", default=None, help="evaluation data: a file the data layer reads or bundled:NAME "
       "(default for gsm8k and perplexity: bundled:gsm8k/test)"),
     A("--format", default="auto", help="data format when detection is not enough (see tunelab data inspect)"),
+    A("--column", action="append", metavar="YOURS=EXPECTED",
+      help="rename a data field (repeatable), e.g. --column summaries=references"),
     A("--n", type=int, default=None, help="evaluate only the first N samples (default: all for eval, 50 for compare)"),
     A("--k-shot", type=int, default=0, help="gsm8k: solved training examples shown as earlier chat turns"),
     A("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples"),
@@ -43,7 +45,14 @@ EVAL_ARGS = [
     A("--seed", type=int, default=None, help="seed for sampling"),
     A("--max-new-tokens", type=int, default=256, help="longest generation per sample"),
     A("--batch-size", type=int, default=16, help="samples generated (or scored) together"),
+    A("--lm-eval-include", action="append", metavar="DIR",
+      help="lm-eval tasks: a folder of task YAMLs whose tasks --task lm-eval:NAME can name (repeatable)"),
+    A("--lm-eval-fewshot", type=int, default=None, help="lm-eval tasks: few-shot examples (default: each task's own)"),
+    A("--lm-eval-chat-template", action="store_true",
+      help="lm-eval tasks: render prompts with the model's chat template"),
 ]
+TASK_HELP = ("gsm8k, summarization, perplexity, prompts, or lm-eval:NAME (an lm-evaluation-harness task or group, "
+             "or lm-eval:path/to/task.yaml; needs the lmeval extra)")
 
 # name -> (target, help, [argument specs])
 COMMANDS: dict[str, tuple[str, str, list]] = {
@@ -139,10 +148,10 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
         A("--n-ctx", type=int, default=2048, help="context window in tokens"),
         A("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)"),
     ]),
-    "eval": ("tunelab.evaluation.main:main", "evaluate a model, adapter or run on gsm8k, summarization, perplexity "
-             "or a prompts file", [
+    "eval": ("tunelab.evaluation.main:main", "evaluate a model, adapter or run on gsm8k, summarization, perplexity, "
+             "a prompts file or lm-evaluation-harness tasks", [
         *MODEL_ARGS,
-        A("--task", required=True, choices=["gsm8k", "summarization", "perplexity", "prompts"]),
+        A("--task", required=True, action="append", metavar="TASK", help=TASK_HELP + "; repeatable"),
         *EVAL_ARGS,
         A("--out", default=None, help="write results: FILE.json, or a directory for report.md/.html "
           "(default with --run: RUN/eval/TASK.json)"),
@@ -150,8 +159,8 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
     "compare": ("tunelab.evaluation.main:compare", "compare models side by side (a run's base vs the run, or runs): "
                 "metric table and examples in report.md/report.html", [
         A("models", nargs="+", metavar="RUN_OR_MODEL", help="one run (its base vs it), or two or more runs/models"),
-        A("--task", action="append", choices=["gsm8k", "summarization", "perplexity", "prompts"],
-          help="task to compare on; repeatable (default: the run's eval.task, else perplexity on its validation "
+        A("--task", action="append", metavar="TASK",
+          help=TASK_HELP + "; repeatable (default: the run's eval.task, else perplexity on its validation "
           "data, else gsm8k)"),
         *EVAL_ARGS,
         A("--out", default=None, help="report directory (default: the last run given)"),

@@ -3,6 +3,7 @@
     tunelab eval --run runs/gsm8k-sft --task gsm8k --n 50
     tunelab compare runs/gsm8k-sft                 # the run's base model vs the run
     tunelab compare runs/a runs/b --task gsm8k --task perplexity
+    tunelab eval --run runs/gsm8k-sft --task lm-eval:arc_easy      # lm-evaluation-harness (evaluation/lmeval.py)
 
 Models are loaded one at a time and freed before the next, so comparing two 1B models needs the memory of one.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from tunelab.errors import UserError
+from tunelab.evaluation.lmeval import is_lmeval
 from tunelab.evaluation.report import format_duration
 from tunelab.rundir import open_finished_run
 
@@ -102,6 +104,8 @@ def gen_params(args):
 
 
 def _check(args) -> None:
+    if getattr(args, "lm_eval_fewshot", None) is not None and args.lm_eval_fewshot < 0:
+        raise UserError("--lm-eval-fewshot must be >= 0")
     if args.n is not None and args.n < 1:
         raise UserError("--n must be at least 1")
     if args.batch_size < 1:
@@ -109,6 +113,37 @@ def _check(args) -> None:
     if args.k_shot < 0:
         raise UserError("--k-shot must be >= 0")
     gen_params(args)  # settings are checked before any model is loaded
+
+
+def check_tasks(tasks: list[str], args) -> None:
+    """Task names (tunelab's own, or lm-eval:NAME with the harness installed), before any data or model loads."""
+    from tunelab.evaluation import lmeval
+
+    for t in tasks:
+        if not is_lmeval(t) and t not in TASKS:
+            raise UserError(f"unknown task '{t}'; one of {', '.join(TASKS)}, or {lmeval.PREFIX}NAME "
+                            "(an lm-evaluation-harness task or task YAML)")
+    lmeval.check(tasks, getattr(args, "lm_eval_include", None))
+
+
+def harness_tasks(tasks: list[str], args):
+    """The lm-evaluation-harness tasks among `tasks`, indexed and their data read (None when there are none)."""
+    if not any(is_lmeval(t) for t in tasks):
+        return None
+    from tunelab.evaluation import lmeval
+
+    return lmeval.Tasks(tasks, getattr(args, "lm_eval_include", None))
+
+
+def columns(args) -> dict[str, str]:
+    """--column YOURS=EXPECTED flags as a rename map (data.columns of a training config)."""
+    out = {}
+    for item in getattr(args, "column", None) or []:
+        if isinstance(item, str) and "=" not in item:
+            raise UserError(f"--column '{item}' is not yours=expected (e.g. --column summaries=references)")
+        k, v = item.split("=", 1) if isinstance(item, str) else item
+        out[k] = v
+    return out
 
 
 def task_data(task: str, args):
@@ -125,7 +160,7 @@ def task_data(task: str, args):
         if not rows:
             raise UserError(f"{spec}: no rows to evaluate")
         return rows[: args.n] if args.n else rows
-    return load_records(spec, getattr(args, "format", "auto") or "auto", args.n)
+    return load_records(spec, getattr(args, "format", "auto") or "auto", args.n, columns(args))
 
 
 def run_task(task: str, model, tok, data, args) -> dict:
@@ -149,10 +184,46 @@ def run_task(task: str, model, tok, data, args) -> dict:
     raise UserError(f"unknown task '{task}'; one of {', '.join(TASKS)}")
 
 
-def summary_line(task: str, res: dict) -> str:
-    from tunelab.evaluation.report import METRICS, fmt
+def run_model(spec: dict, tasks: list[str], data: dict, harness, args, echo=None) -> dict:
+    """{task: result} of one model: tunelab's own tasks on one load of it, then the lm-evaluation-harness tasks
+    through the harness' own model loading (evaluation/lmeval.py); each load is freed before the next."""
+    results = {}
+    own = [t for t in tasks if not is_lmeval(t)]
+    if own:
+        model, tok = load(spec)
+        for t in own:
+            t0 = time.time()
+            results[t] = run_task(t, model, tok, data[t], args)
+            results[t]["seconds"] = round(time.time() - t0, 2)
+            if echo:
+                echo(summary_line(t, results[t]) + f"  ({format_duration(results[t]['seconds'])})")
+        del model, tok
+        _free_memory()
+    if harness is not None:
+        from tunelab.evaluation import lmeval
 
-    keys = [k for k, _ in METRICS.get(task, [])]
+        model, model_args = lmeval.hf_model(spec, args.batch_size, getattr(args, "load_in_4bit", False))
+        t0 = time.time()
+        found = lmeval.evaluate(model, model_args, harness, n=args.n, batch_size=args.batch_size,
+                                num_fewshot=getattr(args, "lm_eval_fewshot", None),
+                                chat_template=getattr(args, "lm_eval_chat_template", False), seed=args.seed)
+        seconds = round(time.time() - t0, 2)
+        for t, res in found.items():
+            res["seconds"] = seconds  # the harness runs its tasks together: the time of all of them
+            results[t] = res
+            if echo:
+                echo(summary_line(t, res))
+        if echo:
+            echo(f"lm-eval tasks: {format_duration(seconds)}")
+        del model
+        _free_memory()
+    return results
+
+
+def summary_line(task: str, res: dict) -> str:
+    from tunelab.evaluation.report import fmt, task_metrics
+
+    keys = [k for k, _ in task_metrics(task, [res])]
     return f"{task}: n={res['n']}" + "".join(f"  {k}={fmt(res[k])}" for k in keys if k in res)
 
 
@@ -175,63 +246,82 @@ def _free_memory() -> None:
 
 # Settings of `evaluate` (and of the CLI's flags, which document them in `tunelab eval --help`).
 SETTINGS = {"data": None, "format": "auto", "n": None, "k_shot": 0, "temperature": 0.0, "top_p": 1.0, "seed": None,
-            "max_new_tokens": 256, "batch_size": 16}
+            "max_new_tokens": 256, "batch_size": 16, "column": None, "lm_eval_include": None, "lm_eval_fewshot": None,
+            "lm_eval_chat_template": False}
 
 
 def evaluate(task: str, model: str | None = None, adapter: str | None = None, run: str | None = None,
              **settings) -> dict:
     """Score one model (a base, a base + adapter, or a run's final model) on `task`; returns the task's metrics and
-    examples. Python entry point behind `tunelab eval` (settings: see SETTINGS)."""
+    examples. Python entry point behind `tunelab eval` (settings: see SETTINGS). An lm-eval:NAME task that the
+    harness expands into several (a group) returns {"tasks": {name: result}}."""
     unknown = set(settings) - set(SETTINGS)
     if unknown:
         raise UserError(f"unknown evaluation setting(s) {', '.join(sorted(unknown))}; known: {', '.join(SETTINGS)}")
     args = SimpleNamespace(**{**SETTINGS, **settings})
     _check(args)
-    if task not in TASKS:
-        raise UserError(f"unknown task '{task}'; one of {', '.join(TASKS)}")
+    check_tasks([task], args)
     if adapter and run:
         raise UserError("give --adapter or --run, not both (a run already names its adapter)")
-    data = task_data(task, args)
+    data = {} if is_lmeval(task) else {task: task_data(task, args)}
+    harness = harness_tasks([task], args)
     spec = {"label": "model", "model": model if model or run else "embedded:smollm2-135m-instruct",
             "adapter": adapter, "run": str(resolve_run(run)) if run else None}
-    loaded, tok = load(spec)
-    t0 = time.time()
-    res = run_task(task, loaded, tok, data, args)
-    res["seconds"] = round(time.time() - t0, 2)
-    return res
+    res = run_model(spec, [task], data, harness, args)
+    return next(iter(res.values())) if len(res) == 1 else {"tasks": res}
+
+
+def _file_name(tasks: list[str]) -> str:
+    """RUN/eval/<this>.json: the task names, a harness task file by its stem, joined by '+'."""
+    import re
+
+    def one(t: str) -> str:
+        if is_lmeval(t) and t.endswith((".yaml", ".yml")):
+            t = "lm-eval_" + Path(t.split(":", 1)[1]).stem
+        return re.sub(r"[^\w.+-]+", "_", t)
+
+    return "+".join(one(t) for t in tasks)
 
 
 def main(args) -> int:
-    """tunelab eval: one model on one task; prints the metrics and a few examples, writes results if asked."""
-    task = args.task
-    res = evaluate(task, args.model, args.adapter, args.run, **{k: getattr(args, k) for k in SETTINGS})
+    """tunelab eval: one model on one or more tasks; prints the metrics and a few examples, writes results if asked."""
+    tasks = list(dict.fromkeys(args.task))
+    _check(args)
+    check_tasks(tasks, args)
+    if args.adapter and args.run:
+        raise UserError("give --adapter or --run, not both (a run already names its adapter)")
     spec = {"label": "model", "model": args.model, "adapter": args.adapter,
             "run": str(resolve_run(args.run)) if args.run else None}
+    data = {t: task_data(t, args) for t in tasks if not is_lmeval(t)}
+    harness = harness_tasks(tasks, args)
+    all_res = run_model(spec, tasks, data, harness, args)
     print(f"{describe(spec)}")
-    print(summary_line(task, res) + f"  ({format_duration(res['seconds'])})")
-    examples = res.get("examples", [])
-    for ex in examples[:SHOWN_EXAMPLES]:
-        prompt = (ex.get("question") or ex.get("prompt") or "").strip().replace("\n", " ")
-        out = (ex.get("output") or "").strip().replace("\n", " ")
-        print(f"- {prompt[:100]}{'…' if len(prompt) > 100 else ''}\n  → {out[:200]}{'…' if len(out) > 200 else ''}")
-    out = args.out or (str(Path(spec["run"]) / "eval" / f"{task}.json") if spec["run"] else None)
-    hidden = len(examples) - SHOWN_EXAMPLES
-    if hidden > 0:  # say where the rest are: the output file (written below) or how to get one
-        print(f"({hidden} more output{'s' if hidden > 1 else ''} not shown: "
-              + (f"all {len(examples)} are in {out})" if out else "pass --out FILE.json to keep them all)"))
+    out = args.out or (str(Path(spec["run"]) / "eval" / f"{_file_name(tasks)}.json") if spec["run"] else None)
+    for task, res in all_res.items():
+        print(summary_line(task, res) + f"  ({format_duration(res['seconds'])})")
+        examples = res.get("examples", [])
+        for ex in examples[:SHOWN_EXAMPLES]:
+            prompt = (ex.get("question") or ex.get("prompt") or "").strip().replace("\n", " ")
+            text = (ex.get("output") or "").strip().replace("\n", " ")
+            print(f"- {prompt[:100]}{'…' if len(prompt) > 100 else ''}\n  → {text[:200]}"
+                  f"{'…' if len(text) > 200 else ''}")
+        hidden = len(examples) - SHOWN_EXAMPLES
+        if hidden > 0:  # say where the rest are: the output file (written below) or how to get one
+            print(f"({hidden} more output{'s' if hidden > 1 else ''} not shown: "
+                  + (f"all {len(examples)} are in {out})" if out else "pass --out FILE.json to keep them all)"))
     if out:
         results = [{"label": spec["label"] if not spec["run"] else Path(spec["run"]).name, "model": describe(spec),
-                    "tasks": {task: res}}]
+                    "tasks": all_res}]
         if out.endswith(".json"):
             from tunelab.rundir import write_json_atomic
 
-            p = write_json_atomic(out, {"settings": _settings(args, [task]), "results": results}, indent=1)
+            p = write_json_atomic(out, {"settings": _settings(args, tasks), "results": results}, indent=1)
             print(f"results: {p}")
         else:
             from tunelab.evaluation.report import write_report
 
-            paths = write_report(out, results, title=f"tunelab eval: {task}", settings=_settings(args, [task]),
-                                 include_training=False)
+            paths = write_report(out, results, title=f"tunelab eval: {', '.join(tasks)}",
+                                 settings=_settings(args, tasks), include_training=False)
             print(f"report: {paths['md']} and {paths['html']}")
     return 0
 
@@ -273,14 +363,15 @@ def compare(args) -> int:
     run_cfg = open_finished_run(next(s["run"] for s in specs if s["run"]), need_final=False).config \
         if any(s["run"] for s in specs) else {}
     tasks, data_spec, why = compare_defaults(run_cfg, args.task, args.data)
-    for t in tasks:
-        if t not in TASKS:
-            raise UserError(f"unknown task '{t}'; one of {', '.join(TASKS)}")
+    check_tasks(tasks, args)
     # all 1,319 GSM8K questions take hours on a CPU for a first look: a sample, unless --n says otherwise
     args = SimpleNamespace(**{**vars(args), "n": args.n or COMPARE_N})
-    print(f"comparing on {', '.join(f'{t} ({data_spec.get(t) or DEFAULT_DATA.get(t)})' for t in tasks)}, "
+    where = {t: "its own data" if is_lmeval(t) else data_spec.get(t) or DEFAULT_DATA.get(t) for t in tasks}
+    print(f"comparing on {', '.join(f'{t} ({where[t]})' for t in tasks)}, "
           f"{'first ' + str(args.n) if args.n else 'all'} samples" + (f" ({why})" if why else ""))
-    data = {t: task_data(t, SimpleNamespace(**{**vars(args), "data": data_spec.get(t)})) for t in tasks}
+    data = {t: task_data(t, SimpleNamespace(**{**vars(args), "data": data_spec.get(t)})) for t in tasks
+            if not is_lmeval(t)}
+    harness = harness_tasks(tasks, args)
     args.data = args.data or "; ".join(f"{t}: {d}" for t, d in data_spec.items() if d) or None  # for the report
     runs = [s["run"] for s in specs if s["run"]]
     out = Path(args.out) if args.out else (Path(runs[-1]) if runs else None)
@@ -289,16 +380,8 @@ def compare(args) -> int:
     results = []
     for spec in specs:
         print(f"evaluating {spec['label']}: {describe(spec)}")
-        model, tok = load(spec)
-        tasks_res = {}
-        for t in tasks:
-            t0 = time.time()
-            tasks_res[t] = run_task(t, model, tok, data[t], args)
-            tasks_res[t]["seconds"] = round(time.time() - t0, 2)
-            print("  " + summary_line(t, tasks_res[t]) + f"  ({format_duration(tasks_res[t]['seconds'])})")
+        tasks_res = run_model(spec, tasks, data, harness, args, echo=lambda line: print("  " + line))
         results.append({"label": spec["label"], "model": describe(spec), "tasks": tasks_res})
-        del model, tok
-        _free_memory()
     paths = write_report(out, results, title="tunelab compare: " + " vs ".join(s["label"] for s in specs),
                          settings=_settings(args, tasks))
     print(f"report: {paths['md']} and {paths['html']}")
