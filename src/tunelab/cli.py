@@ -47,7 +47,8 @@ EVAL_ARGS = [
     A("--batch-size", type=int, default=16, help="samples generated (or scored) together"),
     A("--lm-eval-include", action="append", metavar="DIR",
       help="lm-eval tasks: a folder of task YAMLs whose tasks --task lm-eval:NAME can name (repeatable)"),
-    A("--lm-eval-fewshot", type=int, default=None, help="lm-eval tasks: few-shot examples (default: each task's own)"),
+    A("--lm-eval-fewshot", type=int, default=None, metavar="K",
+      help="lm-eval tasks: few-shot examples (default: each task's own)"),
     A("--lm-eval-chat-template", action="store_true",
       help="lm-eval tasks: render prompts with the model's chat template"),
 ]

@@ -448,6 +448,8 @@ def _references(f: Format, row: Row) -> tuple[Row, list[str] | None]:
     """
     d, o = row.data, row.origin
     refs: list[str] = []
+    if f.kind != "conversation":  # preference pairs, prompts and plain text have no reply to score
+        return row, None
     if REFERENCES in d:
         v = _maybe_json(d[REFERENCES])
         if not isinstance(v, list) or not v or not all(isinstance(x, str) and x.strip() for x in v):
