@@ -105,3 +105,17 @@ def test_data_inspect_says_training_uses_the_first_reference(tiny_model):
     tok = load_tokenizer(tiny_model)
     rep = inspect([str(DIALOGSUM_TEST)], tok, DataConfig(train=str(DIALOGSUM_TEST), cache=False))
     assert any("several references (up to 3): training uses the first" in w for w in rep["warnings"])
+
+
+def test_eval_maps_a_references_column(tiny_model, capsys):
+    pytest.importorskip("rouge_score")
+    data = str(MULTI / "summaries_list.jsonl")
+    assert cli(["eval", "--model", tiny_model, "--task", "summarization", "--data", data, "--n", "1",
+                "--max-new-tokens", "2", "--column", "text=dialogue", "--column", "summaries=references"]) == 0
+    assert "rougeL_best_ref=" in capsys.readouterr().out
+    from tunelab.evaluation.main import evaluate
+
+    res = evaluate("summarization", model=tiny_model, data=data, n=1, max_new_tokens=2,
+                   column={"text": "dialogue", "summaries": "references"})
+    assert res["references"] == 2 and res["examples"][0]["references"] == ["The cat sat on the mat.",
+                                                                          "A cat is on a mat."]

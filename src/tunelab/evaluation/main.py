@@ -123,7 +123,7 @@ def check_tasks(tasks: list[str], args) -> None:
         if not is_lmeval(t) and t not in TASKS:
             raise UserError(f"unknown task '{t}'; one of {', '.join(TASKS)}, or {lmeval.PREFIX}NAME "
                             "(an lm-evaluation-harness task or task YAML)")
-    lmeval.check(tasks, getattr(args, "lm_eval_include", None))
+    lmeval.check(tasks, _include(args))
 
 
 def harness_tasks(tasks: list[str], args):
@@ -132,16 +132,26 @@ def harness_tasks(tasks: list[str], args):
         return None
     from tunelab.evaluation import lmeval
 
-    return lmeval.Tasks(tasks, getattr(args, "lm_eval_include", None))
+    return lmeval.Tasks(tasks, _include(args))
+
+
+def _include(args) -> list[str]:
+    """--lm-eval-include folders (from Python, one folder may be given as a string)."""
+    given = getattr(args, "lm_eval_include", None) or []
+    return [given] if isinstance(given, str) else list(given)
 
 
 def columns(args) -> dict[str, str]:
-    """--column YOURS=EXPECTED flags as a rename map (data.columns of a training config)."""
+    """--column YOURS=EXPECTED flags (or, from Python, a {yours: expected} dict) as a rename map (data.columns of a
+    training config)."""
+    given = getattr(args, "column", None) or []
+    if isinstance(given, dict):
+        return dict(given)
     out = {}
-    for item in getattr(args, "column", None) or []:
-        if isinstance(item, str) and "=" not in item:
+    for item in [given] if isinstance(given, str) else given:
+        if "=" not in item:
             raise UserError(f"--column '{item}' is not yours=expected (e.g. --column summaries=references)")
-        k, v = item.split("=", 1) if isinstance(item, str) else item
+        k, v = item.split("=", 1)
         out[k] = v
     return out
 
