@@ -238,4 +238,7 @@ def _example(sample: dict, output_type: str | None) -> dict:
         ex["reference"] = str(target) if target is not None else None
     ex.update(scores)
     ex["verdict"] = ", ".join(f"{k} {fmt(float(v))}" for k, v in scores.items())
+    first = next(iter(scores.values()), None)
+    if first in (0, 1):  # a right-or-wrong sample (acc, exact_match): marked as the report marks GSM8K answers
+        ex["verdict"] += " ✓" if first == 1 else " ✗"
     return ex
