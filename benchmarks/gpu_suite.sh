@@ -1,34 +1,73 @@
 #!/bin/bash
-# Every GPU figure in benchmarks/RESULTS.md in one go: LoRA and QLoRA SFT against plain TRL+PEFT on a
-# Llama-3.2-1B-shaped model (random bf16 weights), then GRPO generation. Needs tunelab with its [gpu] extra on a CUDA
-# machine. Logs and JSON go to $OUT (default benchmarks/out).
+# Every GPU figure in benchmarks/RESULTS.md in one go. Needs tunelab with its [gpu] extra on a CUDA machine.
+# Logs and JSON go to $OUT (default benchmarks/out).
+#
+#   1. the realistic table: Llama-3.2-1B- and Llama-3.1-8B-shaped models (random bf16 weights), LoRA r=16 and QLoRA nf4,
+#      all-linear, on FineTome-like multi-turn chat (GSM8K exchanges chained to 300-2,000 tokens), at the seeds' shape
+#      (batch 2 x accumulation 4, max_length 2048) and a throughput shape (batch 16, max_length 2048), each against
+#      plain TRL+PEFT at its own defaults in the same process: real tokens/s, peak memory, MFU, held-out loss, ratios
+#   2. the seed-000 run under a T4's 15 GiB (1B QLoRA, batch 2 x 4, max_length 2048) with tunelab's auto settings
+#   3. GRPO generation: tunelab's rollout against TRL's generate, 8 prompts x 8 completions
 #
 #   bash benchmarks/gpu_suite.sh
-#   TOKENIZER=/path/to/tokenizer_dir bash benchmarks/gpu_suite.sh     # where the embedded model is not installed
-#   CONFIG=/tmp/tiny.json STEPS=2 BATCH=2 NEW_TOKENS=4 bash benchmarks/gpu_suite.sh   # a quick check of the script
+#   MODELS="llama-3.2-1b" SHAPES=seed bash benchmarks/gpu_suite.sh            # a part of the table
+#   TOKENIZER=/path/to/tokenizer_dir bash benchmarks/gpu_suite.sh            # where the embedded model is not installed
+#   MODELS=tiny STEPS_SEED=1 STEPS_THROUGHPUT=1 LENGTHS=40,120 NEW_TOKENS=4 bash benchmarks/gpu_suite.sh  # a quick check
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out}
-CONFIG=${CONFIG:-benchmarks/models/llama-3.2-1b.json}
+MODELS=${MODELS:-"llama-3.2-1b llama-3.1-8b"}
+SHAPES=${SHAPES:-"seed throughput"}
+METHODS=${METHODS:-"lora qlora"}
 TOKENIZER=${TOKENIZER:-embedded:smollm2-135m-instruct}
-STEPS=${STEPS:-40} BATCH=${BATCH:-16} NEW_TOKENS=${NEW_TOKENS:-128}
+STEPS_SEED=${STEPS_SEED:-8} STEPS_THROUGHPUT=${STEPS_THROUGHPUT:-6} LENGTHS=${LENGTHS:-300,2000}
+NEW_TOKENS=${NEW_TOKENS:-256}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 export PYTHONPATH="$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
-
-# the model once, for all three benchmarks
-MODEL=$(python -c "import sys; from pathlib import Path; from sft_throughput import model_from_config as m; \
-print(m(sys.argv[1], Path(sys.argv[2]), sys.argv[3]))" "$CONFIG" "$WORK" "$TOKENIZER" | tail -n 1)
-COMMON=(--model "$MODEL" --steps "$STEPS" --batch-size "$BATCH" --max-length 1024 --repeats 2 --dropouts 0 --heldout 16)
 LIGER=()
 python -c "import liger_kernel, torch; assert torch.cuda.is_available()" 2>/dev/null \
     && LIGER=(--tunelab method.use_liger_kernel=true)
 
-python benchmarks/sft_throughput.py "${COMMON[@]}" --tunelab "${LIGER[@]}" --json "$OUT/lora.json" 2>&1 \
-    | tee "$OUT/lora.log" | grep -E '^(#|trl|tunelab|same)'
-python benchmarks/sft_throughput.py "${COMMON[@]}" --qlora --tunelab \
-    ${LIGER:+"${LIGER[@]}" training.gradient_checkpointing=true} --json "$OUT/qlora.json" 2>&1 \
-    | tee "$OUT/qlora.log" | grep -E '^(#|trl|tunelab|same)'
+for m in $MODELS; do
+  config=benchmarks/models/$m.json
+  [ "$m" = tiny ] && config=tiny
+  # the model once per size, for every row of it
+  MODEL=$(python -c "import sys; from pathlib import Path; from sft_throughput import model_from_config as m; \
+print(m(sys.argv[1], Path(sys.argv[2]), sys.argv[3]))" "$config" "$WORK" "$TOKENIZER" | tail -n 1)
+  for shape in $SHAPES; do
+    steps=$STEPS_SEED; [ "$shape" = throughput ] && steps=$STEPS_THROUGHPUT
+    for method in $METHODS; do
+      q=(); [ "$method" = qlora ] && q=(--qlora)
+      # repeats 2: quote the second, the first in a process pays CUDA/cuBLAS/Triton warm-up
+      python benchmarks/sft_throughput.py --model "$MODEL" --data chained --lengths "$LENGTHS" --shape "$shape" \
+          --steps "$steps" --repeats 2 --dropouts 0 --heldout 8 "${q[@]}" --tunelab "${LIGER[@]}" \
+          --json "$OUT/$m-$shape-$method.json" 2>&1 | tee "$OUT/$m-$shape-$method.log" | grep -E '^(#|trl|tunelab|same)'
+    done
+  done
+  if [ "$m" = llama-3.2-1b ] || [ "$m" = tiny ]; then
+    # seed 000's shape on a T4's memory: the auto settings must choose what fits (no out-of-memory)
+    python - "$MODEL" "$LENGTHS" "$OUT" <<'PY' 2>&1 | tee "$OUT/t4-cap.log" | tail -n 3
+import json, sys, tempfile
+from pathlib import Path
+import torch
+from sft_throughput import chained_rows
+from tunelab import load_config, models
+from tunelab.train import run_training
+model, (low, high), out = sys.argv[1], map(int, sys.argv[2].split(",")), Path(sys.argv[3])
+if torch.cuda.is_available():
+    torch.cuda.set_per_process_memory_fraction(15 * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+tmp = Path(tempfile.mkdtemp())
+rows = chained_rows(64, "train", models.load_tokenizer(model), low=low, high=high)
+(tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+cfg = load_config(None, [f"model.source={model}", f"data.train={tmp / 'train.jsonl'}", "data.max_length=2048",
+                         "quantization.bits=4", "training.batch_size=2", "training.grad_accum=4", "training.max_steps=4",
+                         "training.memory_budget_gb=15", f"output.dir={tmp}", "output.name=t4"])
+s = run_training(cfg, overwrite=True, show_progress=False)
+print(f"T4 cap (15 GiB): {s['global_step']} steps, peak {s['peak_memory_mb']:.0f} MB, plan: {s['memory_plan']['reason']}")
+PY
+  fi
+done
 python benchmarks/grpo_generation.py --model "$MODEL" --prompts 8 --generations 8 --max-new-tokens "$NEW_TOKENS" \
     --repeats 3 2>&1 | tee "$OUT/grpo.log" | tail -n 2

@@ -9,6 +9,15 @@
     python benchmarks/sft_throughput.py --model config:benchmarks/models/llama-3.2-1b.json --qlora --dropouts 0 \
         --steps 40 --batch-size 16 --repeats 2 --tunelab --tunelab method.use_liger_kernel=true
 
+The realistic GPU table (Llama-3.2-1B and Llama-3.1-8B shapes, LoRA and QLoRA, FineTome-like multi-turn chat,
+the seeds' shape and a throughput shape) is `benchmarks/gpu_suite.sh`; at tiny shapes on a CPU:
+
+    python benchmarks/sft_throughput.py --model config:tiny --data chained --shape seed --steps 1 --repeats 1
+
+`--data chained` chains GSM8K exchanges into multi-turn conversations of 300-2,000 tokens (lengths spread like
+FineTome's: most short, a tail near the top); `--shape seed` is the seeds' batch 2 x accumulation 4 at max_length 2048,
+`--shape throughput` batch 16 x 1 at 2048.
+
 Both paths train LoRA r=16 (alpha 32, all-linear) on the same GSM8K rows (exactly one pass: steps x batch rows),
 with the same learning rate and schedule, and run interleaved so a busy machine slows both alike. Each path runs
 once per LoRA dropout in --dropouts: 0.05 is TRL's own LoRA default (`trl sft --use_peft`), 0 is PEFT's and
@@ -86,6 +95,48 @@ def gsm8k_rows(n: int, offset: int, split: str) -> list[dict]:
     return [{"question": r["question"], "answer": r["answer"]} for r in rows[offset:offset + n]]
 
 
+def chained_rows(n: int, split: str, tokenizer, seed: int = 0, low: int = 300, high: int = 2000) -> list[dict]:
+    """`n` multi-turn conversations, each GSM8K exchanges chained until a target length drawn log-uniformly from
+    [low, high] tokens (FineTome's conversations: most a few hundred tokens, a tail to ~2,000). Exchanges are used
+    once each; the pool is the split, reused from the start if it runs out."""
+    import math
+
+    rng = random.Random(seed)
+    pool = gsm8k_rows(100_000, 0, split)
+    cost = [len(tokenizer(r["question"] + r["answer"])["input_ids"]) + 10 for r in pool]  # + the template's tokens
+    out, i = [], 0
+    for _ in range(n):
+        target = math.exp(rng.uniform(math.log(low), math.log(high)))
+        messages, length = [], 0
+        while length < target:
+            r, c = pool[i % len(pool)], cost[i % len(pool)]
+            i += 1
+            messages += [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]
+            length += c
+        out.append({"messages": messages})
+    return out
+
+
+def rows_for(a, n: int, split: str, tokenizer) -> list[dict]:
+    if a.data == "chained":
+        low, high = a.lengths
+        return chained_rows(n, split, tokenizer, seed=0 if split == "train" else 1, low=low, high=high)
+    return gsm8k_rows(n, 0, split)
+
+
+def as_messages(r: dict) -> list[dict]:
+    return r["messages"] if "messages" in r else [{"role": "user", "content": r["question"]},
+                                                  {"role": "assistant", "content": r["answer"]}]
+
+
+TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "max_position_embeddings": 4096, "vocab_size": 49152, "tie_word_embeddings": True,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu"}
+SHAPES = {"seed": dict(batch_size=2, grad_accum=4, max_length=2048),
+          "throughput": dict(batch_size=16, grad_accum=1, max_length=2048)}
+
+
 def heldout_loss(model, rows: list[dict]) -> float:
     """Mean cross-entropy over the assistant tokens of the held-out rows (tunelab's loss mask), in float32."""
     import torch
@@ -111,9 +162,9 @@ def run_trl(model_path: str, tokenizer, rows: list[dict], a, out: str):
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    data = Dataset.from_list([{"messages": [{"role": "user", "content": r["question"]},
-                                            {"role": "assistant", "content": r["answer"]}]} for r in rows])
+    data = Dataset.from_list([{"messages": as_messages(r)} for r in rows])
     args = SFTConfig(output_dir=out, max_steps=a.steps, per_device_train_batch_size=a.batch_size,
+                     gradient_accumulation_steps=a.grad_accum,
                      learning_rate=a.lr, lr_scheduler_type="linear", max_length=a.max_length, seed=42,
                      save_strategy="no", report_to="none", include_num_input_tokens_seen="non_padding",
                      use_cpu=not torch.cuda.is_available())
@@ -153,6 +204,7 @@ def run_tunelab(model_source: str, rows: list[dict], a, workdir: Path, overrides
                              "data.shuffle=false", "adapter.type=lora", f"adapter.r={LORA['r']}",
                              f"adapter.alpha={LORA['alpha']}", f"adapter.dropout={a.dropout}",
                              f"training.max_steps={a.steps}", f"training.batch_size={a.batch_size}",
+                             f"training.grad_accum={a.grad_accum}",
                              f"training.learning_rate={a.lr}", "training.scheduler=linear",
                              "training.save_steps=100000", f"output.dir={workdir}", "output.name=tunelab",
                              *(["quantization.bits=4"] if a.qlora else []), *overrides])
@@ -171,6 +223,9 @@ def model_from_config(config_path: str, workdir: Path, tokenizer_source: str) ->
 
     from tunelab import models
 
+    if config_path == "tiny":  # CPU-sized, to run the benchmark's every path in seconds
+        config_path = str(workdir / "tiny.json")
+        Path(config_path).write_text(json.dumps(TINY))
     out = workdir / Path(config_path).stem
     config = AutoConfig.from_pretrained(config_path)
     # a tokenizer directory on its own has no config.json, which tunelab's model sources require
@@ -186,14 +241,15 @@ def model_from_config(config_path: str, workdir: Path, tokenizer_source: str) ->
     return str(out)
 
 
-def flops_per_token(model_path: str, a) -> float:
-    """Model FLOPs per trained token for LoRA r=16 on this model (tunelab.estimate), at the benchmark's mean length."""
+def flops_per_token(model_path: str, a, mean_tokens: float) -> float:
+    """Model FLOPs per trained token for LoRA r=16 on this model (tunelab.estimate), at the rows' mean length."""
     from tunelab import estimate
     from tunelab import load_config
 
     cfg = load_config(None, [f"model.source={model_path}", "adapter.r=16", "training.batch_size=1",
                              f"data.max_length={a.max_length}"])
-    est = estimate.estimate(cfg, "cpu", mean_tokens=200, max_tokens=a.max_length, baseline_mb=0, lean_loss=False)
+    est = estimate.estimate(cfg, "cpu", mean_tokens=mean_tokens, max_tokens=a.max_length, baseline_mb=0,
+                            lean_loss=False)
     return est.flops_per_step / est.tokens_per_step
 
 
@@ -202,6 +258,13 @@ def main() -> None:
     p.add_argument("--model", default="embedded:smollm2-135m-instruct", help="hub id, local dir, embedded:NAME or config:CONFIG.json (random weights)")
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per run (rows used: steps x batch)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (both paths)")
+    p.add_argument("--shape", choices=SHAPES, help="seed: batch 2 x accumulation 4, max_length 2048; throughput: "
+                   "batch 16 x 1, max_length 2048 (overrides --batch-size, --grad-accum, --max-length)")
+    p.add_argument("--data", choices=("gsm8k", "chained"), default="gsm8k",
+                   help="gsm8k: one exchange per row; chained: multi-turn conversations of 300-2,000 tokens")
+    p.add_argument("--lengths", type=lambda v: tuple(int(x) for x in v.split(",")), default=(300, 2000),
+                   metavar="LOW,HIGH", help="token range of --data chained conversations (smaller: a CPU check)")
     p.add_argument("--repeats", type=int, default=2, help="runs of each path, interleaved")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--max-length", type=int, default=512)
@@ -216,6 +279,8 @@ def main() -> None:
                    help="tokenizer of a config: model (hub id, local dir or embedded:NAME)")
     p.add_argument("--json", help="also write every run's figures to this JSON file")
     a = p.parse_args()
+    for k, v in SHAPES.get(a.shape, {}).items():
+        setattr(a, k, v)
     variants = {(" ".join(v) or "defaults"): v for v in (a.tunelab or [[]])}
 
     import torch
@@ -225,7 +290,6 @@ def main() -> None:
     from tunelab.data.build import prepare_sft
 
     train.quiet_libraries()
-    rows = gsm8k_rows(a.steps * a.batch_size, 0, "train")
     device = estimate.local_device()
     peak_flops = estimate.DEVICES[device]["flops"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -233,11 +297,18 @@ def main() -> None:
             a.model = model_from_config(a.model.removeprefix("config:"), Path(tmp), a.tokenizer)
         model_path = models.resolve_source(a.model)
         tokenizer = models.load_tokenizer(a.model)
-        per_token = flops_per_token(model_path, a)
+        rows = rows_for(a, a.steps * a.batch_size * a.grad_accum, "train", tokenizer)
+        lengths = [len(tokenizer(tokenizer.apply_chat_template(as_messages(r), tokenize=False))["input_ids"])
+                   for r in rows]
+        mean_len = sum(min(n, a.max_length) for n in lengths) / len(lengths)
+        per_token = flops_per_token(model_path, a, mean_len)
         held = Path(tmp) / "heldout.jsonl"
-        held.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_rows(a.heldout, 0, "test")))
-        heldout, _, _ = prepare_sft(load_config(None, [f"data.train={held}", "data.shuffle=false"]).data, tokenizer)
-        print(f"# {a.model} | {len(rows)} GSM8K rows, {a.steps} steps x batch {a.batch_size}, LoRA r=16 all-linear, "
+        held.write_text("".join(json.dumps(r) + "\n" for r in rows_for(a, a.heldout, "test", tokenizer)))
+        heldout, _, _ = prepare_sft(load_config(None, [f"data.train={held}", "data.shuffle=false",
+                                                       f"data.max_length={a.max_length}"]).data, tokenizer)
+        print(f"# {a.model} | {len(rows)} {a.data} rows (mean {mean_len:.0f}, max {max(lengths)} tokens), "
+              f"{a.steps} steps x batch {a.batch_size} x accumulation {a.grad_accum}, max_length {a.max_length}, "
+              "LoRA r=16 all-linear, "
               f"dropouts {a.dropouts} | "
               f"{'QLoRA 4-bit | ' if a.qlora else ''}device {device} ({peak_flops / 1e12:g} TFLOP/s bf16 peak), "
               f"{per_token / 1e9:.2f} GFLOP per token | torch threads {torch.get_num_threads()} | "

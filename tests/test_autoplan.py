@@ -91,3 +91,54 @@ def test_a_run_under_a_small_budget_saves_memory_and_learns_the_same(tmp_path, t
     assert small_losses == pytest.approx(fast_losses, abs=1e-4)
     # the run directory keeps what the user wrote: a re-run with the same command is the same config
     assert "gradient_checkpointing: auto" in (tmp_path / "small" / "config.yaml").read_text()
+
+
+def llama_1b_shape(tmp_path):
+    """A model directory holding only Llama-3.2-1B's config: the estimate reads nothing else."""
+    import shutil
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).parents[1] / "benchmarks" / "models" / "llama-3.2-1b.json", tmp_path / "config.json")
+    return tmp_path
+
+
+def test_offloading_is_the_last_lever_and_only_on_a_gpu(tmp_path):
+    """On a GPU, a budget that checkpointing and the chunked loss cannot meet gets activation offloading too (SFT's
+    trainer can); on a CPU there is no faster memory to offload from, and the frugal settings stop there."""
+    tiny_model = llama_1b_shape(tmp_path)
+    cfg, method, opts = setup(tiny_model, "training.batch_size=64", "data.max_length=2048")
+    stats = {**STATS, "mean_tokens": 2048, "max_tokens": 2048}
+    frugal = plan(cfg, method, method.with_lean_loss(opts, False), stats, device="t4", budget_mb=1e9)
+    gc_only = plan(cfg.model_copy(update={"training": cfg.training.model_copy(update={
+        "gradient_checkpointing": True, "activation_offloading": False})}), method,
+        method.with_lean_loss(opts, False), stats, device="t4", budget_mb=1e9).estimate_mb
+    offloaded = plan(cfg.model_copy(update={"training": cfg.training.model_copy(update={
+        "gradient_checkpointing": True, "activation_offloading": True})}), method,
+        method.with_lean_loss(opts, False), stats, device="t4", budget_mb=1e9).estimate_mb
+    assert offloaded < gc_only and not frugal.activation_offloading  # roomy: nothing saved
+
+    p = plan(cfg, method, opts, stats, device="t4", budget_mb=(offloaded + gc_only) / 2)
+    assert (p.gradient_checkpointing, p.lean_loss, p.activation_offloading) == (True, False, True)
+    assert "offloaded to CPU memory" in p.reason and p.estimate_mb <= (offloaded + gc_only) / 2
+    run_cfg, _ = apply(cfg, method, opts, p)
+    assert run_cfg.training.activation_offloading is True and cfg.training.activation_offloading == "auto"
+
+    on_cpu = plan(cfg, method, opts, stats, device="cpu", budget_mb=1.0)
+    assert on_cpu.activation_offloading is False and on_cpu.gradient_checkpointing is True
+
+    dpo_cfg, dpo, dpo_opts = setup(tiny_model, "method.name=dpo", "training.batch_size=64", "data.max_length=2048")
+    assert plan(dpo_cfg, dpo, dpo_opts, stats, device="t4", budget_mb=1.0).activation_offloading is False
+
+
+def test_offloading_asked_for_where_it_cannot_work_is_refused(tiny_model):
+    from tunelab.checks import check_training
+    from tunelab.errors import UserError
+
+    with pytest.raises(UserError, match="training.activation_offloading.*method 'dpo' cannot offload.*sft"):
+        setup(tiny_model, "method.name=dpo", "training.activation_offloading=true")
+    cfg, _, _ = setup(tiny_model, "training.activation_offloading=true")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA device is visible"):
+            check_training(cfg)

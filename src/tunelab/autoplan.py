@@ -7,8 +7,12 @@ The levers trade speed for memory and none changes what is learned (the loss and
                             TRL's chunked head ("fused") holds a chunk of them at a time
   gradient checkpointing    `training.gradient_checkpointing: auto`: off keeps every layer's activations; on keeps
                             each layer's input and recomputes the rest in backward (about a third more compute)
+  activation offloading     `training.activation_offloading: auto` (GPU; methods on TRL's SFT trainer): what backward
+                            keeps moves to CPU memory and back, overlapped with compute; tried last, after
+                            checkpointing, since the copies cost time where the GPU is fast and the link slow
 
-Candidates are tried fastest first (nothing saved; the loss alone; checkpointing alone; both) and the first whose
+Candidates are tried fastest first (nothing saved; the loss alone; checkpointing alone; both; then the same with
+offloading) and the first whose
 estimate fits the budget wins. When none fits, the most frugal one is chosen and the reason says by how much it is
 over, so the run still starts (the estimate is advice: it is within about 20% of the measured peak).
 """
@@ -31,6 +35,7 @@ class Plan:
     estimate_mb: float
     budget_mb: float | None
     reason: str
+    activation_offloading: bool = False
 
 
 def free_memory_mb(device: str) -> float | None:
@@ -60,16 +65,25 @@ def plan(cfg, method, opts, stats: dict, device: str | None = None, budget_mb: f
     gc = cfg.training.gradient_checkpointing
     gc_choices = (False, True) if gc == "auto" else (gc,)
     loss_choices = method.loss_choices(opts)
-    candidates = [(g, lean) for g in gc_choices for lean in loss_choices]  # fastest first: checkpointing costs most
+    off = cfg.training.activation_offloading
+    if off == "auto":  # only where there is a faster memory to offload from, and a trainer that can
+        off = (False, True) if device != "cpu" and method.activation_offloading else (False,)
+    else:
+        off = (off,)
+    # fastest first: checkpointing costs more than the loss choice, offloading (with the most frugal rest) most
+    candidates = [(g, lean, o) for o in off for g in (gc_choices if not o else gc_choices[-1:])
+                  for lean in loss_choices]
     sizes = []
-    for g, lean in candidates:
-        total = estimate(cfg, device, gradient_checkpointing=g, lean_loss=lean, **stats).total_mb
+    for g, lean, o in candidates:
+        total = estimate(cfg, device, gradient_checkpointing=g, lean_loss=lean, activation_offloading=o,
+                         **stats).total_mb
         sizes.append(total)
         if budget_mb is None or total <= budget_mb:
             break
-    g, lean = candidates[len(sizes) - 1]
+    g, lean, o = candidates[len(sizes) - 1]
     total = sizes[-1]
-    chosen = f"gradient checkpointing {'on' if g else 'off'}, {'lean' if lean else 'chunked (fused)'} loss"
+    chosen = (f"gradient checkpointing {'on' if g else 'off'}, {'lean' if lean else 'chunked (fused)'} loss"
+              + (", activations offloaded to CPU memory" if o else ""))
     if budget_mb is None:
         reason = f"{chosen} (free memory unknown: the fastest settings)"
     elif total <= budget_mb and len(sizes) == 1:
@@ -80,7 +94,8 @@ def plan(cfg, method, opts, stats: dict, device: str | None = None, budget_mb: f
     else:
         reason = (f"{chosen}: does NOT fit even so ({total:,.0f} MB estimated, {budget_mb:,.0f} MB budget); lower "
                   "training.batch_size or data.max_length, or use quantization.bits=4")
-    return Plan(gradient_checkpointing=g, lean_loss=lean, estimate_mb=total, budget_mb=budget_mb, reason=reason)
+    return Plan(gradient_checkpointing=g, lean_loss=lean, estimate_mb=total, budget_mb=budget_mb, reason=reason,
+                activation_offloading=o)
 
 
 def resolve(cfg, method, opts, rows: list[dict], echo=print):
@@ -90,13 +105,15 @@ def resolve(cfg, method, opts, rows: list[dict], echo=print):
     from tunelab.estimate import stats_of
 
     stats = stats_of(rows) if rows and "input_ids" in rows[0] else {}
-    auto = cfg.training.gradient_checkpointing == "auto" or len(method.loss_choices(opts)) > 1
+    auto = ("auto" in (cfg.training.gradient_checkpointing, cfg.training.activation_offloading)
+            or len(method.loss_choices(opts)) > 1)
     try:
         p = plan(cfg, method, opts, stats)
     except Exception as e:  # noqa: BLE001  (any failure to model an architecture must not block training)
         p = Plan(gradient_checkpointing=cfg.training.gradient_checkpointing is True,
                  lean_loss=method.loss_choices(opts)[0], estimate_mb=0.0, budget_mb=None,
-                 reason=f"the fastest settings (no estimate for this model: {type(e).__name__})")
+                 reason=f"the fastest settings (no estimate for this model: {type(e).__name__})",
+                 activation_offloading=cfg.training.activation_offloading is True)
     if auto:
         echo(f"memory plan: {p.reason}")
     run_cfg, run_opts = apply(cfg, method, opts, p)
@@ -107,4 +124,5 @@ def apply(cfg, method, opts, p: Plan):
     """(cfg, opts) with the plan's choices in place of `auto` (copies; the run directory keeps the user's config)."""
     cfg = cfg.model_copy(deep=True)
     cfg.training.gradient_checkpointing = p.gradient_checkpointing
+    cfg.training.activation_offloading = p.activation_offloading
     return cfg, method.with_lean_loss(opts, p.lean_loss) if len(method.loss_choices(opts)) > 1 else opts

@@ -43,6 +43,12 @@ def check_training(cfg) -> None:
         raise UserError(f"config key 'training.optimizer': unknown optimizer '{cfg.training.optimizer}'"
                         f"{suggest(cfg.training.optimizer, names)}; e.g. adamw_torch, adamw_8bit, paged_adamw_8bit, "
                         "sgd, adafactor (transformers OptimizerNames)")
+    if cfg.training.activation_offloading is True:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("config key 'training.activation_offloading': it moves activations from GPU to CPU "
+                            "memory and no CUDA device is visible; set it to auto (off on a CPU) or false")
 
 
 def resume_point(cfg, run) -> Path | None:

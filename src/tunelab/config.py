@@ -206,6 +206,10 @@ class TrainingConfig(Section):
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="recompute activations in backward (less memory, ~1/3 more compute); auto: on only "
         "when the estimate says the run would not fit the device's free memory otherwise (tunelab/autoplan.py)")
+    activation_offloading: bool | Literal["auto"] = Field(
+        "auto", description="move the activations kept for backward to CPU memory and back (TRL's "
+        "activation_offloading; GPU only, methods on TRL's SFT trainer: sft, distill); auto: on only when the "
+        "estimate says the run would not fit with gradient checkpointing alone")
     memory_budget_gb: float | None = Field(
         None, gt=0, description="memory the `auto` settings plan for; default: 85% of the device's free memory")
     group_by_length: bool = Field(True, description="batch samples of similar length (less padding); TRL default False")

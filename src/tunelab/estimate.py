@@ -177,12 +177,13 @@ def runtime_mb() -> float:
 def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_tokens: float | None = None,
              max_tokens: int | None = None, trained_fraction: float = 0.5, num_samples: int | None = None,
              baseline_mb: float | None = None, arch: dict | None = None, lean_loss: bool | None = None,
-             gradient_checkpointing: bool | None = None) -> Estimate:
+             gradient_checkpointing: bool | None = None, activation_offloading: bool | None = None) -> Estimate:
     """Predict peak memory (MB, by part) and step time of `cfg` on `device`.
 
     mean_tokens / max_tokens: token length statistics of the training samples (default: data.max_length);
     trained_fraction: share of tokens with a loss; baseline_mb: the runtime's own memory (CPU; default: this process).
-    lean_loss / gradient_checkpointing: the settings to estimate (default: the config's; `auto` counts as off).
+    lean_loss / gradient_checkpointing / activation_offloading: the settings to estimate (default: the config's;
+    `auto` counts as off).
     """
     if device not in DEVICES:
         raise UserError(f"unknown device '{device}'; known: {', '.join(DEVICES)}")
@@ -237,10 +238,16 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_t
     per_token_layer = per_elem * (6 * h + inter)
     if gradient_checkpointing is None:
         gradient_checkpointing = t.gradient_checkpointing is True
+    if activation_offloading is None:
+        activation_offloading = gpu and t.activation_offloading is True
+    stream_bytes = 4 if autocast or precision == "fp32" else 2
+    # Offloading (TRL's OffloadActivations) moves what backward keeps to CPU memory and prefetches it one layer
+    # ahead: the device holds about two layers' worth, the one computing and the one in flight (unmeasured on a GPU).
+    kept_layers = 2 if activation_offloading else L
     if gradient_checkpointing:  # each layer's input kept, one layer's activations alive during recompute
-        act = peak_tokens * (L * h * (4 if autocast or precision == "fp32" else 2) + per_token_layer)
+        act = peak_tokens * (kept_layers * h * stream_bytes + per_token_layer)
     else:
-        act = peak_tokens * L * per_token_layer
+        act = peak_tokens * min(kept_layers, L) * per_token_layer
     if not gpu:
         act *= CPU_RESIDENT_FACTOR
     if gpu and q.bits:

@@ -306,7 +306,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
         "trainable_params": trainable, "total_params": total, "data": data.stats,
         "resumed_from": str(run.resume_from) if run.resume_from else None,
         "memory_plan": {"gradient_checkpointing": plan.gradient_checkpointing, "lean_loss": plan.lean_loss,
-                        "reason": plan.reason},
+                        "activation_offloading": plan.activation_offloading, "reason": plan.reason},
     }
     if est is not None:
         summary["memory_estimate"] = {**est.to_dict(), "measured_peak_mb": summary["peak_memory_mb"],

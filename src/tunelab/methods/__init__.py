@@ -53,4 +53,9 @@ def options(cfg):
     except ValidationError as e:
         raise UserError(explain_validation_error(e, prefix="method", model=method.Config)) from None
     method.check_adapter(cfg.method.name, cfg.adapter.type)
+    if cfg.training.activation_offloading is True and not method.activation_offloading:
+        able = ", ".join(n for n in METHODS if get(n).activation_offloading)
+        raise UserError(f"config key 'training.activation_offloading': method '{cfg.method.name}' cannot offload "
+                        f"activations (its trainer has no such option; methods that can: {able}); set it to auto "
+                        "or false")
     return method, opts

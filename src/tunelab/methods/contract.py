@@ -56,6 +56,8 @@ class Method:
     merge_final: ClassVar[bool] = False  # final/ holds the adapter merged in: a model plain transformers loads
     sequences_per_row: ClassVar[int] = 1  # sequences one training row puts through the forward (pairs: 2)
     reference_forward: ClassVar[bool] = False  # a frozen reference model scores each batch too (estimate FLOPs)
+    # its trainer can move the activations kept for backward to CPU memory (TRL's SFTConfig.activation_offloading)
+    activation_offloading: ClassVar[bool] = False
 
     # -- checks, before the model loads or the run directory is written ----------------------------------------------
     def options(self, raw: dict) -> BaseModel:

@@ -71,6 +71,7 @@ def keep_layers(model, n: int):
 
 class Distill(Method):
     Config = Config
+    activation_offloading = True  # TRL's SFTConfig.activation_offloading
     # prompt tuning and P-tuning lengthen the student's sequence by their virtual tokens, so its logits no longer line
     # up with the teacher's and the labels; prefix tuning keeps the sequence length
     adapters = ("none", "lora", "dora", "ia3", "prefix")
@@ -135,7 +136,8 @@ class Distill(Method):
         rows = data.train
         if opts.mode == "sequence":
             rows = teacher_answers(teacher, tokenizer, rows, opts, cfg.data.max_length)
-        sft_args = SFTConfig(**args, max_length=cfg.data.max_length)
+        sft_args = SFTConfig(**args, max_length=cfg.data.max_length,
+                             activation_offloading=cfg.training.activation_offloading is True)
         # sequence mode is SFT on the teacher's answers: it takes SFT's trainer and its default (lean) loss
         trainer_cls = lean_trainer_class() if opts.mode == "sequence" else _logit_trainer(opts)
         trainer = trainer_cls(model=model, args=sft_args, train_dataset=Dataset.from_list(rows),

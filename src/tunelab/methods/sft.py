@@ -37,6 +37,7 @@ class Config(BaseModel):
 
 class SFT(Method):
     Config = Config
+    activation_offloading = True  # TRL's SFTConfig.activation_offloading
 
     def lean_loss(self, opts: Config) -> bool:
         return opts.loss in ("auto", "lean")
@@ -76,6 +77,7 @@ class SFT(Method):
             padding_free=cfg.data.padding_free,
             neftune_noise_alpha=opts.neftune_noise_alpha,
             use_liger_kernel=opts.use_liger_kernel,
+            activation_offloading=cfg.training.activation_offloading is True,
         )
         trainer = lean_trainer_class()(
             model=model,
