@@ -61,8 +61,33 @@ def quiet_unless_main(echo):
     return echo if is_main() else (lambda *a, **k: None)
 
 
-def check(dcfg) -> None:
-    """A strategy whose package is missing, refused before anything loads (one line)."""
+FSDP_NEEDS_ACCELERATORS = ("distributed.strategy=fsdp needs GPUs (or other accelerators): accelerate shards with FSDP "
+                           "only there and would train these CPU processes as plain DDP; set "
+                           "distributed.strategy=ddp to train on CPUs")
+
+
+def fsdp_unavailable() -> str | None:
+    """Why FSDP cannot shard this process group, or None.
+
+    accelerate (1.15) turns an FSDP plugin into FSDP only when its processes run on accelerators (the MULTI_GPU /
+    XPU / NPU / ... branch of AcceleratorState); processes on CPUs (MULTI_CPU, gloo) keep a full model copy each and
+    train as DDP without a word. Inside the job this asks accelerate's own state; in the launching process (`--nproc`,
+    before any process starts) it asks torch whether there is an accelerator, which is what accelerate's choice rests
+    on."""
+    if world_size() > 1:
+        from accelerate.utils import DistributedType
+
+        cpu = _state().distributed_type == DistributedType.MULTI_CPU
+    else:
+        import torch
+
+        cpu = not torch.accelerator.is_available()
+    return FSDP_NEEDS_ACCELERATORS if cpu else None
+
+
+def check(dcfg, nproc: int | None = None) -> None:
+    """A strategy that cannot run here, refused before anything loads (one line): its package is missing, or (FSDP)
+    the processes have no accelerator to shard on. `nproc`: the processes about to be launched (default: this job's)."""
     import importlib.util
 
     from tunelab.errors import UserError
@@ -70,6 +95,10 @@ def check(dcfg) -> None:
     if dcfg.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise UserError("distributed.strategy=deepspeed needs the deepspeed package: pip install 'tunelab[deepspeed]' "
                         "(or use distributed.strategy=ddp / fsdp, which need nothing more)")
+    if dcfg.strategy == "fsdp" and (nproc or world_size()) > 1:
+        reason = fsdp_unavailable()
+        if reason:
+            raise UserError(reason)
 
 
 def training_arguments(dcfg) -> dict:

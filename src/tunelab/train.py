@@ -355,10 +355,12 @@ def quiet_libraries() -> None:
 def main(args) -> int:
     from tunelab.config import read_config
 
+    cfg = read_config(args.config, args.overrides)  # run_training checks it against the method table and data layer
     if args.nproc > 1 and distributed.world_size() == 1:  # start the processes; each runs this command again
+        # a config mistake or a strategy that cannot run here: one line before any process starts, not one per rank
+        distributed.check(cfg.distributed, nproc=args.nproc)
         argv = ["train", args.config, *args.overrides, *(["--overwrite"] if args.overwrite else [])]
         return distributed.launch(argv, args.nproc)
     quiet_libraries()
-    cfg = read_config(args.config, args.overrides)  # run_training checks it against the method table and data layer
     summary = run_training(cfg, overwrite=args.overwrite)
     return 0 if summary.get("status") in ("complete", "interrupted") else 1
