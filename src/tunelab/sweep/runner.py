@@ -102,6 +102,9 @@ def run_sweep(sweep: Sweep, callbacks=(), echo=print, show_progress: bool = True
                 pass
     storage = open_storage(sweep, optuna)
     study = open_study(sweep, storage, optuna)
+    # trials of a worker that died (silent past the heartbeat's grace) are failed and queued again now, not only
+    # when this worker starts its next trial
+    optuna.storages.fail_stale_trials(study)
     queued = requeue_unfinished(study, sweep, optuna)
     study.sampler = make_sampler(sweep, optuna, len(study.trials))
     done = len(finished_trials(study, optuna))

@@ -70,7 +70,13 @@ class Search(_Spec):
     objective: str = Field("auto", description="auto: eval_loss when the config evaluates, else last_epoch_train_loss")
     direction: Literal["auto", "min", "max"] = Field("auto", description="auto: minimize losses, maximize the rest")
     seed: int = Field(0, description="sampler seed")
-    storage: str | None = Field(None, description="Optuna storage URL (default sqlite:///sweeps/<name>/study.db)")
+    storage: str | None = Field(None, description="where the study lives, shared by every worker pointed at it: a "
+                                "database URL (postgresql://user:pass@host/db, mysql://..., sqlite:///file.db) or "
+                                "journal:PATH (Optuna's journal file, e.g. on a shared disk); default "
+                                "sqlite:///sweeps/<name>/study.db")
+    heartbeat: int = Field(30, gt=0, description="seconds between a running trial's heartbeats in the storage; a "
+                           "trial silent for 4x as long (its worker was killed or its machine lost) is queued again "
+                           "and resumed from its checkpoint by a worker")
     study: str | None = Field(None, description="study name in the storage (default: the sweep's name)")
     pruning: Pruning = Field(default_factory=Pruning)
 

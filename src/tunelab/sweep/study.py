@@ -9,6 +9,7 @@ as an argument rather than importing it themselves, so that check happens once.
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from typing import Any
 
@@ -93,19 +94,72 @@ def safe_url(url: str) -> str:
         return url
 
 
+JOURNAL = "journal:"
+
+
+def database_url(url: str) -> str:
+    """`postgresql://` names SQLAlchemy's psycopg2 driver; the sweep extra installs psycopg (3), so such a URL is
+    pointed at it when psycopg2 is absent (an explicit `postgresql+driver://` is kept)."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg2") is None \
+            and importlib.util.find_spec("psycopg") is not None:
+        return "postgresql+psycopg://" + url[len("postgresql://"):]
+    return url
+
+
 def open_storage(sweep: Sweep, optuna):
+    """The study's storage, with a heartbeat: trials of a worker that died (kill -9, a lost machine) are marked
+    failed once silent for 4 heartbeats, and RetryHeartbeatStaleTrialCallback queues them again with the same
+    parameters, hence the same run directory (resumed from its checkpoint). Optuna flags the heartbeat as
+    experimental; it is the documented way to recover such trials."""
     if sweep.search.storage is None:
         sweep.dir.mkdir(parents=True, exist_ok=True)
+    beat = sweep.search.heartbeat
     try:
-        # The heartbeat marks trials of a process that died (kill -9, a lost machine) as failed after grace_period;
-        # RetryHeartbeatStaleTrialCallback then queues them again with the same parameters, hence the same run
-        # directory. Optuna flags the heartbeat as experimental; it is the documented way to recover such trials.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(sweep.storage, heartbeat_interval=30, grace_period=120,
+            if sweep.storage.startswith(JOURNAL):
+                return _journal_storage(optuna)(sweep.storage[len(JOURNAL):], beat, 4 * beat, _retry(optuna, 3))
+            return optuna.storages.RDBStorage(database_url(sweep.storage), heartbeat_interval=beat,
+                                              grace_period=4 * beat,
                                               heartbeat_stale_trial_callback=_retry(optuna, max_retry=3))
     except Exception as e:  # a bad URL, a missing database driver, an unreachable server
-        raise UserError(f"search.storage {sweep.storage!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        hint = "; pip install 'tunelab[sweep]' for PostgreSQL's driver" if isinstance(e, ImportError) else ""
+        raise UserError(f"search.storage {safe_url(sweep.storage)!r}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}{hint}") from None
+
+
+def _journal_storage(optuna):
+    """Optuna's journal-file storage (one append-only file, e.g. on a shared disk; no database server) with the
+    heartbeat RDBStorage has. Optuna's JournalStorage has none, so a killed worker's trial would stay RUNNING for
+    good: this adds it through Optuna's own extension point (BaseHeartbeat, beside BaseStorage, as RDBStorage does),
+    so optimize() records the beats and fail_stale_trials() reads them. A beat is the worker's clock time, kept as a
+    system attribute of the trial: machines sharing the file need synchronized clocks (NTP), as usual."""
+    from optuna.storages._heartbeat import BaseHeartbeat
+    from optuna.storages.journal import JournalFileBackend
+
+    class JournalStorageWithHeartbeat(optuna.storages.JournalStorage, BaseHeartbeat):
+        def __init__(self, path, interval, grace, callback):
+            super().__init__(JournalFileBackend(path))
+            self._beat, self._grace, self._callback = interval, grace, callback
+
+        def record_heartbeat(self, trial_id: int) -> None:
+            self.set_trial_system_attr(trial_id, "tunelab:heartbeat", time.time())
+
+        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+            now = time.time()
+            running = self.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            return [t._trial_id for t in running
+                    if now - t.system_attrs.get("tunelab:heartbeat", t.datetime_start.timestamp()) > self._grace]
+
+        def get_heartbeat_interval(self) -> int:
+            return self._beat
+
+        def get_heartbeat_stale_trial_callback(self):
+            return self._callback
+
+    return JournalStorageWithHeartbeat
 
 
 def open_study(sweep: Sweep, storage, optuna):
