@@ -175,3 +175,86 @@ def test_fsdp_two_processes_learn_what_one_process_learns_and_final_loads_plainl
         assert torch.allclose(got(ids).logits, want(ids).logits, atol=1e-3)
     sd, ref = got.state_dict(), want.state_dict()
     assert sd.keys() == ref.keys() and all(sd[k].shape == ref[k].shape and sd[k].numel() for k in ref)
+
+
+# ---------------------------------------------------------------------------------------------------------- estimate
+
+
+def _full_finetune(tiny_model, *overrides):
+    from tunelab import load_config
+
+    return load_config(None, [f"model.source={tiny_model}", "adapter.type=none", "training.precision=fp32",
+                              "data.max_length=256", *overrides])
+
+
+@pytest.mark.parametrize("strategy, sharded, whole", [
+    ("ddp", [], ["weights", "gradients", "optimizer"]),
+    ("fsdp", ["weights", "gradients", "optimizer"], []),
+    ("fsdp fsdp_sharding=shard_grad_op", ["gradients", "optimizer"], ["weights"]),
+    ("deepspeed", ["gradients", "optimizer"], ["weights"]),  # ZeRO-2
+    ("deepspeed zero_stage=3", ["weights", "gradients", "optimizer"], []),
+])
+def test_estimate_per_device_divides_what_the_strategy_shards(tiny_model, strategy, sharded, whole):
+    from tunelab.estimate import estimate, per_process
+
+    name, *more = strategy.split()
+    cfg = _full_finetune(tiny_model, f"distributed.strategy={name}", *(f"distributed.{x}" for x in more))
+    one = estimate(cfg, "h100", max_tokens=200)
+    four = per_process(one, cfg.distributed, 4)
+    assert per_process(one, cfg.distributed, 1) is one  # a single process: nothing changes
+    for part in sharded:
+        assert four.memory_mb[part] == pytest.approx(one.memory_mb[part] / 4)
+    for part in whole + ["activations", "loss"]:  # each process runs its own batch
+        assert four.memory_mb[part] == pytest.approx(one.memory_mb[part])
+    if name == "ddp":  # DDP's flat gradient buckets come on top of a full copy
+        assert four.memory_mb["ddp_buckets"] == pytest.approx(one.memory_mb["gradients"])
+        assert four.total_mb > one.total_mb
+    else:
+        assert four.total_mb < one.total_mb
+    if "weights" in sharded:  # the layer being computed is gathered whole
+        assert four.memory_mb["gathered"] == pytest.approx(one.memory_mb["weights"] / 2)  # 2 layers
+    assert f"each of 4 processes, {name}" in four.report()
+
+
+def test_offload_moves_the_sharded_state_off_the_device(tiny_model):
+    from tunelab.estimate import estimate, per_process
+
+    cfg = _full_finetune(tiny_model, "distributed.strategy=fsdp", "distributed.fsdp_cpu_offload=true")
+    est = per_process(estimate(cfg, "h100", max_tokens=200), cfg.distributed, 4)
+    assert est.memory_mb["weights"] == est.memory_mb["gradients"] == est.memory_mb["optimizer"] == 0
+    cfg = _full_finetune(tiny_model, "distributed.strategy=deepspeed", "distributed.zero_offload=true")
+    one = estimate(cfg, "h100", max_tokens=200)
+    est = per_process(one, cfg.distributed, 4)  # ZeRO-2 offload: the optimizer state; the weights stay
+    assert est.memory_mb["optimizer"] == 0 and est.memory_mb["weights"] == pytest.approx(one.memory_mb["weights"])
+
+
+def test_estimate_cli_takes_nproc(tmp_path, tiny_model, tiny_chat_data):
+    path = write_config(tmp_path, tiny_model, tiny_chat_data, "est", batch_size=4, adapter={"type": "none"},
+                        distributed={"strategy": "fsdp"})
+    got = {}
+    for n in (1, 8):
+        out = subprocess.run([sys.executable, "-m", "tunelab", "estimate", str(path), "--device", "h100", "--nproc",
+                              str(n), "--json"], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        got[n] = json.loads(out.stdout)
+    assert got[8]["memory_mb"]["optimizer"] == pytest.approx(got[1]["memory_mb"]["optimizer"] / 8, abs=0.1)
+    assert got[8]["total_mb"] < got[1]["total_mb"] and "each of 8 processes, fsdp" in got[8]["device"]
+
+
+def test_memory_plan_is_per_process(tiny_model, monkeypatch):
+    """Under FSDP over 8 processes a budget that one process's full copy overflows fits without checkpointing."""
+    from tunelab import methods
+    from tunelab.autoplan import plan
+
+    stats = {"mean_tokens": 200, "max_tokens": 256, "trained_fraction": 0.5, "num_samples": 64}
+    cfg = _full_finetune(tiny_model, "distributed.strategy=fsdp", "training.gradient_checkpointing=auto",
+                         "training.batch_size=2")
+    method, opts = methods.options(cfg)
+    alone = plan(cfg, method, opts, stats, device="h100", budget_mb=1e9)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    shared = plan(cfg, method, opts, stats, device="h100", budget_mb=1e9)
+    assert shared.estimate_mb < alone.estimate_mb
+    tight = plan(cfg, method, opts, stats, device="h100", budget_mb=shared.estimate_mb + 1)
+    assert not tight.gradient_checkpointing and "the fastest settings fit" in tight.reason
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert plan(cfg, method, opts, stats, device="h100", budget_mb=shared.estimate_mb + 1).gradient_checkpointing

@@ -15,13 +15,19 @@ Candidates are tried fastest first (nothing saved; the loss alone; checkpointing
 offloading) and the first whose
 estimate fits the budget wins. When none fits, the most frugal one is chosen and the reason says by how much it is
 over, so the run still starts (the estimate is advice: it is within about 20% of the measured peak).
+
+With several processes the plan is per process: the estimate of one process under the distributed strategy
+(estimate.per_process: FSDP and ZeRO shard weights, gradients and optimizer state) against its share of the memory
+(a GPU each, or the machine's CPU memory divided among its processes).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-from tunelab.estimate import MB, estimate, local_device
+from tunelab import distributed
+from tunelab.estimate import MB, estimate, local_device, per_process
 
 # Share of the free memory the estimate may fill: the allocator's fragmentation and the estimate's own error
 # (within ~20% of the measured peak, benchmarks/RESULTS.md) need the rest.
@@ -61,7 +67,9 @@ def plan(cfg, method, opts, stats: dict, device: str | None = None, budget_mb: f
         budget_mb = cfg.training.memory_budget_gb * 1024
     if budget_mb is None:
         free = free_memory_mb(device)
-        budget_mb = free * HEADROOM if free is not None else None
+        # the processes of one machine share its CPU memory; each GPU process has its own device
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device == "cpu" else 1
+        budget_mb = free * HEADROOM / local if free is not None else None
     gc = cfg.training.gradient_checkpointing
     gc_choices = (False, True) if gc == "auto" else (gc,)
     loss_choices = method.loss_choices(opts)
@@ -75,8 +83,9 @@ def plan(cfg, method, opts, stats: dict, device: str | None = None, budget_mb: f
                   for lean in loss_choices]
     sizes = []
     for g, lean, o in candidates:
-        total = estimate(cfg, device, gradient_checkpointing=g, lean_loss=lean, activation_offloading=o,
-                         **stats).total_mb
+        # per process: what the strategy shards across the job's processes is divided among them
+        total = per_process(estimate(cfg, device, gradient_checkpointing=g, lean_loss=lean, activation_offloading=o,
+                                     **stats), cfg.distributed, distributed.world_size()).total_mb
         sizes.append(total)
         if budget_mb is None or total <= budget_mb:
             break

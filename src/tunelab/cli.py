@@ -74,6 +74,8 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
         A("config", help="path to a YAML config (see configs/)"), OVERRIDES,
         A("--device", default="cpu", choices=["cpu", "h100", "a100", "4090", "t4"], help="device to estimate for"),
         A("--budget-gb", type=float, default=None, help="memory budget (default: the GPU's memory)"),
+        A("--nproc", type=int, default=1, help="data-parallel processes (one per GPU): memory per device under the "
+          "config's distributed.strategy (ddp / fsdp / deepspeed shard different parts)"),
         A("--json", action="store_true", help="print the estimate as JSON"),
     ]),
     "quickstart": ("tunelab.quickstart:main", "fine-tune the embedded model on bundled GSM8K and show before/after", [

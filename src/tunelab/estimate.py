@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
-from tunelab import methods, models
+from tunelab import distributed, methods, models
 from tunelab.adapters import ADAPTERS
 from tunelab.errors import UserError
 from tunelab.methods.contract import EstimateContext
@@ -85,6 +85,7 @@ class Estimate:
     seconds_per_step: float = 0.0
     steps: int | None = None
     budget_gb: float | None = None
+    layers: int = 0  # transformer blocks: the unit FSDP and ZeRO-3 gather whole (per_process)
 
     @property
     def total_mb(self) -> float:
@@ -300,7 +301,49 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_t
     return Estimate(device=device, weight_dtype=f"{wdtype}" + (f" + {q.bits}-bit linear" if q.bits else ""),
                     params=n, trainable=trainable, tokens_per_step=tokens_per_step, peak_tokens=peak_tokens,
                     memory_mb=memory, flops_per_step=flops, seconds_per_step=seconds, steps=steps,
-                    budget_gb=budget_gb)
+                    budget_gb=budget_gb, layers=L)
+
+
+def per_process(est: Estimate, dcfg, nproc: int) -> Estimate:
+    """`est` (one process training alone) for one of `nproc` data-parallel processes under `dcfg.strategy`.
+
+    Each process keeps its own activations and loss (its share of the global batch is `training.batch_size`); what
+    the strategy shards is divided by `nproc`:
+
+      ddp                      nothing: a full copy per process, plus DDP's gradient buckets (a flat copy of the
+                               gradients it all-reduces)
+      fsdp full_shard / hybrid weights (and adapter), gradients and optimizer state; the layer being computed is
+                               gathered whole (one layer's weights on top)
+      fsdp shard_grad_op       gradients and optimizer state (the weights stay whole between forward and backward)
+      deepspeed ZeRO-2         gradients and optimizer state;  ZeRO-3: the weights too, one layer gathered whole
+      offload                  fsdp_cpu_offload: the sharded parts live in CPU memory; zero_offload: the optimizer
+                               state (stage 3: the weights too)
+    hybrid_shard shards within a machine only; it is counted as full_shard over `nproc`, the processes of one machine.
+    """
+    if nproc <= 1:
+        return est
+    m = dict(est.memory_mb)
+    s = dcfg.strategy
+    if s == "ddp":
+        m["ddp_buckets"] = m["gradients"]
+    else:
+        weights_sharded = (s == "fsdp" and dcfg.fsdp_sharding != "shard_grad_op") or (s == "deepspeed"
+                                                                                      and dcfg.zero_stage == 3)
+        offload = dcfg.fsdp_cpu_offload if s == "fsdp" else dcfg.zero_offload
+        sharded = ["gradients", "optimizer"] + (["weights", "adapter"] if weights_sharded else [])
+        for part in sharded:
+            m[part] = m[part] / nproc
+        if offload:  # in CPU memory, not on the device
+            moved = ["optimizer"] + (["weights", "adapter"] if weights_sharded else []) + (
+                ["gradients"] if s == "fsdp" else [])
+            for part in moved:
+                m[part] = 0.0
+        if weights_sharded:  # the wrapped layer being computed is all-gathered whole
+            m["gathered"] = est.memory_mb["weights"] / max(est.layers, 1)
+    label = s if s != "deepspeed" else f"deepspeed ZeRO-{dcfg.zero_stage}"
+    out = Estimate(**{**asdict(est), "memory_mb": m})
+    out.device = f"{est.device}, each of {nproc} processes, {label}"
+    return out
 
 
 def local_device() -> str:
@@ -318,7 +361,8 @@ def for_run(cfg, rows: list[dict], echo=print, lean_loss: bool | None = None):
     cannot be built on the meta device: the estimate is advice and never stops a run."""
     stats = stats_of(rows) if rows and "input_ids" in rows[0] else {}
     try:
-        est = estimate(cfg, local_device(), lean_loss=lean_loss, **stats)
+        est = per_process(estimate(cfg, local_device(), lean_loss=lean_loss, **stats), cfg.distributed,
+                          distributed.world_size())
     except Exception as e:  # noqa: BLE001  (any failure to model an architecture must not block training)
         echo(f"estimate: not available for this model ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
         return None
@@ -358,6 +402,6 @@ def main(args) -> int:
                                                    cfg.model.chat_template))
         except UserError as e:
             print(f"note: token lengths not measured ({e}); using data.max_length")
-    est = estimate(cfg, args.device, args.budget_gb, **stats)
+    est = per_process(estimate(cfg, args.device, args.budget_gb, **stats), cfg.distributed, args.nproc)
     print(json.dumps(est.to_dict(), indent=2) if args.json else est.report())
     return 0 if est.fits is not False else 1
