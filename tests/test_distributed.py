@@ -20,8 +20,8 @@ from tunelab.distributed import FSDP_NEEDS_ACCELERATORS
 CLI = [sys.executable, "-m", "tunelab", "train"]
 
 
-def write_config(tmp_path, tiny_model, data, name, batch_size, max_steps=6, **extra) -> Path:
-    cfg = {"model": {"source": tiny_model}, "data": {"train": data, "max_length": 64},
+def write_config(tmp_path, tiny_model, train_file, name, batch_size, max_steps=6, **extra) -> Path:
+    cfg = {"model": {"source": tiny_model}, "data": {"train": train_file, "max_length": 64},
            "adapter": {"type": "lora", "r": 8, "alpha": 16},
            "training": {"max_steps": max_steps, "batch_size": batch_size, "learning_rate": 1e-2,
                         "precision": "fp32", "save_steps": 3, "save_total_limit": None},
@@ -258,3 +258,119 @@ def test_memory_plan_is_per_process(tiny_model, monkeypatch):
     assert not tight.gradient_checkpointing and "the fastest settings fit" in tight.reason
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert plan(cfg, method, opts, stats, device="h100", budget_mb=shared.estimate_mb + 1).gradient_checkpointing
+
+
+# ---------------------------------------------------------------------------------------------------------- methods
+
+PAIRS = [("Write a greeting.", "Hello, nice to meet you!", "go away"),
+         ("Is the earth flat?", "No, it is roughly a sphere.", "Yes."),
+         ("What is 2+2?", "2+2 = 4.", "It is 5."),
+         ("Name a color.", "Blue.", "Seven.")]
+
+
+@pytest.fixture(scope="module")
+def method_data(tmp_path_factory) -> dict[str, str]:
+    """Preference pairs, unpaired KTO rows and prompts, beside the chat data."""
+    d = tmp_path_factory.mktemp("method-data")
+    (d / "pairs.jsonl").write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n"
+                                           for _ in range(4) for p, c, r in PAIRS))
+    kto = [{"prompt": p, "completion": c, "label": True} for p, c, _ in PAIRS] * 3
+    kto += [{"prompt": p, "completion": r, "label": False} for p, _, r in PAIRS] * 2
+    (d / "kto.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kto))
+    (d / "prompts.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Say something {i}."}, {"role": "assistant", "content": "ok"}]}) + "\n"
+        for i in range(16)))
+    return {"pairs": str(d / "pairs.jsonl"), "kto": str(d / "kto.jsonl"), "prompts": str(d / "prompts.jsonl")}
+
+
+def logged_reward(completions, **kwargs):
+    """A reward (longer completions score higher) that also records, per process, what it scored: the test checks
+    that the logged reward is the mean over every process's completions."""
+    from tunelab.rewards import completion_text
+
+    scores = [len(completion_text(c)) / 50 for c in completions]
+    with open(os.environ["TUNELAB_TEST_REWARDS"], "a") as f:
+        f.write(json.dumps({"rank": int(os.environ.get("RANK", "0")), "scores": scores}) + "\n")
+    return scores
+
+
+REWARD = f"{__file__}:logged_reward"
+
+
+def test_dpo_two_processes_learn_what_one_process_learns(tmp_path, tiny_model, method_data):
+    def cfg(name, batch_size):
+        return write_config(tmp_path, tiny_model, method_data["pairs"], name, batch_size=batch_size, max_steps=3,
+                            method={"name": "dpo"}, data={"max_length": 96}, adapter={"dropout": 0.0},
+                            training={"save_steps": 100, "learning_rate": 5e-3})
+
+    train(cfg("one", 4))
+    out = train(cfg("two", 2), "--nproc", "2")
+    run = tmp_path / "runs" / "two"
+    assert losses(run) == pytest.approx(losses(tmp_path / "runs" / "one"), abs=1e-4)  # DPO is deterministic
+    assert losses(run)[-1] < losses(run)[0]
+    assert out.stdout.count("model: ") == 1  # rank 0 prints
+    assert json.loads((run / "summary.json").read_text())["status"] == "complete"
+    assert (run / "final" / "adapter_model.safetensors").is_file()
+
+
+def _rewards_per_step(path: Path) -> list[float]:
+    """The mean reward of every generation batch over all processes (each process's k-th call is batch k)."""
+    by_rank: dict[int, list[list[float]]] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        by_rank.setdefault(row["rank"], []).append(row["scores"])
+    assert sorted(by_rank) == [0, 1], "both processes score their own completions"
+    assert len(by_rank[0]) == len(by_rank[1])
+    return [sum(a + b) / len(a + b) for a, b in zip(by_rank[0], by_rank[1])]
+
+
+@pytest.mark.e2e  # two two-process jobs with generation: the slowest here
+def test_grpo_under_two_processes_trains_with_shared_rewards_and_resumes_after_a_kill(tmp_path, tiny_model,
+                                                                                        method_data):
+    path = write_config(tmp_path, tiny_model, method_data["prompts"], "grpo", batch_size=4, max_steps=4,
+                        method={"name": "grpo", "rewards": [REWARD], "num_generations": 4,
+                                "max_completion_length": 8},
+                        adapter={"dropout": 0.0}, training={"save_steps": 2, "learning_rate": 5e-3})
+    run = tmp_path / "runs" / "grpo"
+    env = {**os.environ, "TUNELAB_TEST_JOB": str(tmp_path), "TUNELAB_TEST_REWARDS": str(tmp_path / "part1.jsonl")}
+    job = subprocess.Popen([*CLI, str(path), "--nproc", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env=env)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (run / "checkpoints" / "checkpoint-2").is_dir() and job.poll() is None:
+            time.sleep(0.05)
+        pid = _rank_pid(str(tmp_path), 1)
+        assert pid is not None and job.poll() is None, "the job ended before a rank could be killed"
+        os.kill(pid, signal.SIGKILL)
+        assert job.wait(timeout=300) != 0
+    finally:
+        if job.poll() is None:
+            job.kill()
+    env["TUNELAB_TEST_REWARDS"] = str(tmp_path / "part2.jsonl")
+    out = train(path, "--nproc", "2", env=env)
+    assert "resuming from" in out.stdout
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["reward"] for r in rows if "reward" in r}
+    assert sorted(logged) == [1, 2, 3, 4]  # every step once: rank 0 alone writes, the resumed part continues
+    # the resumed steps' logged rewards are the mean over both processes' completions
+    assert [logged[3], logged[4]] == pytest.approx(_rewards_per_step(tmp_path / "part2.jsonl"), abs=1e-5)
+    assert json.loads((run / "summary.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.e2e  # one two-process run per method (~a minute each on 2 cores)
+@pytest.mark.parametrize("method, data", [
+    ({"name": "orpo"}, "pairs"), ({"name": "simpo"}, "pairs"), ({"name": "reward"}, "pairs"),
+    ({"name": "kto"}, "kto"), ({"name": "ppo", "rewards": [REWARD], "max_completion_length": 8}, "prompts"),
+    ({"name": "distill", "student_layers": 1}, "chat"),
+], ids=lambda v: v["name"] if isinstance(v, dict) else None)
+def test_every_method_finishes_steps_under_two_processes(tmp_path, tiny_model, tiny_chat_data, method_data, method,
+                                                         data):
+    path = write_config(tmp_path, tiny_model, tiny_chat_data if data == "chat" else method_data[data], "m",
+                        batch_size=4, max_steps=2, method=method, data={"max_length": 96},
+                        **({"adapter": {"type": "none"}} if method["name"] == "distill" else {}))
+    env = {**os.environ, "TUNELAB_TEST_REWARDS": str(tmp_path / "rewards.jsonl")}
+    train(path, "--nproc", "2", env=env)
+    run = tmp_path / "runs" / "m"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["global_step"] == 2
+    assert losses(run) and (run / "final").is_dir()
