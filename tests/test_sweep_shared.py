@@ -89,16 +89,18 @@ def write_sweep(tmp_path, tiny_model, data, storage, study, trials, max_steps=2,
                         "adapter": {"type": "lora", "r": 4, "alpha": 8},
                         "training": {"max_steps": max_steps, "batch_size": 4, "precision": "fp32", "save_steps": 1,
                                      "logging_steps": 1}},
-             "search": {"strategy": "random", "trials": trials, "objective": "train_loss", "storage": storage,
-                        "study": study, "heartbeat": heartbeat,
+             "search": {"strategy": "random", "trials": trials, "objective": "train_loss", "study": study,
+                        "heartbeat": heartbeat,
                         "space": {"training.learning_rate": {"low": 1e-3, "high": 1e-2, "log": True}}}}
+    if storage:
+        sweep["search"]["storage"] = storage
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep))
     return path
 
 
-def worker(path, **kw) -> subprocess.Popen:
-    return subprocess.Popen([*CLI, str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+def worker(path, *args) -> subprocess.Popen:
+    return subprocess.Popen([*CLI, str(path), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def load(storage: str, study: str):
@@ -112,8 +114,9 @@ def load(storage: str, study: str):
 
 
 def test_two_workers_share_one_study(tmp_path, tiny_model, tiny_chat_data, storage):
-    path = write_sweep(tmp_path, tiny_model, tiny_chat_data, storage, f"share-{tmp_path.name}", trials=2)
-    a, b = worker(path), worker(path)
+    # the storage given on the command line, as on several machines sharing one sweep file
+    path = write_sweep(tmp_path, tiny_model, tiny_chat_data, None, f"share-{tmp_path.name}", trials=2)
+    a, b = worker(path, "--storage", storage), worker(path, "--storage", storage)
     out_a, out_b = a.communicate(timeout=600)[0], b.communicate(timeout=600)[0]
     assert a.returncode == 0 and b.returncode == 0, out_a[-3000:] + out_b[-3000:]
     study = load(storage, f"share-{tmp_path.name}")

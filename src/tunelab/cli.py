@@ -67,6 +67,8 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
     "sweep": ("tunelab.sweep:main", "search hyper-parameters: grid / random / Optuna trials, results table, plots", [
         A("sweep", help="a sweep YAML (see configs/sweeps/)"),
         A("--trials", type=int, default=None, help="trial budget (overrides search.trials)"),
+        A("--storage", default=None, metavar="URL", help="the study's storage, shared by every worker pointed at it "
+          "(overrides search.storage): postgresql://USER:PASS@HOST/DB or journal:PATH"),
         A("--dry-run", action="store_true", help="check the sweep and list its trials; train nothing"),
         A("--overwrite", action="store_true", help="delete the sweep's trials and study and start over"),
     ]),

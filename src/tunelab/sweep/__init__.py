@@ -49,7 +49,7 @@ def main(args) -> int:
     from tunelab.train import quiet_libraries
 
     quiet_libraries()
-    sweep = load_sweep(args.sweep, trials=args.trials)
+    sweep = load_sweep(args.sweep, trials=args.trials, storage=args.storage)
     if args.dry_run:
         pts = sample_points(sweep.search.space, sweep.search.strategy)
         print(f"sweep {sweep.name}: {sweep.search.strategy}, {sweep.trials} trials, objective {sweep.objective} "

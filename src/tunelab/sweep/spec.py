@@ -204,11 +204,14 @@ def sample_points(space: dict[str, list | Range], strategy: str) -> list[dict]:
     return points
 
 
-def load_sweep(path: str | Path, trials: int | None = None) -> Sweep:
+def load_sweep(path: str | Path, trials: int | None = None, storage: str | None = None) -> Sweep:
     """Read and check a sweep file: its own keys, the search space's keys and values against the run config, and the
-    objective against the evaluation settings of every trial config it can build in advance. Errors are UserErrors."""
+    objective against the evaluation settings of every trial config it can build in advance. Errors are UserErrors.
+    `trials` / `storage` replace search.trials / search.storage (the command line's --trials / --storage)."""
     path = Path(path)
     data = read_yaml(path, "sweep file", "expected a mapping")
+    if storage and isinstance(data.get("search"), dict):
+        data["search"] = {**data["search"], "storage": storage}
     try:
         spec = SweepSpec(**data)
     except ValidationError as e:
