@@ -360,7 +360,10 @@ def test_grpo_under_two_processes_trains_with_shared_rewards_and_resumes_after_a
 @pytest.mark.e2e  # one two-process run per method (~a minute each on 2 cores)
 @pytest.mark.parametrize("method, data", [
     ({"name": "orpo"}, "pairs"), ({"name": "simpo"}, "pairs"), ({"name": "reward"}, "pairs"),
-    ({"name": "kto"}, "kto"), ({"name": "ppo", "rewards": [REWARD], "max_completion_length": 8}, "prompts"),
+    ({"name": "kto"}, "kto"),
+    pytest.param({"name": "ppo", "rewards": [REWARD], "max_completion_length": 8}, "prompts", marks=pytest.mark.xfail(
+        strict=True, reason="PPO's own loop calls generate() on the DDP-wrapped model (AttributeError) and keeps its "
+        "value head outside DDP, whose gradients would not be averaged: not data-parallel yet")),
     ({"name": "distill", "student_layers": 1}, "chat"),
 ], ids=lambda v: v["name"] if isinstance(v, dict) else None)
 def test_every_method_finishes_steps_under_two_processes(tmp_path, tiny_model, tiny_chat_data, method_data, method,
