@@ -68,6 +68,19 @@ def test_two_processes_learn_what_one_process_learns(tmp_path, tiny_model, tiny_
     assert not (run / ".staging").exists() or not any((run / ".staging").iterdir())
 
 
+def test_full_fine_tuning_on_two_processes_learns_what_one_process_learns(tmp_path, tiny_model, tiny_chat_data):
+    def cfg(name, batch_size):
+        return write_config(tmp_path, tiny_model, tiny_chat_data, name, batch_size=batch_size, max_steps=4,
+                            adapter={"type": "none"}, training={"learning_rate": 1e-3, "save_steps": 100})
+
+    train(cfg("one", 8))
+    train(cfg("two", 4), "--nproc", "2")
+    runs_dir = tmp_path / "runs"
+    assert losses(runs_dir / "two") == pytest.approx(losses(runs_dir / "one"), abs=1e-4)
+    assert losses(runs_dir / "two")[-1] < losses(runs_dir / "two")[0]
+    assert (runs_dir / "two" / "final" / "model.safetensors").is_file()
+
+
 def _rank_pid(marker: str, rank: int) -> int | None:
     """The pid of the worker process with RANK=`rank` among those started with TUNELAB_TEST_JOB=`marker`."""
     for p in Path("/proc").iterdir():
