@@ -15,8 +15,9 @@ A sweep file is a base config, the keys to search and how:
       pruning: {pruner: median}       # stop hopeless trials at their evaluations
 
 Optuna does the searching for all three strategies (GridSampler, RandomSampler, TPESampler) and keeps the study in a
-database: SQLite at sweeps/<name>/study.db by default, or any database URL (`storage:`), so several machines can work
-on one study. Re-running the command continues the study: finished trials are not run again; a trial that was stopped
+database: SQLite at sweeps/<name>/study.db by default, or any database URL or an Optuna journal file (`storage:` or
+`--storage`: postgresql://..., journal:PATH), so several machines can work on one study, each running the same
+command. Re-running the command continues the study: finished trials are not run again; a trial that was stopped
 (Ctrl-C, or a machine that died: its heartbeat goes stale) is queued again with the same parameters and resumes from
 its run's last checkpoint, because it trains into the same run directory. Runs are resumed and skipped by train.py
 itself (`run_training` continues an unfinished run of the same config and skips a complete one).
