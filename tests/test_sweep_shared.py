@@ -164,3 +164,34 @@ def test_a_killed_workers_trial_is_resumed_by_another(tmp_path, tiny_model, tiny
     rows = [json.loads(x) for x in (first / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 8  # resumed from its checkpoint, each step logged once
+
+
+def test_workers_opening_a_fresh_database_at_once_all_get_the_study(postgres_url):
+    """Workers started together on an empty database all create its tables; PostgreSQL fails all but one CREATE
+    TABLE, and the others open the tables that one made."""
+    import threading
+
+    import psycopg
+
+    from tunelab.sweep.study import _rdb_storage, database_url
+
+    name = f"fresh_{os.getpid()}_{int(time.time())}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    url = database_url(postgres_url.rsplit("/", 1)[0] + "/" + name)
+    opened, errors = [], []
+
+    def open_one():
+        try:
+            opened.append(_rdb_storage(optuna, url, 30))
+        except Exception as e:  # noqa: BLE001  (reported by the assertion below)
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(opened) == 4
+    study = optuna.create_study(study_name="s", storage=opened[0])
+    assert optuna.load_study(study_name="s", storage=opened[3])._study_id == study._study_id

@@ -121,13 +121,27 @@ def open_storage(sweep: Sweep, optuna):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             if sweep.storage.startswith(JOURNAL):
                 return _journal_storage(optuna)(sweep.storage[len(JOURNAL):], beat, 4 * beat, _retry(optuna, 3))
-            return optuna.storages.RDBStorage(database_url(sweep.storage), heartbeat_interval=beat,
-                                              grace_period=4 * beat,
-                                              heartbeat_stale_trial_callback=_retry(optuna, max_retry=3))
+            return _rdb_storage(optuna, database_url(sweep.storage), beat)
     except Exception as e:  # a bad URL, a missing database driver, an unreachable server
         hint = "; pip install 'tunelab[sweep]' for PostgreSQL's driver" if isinstance(e, ImportError) else ""
         raise UserError(f"search.storage {safe_url(sweep.storage)!r}: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}{hint}") from None
+
+
+def _rdb_storage(optuna, url: str, beat: int):
+    """RDBStorage, retried when another worker is creating the same fresh database's tables at this moment: both
+    run CREATE TABLE and PostgreSQL fails the later one (a unique violation in its catalog); once the first is done,
+    the tables exist and opening succeeds."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=beat, grace_period=4 * beat,
+                                              heartbeat_stale_trial_callback=_retry(optuna, max_retry=3))
+        except (IntegrityError, ProgrammingError):
+            if attempt == 4:
+                raise
+            time.sleep(1 + attempt)
 
 
 def _journal_storage(optuna):
