@@ -222,3 +222,19 @@ def test_gpu_activations_qlora_liger_and_lean_loss(tmp_path, tiny_model):
     cpu_liger = estimate(_cfg(tmp_path, tiny_model, training=bf16, method={"name": "sft", "use_liger_kernel": True}),
                          "cpu", max_tokens=100, baseline_mb=0)
     assert cpu_liger.memory_mb["activations"] == cpu.memory_mb["activations"]
+
+
+def test_step_count_is_the_trainers(tmp_path, tiny_model, tiny_chat_data):
+    """The estimate's step count is the one the Trainer runs: 7 rows in batches of 2 are 4 batches, an accumulation
+    of 3 makes 2 optimizer steps an epoch (the last one shorter), 3 epochs make 6 (rows / (batch x accumulation) x
+    epochs would say 4)."""
+    from tunelab import finetune, load_config
+
+    cfg = load_config(None, [f"model.source={tiny_model}", f"data.train={tiny_chat_data}", "data.subset=7",
+                             "data.max_length=64", "training.batch_size=2", "training.grad_accum=3",
+                             "training.epochs=3", "training.precision=fp32", "training.save_steps=100",
+                             f"output.dir={tmp_path}", "output.name=steps"])
+    lines = []
+    summary = finetune(cfg, show_progress=False, echo=lines.append)
+    assert summary["global_step"] == 6
+    assert any("for 6 steps" in line for line in lines), lines

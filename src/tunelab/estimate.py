@@ -294,8 +294,7 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_t
     tokens_per_step = t.batch_size * t.grad_accum * mean_len * rows
     flops = tokens_per_step * (fwd + bwd)
     seconds = flops / (dev["flops"] * dev["mfu"])
-    steps = t.max_steps if t.max_steps > 0 else (
-        int(t.epochs * num_samples / (t.batch_size * t.grad_accum) + 0.999) if num_samples else None)
+    steps = training_steps(cfg, num_samples)
     if budget_gb is None and dev["memory_gb"]:
         budget_gb = dev["memory_gb"]
     return Estimate(device=device, weight_dtype=f"{wdtype}" + (f" + {q.bits}-bit linear" if q.bits else ""),
@@ -344,6 +343,22 @@ def per_process(est: Estimate, dcfg, nproc: int) -> Estimate:
     out = Estimate(**{**asdict(est), "memory_mb": m})
     out.device = f"{est.device}, each of {nproc} processes, {label}"
     return out
+
+
+def training_steps(cfg, num_samples: int | None, world_size: int = 1) -> int | None:
+    """Optimizer steps of a run over `num_samples` rows, as transformers' Trainer counts them: each process' dataloader
+    has ceil(rows per process / batch) batches (the distributed sampler pads every process to the same share), an
+    epoch ends with a last, shorter accumulation (Trainer.set_initial_training_values), and epochs round up."""
+    import math
+
+    t = cfg.training
+    if t.max_steps > 0:
+        return t.max_steps
+    if not num_samples:
+        return None
+    batches = math.ceil(math.ceil(num_samples / world_size) / t.batch_size)
+    per_epoch = max(batches // t.grad_accum + int(batches % t.grad_accum > 0), 1)
+    return math.ceil(t.epochs * per_epoch)
 
 
 def local_device() -> str:
