@@ -64,6 +64,8 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
         A("config", help="path to a YAML config (see configs/)"), OVERRIDES,
         A("--device", default="cpu", choices=["cpu", "h100", "a100", "4090", "t4"], help="device to estimate for"),
         A("--budget-gb", type=float, default=None, help="memory budget (default: the GPU's memory)"),
+        A("--price-per-hour", type=float, default=None, help="USD per device-hour for the cost per step and per "
+          "run (default: a typical on-demand price for --device, shown with the estimate)"),
         A("--json", action="store_true", help="print the estimate as JSON"),
     ]),
     "quickstart": ("tunelab.quickstart:main", "fine-tune the embedded model on bundled GSM8K and show before/after", [
