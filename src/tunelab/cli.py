@@ -132,6 +132,7 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
         A("--private", action="store_true", help="hub: create the repository private"),
         A("--dry-run", action="store_true", help="hub: list exactly the files that would be uploaded, upload nothing"),
         A("--overwrite", action="store_true", help="replace an existing export output"),
+        A("--verbose", action="store_true", help="gguf/ollama: show llama.cpp's own log (quantization, loading)"),
     ]),
     "infer": ("tunelab.export:infer", "CPU inference on a GGUF file through llama.cpp (needs llama-cpp-python)", [
         A("--gguf", required=True, help="the GGUF file"),
