@@ -45,18 +45,19 @@ def load(path: Path, n_ctx: int = 2048, threads: int | None = None):
 
 # ggml's log levels (ggml.h): what `quiet` shows of the collected log when the work inside it fails
 _LOG_WARN, _LOG_ERROR, _LOG_CONT = 3, 4, 5
-_keep_alive: list = []  # ctypes callbacks handed to llama.cpp must outlive their registration
+_keep_alive: list = []  # a ctypes callback handed to llama.cpp must outlive its registration
 
 
 @contextlib.contextmanager
 def quiet(verbose: bool = False):
-    """Collect llama.cpp's own log instead of printing it (unless `verbose`); when the block fails, its warnings and
-    errors go to stderr, as they say what went wrong. A no-op without llama-cpp-python.
+    """Collect llama.cpp's own log instead of printing it (`verbose`: print it to stderr as it comes); when the block
+    fails, its warnings and errors go to stderr, as they say what went wrong. A no-op without llama-cpp-python.
 
-    llama.cpp sends its log through one process-wide callback (`llama_log_set`); llama-cpp-python's own callback
-    prints everything until a model is loaded with verbose=False, so a quantization alone floods the terminal. The
-    block's Python output is untouched (this is not a file-descriptor redirect)."""
-    if verbose or not available():
+    llama.cpp sends its log through one process-wide callback (`llama_log_set`). llama-cpp-python's own callback
+    prints everything until a model is loaded with verbose=False and nothing but errors after that, so a quantization
+    floods the terminal or, later in the same process, shows nothing even when asked. The block's Python output is
+    untouched (this is not a file-descriptor redirect)."""
+    if not available():
         yield
         return
     import ctypes
@@ -68,9 +69,13 @@ def quiet(verbose: bool = False):
 
     @llama_cpp.llama_log_callback
     def collect(level, text, user_data):
+        piece = text.decode("utf-8", errors="replace")
+        if verbose:
+            print(piece, end="", file=sys.stderr, flush=True)
+            return
         if level == _LOG_CONT and collected:  # a continuation of the previous line keeps its level
             level = collected[-1][0]
-        collected.append((level, text.decode("utf-8", errors="replace")))
+        collected.append((level, piece))
 
     _keep_alive.append(collect)
     llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
@@ -82,10 +87,11 @@ def quiet(verbose: bool = False):
             print("llama.cpp's log (warnings and errors):\n" + shown, file=sys.stderr)
         raise
     finally:
-        # back to llama-cpp-python's own callback (which honours Llama(verbose=...)); ours stays referenced
+        # back to llama-cpp-python's own callback (which honours Llama(verbose=...)); ours is then released
         default = getattr(importlib.import_module("llama_cpp._logger"), "llama_log_callback", None)
         if default is not None:
             llama_cpp.llama_log_set(default, ctypes.c_void_p(0))
+            _keep_alive.remove(collect)
 
 
 def describe(path: Path) -> dict:
@@ -112,9 +118,9 @@ def summary(path: Path, qtype: str) -> str:
     from tunelab.export.gguf import LLAMACPP_TYPES
 
     if qtype in LLAMACPP_TYPES:
-        line += ("\n  llama.cpp's quantizer picks the type of each tensor: 1-D tensors stay f32, some are raised to "
-                 "a wider type, and a K-quant falls back to q5_0/q8_0-like types where a row is not a multiple of 256 "
-                 "values (export with --verbose to see its log)")
+        line += ("\n  llama.cpp's quantizer picks each tensor's type: 1-D tensors stay f32, some get a wider type, "
+                 "and where a row is not a multiple of 256 values a K-quant falls back to a 32-value block type "
+                 "(q4_K to q5_0, q5_K to q5_1, q6_K to q8_0, q2_K/q3_K to q4_0); --verbose shows its log")
     return line
 
 
