@@ -238,3 +238,69 @@ def test_step_count_is_the_trainers(tmp_path, tiny_model, tiny_chat_data):
     summary = finetune(cfg, show_progress=False, echo=lines.append)
     assert summary["global_step"] == 6
     assert any("for 6 steps" in line for line in lines), lines
+
+
+def _gpt2_config():
+    from transformers import GPT2Config
+
+    # GPT-2's layout at test size: Conv1D layers c_attn (qkv), attn.c_proj, mlp.c_fc, mlp.c_proj
+    return GPT2Config(vocab_size=V, n_embd=H, n_layer=L, n_head=4, n_positions=256)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["c_attn"]])
+def test_lora_on_gpt2_conv1d_layers_counts_like_peft(tmp_path, tiny_model, targets):
+    """GPT-2 keeps its projections in transformers' Conv1D, not nn.Linear: the estimate counts LoRA on them as PEFT
+    builds it (the count of a real PEFT model of the same config), where it counted none before."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    arch = architecture(_gpt2_config())
+    per_layer = {"c_attn": 8 * (H + 3 * H), "attn.c_proj": 8 * (H + H), "c_fc": 8 * (H + 4 * H),
+                 "mlp.c_proj": 8 * (4 * H + H)}
+    expected = L * (sum(per_layer.values()) if targets == "all-linear" else per_layer["c_attn"])
+    est = estimate(_cfg(tmp_path, tiny_model, adapter={"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0,
+                                                       "target_modules": targets}),
+                   "cpu", arch=arch, max_tokens=100, baseline_mb=0)
+    assert est.trainable == expected > 0
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_config(_gpt2_config()),
+                                peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM"))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+    # the Conv1D weights count as linear weights too (what 4-bit quantization packs)
+    assert arch["linear_params"] == L * (H * 3 * H + H * H + H * 4 * H + 4 * H * H)
+
+
+def test_cost_per_step_and_per_run_at_default_and_given_prices(tmp_path, tiny_model):
+    from tunelab.estimate import DEVICES
+
+    cfg = _cfg(tmp_path, tiny_model)  # max_steps 10
+    est = estimate(cfg, "h100", max_tokens=100, mean_tokens=50, baseline_mb=0)
+    assert est.price_per_hour == DEVICES["h100"]["price_per_hour"] > 0 and est.price_is_default
+    assert est.cost_per_step == pytest.approx(est.seconds_per_step / 3600 * est.price_per_hour)
+    assert est.steps == 10 and est.cost_total == pytest.approx(10 * est.cost_per_step)
+    assert "default for h100" in est.report() and "per step" in est.report() and "for 10 steps" in est.report()
+
+    mine = estimate(cfg, "h100", price_per_hour=10.0, max_tokens=100, mean_tokens=50, baseline_mb=0)
+    assert not mine.price_is_default and "default" not in mine.report().splitlines()[-1]
+    assert mine.cost_total == pytest.approx(est.cost_total * 10.0 / DEVICES["h100"]["price_per_hour"])
+    d = mine.to_dict()
+    assert d["price_per_hour"] == 10.0 and d["cost_per_step"] == pytest.approx(mine.cost_per_step)
+    assert d["cost_total"] == pytest.approx(mine.cost_total)
+    with pytest.raises(UserError, match="price-per-hour"):
+        estimate(cfg, "h100", price_per_hour=-1.0, max_tokens=100, baseline_mb=0)
+
+
+def test_estimate_cli_prints_cost_and_json(tmp_path, tiny_model, tiny_chat_data, capsys):
+    from tunelab import cli
+
+    path = make_config(tmp_path, tiny_model, tiny_chat_data)
+    assert cli.main(["estimate", str(path), "--device", "a100", "--price-per-hour", "2", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["price_per_hour"] == 2.0 and d["steps"] == 10
+    assert d["cost_total"] == pytest.approx(10 * d["seconds_per_step"] / 3600 * 2.0)
+    assert cli.main(["estimate", str(path), "--device", "t4"]) == 0
+    assert "cost at $0.35 per hour (default for t4" in capsys.readouterr().out
+    assert cli.main(["estimate", str(path), "--price-per-hour", "-3"]) == 2
+    assert "--price-per-hour -3.0" in capsys.readouterr().err

@@ -78,6 +78,8 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
         A("--budget-gb", type=float, default=None, help="memory budget (default: the GPU's memory)"),
         A("--nproc", type=int, default=1, help="data-parallel processes (one per GPU): memory per device under the "
           "config's distributed.strategy (ddp / fsdp / deepspeed shard different parts)"),
+        A("--price-per-hour", type=float, default=None, help="USD per device-hour for the cost per step and per "
+          "run (default: a typical on-demand price for --device, shown with the estimate)"),
         A("--json", action="store_true", help="print the estimate as JSON"),
     ]),
     "quickstart": ("tunelab.quickstart:main", "fine-tune the embedded model on bundled GSM8K and show before/after", [
@@ -144,6 +146,7 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
         A("--private", action="store_true", help="hub: create the repository private"),
         A("--dry-run", action="store_true", help="hub: list exactly the files that would be uploaded, upload nothing"),
         A("--overwrite", action="store_true", help="replace an existing export output"),
+        A("--verbose", action="store_true", help="gguf/ollama: show llama.cpp's own log (quantization, loading)"),
     ]),
     "infer": ("tunelab.export:infer", "CPU inference on a GGUF file through llama.cpp (needs llama-cpp-python)", [
         A("--gguf", required=True, help="the GGUF file"),

@@ -46,12 +46,17 @@ MB = 2**20
 # LoRA/SFT step reaches (model FLOPs utilization). CPU: a 2-core AMX machine, whose bf16 matmul reaches ~2 TFLOP/s
 # (2048x2048 operands); a SmolLM2-135M LoRA step reaches ~12% of that (425 real tokens/s x 0.6 GFLOP per token),
 # since at this size the step is dominated by element-wise work, attention and the adapters' rank-16 matmuls.
+#
+# price_per_hour: a default rental price in USD per device-hour, for the cost line; pass --price-per-hour for your own.
+# GPUs: typical on-demand list prices at GPU clouds in 2026 (H100 SXM ~$2.50-3.50, A100 80GB ~$1.10-1.50, RTX 4090
+# ~$0.69 at RunPod, T4 ~$0.35 at Google Cloud; hyperscalers charge up to twice as much, spot and reserved less).
+# CPU: a small 2-vCPU cloud instance (~$0.09 an hour on-demand). Defaults, not quotes.
 DEVICES = {
-    "cpu": {"flops": 2.0e12, "memory_gb": None, "mfu": 0.12, "bf16": True},
-    "h100": {"flops": 989e12, "memory_gb": 80, "mfu": 0.4, "bf16": True},
-    "a100": {"flops": 312e12, "memory_gb": 80, "mfu": 0.4, "bf16": True},
-    "4090": {"flops": 165e12, "memory_gb": 24, "mfu": 0.4, "bf16": True},
-    "t4": {"flops": 65e12, "memory_gb": 16, "mfu": 0.3, "bf16": False},
+    "cpu": {"flops": 2.0e12, "memory_gb": None, "mfu": 0.12, "bf16": True, "price_per_hour": 0.09},
+    "h100": {"flops": 989e12, "memory_gb": 80, "mfu": 0.4, "bf16": True, "price_per_hour": 2.99},
+    "a100": {"flops": 312e12, "memory_gb": 80, "mfu": 0.4, "bf16": True, "price_per_hour": 1.29},
+    "4090": {"flops": 165e12, "memory_gb": 24, "mfu": 0.4, "bf16": True, "price_per_hour": 0.69},
+    "t4": {"flops": 65e12, "memory_gb": 16, "mfu": 0.3, "bf16": False, "price_per_hour": 0.35},
 }
 
 # Optimizer state bytes per trainable parameter (TrainingArguments `optim` names).
@@ -86,6 +91,18 @@ class Estimate:
     steps: int | None = None
     budget_gb: float | None = None
     layers: int = 0  # transformer blocks: the unit FSDP and ZeRO-3 gather whole (per_process)
+    price_per_hour: float = 0.0  # USD per device-hour
+    price_is_default: bool = True  # the device's default price (DEVICES), not one the user gave
+
+    @property
+    def cost_per_step(self) -> float:
+        """USD for one optimizer step at price_per_hour."""
+        return self.seconds_per_step / 3600 * self.price_per_hour
+
+    @property
+    def cost_total(self) -> float | None:
+        """USD for the whole run (None when the number of steps is unknown)."""
+        return None if self.steps is None else self.steps * self.cost_per_step
 
     @property
     def total_mb(self) -> float:
@@ -98,7 +115,8 @@ class Estimate:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["memory_mb"] = {k: round(v, 1) for k, v in self.memory_mb.items()}
-        d.update(total_mb=round(self.total_mb, 1), fits=self.fits)
+        d.update(total_mb=round(self.total_mb, 1), fits=self.fits, cost_per_step=self.cost_per_step,
+                 cost_total=self.cost_total)
         return d
 
     def report(self) -> str:
@@ -107,7 +125,12 @@ class Estimate:
                  f"  {self.params / 1e6:.1f}M params in {self.weight_dtype}, {self.trainable / 1e6:.2f}M trainable; "
                  f"largest batch {self.peak_tokens} tokens; {self.flops_per_step / 1e12:.2f} TFLOP per step, "
                  f"~{_duration(self.seconds_per_step)} per step" +
-                 (f", ~{_duration(self.steps * self.seconds_per_step)} for {self.steps} steps" if self.steps else "")]
+                 (f", ~{_duration(self.steps * self.seconds_per_step)} for {self.steps} steps" if self.steps else ""),
+                 f"  cost at ${self.price_per_hour:g} per hour" +
+                 (f" (default for {self.device}, a typical on-demand price; set yours with --price-per-hour)"
+                  if self.price_is_default else "") +
+                 f": {_money(self.cost_per_step)} per step" +
+                 (f", {_money(self.cost_total)} for {self.steps} steps" if self.steps else "")]
         if self.budget_gb is not None:
             verdict = "fits" if self.fits else "does NOT fit"
             lines.append(f"  {verdict} in {self.budget_gb:g} GB")
@@ -118,6 +141,17 @@ def _duration(seconds: float) -> str:
     if seconds < 1:
         return f"{seconds * 1000:.0f} ms"
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def _money(usd: float) -> str:
+    """Dollars with two significant digits below a cent (a step's cost often is a fraction of one), plain decimals."""
+    import math
+
+    if usd == 0 or usd >= 0.01:
+        return f"${usd:,.2f}"
+    if usd < 1e-6:
+        return "< $0.000001"
+    return f"${usd:.{1 - math.floor(math.log10(usd))}f}"
 
 
 def config_json(source: str, revision=None, trust_remote_code: bool = False):
@@ -137,12 +171,16 @@ def architecture(mcfg) -> dict:
     """Parameter counts and linear layers of a model config, from a storage-less (`meta`) instance."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(mcfg)
     out_emb = model.get_output_embeddings()
-    linears = [(name, m.in_features, m.out_features) for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and m is not out_emb]
+    # GPT-2 style models use transformers' Conv1D (a linear layer with its weight stored as in x out); PEFT's LoRA,
+    # IA3 and bitsandbytes treat it as a linear layer, so it counts as one here.
+    linears = [(name, m.in_features, m.out_features) if isinstance(m, torch.nn.Linear) else (name, m.nx, m.nf)
+               for name, m in model.named_modules()
+               if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not out_emb]
     text = mcfg.get_text_config()
     hidden = text.hidden_size
     heads = text.num_attention_heads
@@ -175,7 +213,8 @@ def runtime_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_tokens: float | None = None,
+def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_per_hour: float | None = None,
+             mean_tokens: float | None = None,
              max_tokens: int | None = None, trained_fraction: float = 0.5, num_samples: int | None = None,
              baseline_mb: float | None = None, arch: dict | None = None, lean_loss: bool | None = None,
              gradient_checkpointing: bool | None = None, activation_offloading: bool | None = None) -> Estimate:
@@ -185,9 +224,12 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_t
     trained_fraction: share of tokens with a loss; baseline_mb: the runtime's own memory (CPU; default: this process).
     lean_loss / gradient_checkpointing / activation_offloading: the settings to estimate (default: the config's;
     `auto` counts as off).
+    price_per_hour: USD per device-hour for the cost (default: the device's typical on-demand price, DEVICES).
     """
     if device not in DEVICES:
         raise UserError(f"unknown device '{device}'; known: {', '.join(DEVICES)}")
+    if price_per_hour is not None and not price_per_hour >= 0:  # `not >=` also refuses NaN
+        raise UserError(f"--price-per-hour {price_per_hour}: give a price of 0 or more (USD per device-hour)")
     dev = DEVICES[device]
     gpu = device != "cpu"
     method, opts = methods.options(cfg)
@@ -300,7 +342,9 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, mean_t
     return Estimate(device=device, weight_dtype=f"{wdtype}" + (f" + {q.bits}-bit linear" if q.bits else ""),
                     params=n, trainable=trainable, tokens_per_step=tokens_per_step, peak_tokens=peak_tokens,
                     memory_mb=memory, flops_per_step=flops, seconds_per_step=seconds, steps=steps,
-                    budget_gb=budget_gb, layers=L)
+                    budget_gb=budget_gb, layers=L,
+                    price_per_hour=dev["price_per_hour"] if price_per_hour is None else price_per_hour,
+                    price_is_default=price_per_hour is None)
 
 
 def per_process(est: Estimate, dcfg, nproc: int) -> Estimate:
@@ -417,6 +461,7 @@ def main(args) -> int:
                                                    cfg.model.chat_template))
         except UserError as e:
             print(f"note: token lengths not measured ({e}); using data.max_length")
-    est = per_process(estimate(cfg, args.device, args.budget_gb, **stats), cfg.distributed, args.nproc)
+    est = per_process(estimate(cfg, args.device, args.budget_gb, price_per_hour=args.price_per_hour, **stats),
+                      cfg.distributed, args.nproc)
     print(json.dumps(est.to_dict(), indent=2) if args.json else est.report())
     return 0 if est.fits is not False else 1

@@ -16,10 +16,13 @@ TARGETS = ("merged", "gguf", "ollama", "hub")
 
 
 def export(run: str, to: str = "merged", out: str | Path | None = None, qtype: str = "q8_0", dtype: str = "fp32",
-           overwrite: bool = False, repo: str | None = None, dry_run: bool = False, private: bool = False):
+           overwrite: bool = False, repo: str | None = None, dry_run: bool = False, private: bool = False,
+           verbose: bool = False):
     """Export a finished run (`to`: merged | gguf | ollama | hub) and return where it went (None for the hub).
-    Python entry point behind `tunelab export`; a failed check raises ParityError and leaves nothing behind."""
+    Python entry point behind `tunelab export`; a failed check raises ParityError and leaves nothing behind.
+    verbose: show llama.cpp's own log (quantization, loading) instead of only a summary of the GGUF made."""
     from tunelab.errors import UserError
+    from tunelab.export import llamacpp
     from tunelab.export.common import check_target, load_run
 
     if to not in TARGETS:
@@ -41,12 +44,17 @@ def export(run: str, to: str = "merged", out: str | Path | None = None, qtype: s
         target = out or r.path / "export" / f"{r.name}-{qtype}.gguf"
         check_target(target, overwrite)
         model, tok, _ = merged_model(r)
-        export_gguf(model, tok, target, qtype, overwrite=overwrite, name=r.name)
+        with llamacpp.quiet(verbose):
+            export_gguf(model, tok, target, qtype, overwrite=overwrite, name=r.name)
+        print(llamacpp.summary(target, qtype))
     elif to == "ollama":
         from tunelab.export.ollama import export_ollama
 
         target = out or r.path / "export" / "ollama"
-        export_ollama(r, target, qtype, overwrite=overwrite)
+        with llamacpp.quiet(verbose):
+            export_ollama(r, target, qtype, overwrite=overwrite)
+        for made in sorted(target.glob("*.gguf")):
+            print(llamacpp.summary(made, qtype))
     else:
         from tunelab.export.hub import push
 
@@ -60,7 +68,7 @@ def main(args) -> int:
 
     try:
         export(args.run, args.to, args.out, args.type or "q8_0", args.dtype, args.overwrite, args.repo, args.dry_run,
-               args.private)
+               args.private, verbose=args.verbose)
     except ParityError as e:
         print(f"error: parity check failed: {e}", file=sys.stderr)
         return 1
