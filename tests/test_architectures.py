@@ -12,6 +12,7 @@ compared with the Jinja templates they translate.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -94,7 +95,8 @@ class Capture(TrainerCallback):
         self.model = model
 
 
-def train(arch, tokenizers, models_root, data, root: Path, steps: int, lr: float = 1e-2, **extra) -> tuple[Path, Capture]:
+def train(arch, tokenizers, models_root, data, root: Path, steps: int, lr: float = 1e-2,
+          **extra) -> tuple[Path, Capture]:
     chat_template = ARCHS[arch][2]
     cfg = {"model": {"source": str(tiny(arch, tokenizers, models_root)),
                      **({"chat_template": chat_template} if chat_template else {})},
@@ -262,7 +264,8 @@ def test_gguf_broken_conv1d_layout_fails_and_writes_nothing(tokenizers, models_r
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi!"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
-    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}],
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."},
+     {"role": "user", "content": "Bye"}],
     [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
      {"role": "user", "content": "c"}],
 ]
@@ -275,7 +278,7 @@ def go_render(tmp_path_factory):
         pytest.skip("Go is not installed (apt-get install golang-go): Ollama templates not rendered")
     exe = tmp_path_factory.mktemp("go") / "render"
     subprocess.run([go, "build", "-o", str(exe), str(ASSETS / "ollama" / "render.go")], check=True, timeout=300,
-                   env={**__import__("os").environ, "GO111MODULE": "off"})
+                   env={**os.environ, "GO111MODULE": "off"})
 
     def render(cases: list[dict]) -> list[str]:
         r = subprocess.run([str(exe)], input=json.dumps(cases), capture_output=True, text=True, timeout=60, check=True)

@@ -3,11 +3,11 @@
 The writer is `gguf.GGUFWriter`; tensor names come from `gguf.get_tensor_name_map`, quantization from `gguf.quants`,
 merges / special tokens / chat template from `gguf.SpecialVocab`, a sentencepiece vocabulary from
 `gguf.vocab.LlamaHfVocab`. What is written by hand is the glue that lives in llama.cpp's converter script (which is
-not part of the `gguf` package): the hyper-parameter keys, the Q/K row order llama.cpp expects, and the name of the
-pre-tokenizer, and Llama 3 rope factors. Every file is then loaded back with transformers (`gguf_file=`) and compared
-with the source model: tokenization of tricky text, and logits on a few prompts, both against the source with the
-file's own rounding applied (must match to float precision) and against the float32 source (a quality budget per
-type). A file that fails is never left behind.
+not part of the `gguf` package): the hyper-parameter keys, the Q/K row order llama.cpp expects, GPT-2's transposed
+Conv1D weights, the name of the pre-tokenizer, and Llama 3 rope factors. Every file is then loaded back with
+transformers (`gguf_file=`) and compared with the source model: tokenization of tricky text, and logits on a few
+prompts, both against the source with the file's own rounding applied (must match to float precision) and against the
+float32 source (a quality budget per type). A file that fails is never left behind.
 
 Types f32, f16, bf16, q8_0 and q4_0 are produced here in Python. K-quants (q4_k_m, ...) need llama.cpp's own
 quantizer, reached through llama-cpp-python when it is installed (`pip install -e .[llamacpp]`).

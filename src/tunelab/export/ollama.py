@@ -297,7 +297,8 @@ def export_ollama(run: Run, out: Path, qtype: str = "q8_0", overwrite: bool = Fa
     if fmt:
         print(f"Modelfile: chat template recognized as {fmt}; TEMPLATE and stop parameters written")
     else:
-        print(f"warning: the chat template is not one tunelab can translate to an Ollama TEMPLATE ({', '.join(FORMATS)}); "
+        print("warning: the chat template is not one tunelab can translate to an Ollama TEMPLATE "
+              f"({', '.join(FORMATS)}); "
               "the Modelfile has none, so Ollama will use its own detection from the GGUF's chat template")
     print(f"Ollama files written to {out}; load with: ollama create {name} -f {out / 'Modelfile'}")
     return out
