@@ -327,3 +327,28 @@ def test_ollama_template_of_smollm2s_own_chatml_with_its_default_system(tokenize
     assert fmt == "chatml" and end == "<|im_end|>" and default_system.startswith("You are a helpful AI assistant")
     cases, wants = ollama_cases(tok, go_template(fmt, end), default_system)
     assert go_render(cases) == wants
+
+
+@pytest.mark.parametrize("arch,overrides", [("qwen3", {"head_dim": 32}), ("gpt2", {"n_positions": 256}),
+                                            ("phi3", {"partial_rotary_factor": 0.5})],
+                         ids=["qwen3-head-dim", "gpt2-positions", "phi3-partial-rotary"])
+def test_gguf_of_configs_transformers_cannot_rebuild_is_checked_under_the_source_config(arch, overrides, tokenizers,
+                                                                                       tmp_path, capsys):
+    """Keys transformers' GGUF reader skips (it assumes the architecture's usual values): the file still holds them
+    for llama.cpp, and the weights are read back under the source config, with a note."""
+    import gguf
+
+    from tunelab.export.gguf import export_gguf
+
+    tok = AutoTokenizer.from_pretrained(tokenizers["instruct"])
+    base = ARCHS[arch][0]
+    cfg = AutoConfig.for_model(arch, vocab_size=len(tok), num_hidden_layers=2, **{**base, **overrides})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    report = export_gguf(model, tok, tmp_path / f"{arch}.gguf", "f32")
+    assert report["ok"] and all(r.max_abs < 1e-4 for r in report["logits"])
+    assert "read back under the source config" in capsys.readouterr().out
+    fields = gguf.GGUFReader(report["path"]).fields
+    key, want = {"qwen3": ("qwen3.attention.key_length", 32), "gpt2": ("gpt2.context_length", 256),
+                 "phi3": ("phi3.rope.dimension_count", 8)}[arch]  # Phi-3: head_dim 16, half rotated
+    assert int(fields[key].parts[fields[key].data[0]][0]) == want

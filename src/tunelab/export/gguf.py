@@ -384,6 +384,10 @@ def write_gguf(model, tok, path: Path, qtype: str, name: str = "model") -> None:
         raise UserError(f"GGUF type {qtype} cannot be produced in Python; choose one of {', '.join(PYTHON_TYPES)}")
     n_vocab = config.vocab_size
 
+    if name == "mistral" and arch != config.model_type:
+        # transformers' GGUF reader takes a "llama" file whose general.name is exactly "mistral" for a type of its
+        # own that gguf-py has no tensor map for, and cannot read it back; the name is only informational
+        name = "mistral-model"
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_type("model")
     writer.add_name(name)
