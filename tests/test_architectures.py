@@ -172,7 +172,9 @@ def test_lora_default_targets_merge_parity_and_gguf(arch, tokenizers, models_roo
     capsys.readouterr()
 
     gguf_out = tmp_path / f"{arch}.gguf"
-    code = cli.main(["export", str(run), "--to", "gguf", "--type", "q8_0", "--out", str(gguf_out)])
+    # f16: with llama-cpp-python installed its check runs too, and llama.cpp 0.3.36 crashed (SIGSEGV) on q8_0 files of
+    # these 64-wide models (Llama's and Qwen3's alike), while f16 and f32 generate like transformers
+    code = cli.main(["export", str(run), "--to", "gguf", "--type", "f16", "--out", str(gguf_out)])
     out, err = capsys.readouterr()
     if arch in GGUF_SUPPORTED:
         assert code == 0, err

@@ -135,10 +135,15 @@ def _llama_qk_rows(w, n_head: int):
 
 
 def _tensor_type(gname: str, shape, qtype: str):
-    """GGML type for one tensor: 1-D tensors (norms, biases) stay float32, as llama.cpp expects."""
+    """GGML type for one tensor: 1-D tensors (norms, biases) and learned positions stay float32, as llama.cpp
+    expects."""
     from gguf import GGMLQuantizationType as T
 
     if len(shape) == 1 or qtype == "f32":
+        return T.F32
+    if gname == "position_embd.weight":
+        # GPT-2's learned positions stay float32: llama.cpp's converter always keeps them so (they are added to
+        # the embeddings, never multiplied)
         return T.F32
     simple = {"f16": T.F16, "bf16": T.BF16}
     if qtype in simple:
