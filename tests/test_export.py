@@ -226,7 +226,7 @@ def test_gguf_unsupported_architecture(tmp_path, capsys):
     (run / "config.yaml").write_text(yaml.safe_dump({"model": {"source": str(run / "final")},
                                                      "adapter": {"type": "none"}}))
     assert cli.main(["export", str(run), "--to", "gguf"]) == 2
-    assert "'gemma' models is not supported yet" in capsys.readouterr().err
+    assert "'gemma' models is not supported:" in capsys.readouterr().err
     assert not (run / "export").exists() or not any((run / "export").iterdir())
 
 

@@ -31,7 +31,10 @@ def export(run: str, to: str = "merged", out: str | Path | None = None, qtype: s
     out = Path(out) if out else None
     qtype = qtype.lower()
     if to in ("gguf", "ollama"):
+        from tunelab.export.gguf import check_exportable
+
         _check_type(qtype)  # before any model is loaded
+        check_exportable(r)  # an architecture GGUF export cannot write and check is refused before the merge
     if to == "merged":
         from tunelab.export.merge import export_merged
 

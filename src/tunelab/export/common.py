@@ -81,14 +81,19 @@ def _usual_modes(root: Path) -> None:
 
 
 def run_tokenizer(run: Run):
-    """The tokenizer the run trained with: final/'s when it saved one (it may carry a changed chat template), else
-    the base model's. Loaded as saved: no pad token is invented, so what gets exported is what was trained."""
+    """The tokenizer the run trained with: final/'s when it saved one (it carries the chat template it rendered with),
+    else the base model's with the run's `model.chat_template` (or the default for a base without one) set as
+    training set it. Loaded as saved: no pad token is invented, so what gets exported is what was trained."""
     from transformers import AutoTokenizer
 
+    from tunelab.data import templates
     from tunelab.models import resolve_source
 
-    src = str(run.final) if (run.final / "tokenizer_config.json").is_file() else resolve_source(run.base)
-    return AutoTokenizer.from_pretrained(src)
+    if (run.final / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(run.final))
+    tok = AutoTokenizer.from_pretrained(resolve_source(run.base))
+    templates.apply(tok, (run.config.get("model") or {}).get("chat_template"))
+    return tok
 
 
 # Texts whose tokenization must be identical between the source tokenizer and the one rebuilt from the GGUF (by

@@ -3,11 +3,11 @@
 The writer is `gguf.GGUFWriter`; tensor names come from `gguf.get_tensor_name_map`, quantization from `gguf.quants`,
 merges / special tokens / chat template from `gguf.SpecialVocab`, a sentencepiece vocabulary from
 `gguf.vocab.LlamaHfVocab`. What is written by hand is the glue that lives in llama.cpp's converter script (which is
-not part of the `gguf` package): the hyper-parameter keys, the Q/K row order llama.cpp expects, and the name of the
-pre-tokenizer, and Llama 3 rope factors. Every file is then loaded back with transformers (`gguf_file=`) and compared
-with the source model: tokenization of tricky text, and logits on a few prompts, both against the source with the
-file's own rounding applied (must match to float precision) and against the float32 source (a quality budget per
-type). A file that fails is never left behind.
+not part of the `gguf` package): the hyper-parameter keys, the Q/K row order llama.cpp expects, GPT-2's transposed
+Conv1D weights, the name of the pre-tokenizer, and Llama 3 rope factors. Every file is then loaded back with
+transformers (`gguf_file=`) and compared with the source model: tokenization of tricky text, and logits on a few
+prompts, both against the source with the file's own rounding applied (must match to float precision) and against the
+float32 source (a quality budget per type). A file that fails is never left behind.
 
 Types f32, f16, bf16, q8_0 and q4_0 are produced here in Python. K-quants (q4_k_m, ...) need llama.cpp's own
 quantizer, reached through llama-cpp-python when it is installed (`pip install -e .[llamacpp]`).
@@ -24,9 +24,17 @@ from tunelab.errors import UserError
 from tunelab.export.common import (TOKENIZER_TEXTS, ParityError, all_logits, atomic_path, check_target, print_table,
                                    prompt_ids)
 
-# HF model_type -> GGUF architecture. llama.cpp runs Mistral (without sliding-window use) as "llama", as its own
-# converter does; SmolLM / SmolLM2 are plain Llama checkpoints.
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+# HF model_type -> GGUF architecture, for every architecture whose file transformers reads back (the round-trip check
+# needs that): transformers.integrations.ggml.GGUF_CONFIG_MAPPING. llama.cpp runs Mistral (without sliding-window use)
+# as "llama", as its own converter does; SmolLM / SmolLM2 are plain Llama checkpoints. Phi-2 ("phi"), Gemma 1
+# ("gemma") and GPT-NeoX run in llama.cpp too, but transformers cannot read those files back, so an export of them
+# could not be checked: they are refused before any work (check_exportable).
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2",
+                 "phi3": "phi3"}
+# GGUF tensors whose HF weights are transformers Conv1D layers, stored (in, out): llama.cpp's converter transposes them
+# to the (out, in) layout of every other matrix, and transformers' GGUF loader transposes them back
+# (GPT2TensorProcessor).
+CONV1D_TENSORS = {"gpt2": ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")}
 PYTHON_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 LLAMACPP_TYPES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q3_k_m", "q2_k")
 TYPES = PYTHON_TYPES + LLAMACPP_TYPES
@@ -49,15 +57,51 @@ def _rope_theta(config) -> float:
 def _check_supported(config) -> str:
     arch = ARCHITECTURES.get(config.model_type)
     if arch is None:
-        raise UserError(f"GGUF export of '{config.model_type}' models is not supported yet; supported: "
-                        f"{', '.join(ARCHITECTURES)} (Llama family, including SmolLM). Export with --to merged and "
-                        "convert with llama.cpp's convert_hf_to_gguf.py instead")
+        raise UserError(f"GGUF export of '{config.model_type}' models is not supported: every GGUF is checked by "
+                        "reading it back with transformers, which cannot read that architecture; supported: "
+                        f"{', '.join(ARCHITECTURES)}. Export with --to merged and convert with llama.cpp's "
+                        "convert_hf_to_gguf.py instead")
     params = getattr(config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
     if rope_type not in ("default", "llama3") or (rope_type == "llama3" and arch != "llama"):
         raise UserError(f"GGUF export of models with rope scaling '{rope_type}' is not supported yet "
                         "(export with --to merged and convert with llama.cpp)")
     return arch
+
+
+def check_exportable(run) -> None:
+    """Refuse, before the merge or any other work, a run whose architecture (or rope scaling) GGUF export cannot
+    write and check. Reads only the model's config.json."""
+    from transformers import AutoConfig
+
+    from tunelab.models import resolve_source
+
+    source = resolve_source(run.model_source)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read the model config of {source}: {str(e).splitlines()[0]}") from None
+    _check_supported(config)
+
+
+def _readback_gap(config) -> str | None:
+    """Why transformers' GGUF reader would rebuild a different config than the source's from a correct file, or None.
+
+    Its per-architecture key maps skip some keys llama.cpp reads (they are still written), and fall back on the
+    config class's defaults; for such a model the weights are read back under the source config instead.
+    """
+    t = config.model_type
+    if t == "qwen3" and config.head_dim != 128:
+        return f"head_dim {config.head_dim} (transformers assumes Qwen3's 128)"
+    if t == "gpt2" and (config.n_positions != 1024 or config.n_inner not in (None, 4 * config.n_embd)):
+        return "n_positions or n_inner differ from GPT-2's (transformers reads neither from GGUF)"
+    if t == "phi3" and _rope_parameters(config).get("partial_rotary_factor", 1.0) != 1.0:
+        return "partial rotary embedding (transformers does not read rope.dimension_count for phi3)"
+    return None
+
+
+def _rope_parameters(config) -> dict:
+    return getattr(config, "rope_parameters", None) or {}
 
 
 def _rope_type(config) -> str:
@@ -91,10 +135,15 @@ def _llama_qk_rows(w, n_head: int):
 
 
 def _tensor_type(gname: str, shape, qtype: str):
-    """GGML type for one tensor: 1-D tensors (norms, biases) stay float32, as llama.cpp expects."""
+    """GGML type for one tensor: 1-D tensors (norms, biases) and learned positions stay float32, as llama.cpp
+    expects."""
     from gguf import GGMLQuantizationType as T
 
     if len(shape) == 1 or qtype == "f32":
+        return T.F32
+    if gname == "position_embd.weight":
+        # GPT-2's learned positions stay float32: llama.cpp's converter always keeps them so (they are added to
+        # the embeddings, never multiplied)
         return T.F32
     simple = {"f16": T.F16, "bf16": T.BF16}
     if qtype in simple:
@@ -233,7 +282,7 @@ def _tensor_plan(model, arch: str, qtype: str):
     import gguf
 
     config = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2,
+    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch),
                                      config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for hf_name, t in model.state_dict().items():
@@ -243,7 +292,21 @@ def _tensor_plan(model, arch: str, qtype: str):
         if gname is None:
             raise UserError(f"tensor {hf_name} has no GGUF name for architecture {arch}; this checkpoint has parts "
                             "the GGUF export does not know yet")
-        yield hf_name, gname, t, _tensor_type(gname, tuple(t.shape), qtype)
+        shape = tuple(t.shape)[::-1] if gname.endswith(CONV1D_TENSORS.get(arch, ())) else tuple(t.shape)
+        yield hf_name, gname, t, _tensor_type(gname, shape, qtype)
+
+
+def _file_layout(arch: str, gname: str, data, config):
+    """A tensor as the file stores it: Conv1D weights transposed, Llama's Q/K rows in llama.cpp's order.
+
+    Both are what llama.cpp's converter does and transformers' GGUF loader undoes."""
+    if gname.endswith(CONV1D_TENSORS.get(arch, ())):
+        return data.T
+    if arch == "llama" and re.search(r"attn_[qk]\.weight$", gname):
+        n_head = config.num_attention_heads
+        n_kv = config.num_key_value_heads or n_head
+        return _llama_qk_rows(data, n_head if "attn_q" in gname else n_kv)
+    return data
 
 
 def rounded_reference(model, qtype: str):
@@ -263,34 +326,38 @@ def rounded_reference(model, qtype: str):
     ref = copy.deepcopy(model)
     arch = ARCHITECTURES[model.config.model_type]
     with torch.no_grad():
-        for _, _, t, ttype in _tensor_plan(ref, arch, qtype):  # state_dict tensors share storage with the copy
+        for _, gname, t, ttype in _tensor_plan(ref, arch, qtype):  # state_dict tensors share storage with the copy
             if ttype == gguf.GGMLQuantizationType.F32:
                 continue
             data = t.float().numpy()
+            # quantization blocks run along the file's rows: a transposed (Conv1D) weight is rounded as the file
+            # holds it, then turned back (row reorders such as Llama's Q/K commute with the rounding)
+            transposed = gname.endswith(CONV1D_TENSORS.get(arch, ()))
+            if transposed:
+                data = np.ascontiguousarray(data.T)
             if ttype == gguf.GGMLQuantizationType.F16:
                 rounded = data.astype(np.float16).astype(np.float32)
             else:
                 rounded = gguf.quants.dequantize(gguf.quants.quantize(data, ttype), ttype)
+            if transposed:
+                rounded = rounded.T
             t.copy_(torch.from_numpy(np.ascontiguousarray(rounded, dtype=np.float32)).reshape(t.shape))
     return ref
 
 
-def write_gguf(model, tok, path: Path, qtype: str, name: str = "model") -> None:
-    """Write `model` (a float32 transformers Llama/Mistral/Qwen2) and its tokenizer as one GGUF file."""
-    import gguf
-    import numpy as np
-
-    config = model.config
-    arch = _check_supported(config)
-    if qtype not in PYTHON_TYPES:
-        raise UserError(f"GGUF type {qtype} cannot be produced in Python; choose one of {', '.join(PYTHON_TYPES)}")
+def _add_hparams(writer, config, arch: str) -> None:
+    """The model's hyper-parameters under llama.cpp's keys for `arch` (what its converter writes for them)."""
+    if arch == "gpt2":
+        writer.add_context_length(config.n_positions)
+        writer.add_embedding_length(config.n_embd)
+        writer.add_block_count(config.n_layer)
+        writer.add_feed_forward_length(config.n_inner or 4 * config.n_embd)
+        writer.add_head_count(config.n_head)
+        writer.add_layer_norm_eps(config.layer_norm_epsilon)
+        writer.add_vocab_size(config.vocab_size)
+        return
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-    n_vocab = config.vocab_size
-
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_type("model")
-    writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -299,12 +366,37 @@ def write_gguf(model, tok, path: Path, qtype: str, name: str = "model") -> None:
     writer.add_head_count_kv(n_kv)
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(n_vocab)
+    writer.add_vocab_size(config.vocab_size)
     if arch == "llama":
         writer.add_rope_dimension_count(head_dim)
+    if arch == "phi3":  # rotary width in dimensions; Phi-3 rotates whole heads, later Phi models part of them
+        writer.add_rope_dimension_count(int(head_dim * _rope_parameters(config).get("partial_rotary_factor", 1.0)))
+        if getattr(config, "sliding_window", None):
+            writer.add_sliding_window(config.sliding_window)
     if head_dim != config.hidden_size // n_head:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+
+
+def write_gguf(model, tok, path: Path, qtype: str, name: str = "model") -> None:
+    """Write `model` (a float32 transformers model of one of ARCHITECTURES) and its tokenizer as one GGUF file."""
+    import gguf
+    import numpy as np
+
+    config = model.config
+    arch = _check_supported(config)
+    if qtype not in PYTHON_TYPES:
+        raise UserError(f"GGUF type {qtype} cannot be produced in Python; choose one of {', '.join(PYTHON_TYPES)}")
+    n_vocab = config.vocab_size
+
+    if name == "mistral" and arch != config.model_type:
+        # transformers' GGUF reader takes a "llama" file whose general.name is exactly "mistral" for a type of its
+        # own that gguf-py has no tensor map for, and cannot read it back; the name is only informational
+        name = "mistral-model"
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_type("model")
+    writer.add_name(name)
+    _add_hparams(writer, config, arch)
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                   "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                   "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
@@ -316,9 +408,7 @@ def write_gguf(model, tok, path: Path, qtype: str, name: str = "model") -> None:
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
                           np.ascontiguousarray(_llama3_rope_factors(config), dtype=np.float32))
     for hf_name, gname, t, ttype in _tensor_plan(model, arch, qtype):
-        data = t.detach().float().cpu().numpy()
-        if arch == "llama" and re.search(r"attn_[qk]\.weight$", gname):
-            data = _llama_qk_rows(data, n_head if "attn_q" in gname else n_kv)
+        data = np.ascontiguousarray(_file_layout(arch, gname, t.detach().float().cpu().numpy(), config))
         if ttype == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(gname, np.ascontiguousarray(data, dtype=np.float32))
         elif ttype == gguf.GGMLQuantizationType.F16:
@@ -379,7 +469,12 @@ def verify_gguf(path: Path, model, tok, qtype: str) -> dict:
     d, f = str(path.parent), path.name
     gtok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     rope_ok = True
-    if _rope_type(model.config) == "llama3":
+    gap = _readback_gap(model.config)
+    if gap:
+        print(f"note: transformers cannot rebuild this model's config from the GGUF ({gap}): the weights are read "
+              "back under the source config")
+        gmodel = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, config=model.config, dtype=torch.float32)
+    elif _rope_type(model.config) == "llama3":
         # transformers' GGUF loader does not read llama.cpp's rope_freqs, so the weights are read back under the
         # source config and the stored frequency divisors are checked on their own.
         import gguf

@@ -2,26 +2,35 @@
 
 Ollama templates are Go templates, not Jinja, so the model's chat template cannot be copied over. Instead the Jinja
 template is identified by what it renders: a few probe conversations are rendered with it and compared with known
-formats (ChatML, Llama 3). When one matches exactly, its Go equivalent is written, and a system prompt the template
+formats: ChatML, Llama 3, and every other built-in template of tunelab.data.templates (Mistral, Gemma, Phi,
+Alpaca-style instruction/response, plain completion), each with its own end-of-turn token or the tokenizer's EOS
+(what a built-in template ends turns with when the tokenizer lacks the format's token). When one matches exactly, its
+Go equivalent is written with that end-of-turn token, the token is a stop parameter, and a system prompt the template
 inserts on its own (SmolLM2 does) becomes the Modelfile's SYSTEM. An unrecognized template gets no TEMPLATE line and a
 warning: Ollama then falls back to its own detection from the chat template stored in the GGUF.
+
+In the Go templates `@END@` stands for the end-of-turn token. As in Ollama's own templates, the last assistant turn is
+left open (no end-of-turn), so a reply can be continued; system messages are read from `.Messages` where the format
+places them itself (Mistral and Gemma put the system text before the next user turn).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from tunelab.export.common import Run, atomic_path, check_target
 
 CHATML_GO = """{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
+{{ .System }}@END@
 {{ end }}
 {{- range $i, $_ := .Messages }}
 {{- $last := eq (len (slice $.Messages $i)) 1 }}
 {{- if eq .Role "user" }}<|im_start|>user
-{{ .Content }}<|im_end|>
+{{ .Content }}@END@
 {{ else if eq .Role "assistant" }}<|im_start|>assistant
-{{ .Content }}{{ if not $last }}<|im_end|>
+{{ .Content }}{{ if not $last }}@END@
 {{ end }}
 {{- end }}
 {{- if and $last (ne .Role "assistant") }}<|im_start|>assistant
@@ -30,45 +39,156 @@ CHATML_GO = """{{- if .System }}<|im_start|>system
 
 LLAMA3_GO = """{{- if .System }}<|start_header_id|>system<|end_header_id|>
 
-{{ .System }}<|eot_id|>
+{{ .System }}@END@
 {{- end }}
 {{- range $i, $_ := .Messages }}
 {{- $last := eq (len (slice $.Messages $i)) 1 }}
 {{- if or (eq .Role "user") (eq .Role "assistant") }}<|start_header_id|>{{ .Role }}<|end_header_id|>
 
-{{ .Content }}{{ if or (ne .Role "assistant") (not $last) }}<|eot_id|>{{ end }}
+{{ .Content }}{{ if or (ne .Role "assistant") (not $last) }}@END@{{ end }}
 {{- end }}
 {{- if and $last (ne .Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>
 
 {{ end }}
 {{- end }}"""
 
+MISTRAL_GO = """{{- $sys := "" }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "system" }}{{ $sys = printf "%s\\n\\n" .Content }}
+{{- else if eq .Role "user" }}[INST] {{ $sys }}{{ .Content }} [/INST]{{ $sys = "" }}
+{{- else if eq .Role "assistant" }} {{ .Content }}{{ if not $last }}@END@{{ end }}
+{{- end }}
+{{- end }}"""
 
-def _chatml(msgs, gen: bool) -> str:
-    s = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
+GEMMA_GO = """{{- $sys := "" }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "system" }}{{ $sys = printf "%s\\n\\n" .Content }}
+{{- else if eq .Role "user" }}<start_of_turn>user
+{{ $sys }}{{ .Content }}@END@
+{{ $sys = "" }}
+{{- else if eq .Role "assistant" }}<start_of_turn>model
+{{ .Content }}{{ if not $last }}@END@
+{{ end }}
+{{- end }}
+{{- if and $last (ne .Role "assistant") }}<start_of_turn>model
+{{ end }}
+{{- end }}"""
+
+PHI_GO = """{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if ne .Role "assistant" }}<|{{ .Role }}|>
+{{ .Content }}@END@
+{{ else }}<|assistant|>
+{{ .Content }}{{ if not $last }}@END@
+{{ end }}
+{{- end }}
+{{- if and $last (ne .Role "assistant") }}<|assistant|>
+{{ end }}
+{{- end }}"""
+
+ALPACA_GO = """{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if $i }}
+
+{{ end }}
+{{- if eq .Role "system" }}{{ .Content }}
+{{- else if eq .Role "user" }}### Instruction:
+{{ .Content }}
+{{- else if eq .Role "assistant" }}### Response:
+{{ .Content }}{{ if not $last }}@END@{{ end }}
+{{- end }}
+{{- if and $last (ne .Role "assistant") }}
+
+### Response:
+{{ end }}
+{{- end }}"""
+
+COMPLETION_GO = """{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- .Content }}{{ if and (eq .Role "assistant") (not $last) }}@END@{{ end }}
+{{- end }}"""
+
+
+# Reference renderers: what each format's Jinja template renders (BOS aside), with `end` ending the turns.
+def _chatml(msgs, gen: bool, end: str) -> str:
+    s = "".join(f"<|im_start|>{m['role']}\n{m['content']}{end}\n" for m in msgs)
     return s + ("<|im_start|>assistant\n" if gen else "")
 
 
-def _llama3(msgs, gen: bool) -> str:
-    s = "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>" for m in msgs)
+def _llama3(msgs, gen: bool, end: str) -> str:
+    s = "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}{end}" for m in msgs)
     return s + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if gen else "")
 
 
-# name -> (reference renderer, Go template, stop strings, how a default system prompt is delimited)
+def _mistral(msgs, gen: bool, end: str) -> str:
+    s, system = "", ""
+    for m in msgs:
+        if m["role"] == "system":
+            system = m["content"] + "\n\n"
+        elif m["role"] == "user":
+            s, system = s + f"[INST] {system}{m['content']} [/INST]", ""
+        else:
+            s += f" {m['content']}{end}"
+    return s
+
+
+def _gemma(msgs, gen: bool, end: str) -> str:
+    s, system = "", ""
+    for m in msgs:
+        if m["role"] == "system":
+            system = m["content"] + "\n\n"
+        elif m["role"] == "user":
+            s, system = s + f"<start_of_turn>user\n{system}{m['content']}{end}\n", ""
+        else:
+            s += f"<start_of_turn>model\n{m['content']}{end}\n"
+    return s + ("<start_of_turn>model\n" if gen else "")
+
+
+def _phi(msgs, gen: bool, end: str) -> str:
+    s = "".join(f"<|{m['role']}|>\n{m['content']}{end}\n" for m in msgs)
+    return s + ("<|assistant|>\n" if gen else "")
+
+
+def _alpaca(msgs, gen: bool, end: str) -> str:
+    parts = [m["content"] if m["role"] == "system" else f"### Instruction:\n{m['content']}" if m["role"] == "user"
+             else f"### Response:\n{m['content']}{end}" for m in msgs]
+    return "\n\n".join(parts) + (("\n\n" if msgs else "") + "### Response:\n" if gen else "")
+
+
+def _completion(msgs, gen: bool, end: str) -> str:
+    return "".join(m["content"] + (end if m["role"] == "assistant" else "") for m in msgs)
+
+
+@dataclass(frozen=True)
+class Format:
+    render: Callable  # (messages, add_generation_prompt, end-of-turn) -> text
+    go: str  # the Ollama template, @END@ standing for the end-of-turn token
+    native_end: str | None  # the format's own end-of-turn token (None: the tokenizer's EOS)
+    markers: tuple = ()  # format text that must stop generation too
+    system: tuple | None = None  # (open, close) around a system turn, to read a default system prompt
+
+
 FORMATS = {
-    "chatml": (_chatml, CHATML_GO, ["<|im_start|>", "<|im_end|>"], ("<|im_start|>system\n", "<|im_end|>\n")),
-    "llama3": (_llama3, LLAMA3_GO, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-               ("<|start_header_id|>system<|end_header_id|>\n\n", "<|eot_id|>")),
+    "chatml": Format(_chatml, CHATML_GO, "<|im_end|>", ("<|im_start|>",), ("<|im_start|>system\n", "\n")),
+    "llama3": Format(_llama3, LLAMA3_GO, "<|eot_id|>", ("<|start_header_id|>", "<|end_header_id|>"),
+                     ("<|start_header_id|>system<|end_header_id|>\n\n", "")),
+    "mistral": Format(_mistral, MISTRAL_GO, None, ("[INST]",)),
+    "gemma": Format(_gemma, GEMMA_GO, "<end_of_turn>", ("<start_of_turn>",)),
+    "phi": Format(_phi, PHI_GO, "<|end|>", ("<|user|>", "<|assistant|>", "<|system|>")),
+    "alpaca": Format(_alpaca, ALPACA_GO, None, ("### Instruction:",)),
+    "completion": Format(_completion, COMPLETION_GO, None),
 }
 
 _PROBE = [{"role": "system", "content": "SYS-1"}, {"role": "user", "content": "USER-1"},
           {"role": "assistant", "content": "ASSISTANT-1"}, {"role": "user", "content": "USER-2"}]
 
 
-def detect_template(tok) -> tuple[str | None, str | None]:
-    """(format name, default system prompt) for the tokenizer's chat template; (None, None) when unrecognized."""
+def _detect(tok) -> tuple[str | None, str | None, str | None]:
+    """(format name, default system prompt, end-of-turn token); (None, None, None) when unrecognized."""
     if not tok.chat_template:
-        return None, None
+        return None, None, None
 
     def renders(msgs) -> list[str]:
         text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -81,18 +201,33 @@ def detect_template(tok) -> tuple[str | None, str | None]:
     try:
         fulls, bares = renders(_PROBE), renders(_PROBE[1:2])
     except Exception:  # a template that rejects the probe (e.g. one that allows no system message)
-        return None, None
-    for name, (ref, _, _, (sys_open, sys_close)) in FORMATS.items():
-        if ref(_PROBE, True) not in fulls:
-            continue
-        for bare in bares:
-            if bare == ref(_PROBE[1:2], True):
-                return name, None
-            if bare.startswith(sys_open) and sys_close in bare:
-                default = bare[len(sys_open):bare.index(sys_close)]
-                if bare == ref([{"role": "system", "content": default}] + _PROBE[1:2], True):
-                    return name, default
-    return None, None
+        return None, None, None
+    for name, f in FORMATS.items():
+        for end in dict.fromkeys(e for e in (f.native_end, tok.eos_token) if e):
+            if f.render(_PROBE, True, end) not in fulls:
+                continue
+            for bare in bares:
+                if bare == f.render(_PROBE[1:2], True, end):
+                    return name, None, end
+                if f.system:  # a system prompt the template adds when the conversation has none
+                    sys_open, sys_close = f.system
+                    close = end + sys_close
+                    if bare.startswith(sys_open) and close in bare:
+                        default = bare[len(sys_open):bare.index(close)]
+                        if bare == f.render([{"role": "system", "content": default}] + _PROBE[1:2], True, end):
+                            return name, default, end
+    return None, None, None
+
+
+def detect_template(tok) -> tuple[str | None, str | None]:
+    """(format name, default system prompt) for the tokenizer's chat template; (None, None) when unrecognized."""
+    name, default, _ = _detect(tok)
+    return name, default
+
+
+def go_template(name: str, end: str) -> str:
+    """The Ollama (Go) template of format `name`, its turns ending with `end`."""
+    return FORMATS[name].go.replace("@END@", end)
 
 
 def _quote(text: str) -> str:
@@ -103,15 +238,14 @@ def _quote(text: str) -> str:
 
 def modelfile(tok, gguf_name: str) -> tuple[str, str | None]:
     """(Modelfile text, detected template format or None)."""
-    fmt, default_system = detect_template(tok)
+    fmt, default_system, end = _detect(tok)
     lines = [f"FROM ./{gguf_name}"]
     stops: list[str] = []
     if fmt:
-        _, go, fmt_stops, _ = FORMATS[fmt]
-        lines.append(f"TEMPLATE {_quote(go)}")
+        lines.append(f"TEMPLATE {_quote(go_template(fmt, end))}")
         if default_system:
             lines.append(f"SYSTEM {_quote(default_system)}")
-        stops += fmt_stops
+        stops += [*FORMATS[fmt].markers, end]
     if tok.eos_token and tok.eos_token not in stops:
         stops.append(tok.eos_token)
     lines += [f'PARAMETER stop "{s}"' for s in stops]
@@ -148,7 +282,10 @@ def export_ollama(run: Run, out: Path, qtype: str = "q8_0", overwrite: bool = Fa
     from tunelab.export.gguf import export_gguf
     from tunelab.export.merge import merged_model
 
+    from tunelab.export.gguf import check_exportable
+
     check_target(out, overwrite)
+    check_exportable(run)  # before the merge: an architecture GGUF export cannot write is refused at once
     model, tok, _ = merged_model(run)
     name = run.name.lower()
     gguf_name = f"{name}-{qtype}.gguf"
@@ -160,7 +297,8 @@ def export_ollama(run: Run, out: Path, qtype: str = "q8_0", overwrite: bool = Fa
     if fmt:
         print(f"Modelfile: chat template recognized as {fmt}; TEMPLATE and stop parameters written")
     else:
-        print("warning: the chat template is not one tunelab can translate to an Ollama TEMPLATE (ChatML, Llama 3); "
+        print("warning: the chat template is not one tunelab can translate to an Ollama TEMPLATE "
+              f"({', '.join(FORMATS)}); "
               "the Modelfile has none, so Ollama will use its own detection from the GGUF's chat template")
     print(f"Ollama files written to {out}; load with: ollama create {name} -f {out / 'Modelfile'}")
     return out
