@@ -78,12 +78,14 @@ def describe(spec: dict) -> str:
     return spec["model"] + (f" + adapter {spec['adapter']}" if spec.get("adapter") else "")
 
 
-def load(spec: dict):
+def load(spec: dict, load_in_4bit: bool = False):
+    """The model of `spec`; `load_in_4bit`: its base in 4 bits (bitsandbytes NF4), an adapter over it as trained."""
     from tunelab.models import load_for_inference
 
     if spec.get("run"):
-        return load_for_inference(run=spec["run"])
-    return load_for_inference(spec["model"] or "embedded:smollm2-135m-instruct", adapter=spec.get("adapter"))
+        return load_for_inference(run=spec["run"], load_in_4bit=load_in_4bit)
+    return load_for_inference(spec["model"] or "embedded:smollm2-135m-instruct", adapter=spec.get("adapter"),
+                              load_in_4bit=load_in_4bit)
 
 
 # ---------------------------------------------------------------------------------------------------- settings
@@ -160,7 +162,7 @@ def _settings(args, tasks) -> dict:
     return {"tasks": ",".join(tasks), "data": args.data, "n": args.n,
             "k_shot": args.k_shot if "gsm8k" in tasks else None, "temperature": args.temperature,
             "top_p": args.top_p if args.temperature > 0 else None, "seed": args.seed,
-            "max_new_tokens": args.max_new_tokens}
+            "max_new_tokens": args.max_new_tokens, "load_in_4bit": getattr(args, "load_in_4bit", None) or None}
 
 
 def _free_memory() -> None:
@@ -175,7 +177,7 @@ def _free_memory() -> None:
 
 # Settings of `evaluate` (and of the CLI's flags, which document them in `tunelab eval --help`).
 SETTINGS = {"data": None, "format": "auto", "n": None, "k_shot": 0, "temperature": 0.0, "top_p": 1.0, "seed": None,
-            "max_new_tokens": 256, "batch_size": 16}
+            "max_new_tokens": 256, "batch_size": 16, "load_in_4bit": False}
 
 
 def evaluate(task: str, model: str | None = None, adapter: str | None = None, run: str | None = None,
@@ -194,7 +196,7 @@ def evaluate(task: str, model: str | None = None, adapter: str | None = None, ru
     data = task_data(task, args)
     spec = {"label": "model", "model": model if model or run else "embedded:smollm2-135m-instruct",
             "adapter": adapter, "run": str(resolve_run(run)) if run else None}
-    loaded, tok = load(spec)
+    loaded, tok = load(spec, bool(args.load_in_4bit))
     t0 = time.time()
     res = run_task(task, loaded, tok, data, args)
     res["seconds"] = round(time.time() - t0, 2)
@@ -264,12 +266,28 @@ def compare_defaults(run_cfg: dict, tasks: list[str] | None, data: str | None) -
     return list(dict.fromkeys(tasks)), spec, "; ".join(why) or None
 
 
+def four_bit_models(args, specs: list[dict]) -> set[str]:
+    """Labels of the models `compare` loads with a 4-bit base: all with a bare --load-in-4bit, else those named
+    (as given on the command line), so an adapter on the 4-bit base and the merged model can be scored side by side."""
+    named = getattr(args, "load_in_4bit", None)
+    if named is None:
+        return set()
+    if not named:
+        return {s["label"] for s in specs}
+    given = dict(zip(args.models, specs)) if len(args.models) == len(specs) else {}
+    unknown = [m for m in named if m not in given]
+    if unknown:
+        raise UserError(f"--load-in-4bit {unknown[0]}: not one of the models compared ({', '.join(args.models)})")
+    return {given[m]["label"] for m in named}
+
+
 def compare(args) -> int:
     """tunelab compare: the same tasks and data for each model; a metric table and per-example side by side."""
     from tunelab.evaluation.report import write_report
 
     _check(args)
     specs = model_specs(args)
+    four_bit = four_bit_models(args, specs)  # a mistyped name is refused before any data or model loads
     run_cfg = open_finished_run(next(s["run"] for s in specs if s["run"]), need_final=False).config \
         if any(s["run"] for s in specs) else {}
     tasks, data_spec, why = compare_defaults(run_cfg, args.task, args.data)
@@ -288,8 +306,9 @@ def compare(args) -> int:
         raise UserError("compare of models without a run needs --out DIR for the report")
     results = []
     for spec in specs:
-        print(f"evaluating {spec['label']}: {describe(spec)}")
-        model, tok = load(spec)
+        print(f"evaluating {spec['label']}: {describe(spec)}"
+              + (" (base in 4 bits)" if spec["label"] in four_bit else ""))
+        model, tok = load(spec, spec["label"] in four_bit)
         tasks_res = {}
         for t in tasks:
             t0 = time.time()
