@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.tunelab-installed
 EXTRAS ?= serve,ui,eval,lmeval,sweep,track,dev
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup quickstart test test-fast bench clean
+.PHONY: setup quickstart test test-fast test-outcomes bench clean
 
 setup: $(STAMP)
 
@@ -23,11 +23,16 @@ $(STAMP): pyproject.toml
 quickstart: setup
 	$(BIN)/tunelab quickstart
 
+# The outcome tests train each shipped recipe and score it before/after on held-out data: minutes each, so they are
+# kept out of `make test` (the CI suite) and run on their own.
 test: setup
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -m "not outcome"
+
+test-outcomes: setup
+	$(BIN)/python -m pytest -q -s -m outcome tests/test_outcomes.py
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not e2e"
+	$(BIN)/python -m pytest -q -m "not e2e and not outcome"
 
 bench: setup
 	$(BIN)/python benchmarks/sft_throughput.py

@@ -26,6 +26,10 @@ def test_configs_are_found():
         assert f"preference/{method}-hh.yaml" in names
     for method in ("lora", "qlora", "dora", "prefix", "ptuning", "prompt"):
         assert f"qa/{method}.yaml" in names
+    # the seeds replayed at CPU scale, and the DialogSum recipe the outcome tests train
+    for name in ("seeds/002-qa-lora.yaml", "seeds/002-qa-qlora.yaml", "seeds/002-qa-prefix.yaml",
+                 "seeds/003-dialogsum-qlora.yaml", "seeds/004-full-dolly.yaml", "dialogsum/lora.yaml"):
+        assert name in names
 
 
 @pytest.mark.parametrize("path", ALL, ids=[str(p.relative_to(CONFIGS)) for p in ALL])

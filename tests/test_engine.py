@@ -100,3 +100,62 @@ def test_partial_stop_and_context_length(lively):
     assert _partial_stop("ab##", ["###", "#x"]) == 2
     model, tok = lively
     assert context_length(model, tok) == 512  # the tiny config's max_position_embeddings
+
+
+def test_finished_rows_leave_the_batch_and_replies_match_plain_generate(lively, monkeypatch):
+    """Rows that end early stop being computed (the batch of later forward passes shrinks) and every reply is
+    exactly what plain `generate`, one prompt at a time, writes (float32, greedy)."""
+    import copy
+
+    import torch
+
+    from tunelab.inference import engine
+
+    model, tok = lively
+    prompts = chat_prompts(tok, PROMPTS)
+    plain = []
+    for p in prompts:
+        enc = tok(p, return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)
+        plain.append(out[0, enc["input_ids"].shape[1]:].tolist())
+    # an end-of-turn token the first reply writes early and the others never: that row finishes first
+    stop_tok = next(t for t in plain[0][2:8] if all(t not in r for r in plain[1:]))
+    m = copy.deepcopy(model)
+    m.generation_config.eos_token_id = [tok.eos_token_id, stop_tok]
+    cut = [r[:r.index(stop_tok) + 1] if stop_tok in r else r for r in plain]
+    sizes = []
+    m.register_forward_pre_hook(lambda mod, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]),
+                                with_kwargs=True)
+    monkeypatch.setattr(engine, "CHUNK_TOKENS", 4)
+    got = complete(m, tok, prompts, GenParams(max_new_tokens=20), batch_size=3)
+    assert [c.text for c in got] == [tok.decode(r, skip_special_tokens=True) for r in cut]
+    assert got[0].finish_reason == "stop" and got[0].completion_tokens == len(cut[0]) < 20
+    assert [c.completion_tokens for c in got[1:]] == [20, 20]
+    assert sizes[0] == 3 and sizes[-1] == 2  # the finished row was dropped for the rest of the batch's chunks
+
+
+def test_evaluation_model_is_a_merged_bf16_copy_on_bf16_cpus(tiny_model, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_adapter
+    from tunelab.inference.engine import evaluation_model
+    from tunelab.models import bf16_supported
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    model = PeftModel.from_pretrained(base, make_adapter(tiny_model, tmp_path / "a", seed=1)).eval()
+    assert evaluation_model(model, GenParams(precision="model")) is model
+    fast = evaluation_model(model)
+    if not bf16_supported():
+        assert fast is model
+        pytest.skip("this CPU has no native bf16: evaluation uses the model as loaded")
+    assert fast is not model and not hasattr(fast, "peft_config")  # adapters merged into a plain model
+    assert {p.dtype for p in fast.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the caller's model is untouched
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
+    with torch.inference_mode():
+        want, got = model(ids).logits, fast(ids).logits.float()
+    # bf16 keeps ~3 significant digits: close to the float32 logits of base + adapter, not equal to them
+    assert torch.allclose(got, want, atol=0.05 * want.abs().max().item())

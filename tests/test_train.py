@@ -285,3 +285,45 @@ def test_resume_from_another_runs_checkpoint_continues_exactly(tmp_path, tiny_mo
     for overrides in ([], ["output.resume_from=null"]):
         again = run_training(load_config(path, overrides), show_progress=False)
         assert again["global_step"] == 10 and again["resumed_from"] == str(ckpt)
+
+
+def test_a_run_of_two_epochs_ends_with_its_per_epoch_table(tmp_path, tiny_model, tiny_chat_data):
+    lines: list[str] = []
+    path = make_config(tmp_path, tiny_model, tiny_chat_data, "epochs",
+                       training={"max_steps": -1, "epochs": 2, "eval_strategy": "epoch", "save_strategy": "epoch"})
+    summary = run_training(load_config(path, ["data.val_split=0.25"]), echo=lines.append, show_progress=False)
+    table = json.loads((Path(summary["run"]) / "epochs.json").read_text())
+    assert [t["epoch"] for t in table] == [1, 2]
+    done = next(i for i, line in enumerate(lines) if line.startswith("done: "))
+    head, *rows = lines[done + 1:]
+    assert head.split() == ["epoch", "train", "loss", "val", "loss", "duration"]
+    assert len(rows) == 2
+    for t, row in zip(table, rows):
+        cells = row.split()
+        assert int(cells[0]) == t["epoch"]
+        assert float(cells[1]) == pytest.approx(t["train_loss"], abs=1e-4)
+        assert float(cells[2]) == pytest.approx(t["val_loss"], abs=1e-4)
+    assert table[1]["train_loss"] < table[0]["train_loss"]  # the printed figures are the run's, and it learned
+    single: list[str] = []
+    one = make_config(tmp_path, tiny_model, tiny_chat_data, "one", training={"max_steps": 6})  # 8 steps an epoch
+    run_training(load_config(one), echo=single.append, show_progress=False)
+    assert any(line.startswith("done: ") for line in single), single
+    assert not any(line.split()[:3] == ["epoch", "train", "loss"] for line in single)  # one epoch: "done" says it
+
+
+def test_quickstart_prints_the_time_of_each_phase(tmp_path, tiny_model, capsys):
+    from argparse import Namespace
+
+    from tunelab import quickstart
+
+    overrides = [f"model.source={tiny_model}", f"output.dir={tmp_path / 'runs'}", "data.subset=16",
+                 "training.max_steps=2", "training.precision=fp32"]
+    assert quickstart.main(Namespace(config=None, overrides=overrides, eval_n=2, overwrite=False)) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("time per phase: "))
+    for phase in ("1/3 score the base model", "2/3 fine-tune", "3/3 score the fine-tuned model", "total"):
+        assert phase in line
+    report = json.loads((tmp_path / "runs" / "quickstart" / "quickstart.json").read_text())
+    assert list(report["phase_seconds"]) == ["1/3 score the base model", "2/3 fine-tune",
+                                             "3/3 score the fine-tuned model"]
+    assert all(v > 0 for v in report["phase_seconds"].values())

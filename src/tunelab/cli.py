@@ -161,6 +161,8 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
         *MODEL_ARGS,
         A("--task", required=True, action="append", metavar="TASK", help=TASK_HELP + "; repeatable"),
         *EVAL_ARGS,
+        A("--load-in-4bit", action="store_true", help="load the base in 4 bits (bitsandbytes NF4); an adapter stays "
+          "as trained"),
         A("--out", default=None, help="write results: FILE.json, or a directory for report.md/.html "
           "(default with --run: RUN/eval/TASK.json)"),
     ]),
@@ -171,6 +173,9 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
           help=TASK_HELP + "; repeatable (default: the run's eval.task, else perplexity on its validation "
           "data, else gsm8k)"),
         *EVAL_ARGS,
+        A("--load-in-4bit", nargs="*", default=None, metavar="MODEL", help="load bases in 4 bits (bitsandbytes NF4): "
+          "every model's, or only those named (as given), e.g. a run (adapter on the 4-bit base) beside its merged "
+          "export"),
         A("--out", default=None, help="report directory (default: the last run given)"),
     ]),
 }

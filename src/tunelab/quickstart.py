@@ -48,13 +48,21 @@ def main(args) -> int:
     rows = [r.data for r in read_source("bundled:gsm8k/test")][: args.eval_n]
 
     console.print(f"[bold]1/3[/] scoring the base model ({cfg.model.source}) on {len(rows)} held-out GSM8K questions")
+    # each phase's wall time (model loading included): what a new user waits for, printed at the end
+    phases: dict[str, float] = {}
+    t0 = time.time()
     before = _score(cfg.model.source, None, rows, echo)
+    phases["1/3 score the base model"] = time.time() - t0
     console.print(f"[bold]2/3[/] fine-tuning ({cfg.adapter.type}) with {config}")
+    t0 = time.time()
     summary = run_training(cfg, overwrite=args.overwrite, echo=echo)
+    phases["2/3 fine-tune"] = time.time() - t0
     if summary.get("status") == "interrupted":
         return 0
     console.print("[bold]3/3[/] scoring the fine-tuned model on the same questions")
+    t0 = time.time()
     after = _score(None, summary["run"], rows, echo)
+    phases["3/3 score the fine-tuned model"] = time.time() - t0
 
     for i, (b, a) in enumerate(zip(before["examples"][:3], after["examples"][:3]), 1):
         t = Table(title=f"held-out question {i}: {b['question'][:300]}", show_lines=True, expand=True)
@@ -69,7 +77,12 @@ def main(args) -> int:
     t.add_row("accuracy", f"{before['accuracy']:.0%}", f"{after['accuracy']:.0%}")
     t.add_row("training loss (first -> last)", f"{summary.get('first_loss', 0):.3f}", f"{summary.get('last_loss', 0):.3f}")
     console.print(t)
-    report = {"n": len(rows), "before": before, "after": after, "train": summary}
+    from tunelab.evaluation.report import format_duration
+
+    echo("time per phase: " + ", ".join(f"{k} {format_duration(v)}" for k, v in phases.items())
+         + f" (total {format_duration(sum(phases.values()))})")
+    report = {"n": len(rows), "before": before, "after": after, "train": summary,
+              "phase_seconds": {k: round(v, 1) for k, v in phases.items()}}
     (Path(summary["run"]) / "quickstart.json").write_text(json.dumps(report, indent=2, default=str))
     echo(f"run directory: {summary['run']} (final adapter in final/, metrics.jsonl, loss.png, quickstart.json)")
     return 0

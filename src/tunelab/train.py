@@ -336,7 +336,25 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
         torch.cuda.empty_cache()
     echo(f"done: {final} (loss {summary.get('first_loss', float('nan')):.4f} -> "
          f"{summary.get('last_loss', float('nan')):.4f}, {summary['tokens_per_s']:.0f} tokens/s)")
+    if distributed.is_main():
+        for line in epoch_lines(run.dir):
+            echo(line)
     return summary
+
+
+def epoch_lines(run_dir) -> list[str]:
+    """The per-epoch table (train loss, validation loss, duration) as printed at the end of a run of more than one
+    epoch; [] for a single epoch, whose figures the "done" line already gives."""
+    from tunelab.evaluation.report import fmt, format_duration, load_epoch_table
+
+    table = load_epoch_table(run_dir)
+    if len(table) < 2:
+        return []
+    rows = [(str(t["epoch"]), fmt(t.get("train_loss")), fmt(t.get("val_loss")), format_duration(t.get("duration_s")))
+            for t in table]
+    head = ("epoch", "train loss", "val loss", "duration")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    return ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head, *rows]]
 
 
 def quiet_libraries() -> None:

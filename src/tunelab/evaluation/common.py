@@ -78,19 +78,26 @@ def progress(label: str, total: int, show: bool = True, console=None):
 def chat_with_progress(model, tok, conversations: list[list[dict]], params, batch_size: int, label: str,
                        show: bool = True) -> list[str]:
     """inference.engine.chat, one batch at a time so progress can be shown between batches; same batches and same
-    outputs as one call (engine.complete batches longest prompts first: so does this; a seed is set once)."""
-    from tunelab.inference.engine import chat_prompts, generate
+    outputs as one call (engine.complete batches the longest prompts, in tokens, first: so does this; a seed is set
+    once). Generation runs on `engine.evaluation_model` (a bf16 copy on CPUs with native bf16, unless
+    params.precision is "model")."""
+    from tunelab.inference.engine import chat_prompts, evaluation_model, generate
 
     prompts = chat_prompts(tok, conversations)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    lengths = [len(x) for x in tok(prompts, add_special_tokens=False)["input_ids"]] if prompts else []
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     outputs: list[str] = [""] * len(prompts)
-    with progress(label, len(prompts), show) as advance:
-        for b in range(0, len(order), batch_size):
-            idx = order[b: b + batch_size]
-            # the engine seeds at every call: only the first, so sampling continues as in one call
-            texts = generate(model, tok, [prompts[i] for i in idx], params if b == 0 else replace(params, seed=None),
-                             batch_size)
-            for i, t in zip(idx, texts):
-                outputs[i] = t
-            advance(len(idx))
+    gen_model = evaluation_model(model, params)
+    try:
+        with progress(label, len(prompts), show) as advance:
+            for b in range(0, len(order), batch_size):
+                idx = order[b: b + batch_size]
+                # the engine seeds at every call: only the first, so sampling continues as in one call
+                texts = generate(gen_model, tok, [prompts[i] for i in idx],
+                                 params if b == 0 else replace(params, seed=None), batch_size)
+                for i, t in zip(idx, texts):
+                    outputs[i] = t
+                advance(len(idx))
+    finally:
+        del gen_model  # a bf16 copy is freed before training (or the next model) goes on
     return outputs

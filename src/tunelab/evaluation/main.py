@@ -80,12 +80,14 @@ def describe(spec: dict) -> str:
     return spec["model"] + (f" + adapter {spec['adapter']}" if spec.get("adapter") else "")
 
 
-def load(spec: dict):
+def load(spec: dict, load_in_4bit: bool = False):
+    """The model of `spec`; `load_in_4bit`: its base in 4 bits (bitsandbytes NF4), an adapter over it as trained."""
     from tunelab.models import load_for_inference
 
     if spec.get("run"):
-        return load_for_inference(run=spec["run"])
-    return load_for_inference(spec["model"] or "embedded:smollm2-135m-instruct", adapter=spec.get("adapter"))
+        return load_for_inference(run=spec["run"], load_in_4bit=load_in_4bit)
+    return load_for_inference(spec["model"] or "embedded:smollm2-135m-instruct", adapter=spec.get("adapter"),
+                              load_in_4bit=load_in_4bit)
 
 
 # ---------------------------------------------------------------------------------------------------- settings
@@ -194,13 +196,14 @@ def run_task(task: str, model, tok, data, args) -> dict:
     raise UserError(f"unknown task '{task}'; one of {', '.join(TASKS)}")
 
 
-def run_model(spec: dict, tasks: list[str], data: dict, harness, args, echo=None) -> dict:
+def run_model(spec: dict, tasks: list[str], data: dict, harness, args, echo=None, load_in_4bit: bool = False) -> dict:
     """{task: result} of one model: tunelab's own tasks on one load of it, then the lm-evaluation-harness tasks
-    through the harness' own model loading (evaluation/lmeval.py); each load is freed before the next."""
+    through the harness' own model loading (evaluation/lmeval.py); each load is freed before the next.
+    load_in_4bit: the base in 4 bits (bitsandbytes NF4) for both."""
     results = {}
     own = [t for t in tasks if not is_lmeval(t)]
     if own:
-        model, tok = load(spec)
+        model, tok = load(spec, load_in_4bit)
         for t in own:
             t0 = time.time()
             results[t] = run_task(t, model, tok, data[t], args)
@@ -212,7 +215,7 @@ def run_model(spec: dict, tasks: list[str], data: dict, harness, args, echo=None
     if harness is not None:
         from tunelab.evaluation import lmeval
 
-        model, model_args = lmeval.hf_model(spec, args.batch_size, getattr(args, "load_in_4bit", False))
+        model, model_args = lmeval.hf_model(spec, args.batch_size, load_in_4bit)
         t0 = time.time()
         found = lmeval.evaluate(model, model_args, harness, n=args.n, batch_size=args.batch_size,
                                 num_fewshot=getattr(args, "lm_eval_fewshot", None),
@@ -241,7 +244,7 @@ def _settings(args, tasks) -> dict:
     return {"tasks": ",".join(tasks), "data": args.data, "n": args.n,
             "k_shot": args.k_shot if "gsm8k" in tasks else None, "temperature": args.temperature,
             "top_p": args.top_p if args.temperature > 0 else None, "seed": args.seed,
-            "max_new_tokens": args.max_new_tokens}
+            "max_new_tokens": args.max_new_tokens, "load_in_4bit": getattr(args, "load_in_4bit", None) or None}
 
 
 def _free_memory() -> None:
@@ -256,8 +259,8 @@ def _free_memory() -> None:
 
 # Settings of `evaluate` (and of the CLI's flags, which document them in `tunelab eval --help`).
 SETTINGS = {"data": None, "format": "auto", "n": None, "k_shot": 0, "temperature": 0.0, "top_p": 1.0, "seed": None,
-            "max_new_tokens": 256, "batch_size": 16, "column": None, "lm_eval_include": None, "lm_eval_fewshot": None,
-            "lm_eval_chat_template": False}
+            "max_new_tokens": 256, "batch_size": 16, "load_in_4bit": False, "column": None, "lm_eval_include": None,
+            "lm_eval_fewshot": None, "lm_eval_chat_template": False}
 
 
 def evaluate(task: str, model: str | None = None, adapter: str | None = None, run: str | None = None,
@@ -277,7 +280,7 @@ def evaluate(task: str, model: str | None = None, adapter: str | None = None, ru
     harness = harness_tasks([task], args)
     spec = {"label": "model", "model": model if model or run else "embedded:smollm2-135m-instruct",
             "adapter": adapter, "run": str(resolve_run(run)) if run else None}
-    res = run_model(spec, [task], data, harness, args)
+    res = run_model(spec, [task], data, harness, args, load_in_4bit=bool(args.load_in_4bit))
     return next(iter(res.values())) if len(res) == 1 else {"tasks": res}
 
 
@@ -364,12 +367,28 @@ def compare_defaults(run_cfg: dict, tasks: list[str] | None, data: str | None) -
     return list(dict.fromkeys(tasks)), spec, "; ".join(why) or None
 
 
+def four_bit_models(args, specs: list[dict]) -> set[str]:
+    """Labels of the models `compare` loads with a 4-bit base: all with a bare --load-in-4bit, else those named
+    (as given on the command line), so an adapter on the 4-bit base and the merged model can be scored side by side."""
+    named = getattr(args, "load_in_4bit", None)
+    if named is None:
+        return set()
+    if not named:
+        return {s["label"] for s in specs}
+    given = dict(zip(args.models, specs)) if len(args.models) == len(specs) else {}
+    unknown = [m for m in named if m not in given]
+    if unknown:
+        raise UserError(f"--load-in-4bit {unknown[0]}: not one of the models compared ({', '.join(args.models)})")
+    return {given[m]["label"] for m in named}
+
+
 def compare(args) -> int:
     """tunelab compare: the same tasks and data for each model; a metric table and per-example side by side."""
     from tunelab.evaluation.report import write_report
 
     _check(args)
     specs = model_specs(args)
+    four_bit = four_bit_models(args, specs)  # a mistyped name is refused before any data or model loads
     run_cfg = open_finished_run(next(s["run"] for s in specs if s["run"]), need_final=False).config \
         if any(s["run"] for s in specs) else {}
     tasks, data_spec, why = compare_defaults(run_cfg, args.task, args.data)
@@ -389,8 +408,10 @@ def compare(args) -> int:
         raise UserError("compare of models without a run needs --out DIR for the report")
     results = []
     for spec in specs:
-        print(f"evaluating {spec['label']}: {describe(spec)}")
-        tasks_res = run_model(spec, tasks, data, harness, args, echo=lambda line: print("  " + line))
+        print(f"evaluating {spec['label']}: {describe(spec)}"
+              + (" (base in 4 bits)" if spec["label"] in four_bit else ""))
+        tasks_res = run_model(spec, tasks, data, harness, args, echo=lambda line: print("  " + line),
+                              load_in_4bit=spec["label"] in four_bit)
         results.append({"label": spec["label"], "model": describe(spec), "tasks": tasks_res})
     paths = write_report(out, results, title="tunelab compare: " + " vs ".join(s["label"] for s in specs),
                          settings=_settings(args, tasks))
