@@ -1,18 +1,21 @@
-"""`tunelab estimate` against the measured peak, for every shipped CPU config.
+"""`tunelab estimate` against the measured peak memory and step time, for every shipped CPU config.
 
 Each config trains for a few steps in its own process (`tunelab train CONFIG training.max_steps=N`), so the measured
-peak (the process' resident high-water mark) belongs to that run alone; summary.json holds both numbers. Configs
-whose data is not on this machine (hh-rlhf from ../shared) are listed as skipped. The last line is the count within
-the +-20% target.
+peak (the process' resident high-water mark) belongs to that run alone; summary.json holds both numbers. The
+measured step time is the run clock of metrics.jsonl from the end of step 1 to the last step (the first step pays
+one-off warm-up), against the estimate's seconds per step. Configs whose data is not on this machine (hh-rlhf from
+../shared) are listed as skipped. The last lines count the configs within the +-20% memory and +-30% time targets.
+Time figures mean something only on an otherwise idle machine: `uptime`'s load is printed with them.
 
-    python benchmarks/estimate_accuracy.py                     # all shipped CPU configs, 2 steps each
-    python benchmarks/estimate_accuracy.py configs/qa/lora.yaml --steps 4
+    python benchmarks/estimate_accuracy.py                     # all shipped CPU configs, 4 steps each
+    python benchmarks/estimate_accuracy.py configs/qa/lora.yaml --steps 6
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -33,17 +36,24 @@ def measure(config: Path, steps: int, out: Path) -> dict | str:
                           capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         return (proc.stderr.strip().splitlines() or ["failed"])[-1]
-    return json.loads((out / name / "summary.json").read_text())["memory_estimate"]
+    est = json.loads((out / name / "summary.json").read_text())["memory_estimate"]
+    rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    timed = [(r["step"], r["elapsed"]) for r in rows if "loss" in r and "elapsed" in r]
+    if len(timed) >= 2 and timed[-1][0] > timed[0][0]:
+        est["measured_seconds_per_step"] = (timed[-1][1] - timed[0][1]) / (timed[-1][0] - timed[0][0])
+    return est
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("configs", nargs="*", help="configs to check (default: every shipped CPU config)")
-    ap.add_argument("--steps", type=int, default=2, help="training steps per config")
+    ap.add_argument("--steps", type=int, default=4, help="training steps per config (>= 2 for a step time)")
     a = ap.parse_args()
     configs = [Path(c) for c in a.configs] or [ROOT / "configs" / c for c in CPU_CONFIGS]
-    rows, inside = [], 0
-    print("| config | estimate MB | measured peak MB | measured / estimate |\n| --- | ---: | ---: | ---: |")
+    rows, inside, times, in_time = [], 0, [], 0
+    print(f"load {os.getloadavg()[0]:.2f} at start")
+    print("| config | estimate MB | measured peak MB | measured / estimate | estimate s/step | measured s/step | "
+          "measured / estimate |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory() as tmp:
         for config in configs:
             m = measure(config.resolve(), a.steps, Path(tmp))
@@ -54,9 +64,19 @@ def main() -> int:
             ratio = m["measured_over_estimate"]
             inside += 0.8 <= ratio <= 1.2
             rows.append(ratio)
-            print(f"| {label} | {m['total_mb']:,.0f} | {m['measured_peak_mb']:,.0f} | {ratio:.2f} |", flush=True)
-    print(f"\nwithin +-20% of the estimate: {inside} of {len(rows)} measured configs "
+            t = m.get("measured_seconds_per_step")
+            t_ratio = t / m["seconds_per_step"] if t else None
+            if t_ratio is not None:
+                times.append(t_ratio)
+                in_time += 0.7 <= t_ratio <= 1.3
+            print(f"| {label} | {m['total_mb']:,.0f} | {m['measured_peak_mb']:,.0f} | {ratio:.2f} | "
+                  f"{m['seconds_per_step']:.2f} | {f'{t:.2f}' if t else '—'} | "
+                  f"{f'{t_ratio:.2f}' if t_ratio else '—'} |", flush=True)
+    print(f"\nload {os.getloadavg()[0]:.2f} at the end")
+    print(f"memory within +-20% of the estimate: {inside} of {len(rows)} measured configs "
           f"(ratios {min(rows, default=0):.2f}-{max(rows, default=0):.2f})")
+    print(f"step time within +-30% of the estimate: {in_time} of {len(times)} measured configs "
+          f"(ratios {min(times, default=0):.2f}-{max(times, default=0):.2f})")
     return 0
 
 
