@@ -374,9 +374,6 @@ def test_grpo_under_two_processes_trains_with_shared_rewards_and_resumes_after_a
 @pytest.mark.parametrize("method, data", [
     ({"name": "orpo"}, "pairs"), ({"name": "simpo"}, "pairs"), ({"name": "reward"}, "pairs"),
     ({"name": "kto"}, "kto"),
-    pytest.param({"name": "ppo", "rewards": [REWARD], "max_completion_length": 8}, "prompts", marks=pytest.mark.xfail(
-        strict=True, reason="PPO's own loop calls generate() on the DDP-wrapped model (AttributeError) and keeps its "
-        "value head outside DDP, whose gradients would not be averaged: not data-parallel yet")),
     ({"name": "distill", "student_layers": 1}, "chat"),
 ], ids=lambda v: v["name"] if isinstance(v, dict) else None)
 def test_every_method_finishes_steps_under_two_processes(tmp_path, tiny_model, tiny_chat_data, method_data, method,
@@ -390,3 +387,15 @@ def test_every_method_finishes_steps_under_two_processes(tmp_path, tiny_model, t
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["global_step"] == 2
     assert losses(run) and (run / "final").is_dir()
+
+
+def test_a_method_that_is_not_data_parallel_is_refused_before_any_process_starts(tmp_path, tiny_model, method_data):
+    """PPO's own loop is not data-parallel (generate() on the DDP wrapper, a value head outside it): --nproc 2 is one
+    line and exit 2 from the launching process, and no run directory is written."""
+    path = write_config(tmp_path, tiny_model, method_data["prompts"], "ppo", batch_size=4, max_steps=2,
+                        method={"name": "ppo", "rewards": [REWARD], "max_completion_length": 8})
+    proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path), "--nproc", "2"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "method 'ppo' does not train on several processes yet" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs" / "ppo").exists()

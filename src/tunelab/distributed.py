@@ -85,12 +85,17 @@ def fsdp_unavailable() -> str | None:
     return FSDP_NEEDS_ACCELERATORS if cpu else None
 
 
-def check(dcfg, nproc: int | None = None) -> None:
-    """A strategy that cannot run here, refused before anything loads (one line): its package is missing, or (FSDP)
-    the processes have no accelerator to shard on. `nproc`: the processes about to be launched (default: this job's)."""
+def check(dcfg, nproc: int | None = None, method=None, method_name: str = "") -> None:
+    """A strategy that cannot run here, refused before anything loads (one line): its package is missing, (FSDP)
+    the processes have no accelerator to shard on, or the method does not train data-parallel. `nproc`: the processes
+    about to be launched (default: this job's)."""
     import importlib.util
 
     from tunelab.errors import UserError
+
+    if method is not None and not method.data_parallel and (nproc or world_size()) > 1:
+        raise UserError(f"method '{method_name}' does not train on several processes yet (its own training loop is "
+                        "not data-parallel); run it in one process (no --nproc / torchrun)")
 
     if dcfg.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise UserError("distributed.strategy=deepspeed needs the deepspeed package: pip install 'tunelab[deepspeed]' "

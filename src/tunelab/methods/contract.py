@@ -58,6 +58,9 @@ class Method:
     reference_forward: ClassVar[bool] = False  # a frozen reference model scores each batch too (estimate FLOPs)
     # its trainer can move the activations kept for backward to CPU memory (TRL's SFTConfig.activation_offloading)
     activation_offloading: ClassVar[bool] = False
+    # it trains on several data-parallel processes (a Trainer that accelerate wraps); a method with its own loop that
+    # is not wrapped is refused under --nproc / torchrun before anything loads
+    data_parallel: ClassVar[bool] = True
 
     # -- checks, before the model loads or the run directory is written ----------------------------------------------
     def options(self, raw: dict) -> BaseModel:
