@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.tunelab-installed
 EXTRAS ?= serve,ui,eval,lmeval,sweep,track,dev
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup quickstart test test-fast test-outcomes bench clean
+.PHONY: setup quickstart test test-all test-fast test-outcomes bench clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,11 @@ quickstart: setup
 # The outcome tests train each shipped recipe and score it before/after on held-out data: minutes each, so they are
 # kept out of `make test` (the CI suite) and run on their own.
 test: setup
-	$(BIN)/python -m pytest -q --durations=15 -m "not outcome"
+	$(BIN)/python -m pytest -q --durations=15 -m "not outcome and not slow"
+
+# with the slow tests too (minutes each: several processes, every architecture, a whole benchmark)
+test-all: setup
+	$(BIN)/python -m pytest -q --durations=30 -m "not outcome"
 
 test-outcomes: setup
 	$(BIN)/python -m pytest -q -s -m outcome tests/test_outcomes.py

@@ -29,6 +29,7 @@ def test_chained_conversations_are_multi_turn_within_their_length_range():
     assert all(m["role"] == ("user", "assistant")[i % 2] for r in rows for i, m in enumerate(r["messages"]))
 
 
+@pytest.mark.slow
 def test_sft_throughput_benchmark_runs_both_paths_at_the_seed_shape(tmp_path):
     out = tmp_path / "runs.json"
     proc = subprocess.run(

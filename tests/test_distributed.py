@@ -68,6 +68,7 @@ def test_two_processes_learn_what_one_process_learns(tmp_path, tiny_model, tiny_
     assert not (run / ".staging").exists() or not any((run / ".staging").iterdir())
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_on_two_processes_learns_what_one_process_learns(tmp_path, tiny_model, tiny_chat_data):
     def cfg(name, batch_size):
         return write_config(tmp_path, tiny_model, tiny_chat_data, name, batch_size=batch_size, max_steps=4,
@@ -310,6 +311,7 @@ def logged_reward(completions, **kwargs):
 REWARD = f"{__file__}:logged_reward"
 
 
+@pytest.mark.slow
 def test_dpo_two_processes_learn_what_one_process_learns(tmp_path, tiny_model, method_data):
     def cfg(name, batch_size):
         return write_config(tmp_path, tiny_model, method_data["pairs"], name, batch_size=batch_size, max_steps=3,
@@ -337,7 +339,8 @@ def _rewards_per_step(path: Path) -> list[float]:
     return [sum(a + b) / len(a + b) for a, b in zip(by_rank[0], by_rank[1])]
 
 
-@pytest.mark.e2e  # two two-process jobs with generation: the slowest here
+@pytest.mark.slow  # two two-process jobs with generation: the slowest here
+@pytest.mark.e2e
 def test_grpo_under_two_processes_trains_with_shared_rewards_and_resumes_after_a_kill(tmp_path, tiny_model,
                                                                                         method_data):
     path = write_config(tmp_path, tiny_model, method_data["prompts"], "grpo", batch_size=4, max_steps=4,
@@ -370,7 +373,8 @@ def test_grpo_under_two_processes_trains_with_shared_rewards_and_resumes_after_a
     assert json.loads((run / "summary.json").read_text())["status"] == "complete"
 
 
-@pytest.mark.e2e  # one two-process run per method (~a minute each on 2 cores)
+@pytest.mark.slow  # one two-process run per method (~a minute each on 2 cores)
+@pytest.mark.e2e
 @pytest.mark.parametrize("method, data", [
     ({"name": "orpo"}, "pairs"), ({"name": "simpo"}, "pairs"), ({"name": "reward"}, "pairs"),
     ({"name": "kto"}, "kto"),

@@ -132,6 +132,7 @@ def test_two_workers_share_one_study(tmp_path, tiny_model, tiny_chat_data, stora
 
 
 @pytest.mark.e2e  # two workers one after the other, with a grace period between them
+@pytest.mark.slow
 def test_a_killed_workers_trial_is_resumed_by_another(tmp_path, tiny_model, tiny_chat_data, storage):
     study_name = f"kill-{tmp_path.name}"
     path = write_sweep(tmp_path, tiny_model, tiny_chat_data, storage, study_name, trials=2, max_steps=8, heartbeat=1)
