@@ -109,15 +109,14 @@ def describe(path: Path) -> dict:
             "bytes": Path(path).stat().st_size}
 
 
-def summary(path: Path, qtype: str) -> str:
-    """One line on what an export made: `GGUF q4_k_m: 27 tensors (q5_0 9, f32 9, ...), 6.17 bits per weight, ...`."""
+def summary(path: Path, qtype: str, *, k_quant: bool) -> str:
+    """One line on what an export made: `GGUF q4_k_m: 27 tensors (q5_0 9, f32 9, ...), 6.17 bits per weight, ...`.
+    `k_quant`: llama.cpp's own quantizer made it (its fallbacks are then explained)."""
     d = describe(path)
     types = ", ".join(f"{name} {n}" for name, n in d["types"].items())
     line = (f"GGUF {qtype}: {d['tensors']} tensors ({types}), {d['bits_per_weight']:.2f} bits per weight, "
             f"{d['bytes'] / 2**20:.1f} MiB")
-    from tunelab.export.gguf import LLAMACPP_TYPES
-
-    if qtype in LLAMACPP_TYPES:
+    if k_quant:
         line += ("\n  llama.cpp's quantizer picks each tensor's type: 1-D tensors stay f32, some get a wider type, "
                  "and where a row is not a multiple of 256 values a K-quant falls back to a 32-value block type "
                  "(q4_K to q5_0, q5_K to q5_1, q6_K to q8_0, q2_K/q3_K to q4_0); --verbose shows its log")
