@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.tunelab-installed
 EXTRAS ?= serve,ui,eval,lmeval,sweep,track,dev
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup quickstart test test-all test-fast test-outcomes bench clean
+.PHONY: setup quickstart test test-all test-fast test-outcomes llamacpp bench clean
 
 setup: $(STAMP)
 
@@ -33,7 +33,14 @@ test-all: setup
 	$(BIN)/python -m pytest -q --durations=30 -m "not outcome"
 
 test-outcomes: setup
-	$(BIN)/python -m pytest -q -s -m outcome tests/test_outcomes.py
+	$(BIN)/python -m pytest -q -s -m outcome tests/
+
+# llama-cpp-python (K-quants, `tunelab infer`, the llama.cpp export checks) compiled for any x86-64 CPU with AVX2:
+# llama.cpp's default native build segfaulted in llama_decode on a CPU with AMX (0.3.36); ~11 minutes on 2 cores
+LLAMACPP_CMAKE ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+llamacpp: setup
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(BIN)/python -m pip install --no-cache-dir -e ".[llamacpp]"
+	$(BIN)/python -m pytest -q tests/test_llamacpp.py tests/test_export.py tests/test_export_e2e.py tests/test_architectures.py
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not e2e and not outcome"

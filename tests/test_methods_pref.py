@@ -198,6 +198,7 @@ def test_reward_model_ranks_pairs_and_serves_as_reward(tmp_path, tiny_model, pre
 
 @pytest.mark.e2e
 @pytest.mark.shared
+@pytest.mark.outcome  # a recipe's outcome on real data: 5-15 minutes on 2 cores, run by make test-outcomes
 def test_dpo_on_hh_rlhf_raises_held_out_margin(tmp_path, embedded_model):
     from conftest import shared_data
 
