@@ -426,3 +426,13 @@ def test_gguf_sentencepiece_llama_tokenizer_round_trip(sp_tokenizer, tmp_path):
     report = export_gguf(model, tok, tmp_path / "sp.gguf", "q8_0")
     assert report["ok"] and all(same for _, same, _, _ in report["tokenizer"])
     assert any(len(a) > 20 for _, _, a, _ in report["tokenizer"])  # the unicode line went through byte fallback
+    # llama.cpp's sentencepiece tokenizer merges by score: a merged piece scores minus its merge's rank (with the
+    # same score everywhere it split "leading" into letters; the llama.cpp check above gates that when installed)
+    import gguf
+
+    scores = gguf.GGUFReader(tmp_path / "sp.gguf").fields["tokenizer.ggml.scores"].contents()
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    vocab = tok.get_vocab()
+    for rank in (0, 5, len(merges) - 1):
+        a, b = merges[rank].split(" ", 1) if isinstance(merges[rank], str) else merges[rank]
+        assert scores[vocab[a + b]] == -rank

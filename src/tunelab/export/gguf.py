@@ -247,10 +247,19 @@ def _add_tokenizer(writer, tok, config, n_vocab: int) -> None:
             from gguf.vocab import LlamaHfVocab
 
             sp = LlamaHfVocab(Path(td))
+            # LlamaHfVocab scores every token -1000, but llama.cpp's sentencepiece tokenizer merges the adjacent pair
+            # whose joined text has the highest score: with equal scores it tokenizes differently from transformers
+            # ("leading" as l,e,a,d,i,n,g). A BPE merge's rank is the score sentencepiece gives the piece it makes.
+            rank: dict[str, int] = {}
+            for i, merge in enumerate(model.get("merges") or []):
+                a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+                rank.setdefault(a + b, i)
             tokens, scores, types = [], [], []
             for text, score, ttype in sp.all_tokens():
                 tokens.append(text)
-                scores.append(score)
+                piece = text.decode("utf-8", errors="replace")
+                scores.append(-float(rank[piece]) if ttype == gguf.TokenType.NORMAL and piece in rank else
+                              0.0 if ttype == gguf.TokenType.NORMAL else score)
                 types.append(ttype)
             if len(tokens) > n_vocab:
                 raise UserError(f"the tokenizer has {len(tokens)} tokens but the embedding only {n_vocab} rows")
