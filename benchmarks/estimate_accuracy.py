@@ -48,9 +48,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("configs", nargs="*", help="configs to check (default: every shipped CPU config)")
     ap.add_argument("--steps", type=int, default=4, help="training steps per config (>= 2 for a step time)")
+    ap.add_argument("--json", help="also write every config's estimate and measurements to this JSON file")
     a = ap.parse_args()
     configs = [Path(c) for c in a.configs] or [ROOT / "configs" / c for c in CPU_CONFIGS]
-    rows, inside, times, in_time = [], 0, [], 0
+    rows, inside, times, in_time, records = [], 0, [], 0, {}
     print(f"load {os.getloadavg()[0]:.2f} at start")
     print("| config | estimate MB | measured peak MB | measured / estimate | estimate s/step | measured s/step | "
           "measured / estimate |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -61,6 +62,7 @@ def main() -> int:
             if isinstance(m, str):
                 print(f"| {label} | — | — | skipped: {m} |", flush=True)
                 continue
+            records[label] = m
             ratio = m["measured_over_estimate"]
             inside += 0.8 <= ratio <= 1.2
             rows.append(ratio)
@@ -73,6 +75,8 @@ def main() -> int:
                   f"{m['seconds_per_step']:.2f} | {f'{t:.2f}' if t else '—'} | "
                   f"{f'{t_ratio:.2f}' if t_ratio else '—'} |", flush=True)
     print(f"\nload {os.getloadavg()[0]:.2f} at the end")
+    if a.json:
+        Path(a.json).write_text(json.dumps(records, indent=1))
     print(f"memory within +-20% of the estimate: {inside} of {len(rows)} measured configs "
           f"(ratios {min(rows, default=0):.2f}-{max(rows, default=0):.2f})")
     print(f"step time within +-30% of the estimate: {in_time} of {len(times)} measured configs "

@@ -46,9 +46,10 @@ ARCHS = {
                  False),
 }
 GGUF_SUPPORTED = [a for a, spec in ARCHS.items() if spec[4]]
-# in `make test`: Conv1D (GPT-2, template-less), fused projections (Phi-3), one refused before the merge (GPT-NeoX);
+# in `make test`: Conv1D (GPT-2, template-less), one refused before the merge (GPT-NeoX), and Phi-3 through the GGUF
+# test of configs transformers cannot rebuild;
 # the rest are marked slow (`make test-all`)
-QUICK = ("gpt2", "phi3", "gpt_neox")
+QUICK = ("gpt2", "gpt_neox")
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +214,7 @@ def test_qlora_trains_in_4_bits_and_merges_into_the_full_precision_base(arch, to
     assert "merged model as saved (fp32, read back) vs adapter model" in out
 
 
+@pytest.mark.slow  # a GPT-2 run and an Ollama export: ~35 s
 def test_ollama_export_of_a_template_less_gpt2_carries_the_default_template(tokenizers, models_root, tiny_chat_data,
                                                                            tmp_path, capsys):
     """GPT-2 has no chat template: it trains with the default (alpaca, ending with EOS); the Modelfile says so."""
@@ -228,7 +230,8 @@ def test_ollama_export_of_a_template_less_gpt2_carries_the_default_template(toke
     assert (out / "gpt2-f16.gguf").is_file()
 
 
-def test_serve_and_chat_a_qwen3_run(tokenizers, models_root, tiny_chat_data, tmp_path):
+@pytest.mark.parametrize("arch", [a if a == "qwen3" else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS])
+def test_serve_and_chat_a_run_of_each_architecture(arch, tokenizers, models_root, tiny_chat_data, tmp_path):
     """A non-Llama run through the same host the server and `tunelab chat` use, and through the live OpenAI API."""
     pytest.importorskip("fastapi")
     openai = pytest.importorskip("openai")
@@ -239,15 +242,15 @@ def test_serve_and_chat_a_qwen3_run(tokenizers, models_root, tiny_chat_data, tmp
     from tunelab.inference.host import Host
     from tunelab.inference.server import create_app
 
-    run, _ = train("qwen3", tokenizers, models_root, tiny_chat_data, tmp_path / "runs", steps=1)
-    host = Host.load(runs=[str(run)], served_name="base")  # the run's adapter is served as "qwen3"
+    run, _ = train(arch, tokenizers, models_root, tiny_chat_data, tmp_path / "runs", steps=1)
+    host = Host.load(runs=[str(run)], served_name="base")  # the run's adapter is served under the run's name
     session = ChatSession(host, params=GenParams(max_new_tokens=4, temperature=0))
     assert "".join(session.reply("Hi")).strip()
     with LiveServer(create_app(host, api_key="k", max_concurrency=1, max_queue=4, max_tokens=16)) as s:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="k", max_retries=0, timeout=60)
         answers = {m: client.chat.completions.create(model=m, messages=[{"role": "user", "content": "Hi"}],
                                                      max_tokens=4, temperature=0).choices[0]
-                   for m in ("base", "qwen3")}
+                   for m in ("base", arch)}
     assert all(a.message.content and a.finish_reason in ("stop", "length") for a in answers.values())
 
 
@@ -334,7 +337,8 @@ def test_ollama_template_of_smollm2s_own_chatml_with_its_default_system(tokenize
     assert go_render(cases) == wants
 
 
-@pytest.mark.parametrize("arch,overrides", [("qwen3", {"head_dim": 32}), ("gpt2", {"n_positions": 256}),
+@pytest.mark.parametrize("arch,overrides", [pytest.param("qwen3", {"head_dim": 32}, marks=pytest.mark.slow),
+                                            pytest.param("gpt2", {"n_positions": 256}, marks=pytest.mark.slow),
                                             ("phi3", {"partial_rotary_factor": 0.5})],
                          ids=["qwen3-head-dim", "gpt2-positions", "phi3-partial-rotary"])
 def test_gguf_of_configs_transformers_cannot_rebuild_is_checked_under_the_source_config(arch, overrides, tokenizers,

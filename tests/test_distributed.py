@@ -96,6 +96,7 @@ def _rank_pid(marker: str, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow  # two 2-process jobs and a SIGKILL: ~45 s
 def test_a_killed_rank_stops_the_job_and_the_same_command_resumes_exactly(tmp_path, tiny_model, tiny_chat_data,
                                                                           one_process):
     path = write_config(tmp_path, tiny_model, tiny_chat_data, "killed", batch_size=4, max_steps=12,

@@ -278,6 +278,7 @@ def test_ollama_export_writes_gguf_and_modelfile(lora_run, tmp_path, capsys):
     assert 'PARAMETER stop "<|im_end|>"' in mf and 'PARAMETER stop "<|im_start|>"' in mf
 
 
+@pytest.mark.slow  # two Ollama exports: ~40 s
 def test_ollama_reuses_a_checked_gguf_of_the_same_type(lora_run, tmp_path, capsys):
     gguf = lora_run / "export" / "tiny-lora-f16.gguf"
     assert cli.main(["export", str(lora_run), "--to", "gguf", "--type", "f16", "--overwrite"]) == 0

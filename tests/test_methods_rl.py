@@ -185,6 +185,7 @@ def test_ppo_evaluates_by_reward_and_keeps_the_best(tmp_path, peaked_model, prom
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # GRPO on the embedded model: ~2 minutes on 2 cores; the toy-reward tests cover GRPO in make test
 def test_grpo_gsm8k_embedded(tmp_path, embedded_model):
     """GRPO on 32 bundled GSM8K questions with the embedded SmolLM2-135M (LoRA), the shipped CPU config shortened:
     4 steps of 2 questions x 4 completions of at most 32 tokens, scored by its rewards; prints the mean reward per

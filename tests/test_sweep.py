@@ -86,6 +86,7 @@ def test_grid_runs_every_trial_writes_table_plots_best_config_and_rerun_skips(tm
     assert stamps == {r["trial"]: (sdir / r["trial"] / "metrics.jsonl").stat().st_mtime_ns for r in rows}
 
 
+@pytest.mark.slow  # ~45 s; the shared-storage tests run Optuna studies in make test
 def test_optuna_study_on_sqlite_runs_n_trials_and_prunes(tmp_path, tiny_model, tiny_chat_data):
     db = tmp_path / "elsewhere" / "optuna.db"
     db.parent.mkdir()

@@ -46,6 +46,7 @@ def _mlflow_runs(store: Path, experiment: str):
 
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is None or importlib.util.find_spec("tensorboard") is None,
                     reason="tunelab[track] is not installed")
+@pytest.mark.slow  # three trackers: ~1 minute
 def test_run_reports_to_tensorboard_mlflow_and_wandb_offline(tmp_path, tiny_model, tiny_chat_data, monkeypatch):
     for var in ("WANDB_MODE", "WANDB_DIR", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "TENSORBOARD_LOGGING_DIR"):
         monkeypatch.delenv(var, raising=False)

@@ -15,7 +15,7 @@ from conftest import StopAt
 import torch
 from transformers import TrainerCallback
 
-from tunelab import load_config
+from tunelab import cli, load_config
 from tunelab.train import run_training
 
 CLI = [sys.executable, "-m", "tunelab"]
@@ -159,29 +159,37 @@ def test_ctrl_c_saves_checkpoint_and_exits_zero(tmp_path, tiny_model, tiny_chat_
     assert not (run_dir / "final").exists()
 
 
-def test_cli_refusals_are_one_line_exit_2(tmp_path, tiny_model, tiny_chat_data):
+def test_cli_refusals_are_one_line_exit_2(tmp_path, tiny_model, tiny_chat_data, capsys):
     path = make_config(tmp_path, tiny_model, tiny_chat_data, "cli", training={"max_steps": 2})
     ok = _run_cli(["train", str(path)])
     assert ok.returncode == 0, ok.stderr[-2000:]
-    # same name, different config: refused, run untouched
+    # same name, different config: refused by the process in one line, run untouched
     before = (tmp_path / "runs" / "cli" / "final" / "adapter_model.safetensors").read_bytes()
     r = _run_cli(["train", str(path), "training.learning_rate=0.1"])
     assert r.returncode == 2 and "different config" in r.stderr and "--overwrite" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert (tmp_path / "runs" / "cli" / "final" / "adapter_model.safetensors").read_bytes() == before
+    # the rest through the same entry point in this process (a new process costs seconds of imports each)
+    capsys.readouterr()
+
+    def cli_main(args):
+        code = cli.main(args)
+        out, err = capsys.readouterr()
+        return code, out, err
+
     # same config again: already complete, nothing retrained
-    again = _run_cli(["train", str(path)])
-    assert again.returncode == 0 and "already complete" in again.stdout
+    code, out, _ = cli_main(["train", str(path)])
+    assert code in (0, None) and "already complete" in out
     # --overwrite starts over
-    over = _run_cli(["train", str(path), "training.learning_rate=0.1", "--overwrite"])
-    assert over.returncode == 0, over.stderr[-2000:]
+    code, _, err = cli_main(["train", str(path), "training.learning_rate=0.1", "--overwrite"])
+    assert code in (0, None), err[-2000:]
     # unknown key: names the nearest valid key
-    r = _run_cli(["train", str(path), "training.lerning_rate=0.1"])
-    assert r.returncode == 2 and "training.lerning_rate" in r.stderr and "learning_rate" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    code, _, err = cli_main(["train", str(path), "training.lerning_rate=0.1"])
+    assert code == 2 and "training.lerning_rate" in err and "learning_rate" in err
+    assert len(err.strip().splitlines()) == 1
     # output.resume: never refuses an existing run
-    r = _run_cli(["train", str(path), "output.resume=never", "training.learning_rate=0.1"])
-    assert r.returncode == 2 and "already exists" in r.stderr
+    code, _, err = cli_main(["train", str(path), "output.resume=never", "training.learning_rate=0.1"])
+    assert code == 2 and "already exists" in err and len(err.strip().splitlines()) == 1
 
 
 def test_eos_never_trained_is_refused(tmp_path, tiny_model, tiny_chat_data):
