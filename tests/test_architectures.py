@@ -245,7 +245,7 @@ def test_serve_and_chat_a_run_of_each_architecture(arch, tokenizers, models_root
     run, _ = train(arch, tokenizers, models_root, tiny_chat_data, tmp_path / "runs", steps=1)
     host = Host.load(runs=[str(run)], served_name="base")  # the run's adapter is served under the run's name
     session = ChatSession(host, params=GenParams(max_new_tokens=4, temperature=0))
-    assert "".join(session.reply("Hi")).strip()
+    assert "".join(session.reply("Hi"))  # some text (a tiny random model may answer whitespace)
     with LiveServer(create_app(host, api_key="k", max_concurrency=1, max_queue=4, max_tokens=16)) as s:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="k", max_retries=0, timeout=60)
         answers = {m: client.chat.completions.create(model=m, messages=[{"role": "user", "content": "Hi"}],
