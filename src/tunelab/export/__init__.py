@@ -24,7 +24,6 @@ def export(run: str, to: str = "merged", out: str | Path | None = None, qtype: s
     from tunelab.errors import UserError
     from tunelab.export import llamacpp
     from tunelab.export.common import check_target, load_run
-    from tunelab.export.gguf import LLAMACPP_TYPES
 
     if to not in TARGETS:
         raise UserError(f"--to {to}: choose one of {', '.join(TARGETS)}")
@@ -50,7 +49,7 @@ def export(run: str, to: str = "merged", out: str | Path | None = None, qtype: s
         model, tok, _ = merged_model(r)
         with llamacpp.quiet(verbose):
             export_gguf(model, tok, target, qtype, overwrite=overwrite, name=r.name)
-        print(llamacpp.summary(target, qtype, k_quant=qtype in LLAMACPP_TYPES))
+        print(llamacpp.summary(target, qtype))
     elif to == "ollama":
         from tunelab.export.ollama import export_ollama
 
@@ -58,7 +57,7 @@ def export(run: str, to: str = "merged", out: str | Path | None = None, qtype: s
         with llamacpp.quiet(verbose):
             export_ollama(r, target, qtype, overwrite=overwrite)
         for made in sorted(target.glob("*.gguf")):
-            print(llamacpp.summary(made, qtype, k_quant=qtype in LLAMACPP_TYPES))
+            print(llamacpp.summary(made, qtype))
     else:
         from tunelab.export.hub import push
 

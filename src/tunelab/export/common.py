@@ -18,6 +18,21 @@ from tunelab.rundir import atomic_path as rundir_atomic_path
 
 Run = FinishedRun  # a finished run as the exporters take it (path, config, final, is_adapter, base, summary)
 
+# GGUF types: written in Python (gguf-py), or made by llama.cpp's quantizer from an f32 file
+PYTHON_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+LLAMACPP_TYPES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q3_k_m", "q2_k")
+TYPES = PYTHON_TYPES + LLAMACPP_TYPES
+
+# Two logit checks when the GGUF is read back (relative error = RMS of the difference / std of the reference logits):
+# - against the source with the file's own rounding applied in memory (rounded_reference): the file must reproduce
+#   it to float precision, whatever the type, so a wrong layout, a lost tensor or bad metadata cannot hide;
+# - against the float32 source: the quality budget of the type. Measured with the prompts below on a tiny
+#   random Llama / on SmolLM2-135M-Instruct: f16 1e-3 / -, q8_0 0.014 / 0.026-0.043, q4_0 0.16 / 0.29-0.57
+#   (a 135M model loses a lot at 4 bits: prefer q8_0 for it). The budgets sit above those values.
+EXACT_TOLERANCE = 1e-3
+TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "bf16": 5e-2, "q8_0": 0.08, "q4_0": 0.75,
+             "q6_k": 0.15, "q5_k_m": 0.3, "q5_k_s": 0.3, "q4_k_m": 0.6, "q4_k_s": 0.6, "q3_k_m": 0.9, "q2_k": 1.5}
+
 # Prompts for the parity checks: chat turns (rendered with the model's own template, so special tokens are exercised)
 # and plain text with digits, punctuation, unicode and odd whitespace (where tokenizers usually disagree).
 CHAT_PROMPTS = [

@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 
 from tunelab.errors import UserError
-from tunelab.export.common import (TOKENIZER_TEXTS, ParityError, all_logits, atomic_path, check_target, print_table,
-                                   prompt_ids)
+from tunelab.export.common import (EXACT_TOLERANCE, LLAMACPP_TYPES, PYTHON_TYPES, TOKENIZER_TEXTS, TOLERANCE, TYPES,
+                                   ParityError, all_logits, atomic_path, check_target, print_table, prompt_ids)
 
 # HF model_type -> GGUF architecture, for every architecture whose file transformers reads back (the round-trip check
 # needs that): transformers.integrations.ggml.GGUF_CONFIG_MAPPING. llama.cpp runs Mistral (without sliding-window use)
@@ -35,19 +35,7 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3"
 # to the (out, in) layout of every other matrix, and transformers' GGUF loader transposes them back
 # (GPT2TensorProcessor).
 CONV1D_TENSORS = {"gpt2": ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")}
-PYTHON_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
-LLAMACPP_TYPES = ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q3_k_m", "q2_k")
-TYPES = PYTHON_TYPES + LLAMACPP_TYPES
 
-# Two logit checks when the GGUF is read back (relative error = RMS of the difference / std of the reference logits):
-# - against the source with the file's own rounding applied in memory (rounded_reference): the file must reproduce
-#   it to float precision, whatever the type, so a wrong layout, a lost tensor or bad metadata cannot hide;
-# - against the float32 source: the quality budget of the type. Measured with the prompts in common.py on a tiny
-#   random Llama / on SmolLM2-135M-Instruct: f16 1e-3 / -, q8_0 0.014 / 0.026-0.043, q4_0 0.16 / 0.29-0.57
-#   (a 135M model loses a lot at 4 bits: prefer q8_0 for it). The budgets sit above those values.
-EXACT_TOLERANCE = 1e-3
-TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "bf16": 5e-2, "q8_0": 0.08, "q4_0": 0.75,
-             "q6_k": 0.15, "q5_k_m": 0.3, "q5_k_s": 0.3, "q4_k_m": 0.6, "q4_k_s": 0.6, "q3_k_m": 0.9, "q2_k": 1.5}
 
 def _rope_theta(config) -> float:
     params = getattr(config, "rope_parameters", None) or {}
@@ -557,7 +545,7 @@ def export_gguf(model, tok, out: Path, qtype: str = "q8_0", overwrite: bool = Fa
         from tunelab.export import llamacpp
 
         report = verify_gguf(tmp, model, tok, qtype)
-        report["llamacpp"] = llamacpp.verify(tmp, model, tok, qtype, TOLERANCE[qtype])
+        report["llamacpp"] = llamacpp.verify(tmp, model, tok, qtype)
         if not (report["ok"] and report["llamacpp"]):
             raise ParityError(f"GGUF {qtype} export does not reproduce the source model (see the tables above); "
                               "nothing was written")

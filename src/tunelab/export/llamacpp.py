@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import UserError
+from tunelab.export.common import LLAMACPP_TYPES, TOLERANCE
 
 INSTALL_HINT = ("llama-cpp-python is not installed; install it with: pip install -e '.[llamacpp]' "
                 "(or pip install llama-cpp-python; it compiles llama.cpp, several minutes)")
@@ -109,14 +110,13 @@ def describe(path: Path) -> dict:
             "bytes": Path(path).stat().st_size}
 
 
-def summary(path: Path, qtype: str, *, k_quant: bool) -> str:
-    """One line on what an export made: `GGUF q4_k_m: 27 tensors (q5_0 9, f32 9, ...), 6.17 bits per weight, ...`.
-    `k_quant`: llama.cpp's own quantizer made it (its fallbacks are then explained)."""
+def summary(path: Path, qtype: str) -> str:
+    """One line on what an export made: `GGUF q4_k_m: 27 tensors (q5_0 9, f32 9, ...), 6.17 bits per weight, ...`."""
     d = describe(path)
     types = ", ".join(f"{name} {n}" for name, n in d["types"].items())
     line = (f"GGUF {qtype}: {d['tensors']} tensors ({types}), {d['bits_per_weight']:.2f} bits per weight, "
             f"{d['bytes'] / 2**20:.1f} MiB")
-    if k_quant:
+    if qtype in LLAMACPP_TYPES:  # llama.cpp's own quantizer made it: explain its fallbacks
         line += ("\n  llama.cpp's quantizer picks each tensor's type: 1-D tensors stay f32, some get a wider type, "
                  "and where a row is not a multiple of 256 values a K-quant falls back to a 32-value block type "
                  "(q4_K to q5_0, q5_K to q5_1, q6_K to q8_0, q2_K/q3_K to q4_0); --verbose shows its log")
@@ -203,15 +203,13 @@ def compare_greedy(ref: list[int], got: list[int], got_stopped: bool, stop_ids: 
 
 def near_tie(logits, top: int, other: int, tolerance: float) -> bool:
     """Whether token `other` is as likely as transformers' greedy choice `top` within a type's tolerance: its logit
-    is less than `tolerance` x the logits' root mean square below the top one (the tolerance is relative to the
-    logits' norm, see gguf.TOLERANCE). A tiny random model has such near-ties; a trained one rarely does."""
-    rms = float(logits.float().pow(2).mean().sqrt())
-    return float(logits[top] - logits[other]) <= tolerance * rms
+    is less than `tolerance` x the logits' standard deviation below the top one (the scale common.TOLERANCE is
+    relative to). A tiny random model has such near-ties; a trained one rarely does."""
+    return float(logits[top] - logits[other]) <= tolerance * float(logits.float().std())
 
 
-def verify(path: Path, model, tok, qtype: str, tolerance: float) -> bool:
-    """llama.cpp's tokenization and greedy continuation vs transformers on the source model (when installed).
-    `tolerance`: the type's relative logit tolerance (a first token within it of transformers' is a near-tie)."""
+def verify(path: Path, model, tok, qtype: str) -> bool:
+    """llama.cpp's tokenization and greedy continuation vs transformers on the source model (when installed)."""
     if not available():
         print("llama.cpp check: skipped (llama-cpp-python not installed; pip install -e '.[llamacpp]' to add it)")
         return True
@@ -255,7 +253,7 @@ def verify(path: Path, model, tok, qtype: str, tolerance: float) -> bool:
         if ref and got and ref[0] != got[0]:
             with torch.no_grad():
                 first = model(torch.tensor([ids])).logits[0, -1]
-            tie = near_tie(first, ref[0], got[0], tolerance)
+            tie = near_tie(first, ref[0], got[0], TOLERANCE[qtype])
         check = compare_greedy(ref, got, stopped, stop_ids, gated, name=lambda t: repr(tok.convert_ids_to_tokens(t)),
                                tie=tie)
         ok &= check.ok

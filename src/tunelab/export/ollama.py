@@ -262,13 +262,12 @@ def _reuse_gguf(existing: Path, dest: Path, model, tok, qtype: str) -> bool:
     import shutil
 
     from tunelab.export import llamacpp
-    from tunelab.export.gguf import TOLERANCE, verify_gguf
+    from tunelab.export.gguf import verify_gguf
 
     if not existing.is_file():
         return False
     print(f"found {existing}: checking it against the run's model before reusing it")
-    if not (verify_gguf(existing, model, tok, qtype)["ok"]
-            and llamacpp.verify(existing, model, tok, qtype, TOLERANCE[qtype])):
+    if not (verify_gguf(existing, model, tok, qtype)["ok"] and llamacpp.verify(existing, model, tok, qtype)):
         print(f"{existing} does not reproduce the run's model (exported before a retraining?): converting again")
         return False
     try:  # a hard link costs no disk; both names are only ever replaced whole (atomic_path), never written in place
