@@ -37,7 +37,7 @@ def test_architecture_counts(tiny_model):
 
 def test_lora_fp32_components(tmp_path, tiny_model):
     cfg = _cfg(tmp_path, tiny_model)  # LoRA r=8, no dropout, batch 4, fp32, data.max_length 128, AdamW
-    est = estimate(cfg, "cpu", mean_tokens=50, max_tokens=100, trained_fraction=0.5, baseline_mb=0)
+    est = estimate(cfg, "cpu", mean_tokens=50, max_tokens=100, trained_fraction=0.5, baseline_mb=0, peak_flops=2.0e12)
     m = est.memory_mb
     assert est.trainable == LORA8 == 16_384
     assert m["weights"] == pytest.approx(PARAMS * 4 / MB)
@@ -54,6 +54,32 @@ def test_lora_fp32_components(tmp_path, tiny_model):
     attn = 4 * L * 50 * 4 * 16
     assert est.flops_per_step == pytest.approx(200 * ((2 * PARAMS + attn) + (2 * PARAMS + 2 * attn + 4 * LORA8)))
     assert est.seconds_per_step == pytest.approx(est.flops_per_step / (2.0e12 * 0.12))
+
+
+def test_cpu_peak_is_measured_on_this_cpu_or_given(tmp_path, tiny_model):
+    """A CPU has no data sheet figure: on a machine without a GPU the estimate measures this CPU's matmul throughput
+    in the run's compute dtype (once per process) and says so; a given peak replaces it, and the time scales inversely
+    with the peak; a GPU's peak is its data sheet's."""
+    from tunelab import estimate_time
+    from tunelab.estimate import DEVICES, local_device
+
+    cfg = _cfg(tmp_path, tiny_model)  # fp32
+    kw = dict(mean_tokens=50, max_tokens=100, baseline_mb=0)
+    one, two = (estimate(cfg, "cpu", peak_flops=f, **kw) for f in (1.0e12, 2.0e12))
+    assert one.flops_per_step == two.flops_per_step > 0
+    assert one.seconds_per_step == pytest.approx(2 * two.seconds_per_step)
+    assert one.seconds_per_step == pytest.approx(one.flops_per_step / (1.0e12 * DEVICES["cpu"]["mfu"]))
+    assert (one.peak_flops, one.peak_source) == (1.0e12, "given") and one.to_dict()["peak_flops"] == 1.0e12
+
+    gpu = estimate(cfg, "h100", **kw)
+    assert (gpu.peak_flops, gpu.peak_source) == (DEVICES["h100"]["flops"], "h100 data sheet")
+    if local_device() != "cpu":
+        pytest.skip("the CPU probe runs only where the estimate is for this machine's CPU")
+    here = estimate(cfg, "cpu", **kw)
+    flops, dtype = estimate_time.cpu_matmul_flops("float32")  # cached: the figure the estimate used
+    assert dtype == "float32" and here.peak_flops == flops > 1e9
+    assert here.seconds_per_step == pytest.approx(here.flops_per_step / (flops * DEVICES["cpu"]["mfu"]))
+    assert f"CPU fp32 matmul measured at {flops / 1e12:.3g} TFLOP/s" in here.report()
 
 
 def test_full_finetune_qlora_checkpointing_and_budget(tmp_path, tiny_model):

@@ -27,6 +27,10 @@ The per-token activation coefficients were measured with `torch.autograd.graph.s
 (Llama layout) on CPU: bf16 autocast over float32 weights keeps ~5.5 bytes per element of the linear layers' inputs
 (6·hidden + intermediate per token and layer), LoRA dropout adds ~4 more (its float32 output), and a float32 or bf16
 model keeps ~8 and ~4. GPU figures use the same layout with bf16 activations and are unverified until a GPU run.
+
+Time is the step's FLOPs (forward and backward per trained token, below) over the device's peak times the share of
+it a step reaches (DEVICES mfu). A GPU's peak is its data sheet's; a CPU's is measured when the estimate is for the
+CPU it runs on (estimate_time), since CPUs have no data sheet figure and their speed varies with load.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
-from tunelab import distributed, methods, models
+from tunelab import distributed, estimate_time, methods, models
 from tunelab.adapters import ADAPTERS
 from tunelab.errors import UserError
 from tunelab.methods.contract import EstimateContext
@@ -45,7 +49,9 @@ MB = 2**20
 # Dense bf16 (T4: fp16) tensor throughput from the vendors' data sheets, memory in GiB, and the share of peak a
 # LoRA/SFT step reaches (model FLOPs utilization). CPU: a 2-core AMX machine, whose bf16 matmul reaches ~2 TFLOP/s
 # (2048x2048 operands); a SmolLM2-135M LoRA step reaches ~12% of that (425 real tokens/s x 0.6 GFLOP per token),
-# since at this size the step is dominated by element-wise work, attention and the adapters' rank-16 matmuls.
+# since at this size the step is dominated by element-wise work, attention and the adapters' rank-16 matmuls. That
+# CPU figure stands in only for `--device cpu` asked on a GPU machine: an estimate for the CPU it runs on measures
+# that CPU's matmul throughput instead (estimate_time.cpu_matmul_flops), and the utilization share applies to it.
 #
 # price_per_hour: a default rental price in USD per device-hour, for the cost line; pass --price-per-hour for your own.
 # GPUs: typical on-demand list prices at GPU clouds in 2026 (H100 SXM ~$2.50-3.50, A100 80GB ~$1.10-1.50, RTX 4090
@@ -66,6 +72,7 @@ OPTIMIZER_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "adamw_hf": 8, "ada
                    "adagrad": 4, "rmsprop": 4}
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+COMPUTE_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # the dtype a precision's matmuls run in
 
 # On CPU the peak is the process' resident memory, and glibc's allocator keeps some of the forward's freed
 # intermediates resident. How much changes from run to run of the same input and grows over the first steps: the
@@ -93,6 +100,8 @@ class Estimate:
     layers: int = 0  # transformer blocks: the unit FSDP and ZeRO-3 gather whole (per_process)
     price_per_hour: float = 0.0  # USD per device-hour
     price_is_default: bool = True  # the device's default price (DEVICES), not one the user gave
+    peak_flops: float = 0.0  # FLOP/s the step time is computed from (before the device's utilization share)
+    peak_source: str = ""  # where peak_flops comes from: "<device> data sheet", "CPU bf16 matmul measured", "given"
 
     @property
     def cost_per_step(self) -> float:
@@ -123,8 +132,9 @@ class Estimate:
         parts = ", ".join(f"{k} {v:,.0f}" for k, v in self.memory_mb.items() if v >= 0.5)
         lines = [f"estimate ({self.device}): peak memory {self.total_mb:,.0f} MB = {parts} (MB)",
                  f"  {self.params / 1e6:.1f}M params in {self.weight_dtype}, {self.trainable / 1e6:.2f}M trainable; "
-                 f"largest batch {self.peak_tokens} tokens; {self.flops_per_step / 1e12:.2f} TFLOP per step, "
-                 f"~{_duration(self.seconds_per_step)} per step" +
+                 f"largest batch {self.peak_tokens} tokens",
+                 f"  time: {self.flops_per_step / 1e12:.2f} TFLOP per step; peak: {self.peak_source} at "
+                 f"{self.peak_flops / 1e12:.3g} TFLOP/s; ~{_duration(self.seconds_per_step)} per step" +
                  (f", ~{_duration(self.steps * self.seconds_per_step)} for {self.steps} steps" if self.steps else ""),
                  f"  cost at ${self.price_per_hour:g} per hour" +
                  (f" (default for {self.device}, a typical on-demand price; set yours with --price-per-hour)"
@@ -217,7 +227,8 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
              mean_tokens: float | None = None,
              max_tokens: int | None = None, trained_fraction: float = 0.5, num_samples: int | None = None,
              baseline_mb: float | None = None, arch: dict | None = None, lean_loss: bool | None = None,
-             gradient_checkpointing: bool | None = None, activation_offloading: bool | None = None) -> Estimate:
+             gradient_checkpointing: bool | None = None, activation_offloading: bool | None = None,
+             peak_flops: float | None = None) -> Estimate:
     """Predict peak memory (MB, by part) and step time of `cfg` on `device`.
 
     mean_tokens / max_tokens: token length statistics of the training samples (default: data.max_length);
@@ -225,6 +236,10 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
     lean_loss / gradient_checkpointing / activation_offloading: the settings to estimate (default: the config's;
     `auto` counts as off).
     price_per_hour: USD per device-hour for the cost (default: the device's typical on-demand price, DEVICES).
+    peak_flops: the device's peak FLOP/s to compute the time from. Default: a GPU's data sheet figure (DEVICES); for
+    device "cpu" on a machine without a GPU, this CPU's matmul throughput in the run's compute dtype, measured once
+    per process (estimate_time.cpu_matmul_flops, ~0.3 s), since a CPU has no data sheet figure and its speed varies
+    with the machine and its load; DEVICES["cpu"] (a 2-core AMX machine) where the CPU is not this machine's.
     """
     if device not in DEVICES:
         raise UserError(f"unknown device '{device}'; known: {', '.join(DEVICES)}")
@@ -237,9 +252,11 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
         arch = architecture(method.student_config(opts, config_json(cfg.model.source, cfg.model.revision,
                                                                     cfg.model.trust_remote_code)))
     t, q = cfg.training, cfg.quantization
+    here = not gpu and local_device() == "cpu"  # the CPU this process runs on: measurable, and auto resolvable
     precision = t.precision
     if precision == "auto":
-        precision = "bf16" if dev["bf16"] else ("fp16" if gpu else "fp32")
+        precision = (models.resolve_precision("auto") if here else "bf16" if dev["bf16"] else
+                     ("fp16" if gpu else "fp32"))
     wdtype = models.base_dtype(cfg, precision, gpu, method.float32_base)
     wbytes = DTYPE_BYTES[wdtype]
     adapter_type = ADAPTERS[cfg.adapter.type]
@@ -335,7 +352,14 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
         bwd += fwd
     tokens_per_step = t.batch_size * t.grad_accum * mean_len * rows
     flops = tokens_per_step * (fwd + bwd)
-    seconds = flops / (dev["flops"] * dev["mfu"])
+    if peak_flops is not None:
+        peak, peak_source = peak_flops, "given"
+    elif here:
+        peak, measured = estimate_time.cpu_matmul_flops(COMPUTE_DTYPE[precision])
+        peak_source = f"CPU {next(p for p, d in COMPUTE_DTYPE.items() if d == measured)} matmul measured"
+    else:
+        peak, peak_source = dev["flops"], f"{device} data sheet"
+    seconds = flops / (peak * dev["mfu"])
     steps = training_steps(cfg, num_samples)
     if budget_gb is None and dev["memory_gb"]:
         budget_gb = dev["memory_gb"]
@@ -344,7 +368,7 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
                     memory_mb=memory, flops_per_step=flops, seconds_per_step=seconds, steps=steps,
                     budget_gb=budget_gb, layers=L,
                     price_per_hour=dev["price_per_hour"] if price_per_hour is None else price_per_hour,
-                    price_is_default=price_per_hour is None)
+                    price_is_default=price_per_hour is None, peak_flops=peak, peak_source=peak_source)
 
 
 def per_process(est: Estimate, dcfg, nproc: int) -> Estimate:
