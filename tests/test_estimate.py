@@ -148,6 +148,72 @@ def test_preference_methods_count_both_sequences_and_full_logits(tmp_path, tiny_
     assert dpo50.flops_per_step == pytest.approx(orpo.flops_per_step + 2 * 4 * 50 * (2 * PARAMS + attn))
 
 
+PAIRS = [("What is 2+2?", "4.", "5."), ("Name a color.", "Blue, the colour of a clear sky at noon.", "Seven."),
+         ("Say hi.", "Hi!", "No.")]
+
+
+def _pref_rows(tmp_path, tiny_model, method: str):
+    """A config of `method` (max_length 128, batch 4) over short pairs, its prepared rows and tokenizer."""
+    from tunelab.data.build import prepare
+    from tunelab.methods import get
+    from tunelab.models import load_tokenizer
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n"
+                            for _ in range(4) for p, c, r in PAIRS))
+    cfg = load_config(make_config(tmp_path, tiny_model, str(data), method={"name": method}), ["data.cache=false"])
+    tok = load_tokenizer(tiny_model)
+    return cfg, prepare(get(method).data, cfg.data, tok)[0], tok
+
+
+def test_preference_and_kto_rows_get_their_token_lengths(tmp_path, tiny_model, capsys):
+    """Rows TRL tokenizes itself get their rendered lengths: a pair both prompt+chosen and prompt+rejected, each batch
+    padded to its longest sequence (the rows are drawn at random); KTO's prompt+completion. Counted at their lengths
+    instead of data.max_length, a step of short pairs takes less time; `tunelab estimate` measures them the same way."""
+    from tunelab import cli
+    from tunelab.data import render
+    from tunelab.estimate import padded_length, token_stats
+
+    cfg, rows, tok = _pref_rows(tmp_path, tiny_model, "dpo")
+    stats = token_stats(cfg, "preference", rows, tok)
+
+    def n(msgs):
+        return len(tok(render.render(tok, msgs), add_special_tokens=False)["input_ids"])
+
+    longest = [max(n(r["prompt"] + r["chosen"]), n(r["prompt"] + r["rejected"])) for r in rows]
+    assert stats["num_samples"] == len(rows) == 12 and stats["max_tokens"] == max(longest)
+    assert stats["mean_tokens"] == pytest.approx(padded_length(longest, 4))
+    mean = sum(longest) / len(longest)
+    assert mean < stats["mean_tokens"] < stats["max_tokens"] < 128 / 2  # padding counts; far below max_length
+    # the expected longest of k drawn without replacement: of 1..4 in pairs, the longest is 2, 3, 4 in 1, 2, 3 draws
+    assert padded_length([1, 2, 3, 4], 2) == pytest.approx((2 + 2 * 3 + 3 * 4) / 6)
+    assert padded_length([5, 9], 4) == 9 and padded_length([3, 1, 2], 1) == pytest.approx(2)
+
+    measured = estimate(cfg, "cpu", baseline_mb=0, peak_flops=1e12, **stats)
+    unmeasured = estimate(cfg, "cpu", baseline_mb=0, peak_flops=1e12)
+    assert measured.tokens_per_step == pytest.approx(2 * 4 * stats["mean_tokens"])
+    assert unmeasured.tokens_per_step == 2 * 4 * 128
+    assert measured.seconds_per_step < 0.5 * unmeasured.seconds_per_step
+    assert measured.peak_tokens == 2 * 4 * stats["max_tokens"] < unmeasured.peak_tokens
+    assert cli.main(["estimate", str(tmp_path / "run.yaml"), "--json"]) == 0  # `tunelab estimate` of the same config
+    d = json.loads(capsys.readouterr().out)
+    assert d["tokens_per_step"] == pytest.approx(measured.tokens_per_step) and d["steps"] == measured.steps == 10
+
+    kcfg, krows, _ = _pref_rows(tmp_path, tiny_model, "kto")  # a pair gives one desirable, one undesirable example
+    kto = token_stats(kcfg, "kto", krows, tok)
+    completions = [n(r["prompt"] + r["completion"]) for r in krows]
+    assert kto["num_samples"] == len(krows) == 24 and kto["max_tokens"] == max(completions) == max(longest)
+    assert kto["mean_tokens"] == pytest.approx(padded_length(completions, 4))
+
+    # prompt rows (GRPO/PPO): the mean prompt as generation starts from it; memory stays at data.max_length
+    prompts = token_stats(cfg, "prompt", [{"prompt": r["prompt"]} for r in rows], tok)
+    assert set(prompts) == {"mean_tokens"}
+    assert prompts["mean_tokens"] == pytest.approx(
+        sum(len(tok(render.render(tok, r["prompt"], add_generation_prompt=True), add_special_tokens=False)
+                ["input_ids"]) for r in rows) / len(rows))
+
+
+
 def test_dora_keeps_more_activations_than_lora(tmp_path, tiny_model):
     """DoRA keeps each linear's base and LoRA outputs too (for the magnitude's gradient): ~2 more bytes per element."""
     dora = estimate(_cfg(tmp_path, tiny_model, adapter={"type": "dora", "r": 8, "alpha": 16, "dropout": 0.0}), "cpu",

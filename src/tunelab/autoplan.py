@@ -107,13 +107,10 @@ def plan(cfg, method, opts, stats: dict, device: str | None = None, budget_mb: f
                 activation_offloading=o)
 
 
-def resolve(cfg, method, opts, rows: list[dict], echo=print):
-    """(run config, options, lean_loss) with `auto` resolved for this machine, the choice and its reason printed.
-    A config without `auto` settings comes back unchanged. The plan is advice: where the estimate cannot model the
-    model, the fastest settings are taken."""
-    from tunelab.estimate import stats_of
-
-    stats = stats_of(rows) if rows and "input_ids" in rows[0] else {}
+def resolve(cfg, method, opts, stats: dict, echo=print):
+    """(run config, options, lean_loss) with `auto` resolved for this machine, the choice and its reason printed;
+    `stats`: the training rows' token statistics (estimate.token_stats). A config without `auto` settings comes back
+    unchanged. The plan is advice: where the estimate cannot model the model, the fastest settings are taken."""
     auto = ("auto" in (cfg.training.gradient_checkpointing, cfg.training.activation_offloading)
             or len(method.loss_choices(opts)) > 1)
     try:

@@ -75,15 +75,11 @@ def training_arguments(cfg: RunConfig, run: runs.Run, precision: str) -> dict:
     )
 
 
-# What each kind of data (a method's `data` declaration) is prepared by (tunelab.data.build).
-PREPARE = {"conversation": "prepare_sft", "preference": "prepare_preference", "kto": "prepare_kto",
-           "prompt": "prepare_prompts"}
-
-
 def prepare_data(cfg: RunConfig, kind: str, tokenizer) -> TrainData:
+    """The rows of the kind of data the method declares (tunelab.data.build prepares each kind)."""
     from tunelab.data import build
 
-    train, val, stats = getattr(build, PREPARE[kind])(cfg.data, tokenizer)
+    train, val, stats = build.prepare(kind, cfg.data, tokenizer)
     return TrainData(train, val, stats)
 
 
@@ -230,9 +226,11 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
         echo(f"warning: {warning}")
     # `auto` settings (gradient checkpointing, SFT's loss) chosen for this machine's free memory; the run directory
     # keeps the user's config, the run uses run_cfg
-    run_cfg, opts, plan = autoplan.resolve(cfg, method, opts, data.train, echo)
+    # the token lengths the memory plan and the estimate count (every kind of data, tokenized here if TRL tokenizes)
+    stats = estimate.token_stats(cfg, method.data, data.train, tokenizer)
+    run_cfg, opts, plan = autoplan.resolve(cfg, method, opts, stats, echo)
     # before the weights load; compared with the peak in summary.json
-    est = estimate.for_run(run_cfg, data.train, echo, lean_loss=plan.lean_loss)
+    est = estimate.for_run(run_cfg, stats, echo, lean_loss=plan.lean_loss)
     model = models.load_model(cfg, precision=precision, task=method.task, float32_base=method.float32_base)
     model = method.prepare_model(cfg, opts, model)  # e.g. distill: a smaller student
     # models a method needs besides the trained one (distill: the teacher), passed to build() by keyword

@@ -399,3 +399,36 @@ def _build_prompts(data_cfg, tok):
             for x in rows:
                 x.setdefault("aliases", [])
     return train, val, stats
+
+
+# ------------------------------------------------------------------------------------------------- by data kind
+
+PREPARE = {"conversation": prepare_sft, "preference": prepare_preference, "kto": prepare_kto,
+           "prompt": prepare_prompts}
+
+
+def prepare(kind: str, data_cfg, tok) -> tuple[list[dict], list[dict], dict]:
+    """Train rows, validation rows and stats of one of the kinds a method trains on (methods.contract.DATA_KINDS)."""
+    return PREPARE[kind](data_cfg, tok)
+
+
+# The conversations one row of each untokenized kind puts through the model: a pair each reply after the prompt, a
+# KTO example its reply after the prompt, a prompt row the prompt itself (which generation continues).
+_SEQUENCES = {"preference": lambda r: (r["prompt"] + r["chosen"], r["prompt"] + r["rejected"]),
+              "kto": lambda r: (r["prompt"] + r["completion"],),
+              "prompt": lambda r: (r["prompt"],)}
+
+
+def sequence_lengths(kind: str, rows: list[dict], tok, max_length: int) -> list[tuple[int, ...]]:
+    """Per row, the token length of each sequence it puts through the model, capped at max_length (where the
+    trainers truncate). Tokenized rows (conversation) have theirs; preference, KTO and prompt rows are tokenized by
+    TRL's trainers or the rollout, so they are rendered and counted here (the step-time estimate needs them)."""
+    if kind == "conversation":
+        return [(len(r["input_ids"]),) for r in rows]
+    generation = kind == "prompt"  # a prompt is rendered up to where the reply begins, as the rollout renders it
+
+    def length(msgs) -> int:
+        text = msgs if isinstance(msgs, str) else render.render(tok, msgs, add_generation_prompt=generation)
+        return min(len(tok(text, add_special_tokens=False)["input_ids"]), max_length)
+
+    return [tuple(length(msgs) for msgs in _SEQUENCES[kind](r)) for r in rows]
