@@ -123,6 +123,73 @@ def test_grpo_kv_cache(tmp_path, tiny_model):
     assert "sampler" not in fp32.memory_mb and fp32.memory_mb["kv_cache"] == pytest.approx(2 * cpu.memory_mb["kv_cache"])
 
 
+def test_grpo_step_time_adds_generation_growing_with_completion_length(tmp_path, tiny_model):
+    """GRPO samples every completion of a step in one generate call before it trains: the prompts' forward, then per
+    new token a decoding step bound by memory bandwidth or per-layer overhead. That time is part of the step's,
+    reported apart, and grows linearly with max_completion_length (on an H100 the tiny model's decoding step is all
+    per-layer overhead); the trained sequences are the prompts with the completions appended."""
+    from tunelab.estimate import DEVICES
+    from tunelab.estimate_time import DECODE_LAYER_SECONDS
+
+    def grpo(length: int, device: str = "h100", **method):
+        cfg = _cfg(tmp_path, tiny_model, training={"precision": "bf16"},
+                   method={"name": "grpo", "num_generations": 4, "max_completion_length": length, **method})
+        return estimate(cfg, device, mean_tokens=50, max_tokens=100, baseline_mb=0, peak_flops=1e12)
+
+    e32, e64, e128 = grpo(32), grpo(64), grpo(128)
+    assert e64.tokens_per_step == 4 * (50 + 64)  # batch 4 x (prompt + completion)
+    train = e64.flops_per_step / (1e12 * DEVICES["h100"]["mfu"])
+    assert e64.seconds_per_step == pytest.approx(train + e64.generation_seconds_per_step)
+    # by hand: one call of 4 sequences; prefill at the training forward's share of the peak, each decoding step
+    # max(bytes / bandwidth, layers x overhead) plus its FLOPs at the peak
+    attn = 4 * L * 4 * 16  # QK^T and AV FLOPs per token of context
+    prefill = 4 * 50 * (2 * PARAMS + attn * 50 / 2) / (1e12 * DEVICES["h100"]["mfu"])
+    context = 50 + 64 / 2
+    kv = 4 * context * L * 2 * 2 * 16 * 2  # bf16 cache on a GPU
+    step = max((PARAMS * 2 + kv) / 3350e9, L * DECODE_LAYER_SECONDS["gpu"]) + 4 * (2 * PARAMS + attn * context) / 1e12
+    assert e64.generation_seconds_per_step == pytest.approx(prefill + 64 * step)
+    # linear in the completion length: each further token costs a decoding step of L x the per-layer overhead
+    first, second = (e64.generation_seconds_per_step - e32.generation_seconds_per_step,
+                     e128.generation_seconds_per_step - e64.generation_seconds_per_step)
+    assert first == pytest.approx(32 * L * DECODE_LAYER_SECONDS["gpu"], rel=0.01)
+    assert second == pytest.approx(2 * first, rel=0.01)
+    assert "(generating ~" in e64.report()
+    assert e64.to_dict()["generation_seconds_per_step"] == e64.generation_seconds_per_step
+
+    # one generation batch serves num_iterations steps, whose reuse needs the sampling policy's log-probs (a forward)
+    reused = grpo(64, num_iterations=2)
+    assert reused.generation_seconds_per_step == pytest.approx(e64.generation_seconds_per_step / 2)
+    assert reused.flops_per_step == pytest.approx(e64.flops_per_step + 4 / 2 * (50 + 64) * (2 * PARAMS + attn * 114))
+    # on a CPU too (its bandwidth and overhead), the time grows with the completion length
+    cpu = [grpo(n, "cpu").generation_seconds_per_step for n in (32, 64, 128)]
+    assert 0 < cpu[0] < cpu[1] < cpu[2] and cpu[2] - cpu[1] >= 64 * L * DECODE_LAYER_SECONDS["cpu"]
+    sft = estimate(_cfg(tmp_path, tiny_model), "cpu", mean_tokens=50, max_tokens=100, baseline_mb=0, peak_flops=1e12)
+    assert sft.generation_seconds_per_step == 0 and "generating" not in sft.report()
+
+
+def test_ppo_trains_ppo_epochs_passes_over_each_rollout(tmp_path, tiny_model):
+    """PPO samples a completion per prompt, scores the rollout with the policy (and the reference), then runs
+    ppo_epochs forward+backward passes over it: the training FLOPs grow by one pass per epoch, whatever the split into
+    mini-batches; the rollout's generation time does not."""
+
+    def ppo(epochs: int, mini_batches: int = 1):
+        cfg = _cfg(tmp_path, tiny_model, method={"name": "ppo", "ppo_epochs": epochs, "num_mini_batches": mini_batches,
+                                                 "max_completion_length": 32})
+        return estimate(cfg, "cpu", mean_tokens=50, max_tokens=100, baseline_mb=0, peak_flops=1e12)
+
+    one, two, four = ppo(1), ppo(2), ppo(4)
+    tokens = 4 * (50 + 32)
+    assert one.tokens_per_step == two.tokens_per_step == tokens
+    attn = 4 * L * (50 + 32) * 4 * 16
+    fwd = 2 * PARAMS + attn
+    per_pass = tokens * (fwd + 2 * PARAMS + 2 * attn + 4 * LORA8)  # forward + a frozen base's backward
+    assert one.flops_per_step == pytest.approx(per_pass + 2 * tokens * fwd)  # + the policy's and reference's scoring
+    assert two.flops_per_step - one.flops_per_step == pytest.approx(per_pass)
+    assert four.flops_per_step - one.flops_per_step == pytest.approx(3 * per_pass)
+    assert ppo(4, mini_batches=2).flops_per_step == four.flops_per_step
+    assert one.generation_seconds_per_step == four.generation_seconds_per_step > 0
+
+
 def test_preference_methods_count_both_sequences_and_full_logits(tmp_path, tiny_model):
     """DPO/ORPO/SimPO run chosen and rejected in one forward (two sequences a row) and take log-probs over the full
     logits of every position; a reward model has a score head (no vocabulary logits); DPO adds a reference forward."""

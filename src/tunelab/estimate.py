@@ -28,9 +28,19 @@ The per-token activation coefficients were measured with `torch.autograd.graph.s
 (6·hidden + intermediate per token and layer), LoRA dropout adds ~4 more (its float32 output), and a float32 or bf16
 model keeps ~8 and ~4. GPU figures use the same layout with bf16 activations and are unverified until a GPU run.
 
-Time is the step's FLOPs (forward and backward per trained token, below) over the device's peak times the share of
-it a step reaches (DEVICES mfu). A GPU's peak is its data sheet's; a CPU's is measured when the estimate is for the
-CPU it runs on (estimate_time), since CPUs have no data sheet figure and their speed varies with load.
+Time per optimizer step is the sum of two parts:
+
+  training     the step's FLOPs over the device's peak times the share of it a step reaches (DEVICES mfu): forward
+               and backward per trained token (a frozen base needs input gradients only), once per training pass
+               (Method.training_passes: PPO's ppo_epochs), plus forward-only passes (a reference model, the scoring
+               of sampled sequences). Tokens are the batch's at the rows' token statistics (token_stats: the rows'
+               lengths, random batches padded to their longest); a method that samples trains on its prompts with
+               the completions appended
+  generation   what a method samples before it trains (Method.generation: GRPO, PPO): the prompts' forward, then a
+               decoding step per new token bound by memory bandwidth or per-layer overhead (estimate_time)
+A GPU's peak is its data sheet's; a CPU's is measured when the estimate is for the CPU it runs on (estimate_time),
+since CPUs have no data sheet figure and their speed varies with load. The decoding constants are first guesses,
+calibrated against measured steps by benchmarks/estimate_accuracy.py.
 """
 
 from __future__ import annotations
@@ -57,12 +67,21 @@ MB = 2**20
 # GPUs: typical on-demand list prices at GPU clouds in 2026 (H100 SXM ~$2.50-3.50, A100 80GB ~$1.10-1.50, RTX 4090
 # ~$0.69 at RunPod, T4 ~$0.35 at Google Cloud; hyperscalers charge up to twice as much, spot and reserved less).
 # CPU: a small 2-vCPU cloud instance (~$0.09 an hour on-demand). Defaults, not quotes.
+#
+# bandwidth_gbs: memory bandwidth in GB/s, which bounds a decoding step (GRPO/PPO sampling, estimate_time): the data
+# sheets' (H100 SXM HBM3, A100 80GB HBM2e, RTX 4090 GDDR6X, T4 GDDR6); CPU: the 2-core machine's, a first guess
+# (estimate_time.CPU_BANDWIDTH_GBS_PER_CORE, which an estimate for this machine's CPU scales by its threads).
 DEVICES = {
-    "cpu": {"flops": 2.0e12, "memory_gb": None, "mfu": 0.12, "bf16": True, "price_per_hour": 0.09},
-    "h100": {"flops": 989e12, "memory_gb": 80, "mfu": 0.4, "bf16": True, "price_per_hour": 2.99},
-    "a100": {"flops": 312e12, "memory_gb": 80, "mfu": 0.4, "bf16": True, "price_per_hour": 1.29},
-    "4090": {"flops": 165e12, "memory_gb": 24, "mfu": 0.4, "bf16": True, "price_per_hour": 0.69},
-    "t4": {"flops": 65e12, "memory_gb": 16, "mfu": 0.3, "bf16": False, "price_per_hour": 0.35},
+    "cpu": {"flops": 2.0e12, "memory_gb": None, "mfu": 0.12, "bf16": True, "price_per_hour": 0.09,
+            "bandwidth_gbs": 10},
+    "h100": {"flops": 989e12, "memory_gb": 80, "mfu": 0.4, "bf16": True, "price_per_hour": 2.99,
+             "bandwidth_gbs": 3350},
+    "a100": {"flops": 312e12, "memory_gb": 80, "mfu": 0.4, "bf16": True, "price_per_hour": 1.29,
+             "bandwidth_gbs": 2039},
+    "4090": {"flops": 165e12, "memory_gb": 24, "mfu": 0.4, "bf16": True, "price_per_hour": 0.69,
+             "bandwidth_gbs": 1008},
+    "t4": {"flops": 65e12, "memory_gb": 16, "mfu": 0.3, "bf16": False, "price_per_hour": 0.35,
+           "bandwidth_gbs": 320},
 }
 
 # Optimizer state bytes per trainable parameter (TrainingArguments `optim` names).
@@ -102,6 +121,7 @@ class Estimate:
     price_is_default: bool = True  # the device's default price (DEVICES), not one the user gave
     peak_flops: float = 0.0  # FLOP/s the step time is computed from (before the device's utilization share)
     peak_source: str = ""  # where peak_flops comes from: "<device> data sheet", "CPU bf16 matmul measured", "given"
+    generation_seconds_per_step: float = 0.0  # of seconds_per_step, the time sampling takes (GRPO, PPO)
 
     @property
     def cost_per_step(self) -> float:
@@ -135,6 +155,8 @@ class Estimate:
                  f"largest batch {self.peak_tokens} tokens",
                  f"  time: {self.flops_per_step / 1e12:.2f} TFLOP per step; peak: {self.peak_source} at "
                  f"{self.peak_flops / 1e12:.3g} TFLOP/s; ~{_duration(self.seconds_per_step)} per step" +
+                 (f" (generating ~{_duration(self.generation_seconds_per_step)})"
+                  if self.generation_seconds_per_step else "") +
                  (f", ~{_duration(self.steps * self.seconds_per_step)} for {self.steps} steps" if self.steps else ""),
                  f"  cost at ${self.price_per_hour:g} per hour" +
                  (f" (default for {self.device}, a typical on-demand price; set yours with --price-per-hour)"
@@ -342,16 +364,21 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
         memory["runtime"] = runtime_mb() if baseline_mb is None else baseline_mb
 
     # FLOPs: forward 2 per parameter per token plus attention (QK^T and AV over the mean length); backward doubles the
-    # forward for a full fine-tune, and with a frozen base needs only input gradients (~1x forward, attention 2x)
-    attn = 4 * L * mean_len * arch["heads"] * arch["head_dim"]
+    # forward for a full fine-tune, and with a frozen base needs only input gradients (~1x forward, attention 2x).
+    # A method that samples first (GRPO, PPO) trains on its prompts with the sampled completions appended.
+    gen = method.generation(cfg, opts, ctx)
+    seq = mean_len + gen.new_tokens if gen else mean_len
+    attn = 4 * L * seq * arch["heads"] * arch["head_dim"]
     fwd = 2 * n + attn
     bwd = 2 * fwd if full else (2 * n + 2 * attn + 4 * trainable)
     if gradient_checkpointing:
         bwd += fwd
-    if method.reference_forward:  # the reference model's forward (no backward) on the same tokens
-        bwd += fwd
-    tokens_per_step = t.batch_size * t.grad_accum * mean_len * rows
-    flops = tokens_per_step * (fwd + bwd)
+    tokens_per_step = t.batch_size * t.grad_accum * seq * rows
+    # every training pass (PPO: ppo_epochs) runs forward and backward; the reference model's forward (no backward)
+    # scores the same tokens once
+    flops = tokens_per_step * (method.training_passes(opts) * (fwd + bwd) + (fwd if method.reference_forward else 0))
+    if gen:  # forward-only passes over the sampled sequences (the sampling policy's log-probs, a KL reference)
+        flops += gen.sequences * seq * fwd * gen.scoring_forwards
     if peak_flops is not None:
         peak, peak_source = peak_flops, "given"
     elif here:
@@ -359,7 +386,13 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
         peak_source = f"CPU {next(p for p, d in COMPUTE_DTYPE.items() if d == measured)} matmul measured"
     else:
         peak, peak_source = dev["flops"], f"{device} data sheet"
-    seconds = flops / (peak * dev["mfu"])
+    generation = 0.0
+    if gen:
+        bandwidth = estimate_time.cpu_bandwidth() if here else dev["bandwidth_gbs"] * 1e9
+        generation = estimate_time.generation_seconds(
+            gen, arch, mean_len, weights if gen.weight_bytes is None else gen.weight_bytes, peak, dev["mfu"],
+            bandwidth, estimate_time.DECODE_LAYER_SECONDS["gpu" if gpu else "cpu"])
+    seconds = flops / (peak * dev["mfu"]) + generation
     steps = training_steps(cfg, num_samples)
     if budget_gb is None and dev["memory_gb"]:
         budget_gb = dev["memory_gb"]
@@ -368,7 +401,8 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
                     memory_mb=memory, flops_per_step=flops, seconds_per_step=seconds, steps=steps,
                     budget_gb=budget_gb, layers=L,
                     price_per_hour=dev["price_per_hour"] if price_per_hour is None else price_per_hour,
-                    price_is_default=price_per_hour is None, peak_flops=peak, peak_source=peak_source)
+                    price_is_default=price_per_hour is None, peak_flops=peak, peak_source=peak_source,
+                    generation_seconds_per_step=generation)
 
 
 def per_process(est: Estimate, dcfg, nproc: int) -> Estimate:

@@ -1,9 +1,16 @@
-"""The step-time half of `tunelab estimate`: the throughput a step's FLOPs run at.
+"""The step-time half of `tunelab estimate`: the throughput a step's FLOPs run at, and the time a method that
+samples before it trains (GRPO, PPO: methods.contract.Generation) spends generating.
 
-A GPU's peak is its data sheet's (estimate.DEVICES). A CPU has no such figure, and the one a run gets depends on the
+Peak: a GPU's is its data sheet's (estimate.DEVICES). A CPU has no such figure, and the one a run gets depends on the
 machine and on what else runs there (the 2-core machine the CPU figures come from ran a 2048 x 2048 bf16 matmul at
 0.7-2.0 TFLOP/s over one day), so an estimate for the CPU this process runs on measures it: a short matmul probe in
 the dtype the run's matmuls compute in, once per process.
+
+Generation, per generate call of `batch` sequences: the prompts' forward (prefill) at the training forward's share
+of the peak, then one decoding step per new token. A decoding step reads every weight and the KV cache so far, or,
+for a small model, is bound by the per-layer cost of running the layers one token at a time (Python, kernel
+launches, small ops), whichever is longer, plus its matmuls at the peak:
+    max((weight bytes + KV bytes) / bandwidth, layers x DECODE_LAYER_SECONDS) + batch x 2 x params / peak
 """
 
 from __future__ import annotations
@@ -16,6 +23,17 @@ from functools import lru_cache
 PROBE_SIZE = 2048
 PROBE_WARMUP = 2
 PROBE_SECONDS = 0.3
+
+# Decoding constants: first guesses, to be calibrated against measured steps (benchmarks/estimate_accuracy.py).
+# CPU memory bandwidth that one core's decoding reads weights at: ~10 GB/s on the 2-core machine. With these and the
+# 2.0 TFLOP/s bf16 peak, GRPO's rollout of 8 completions x 48 tokens after 67-token prompts on SmolLM2-135M comes out
+# at 2.0 s (0.6 s prefill, 48 steps of 30 ms) against 2.95 s measured (benchmarks/RESULTS.md, "GRPO generation (CPU)",
+# which also merges the adapter and copies the weights into the bf16 sampler).
+CPU_BANDWIDTH_GBS_PER_CORE = 5.0
+# Per layer and decoding step (transformers' generate, eager): CPU a first guess; GPU from "GRPO generation on the GPU"
+# in benchmarks/RESULTS.md (Llama-3.2-1B shape, 16 layers, 64 completions x 128 tokens at 3,001 tokens/s on an H100:
+# 21 ms a step where reading the weights takes 0.9 ms; vLLM's CUDA graphs cost far less, uncounted).
+DECODE_LAYER_SECONDS = {"cpu": 0.5e-3, "gpu": 1.3e-3}
 
 
 @lru_cache(maxsize=None)
@@ -42,3 +60,25 @@ def cpu_matmul_flops(dtype: str) -> tuple[float, str]:
             if elapsed >= PROBE_SECONDS:
                 return 2 * n**3 * count / elapsed, name
     raise RuntimeError("no float32 matmul on this CPU")  # unreachable with any working torch
+
+
+def cpu_bandwidth() -> float:
+    """Bytes/s decoding reads this CPU's memory at: CPU_BANDWIDTH_GBS_PER_CORE per torch thread (one per core)."""
+    import torch
+
+    return CPU_BANDWIDTH_GBS_PER_CORE * 1e9 * torch.get_num_threads()
+
+
+def generation_seconds(gen, arch: dict, prompt_tokens: float, weight_bytes: float, peak: float, mfu: float,
+                       bandwidth: float, layer_seconds: float) -> float:
+    """Seconds a method spends sampling per optimizer step: `gen` (methods.contract.Generation) over prompts of
+    `prompt_tokens` on average, with `weight_bytes` of weights (gen.weight_bytes where the method samples from other
+    weights), at `peak` FLOP/s (prefill at `mfu` of it), `bandwidth` bytes/s and `layer_seconds` per layer and step."""
+    layers, n = arch["layers"], arch["params"]
+    attn_per_token = 4 * layers * arch["heads"] * arch["head_dim"]  # QK^T and AV FLOPs per token of context
+    prefill = gen.batch * prompt_tokens * (2 * n + attn_per_token * prompt_tokens / 2) / (peak * mfu)
+    context = prompt_tokens + gen.new_tokens / 2  # the mean context a decoding step attends over
+    kv = gen.batch * context * layers * 2 * arch["kv_heads"] * arch["head_dim"] * gen.kv_bytes
+    step = (max((weight_bytes + kv) / bandwidth, layers * layer_seconds)
+            + gen.batch * (2 * n + attn_per_token * context) / peak)
+    return gen.sequences / gen.batch * (prefill + gen.new_tokens * step)

@@ -45,6 +45,20 @@ class EstimateContext:
     architecture: Callable[[str], dict]  # a model source -> its architecture (reads config.json only)
 
 
+@dataclass(frozen=True)
+class Generation:
+    """What a method samples in each optimizer step before it trains on it (the step-time estimate's decoding part)."""
+
+    sequences: float  # sequences sampled per optimizer step (a fraction of a batch when one serves several steps)
+    batch: int  # sequences one generate call decodes together
+    new_tokens: int  # tokens sampled per sequence: the completion length limit (a completion may stop sooner)
+    kv_bytes: int  # bytes per key/value element of the sampler's cache (the dtype it decodes in)
+    weight_bytes: float | None = None  # weight bytes each decoding step reads; None: the trained model's as loaded
+    # forward-only passes over each sampled sequence before training, besides `reference_forward`'s (the sampling
+    # policy's log-probs, a KL reference); they run at the training forward's throughput
+    scoring_forwards: int = 0
+
+
 class Method:
     """Defaults of every declaration and hook; a method overrides what differs."""
 
@@ -113,6 +127,15 @@ class Method:
     def extra_memory(self, cfg, opts, ctx: EstimateContext) -> dict[str, float]:
         """Memory the method adds besides the model, its training state and the loss, by part (bytes)."""
         return {}
+
+    def generation(self, cfg, opts, ctx: EstimateContext) -> Generation | None:
+        """What the method samples per optimizer step before training (GRPO, PPO); None: it samples nothing. The
+        sequences it trains on are then the prompts (the data's token statistics) with `new_tokens` appended."""
+        return None
+
+    def training_passes(self, opts) -> int:
+        """Forward and backward passes over each step's batch (PPO: its ppo_epochs over one rollout)."""
+        return 1
 
     # -- the trainer ---------------------------------------------------------------------------------------------
     def build(self, cfg, opts, model, tokenizer, data, args: dict, **extra):

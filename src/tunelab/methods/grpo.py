@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunelab.adapters import ADAPTERS
 from tunelab.errors import UserError
-from tunelab.methods.contract import EstimateContext, Method
+from tunelab.methods.contract import EstimateContext, Generation, Method
 from tunelab.rewards import check_specs
 from tunelab.rollout import left_pad, prompt_texts
 
@@ -77,13 +77,21 @@ class GRPO(Method):
         arch = ctx.arch
         gens = opts.num_generations * cfg.training.batch_size
         seq = cfg.data.max_length + opts.max_completion_length
-        sampler = (not ctx.gpu and ctx.precision == "bf16" and ctx.weight_dtype == "float32" and not ctx.quant_bits
-                   and ADAPTERS[cfg.adapter.type].lora_layers)
-        kv_bytes = 2 if ctx.gpu or sampler else 4
-        memory = {"kv_cache": gens * seq * arch["layers"] * 2 * arch["kv_heads"] * arch["head_dim"] * kv_bytes}
-        if sampler:
+        memory = {"kv_cache": gens * seq * arch["layers"] * 2 * arch["kv_heads"] * arch["head_dim"]
+                  * _kv_bytes(cfg, ctx)}
+        if _bf16_sampler(cfg, ctx):
             memory["sampler"] = arch["params"] * 2
         return memory
+
+    def generation(self, cfg, opts: Config, ctx: EstimateContext) -> Generation:
+        """TRL samples one generation batch, every completion of an optimizer step (batch_size x grad_accum), in one
+        call, and reuses it for num_iterations steps; before training it scores the batch with the sampling policy
+        when it is reused (num_iterations > 1) and with the reference when beta > 0."""
+        batch = cfg.training.batch_size * cfg.training.grad_accum
+        return Generation(sequences=batch / opts.num_iterations, batch=batch, new_tokens=opts.max_completion_length,
+                          kv_bytes=_kv_bytes(cfg, ctx),
+                          weight_bytes=ctx.arch["params"] * 2 if _bf16_sampler(cfg, ctx) else None,
+                          scoring_forwards=int(opts.num_iterations > 1) + int(opts.beta > 0))
 
     def check(self, cfg, opts: Config, data) -> None:
         """Mistakes found before the model loads or the run directory is written."""
@@ -142,6 +150,18 @@ class GRPO(Method):
             eval_dataset=Dataset.from_list(data.validation) if data.validation else None,
             processing_class=tokenizer,
         )
+
+
+def _bf16_sampler(cfg, ctx: EstimateContext) -> bool:
+    """Whether rollouts sample from a bf16 copy of the merged policy (bf16_sampler): on a bf16 CPU with LoRA over a
+    float32, unquantized base."""
+    return bool(not ctx.gpu and ctx.precision == "bf16" and ctx.weight_dtype == "float32" and not ctx.quant_bits
+                and ADAPTERS[cfg.adapter.type].lora_layers)
+
+
+def _kv_bytes(cfg, ctx: EstimateContext) -> int:
+    """Bytes per element of the generation KV cache: bf16 on a GPU and in the bf16 sampler, float32 otherwise."""
+    return 2 if ctx.gpu or _bf16_sampler(cfg, ctx) else 4
 
 
 @contextmanager

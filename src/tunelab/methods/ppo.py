@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunelab.adapters import ADAPTERS
 from tunelab.errors import UserError
-from tunelab.methods.contract import EstimateContext, Method
+from tunelab.methods.contract import EstimateContext, Generation, Method
 from tunelab.rewards import check_specs
 
 
@@ -63,12 +63,21 @@ class PPO(Method):
         """The KV cache of a rollout (one completion per prompt), and with full fine-tuning the reference copy."""
         arch = ctx.arch
         seq = cfg.data.max_length + opts.max_completion_length
-        kv_bytes = 4 if ctx.weight_dtype == "float32" else 2  # generation runs in the weights' dtype
         memory = {"kv_cache": cfg.training.batch_size * seq * arch["layers"] * 2 * arch["kv_heads"]
-                  * arch["head_dim"] * kv_bytes}
+                  * arch["head_dim"] * _kv_bytes(ctx)}
         if ADAPTERS[cfg.adapter.type].trains_base:
             memory["reference"] = ctx.weight_bytes(arch)
         return memory
+
+    def generation(self, cfg, opts: Config, ctx: EstimateContext) -> Generation:
+        """One rollout per step: a completion for each of the batch's prompts in one generate call, then a forward of
+        the policy for the log-probs and values (the reference's is reference_forward)."""
+        batch = cfg.training.batch_size
+        return Generation(sequences=batch, batch=batch, new_tokens=opts.max_completion_length, kv_bytes=_kv_bytes(ctx),
+                          scoring_forwards=1)
+
+    def training_passes(self, opts: Config) -> int:
+        return opts.ppo_epochs  # each epoch runs every rollout sequence forward and backward once (in mini-batches)
 
     def check(self, cfg, opts: Config, data) -> None:
         """Mistakes found before the model loads or the run directory is written."""
@@ -104,6 +113,10 @@ class PPO(Method):
         return PPOTrainer(model=model, args=targs, opts=opts, reward_funcs=funcs, reward_weights=weights,
                           tokenizer=tokenizer, train_dataset=Dataset.from_list(data.train),
                           eval_dataset=Dataset.from_list(data.validation) if data.validation else None)
+
+
+def _kv_bytes(ctx: EstimateContext) -> int:
+    return 4 if ctx.weight_dtype == "float32" else 2  # generation runs in the weights' dtype
 
 
 METHOD = PPO()
