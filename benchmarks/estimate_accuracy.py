@@ -1,11 +1,14 @@
 """`tunelab estimate` against the measured peak memory and step time, for every shipped CPU config.
 
-Each config trains for a few steps in its own process (`tunelab train CONFIG training.max_steps=N`), so the measured
-peak (the process' resident high-water mark) belongs to that run alone; summary.json holds both numbers. The
-measured step time is the run clock of metrics.jsonl from the end of step 1 to the last step (the first step pays
-one-off warm-up), against the estimate's seconds per step. Configs whose data is not on this machine (hh-rlhf from
-../shared) are listed as skipped. The last lines count the configs within the +-20% memory and +-30% time targets.
-Time figures mean something only on an otherwise idle machine: `uptime`'s load is printed with them.
+Each config trains for a few steps in its own process (`tunelab train CONFIG training.max_steps=N`, logging every
+step), so the measured peak (the process' resident high-water mark) belongs to that run alone; summary.json holds
+both numbers. The measured step time is the median of the per-step durations on the run clock of metrics.jsonl after
+step 1 (which pays one-off warm-up; the median is steadier than first-to-last on a noisy machine), against the
+estimate's seconds per step; the table also gives the peak FLOP/s the estimate took (on CPU: measured by its probe in
+that process) and the share of its step time spent generating (GRPO, PPO). Configs whose data is not on this
+machine (hh-rlhf from ../shared) are listed as skipped. The last lines count the configs within the +-20% memory and
++-30% time targets. Time figures mean something only on an otherwise idle machine: `uptime`'s load is printed with
+them.
 
     python benchmarks/estimate_accuracy.py                     # all shipped CPU configs, 4 steps each
     python benchmarks/estimate_accuracy.py configs/qa/lora.yaml --steps 6
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,32 +33,46 @@ CPU_CONFIGS = ["quickstart.yaml", "qa/lora.yaml", "qa/qlora.yaml", "qa/dora.yaml
                "gsm8k/grpo-cpu.yaml", "gsm8k/ppo.yaml", "distill/smollm2-half.yaml", "distill/smollm2-sequence.yaml"]
 
 
+def step_seconds(rows: list[dict]) -> float | None:
+    """The median seconds per step after the first logged step (step 1 pays one-off warm-up) from metrics.jsonl rows
+    (training logs: step, elapsed); None with fewer than two logged steps."""
+    timed = sorted((r["step"], r["elapsed"]) for r in rows if "loss" in r and "elapsed" in r)
+    durations = []
+    for (s0, t0), (s1, t1) in zip(timed, timed[1:]):
+        if s1 > s0:  # a gap of several steps between two logs counts as that many steps of its mean
+            durations += [(t1 - t0) / (s1 - s0)] * (s1 - s0)
+    return statistics.median(durations) if durations else None
+
+
 def measure(config: Path, steps: int, out: Path) -> dict | str:
     name = config.stem
+    # every step logged, so that each step's duration is on the run clock
     proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(config), f"training.max_steps={steps}",
-                           "training.save_steps=100000", f"output.dir={out}", f"output.name={name}"],
-                          capture_output=True, text=True, cwd=ROOT)
+                           "training.save_steps=100000", "training.logging_steps=1", f"output.dir={out}",
+                           f"output.name={name}"], capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         return (proc.stderr.strip().splitlines() or ["failed"])[-1]
     est = json.loads((out / name / "summary.json").read_text())["memory_estimate"]
     rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    timed = [(r["step"], r["elapsed"]) for r in rows if "loss" in r and "elapsed" in r]
-    if len(timed) >= 2 and timed[-1][0] > timed[0][0]:
-        est["measured_seconds_per_step"] = (timed[-1][1] - timed[0][1]) / (timed[-1][0] - timed[0][0])
+    measured = step_seconds(rows)
+    if measured is not None:
+        est["measured_seconds_per_step"] = measured
     return est
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("configs", nargs="*", help="configs to check (default: every shipped CPU config)")
-    ap.add_argument("--steps", type=int, default=4, help="training steps per config (>= 2 for a step time)")
+    ap.add_argument("--steps", type=int, default=4, help="training steps per config (>= 2 for a step time; the "
+                    "median is taken over steps 2..N)")
     ap.add_argument("--json", help="also write every config's estimate and measurements to this JSON file")
     a = ap.parse_args()
     configs = [Path(c) for c in a.configs] or [ROOT / "configs" / c for c in CPU_CONFIGS]
     rows, inside, times, in_time, records = [], 0, [], 0, {}
     print(f"load {os.getloadavg()[0]:.2f} at start")
-    print("| config | estimate MB | measured peak MB | measured / estimate | estimate s/step | measured s/step | "
-          "measured / estimate |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| config | estimate MB | measured peak MB | measured / estimate | peak TFLOP/s | generating | "
+          "estimate s/step | measured s/step | measured / estimate |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory() as tmp:
         for config in configs:
             m = measure(config.resolve(), a.steps, Path(tmp))
@@ -71,7 +89,9 @@ def main() -> int:
             if t_ratio is not None:
                 times.append(t_ratio)
                 in_time += 0.7 <= t_ratio <= 1.3
+            generating = m.get("generation_seconds_per_step", 0) / m["seconds_per_step"] if m["seconds_per_step"] else 0
             print(f"| {label} | {m['total_mb']:,.0f} | {m['measured_peak_mb']:,.0f} | {ratio:.2f} | "
+                  f"{m.get('peak_flops', 0) / 1e12:.2f} | {generating:.0%} | "
                   f"{m['seconds_per_step']:.2f} | {f'{t:.2f}' if t else '—'} | "
                   f"{f'{t_ratio:.2f}' if t_ratio else '—'} |", flush=True)
     print(f"\nload {os.getloadavg()[0]:.2f} at the end")

@@ -31,6 +31,24 @@ def test_chained_conversations_are_multi_turn_within_their_length_range():
     assert all(m["role"] == ("user", "assistant")[i % 2] for r in rows for i, m in enumerate(r["messages"]))
 
 
+def test_estimate_accuracy_takes_the_median_step_after_the_first():
+    """The measured step time is the median of the per-step durations after step 1 (its warm-up left out), so one
+    slow step on a busy machine does not move it; it needs two logged steps; evaluation rows do not count."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from estimate_accuracy import step_seconds
+    finally:
+        sys.path.pop(0)
+
+    rows = [{"step": 1, "loss": 2.0, "elapsed": 30.0}, {"step": 2, "loss": 1.9, "elapsed": 33.0},
+            {"step": 2, "eval_loss": 1.8, "elapsed": 40.0}, {"step": 3, "loss": 1.8, "elapsed": 45.0},
+            {"step": 4, "loss": 1.7, "elapsed": 48.5}, {"step": 5, "loss": 1.6, "elapsed": 51.5},
+            {"step": 6, "loss": 1.5, "elapsed": 54.5}]
+    assert step_seconds(rows) == 3.0  # durations 3, 12, 3.5, 3, 3: first-to-last would say 4.9
+    assert step_seconds([{"step": 1, "loss": 1.0, "elapsed": 9.0}, {"step": 3, "loss": 1.0, "elapsed": 13.0}]) == 2.0
+    assert step_seconds(rows[:1]) is None
+
+
 @pytest.mark.slow
 def test_sft_throughput_benchmark_runs_both_paths_at_the_seed_shape(tmp_path):
     out = tmp_path / "runs.json"
