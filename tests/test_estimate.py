@@ -119,6 +119,10 @@ def test_grpo_kv_cache(tmp_path, tiny_model):
     cpu = estimate(bf16, "cpu", max_tokens=100, baseline_mb=0)
     assert cpu.memory_mb["sampler"] == pytest.approx(PARAMS * 2 / MB)
     assert cpu.memory_mb["kv_cache"] == pytest.approx(est.memory_mb["kv_cache"])
+    trl = estimate(_cfg(tmp_path, tiny_model, training={"precision": "bf16"},
+                        method={"name": "grpo", "num_generations": 4, "max_completion_length": 64,
+                                "generation": "trl"}), "cpu", max_tokens=100, baseline_mb=0)
+    assert "sampler" not in trl.memory_mb  # TRL's own generate path samples from the float32 PEFT model
     fp32 = estimate(cfg, "cpu", max_tokens=100, baseline_mb=0)
     assert "sampler" not in fp32.memory_mb and fp32.memory_mb["kv_cache"] == pytest.approx(2 * cpu.memory_mb["kv_cache"])
 

@@ -112,7 +112,7 @@ class Estimate:
     tokens_per_step: float
     peak_tokens: int
     memory_mb: dict = field(default_factory=dict)
-    flops_per_step: float = 0.0
+    flops_per_step: float = 0.0  # training FLOPs (forward and backward passes); generation is timed apart
     seconds_per_step: float = 0.0
     steps: int | None = None
     budget_gb: float | None = None
@@ -540,7 +540,6 @@ def main(args) -> int:
 
     from tunelab.checks import check_config
     from tunelab.config import read_config
-
     from tunelab.data.build import prepare
     from tunelab.models import load_tokenizer
 

@@ -78,8 +78,8 @@ class GRPO(Method):
         gens = opts.num_generations * cfg.training.batch_size
         seq = cfg.data.max_length + opts.max_completion_length
         memory = {"kv_cache": gens * seq * arch["layers"] * 2 * arch["kv_heads"] * arch["head_dim"]
-                  * _kv_bytes(cfg, ctx)}
-        if _bf16_sampler(cfg, ctx):
+                  * _kv_bytes(cfg, opts, ctx)}
+        if _bf16_sampler(cfg, opts, ctx):
             memory["sampler"] = arch["params"] * 2
         return memory
 
@@ -89,8 +89,8 @@ class GRPO(Method):
         when it is reused (num_iterations > 1) and with the reference when beta > 0."""
         batch = cfg.training.batch_size * cfg.training.grad_accum
         return Generation(sequences=batch / opts.num_iterations, batch=batch, new_tokens=opts.max_completion_length,
-                          kv_bytes=_kv_bytes(cfg, ctx),
-                          weight_bytes=ctx.arch["params"] * 2 if _bf16_sampler(cfg, ctx) else None,
+                          kv_bytes=_kv_bytes(cfg, opts, ctx),
+                          weight_bytes=ctx.arch["params"] * 2 if _bf16_sampler(cfg, opts, ctx) else None,
                           scoring_forwards=int(opts.num_iterations > 1) + int(opts.beta > 0))
 
     def check(self, cfg, opts: Config, data) -> None:
@@ -152,16 +152,16 @@ class GRPO(Method):
         )
 
 
-def _bf16_sampler(cfg, ctx: EstimateContext) -> bool:
-    """Whether rollouts sample from a bf16 copy of the merged policy (bf16_sampler): on a bf16 CPU with LoRA over a
-    float32, unquantized base."""
-    return bool(not ctx.gpu and ctx.precision == "bf16" and ctx.weight_dtype == "float32" and not ctx.quant_bits
-                and ADAPTERS[cfg.adapter.type].lora_layers)
+def _bf16_sampler(cfg, opts: Config, ctx: EstimateContext) -> bool:
+    """Whether rollouts sample from a bf16 copy of the merged policy (bf16_sampler): tunelab's rollout on a bf16 CPU
+    with LoRA over a float32, unquantized base."""
+    return bool(opts.generation == "tunelab" and not opts.use_vllm and not ctx.gpu and ctx.precision == "bf16"
+                and ctx.weight_dtype == "float32" and not ctx.quant_bits and ADAPTERS[cfg.adapter.type].lora_layers)
 
 
-def _kv_bytes(cfg, ctx: EstimateContext) -> int:
+def _kv_bytes(cfg, opts: Config, ctx: EstimateContext) -> int:
     """Bytes per element of the generation KV cache: bf16 on a GPU and in the bf16 sampler, float32 otherwise."""
-    return 2 if ctx.gpu or _bf16_sampler(cfg, ctx) else 4
+    return 2 if ctx.gpu or _bf16_sampler(cfg, opts, ctx) else 4
 
 
 @contextmanager
