@@ -237,11 +237,12 @@ def _pref_rows(tmp_path, tiny_model, method: str):
     return cfg, prepare(get(method).data, cfg.data, tok)[0], tok
 
 
-def test_preference_and_kto_rows_get_their_token_lengths(tmp_path, tiny_model, capsys):
+def test_preference_and_kto_rows_get_their_token_lengths(tmp_path, tiny_model, capsys, monkeypatch):
     """Rows TRL tokenizes itself get their rendered lengths: a pair both prompt+chosen and prompt+rejected, each batch
     padded to its longest sequence (the rows are drawn at random); KTO's prompt+completion. Counted at their lengths
     instead of data.max_length, a step of short pairs takes less time; `tunelab estimate` measures them the same way."""
     from tunelab import cli
+    from tunelab import estimate as estimate_module
     from tunelab.data import render
     from tunelab.estimate import padded_length, token_stats
 
@@ -282,6 +283,12 @@ def test_preference_and_kto_rows_get_their_token_lengths(tmp_path, tiny_model, c
     assert prompts["mean_tokens"] == pytest.approx(
         sum(len(tok(render.render(tok, r["prompt"], add_generation_prompt=True), add_special_tokens=False)
                 ["input_ids"]) for r in rows) / len(rows))
+
+    # a large dataset: a fixed sample of its rows is rendered, the step count still counts every row
+    monkeypatch.setattr(estimate_module, "STATS_SAMPLE", 5)
+    sampled = token_stats(cfg, "preference", rows, tok)
+    assert sampled["num_samples"] == 12 and sampled == token_stats(cfg, "preference", rows, tok)
+    assert sampled["max_tokens"] <= stats["max_tokens"]
 
 
 

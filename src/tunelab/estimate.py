@@ -487,6 +487,11 @@ def for_run(cfg, stats: dict, echo=print, lean_loss: bool | None = None):
     return est
 
 
+# Untokenized rows rendered for their lengths: at most this many, a fixed random sample (the longest row of a larger
+# dataset may then be missed; the memory estimate's largest batch is capped at data.max_length either way)
+STATS_SAMPLE = 2000
+
+
 def token_stats(cfg, kind: str, rows: list[dict], tokenizer) -> dict:
     """estimate()'s token statistics of the prepared training rows of a kind of data (a method's `data`), so that the
     time counts the tokens a step computes. {} without rows, or where the tokenizer cannot render them.
@@ -506,6 +511,11 @@ def token_stats(cfg, kind: str, rows: list[dict], tokenizer) -> dict:
         return {}
     if "input_ids" in rows[0]:
         return stats_of(rows)
+    num_samples = len(rows)
+    if len(rows) > STATS_SAMPLE:  # rendering every row of a large dataset would cost more than the estimate is worth
+        import random
+
+        rows = random.Random(0).sample(rows, STATS_SAMPLE)
     try:
         lengths = sequence_lengths(kind, rows, tokenizer, cfg.data.max_length)
     except UserError:  # a template that cannot render a row: the estimate falls back to data.max_length
@@ -514,7 +524,7 @@ def token_stats(cfg, kind: str, rows: list[dict], tokenizer) -> dict:
     if kind == "prompt":
         return {"mean_tokens": sum(flat) / len(flat)}
     return {"mean_tokens": padded_length([max(row) for row in lengths], cfg.training.batch_size),
-            "max_tokens": max(flat), "num_samples": len(rows)}
+            "max_tokens": max(flat), "num_samples": num_samples}
 
 
 def padded_length(lengths: list[int], batch: int) -> float:
