@@ -316,6 +316,65 @@ def test_distillation_counts_the_teacher_and_a_smaller_student(tmp_path, tiny_mo
     assert seq.memory_mb["teacher"] == est.memory_mb["teacher"] and seq.memory_mb["loss"] < est.memory_mb["loss"]
 
 
+def test_cpu_step_time_by_how_the_frozen_weights_are_kept(tmp_path, tiny_model):
+    """On CPU a step over frozen float32 weights under bf16 autocast (recast at every matmul) or 4-bit weights runs
+    slower per FLOP than over a bf16 base or trained float32 weights; DoRA slower still by its table factor; a GPU
+    estimate is not touched. The FLOPs do not change."""
+    from tunelab.adapters import ADAPTERS
+    from tunelab.estimate_time import CPU_STORAGE_SLOWDOWN
+
+    kw = dict(mean_tokens=50, max_tokens=100, baseline_mb=0, peak_flops=1.0e12)
+    bf16 = {"precision": "bf16"}
+
+    def est(device="cpu", **sections):
+        return estimate(_cfg(tmp_path, tiny_model, training=bf16, **sections), device, **kw)
+
+    lora = est()  # LoRA under bf16: the base loads in bf16
+    assert lora.weight_dtype == "bfloat16"
+    assert lora.seconds_per_step == pytest.approx(lora.flops_per_step / (1.0e12 * 0.12))
+    ia3 = est(adapter={"type": "ia3"})  # frozen float32 base under autocast
+    assert ia3.weight_dtype == "float32"
+    slow = CPU_STORAGE_SLOWDOWN["frozen float32"]
+    assert slow > 1 and ia3.seconds_per_step == pytest.approx(slow * ia3.flops_per_step / (1.0e12 * 0.12))
+    full = est(adapter={"type": "none"})  # float32 too, but trained: cast once per forward
+    assert full.seconds_per_step == pytest.approx(full.flops_per_step / (1.0e12 * 0.12))
+    q = est(quantization={"bits": 4})
+    assert q.flops_per_step == pytest.approx(lora.flops_per_step)
+    assert q.seconds_per_step == pytest.approx(CPU_STORAGE_SLOWDOWN["quantized"] * lora.seconds_per_step)
+    dora = est(adapter={"type": "dora", "r": 8, "alpha": 16})
+    factor = ADAPTERS["dora"].cpu_step_factor
+    assert factor > 1 and dora.seconds_per_step == pytest.approx(factor * dora.flops_per_step / (1.0e12 * 0.12))
+    gpu_lora, gpu_ia3 = est("h100"), est("h100", adapter={"type": "ia3"})
+    assert gpu_ia3.seconds_per_step / gpu_ia3.flops_per_step == pytest.approx(
+        gpu_lora.seconds_per_step / gpu_lora.flops_per_step)
+
+
+def test_prompt_tuning_tokens_run_through_the_model(tmp_path, tiny_model):
+    """Prompt tuning and P-tuning prepend num_virtual_tokens to every sequence, which the whole model computes and
+    keeps for backward; prefix tuning adds keys and values only."""
+    kw = dict(mean_tokens=50, max_tokens=100, baseline_mb=0, peak_flops=1.0e12)
+    prompt, prefix = (estimate(_cfg(tmp_path, tiny_model, adapter={"type": t, "num_virtual_tokens": 10}), "cpu", **kw)
+                      for t in ("prompt", "prefix"))
+    assert prefix.tokens_per_step == 4 * 50 and prefix.peak_tokens == 4 * 100
+    assert prompt.tokens_per_step == 4 * 60 and prompt.peak_tokens == 4 * 110
+
+
+def test_distillation_times_the_teachers_forward(tmp_path, tiny_model):
+    """Logits mode runs the frozen teacher's forward over every token of each batch: its FLOPs join the step's, at the
+    frozen-weights rate on CPU (the teacher loads like the model: float32 under autocast for a full fine-tune)."""
+    from tunelab.estimate_time import CPU_STORAGE_SLOWDOWN
+
+    kw = dict(mean_tokens=50, max_tokens=100, baseline_mb=0, peak_flops=1.0e12)
+    method = {"name": "distill", "student_layers": 1}
+    logits, seq = (estimate(_cfg(tmp_path, tiny_model, adapter={"type": "none"}, training={"precision": "bf16"},
+                                 method={**method, "mode": m}), "cpu", **kw) for m in ("logits", "sequence"))
+    attn = 4 * L * 50 * 4 * 16  # the teacher's attention over the mean length, both of its layers
+    teacher = 4 * 50 * (2 * PARAMS + attn)
+    assert logits.flops_per_step == pytest.approx(seq.flops_per_step + teacher)
+    assert logits.seconds_per_step == pytest.approx(
+        seq.seconds_per_step + teacher * CPU_STORAGE_SLOWDOWN["frozen float32"] / (1.0e12 * 0.12))
+
+
 def test_unknown_device(tmp_path, tiny_model):
     with pytest.raises(UserError, match="unknown device"):
         estimate(_cfg(tmp_path, tiny_model), "tpu")

@@ -98,6 +98,9 @@ def test_grpo_raises_toy_reward(tmp_path, peaked_model, prompts, adapter):
         assert (Path(summary["final"]) / "adapter_config.json").is_file()
     if adapter == "lora":
         assert any("kl" in r for r in metrics(summary))
+    # every training log says how long sampling took per step (tunelab's rollout), a part of the step's time
+    steps = [r for r in metrics(summary) if "loss" in r]
+    assert len(steps) == 8 and all(0 < r["rollout_seconds"] < r["elapsed"] for r in steps)
 
 
 def test_grpo_refuses_bad_batch_and_reward(tmp_path, peaked_model, prompts):

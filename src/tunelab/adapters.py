@@ -30,6 +30,10 @@ class Adapter:
     lora_layers: bool = False  # PEFT LoRA layers (LoRA, DoRA): GRPO's rollout folds them into the base to sample
     # extra bytes per activation element the backward keeps: (AdapterConfig, float32 activations?) -> bytes
     activation_bytes: Callable = lambda a, f32: 0.0
+    # a CPU training step's time over what its FLOPs say (the step-time estimate); 1 = a LoRA step's
+    cpu_step_factor: float = 1.0
+    # tokens it puts in front of every sequence, through every layer (prompt tuning, P-tuning): AdapterConfig -> int
+    virtual_inputs: Callable = lambda a: 0
 
 
 def _none(a, task_type, tokenizer_path):
@@ -104,13 +108,19 @@ ADAPTERS: dict[str, Adapter] = {a.name: a for a in (
     Adapter("none", _none, params=lambda a, arch: arch["params"], trains_base=True),
     Adapter("lora", _lora, params=_lora_params, half_base_on_cpu=True, identity_at_start=True, mergeable=True,
             lora_layers=True, activation_bytes=_lora_activations),
+    # DoRA's step: configs/qa/dora.yaml ran 3.80x its FLOP estimate where configs/qa/lora.yaml (same base, rank and
+    # data) ran 1.23x and the quickstart 0.84x (benchmarks/RESULTS.md): PEFT recomputes the norm of every adapted
+    # weight (W + BA, a full-size tensor per layer) in each forward
     Adapter("dora", _lora, params=_lora_params, half_base_on_cpu=True, identity_at_start=True, mergeable=True,
-            lora_layers=True, activation_bytes=_dora_activations),
+            lora_layers=True, activation_bytes=_dora_activations, cpu_step_factor=3.3),
     Adapter("ia3", _ia3, params=lambda a, arch: sum(o for _, _, o in arch["linears"]),  # a scale per output feature
             identity_at_start=True, mergeable=True),
     Adapter("prefix", _prefix, params=_virtual_token_params, prompt_learning=True),
-    Adapter("prompt", _prompt, params=_virtual_token_params, prompt_learning=True),
-    Adapter("ptuning", _ptuning, params=_virtual_token_params, prompt_learning=True),
+    # prefix tuning adds keys and values only; prompt tuning and P-tuning prepend embeddings the whole model runs on
+    Adapter("prompt", _prompt, params=_virtual_token_params, prompt_learning=True,
+            virtual_inputs=lambda a: a.num_virtual_tokens),
+    Adapter("ptuning", _ptuning, params=_virtual_token_params, prompt_learning=True,
+            virtual_inputs=lambda a: a.num_virtual_tokens),
 )}
 
 ADAPTER_TYPES = tuple(ADAPTERS)

@@ -33,7 +33,9 @@ Time per optimizer step is the sum of two parts:
   training     the step's FLOPs over the device's peak times the share of it a step reaches (DEVICES mfu): forward
                and backward per trained token (a frozen base needs input gradients only), once per training pass
                (Method.training_passes: PPO's ppo_epochs), plus forward-only passes (a reference model, the scoring
-               of sampled sequences). Tokens are the batch's at the rows' token statistics (token_stats: the rows'
+               of sampled sequences, Method.frozen_forwards: distillation's teacher). On CPU, passes over frozen
+               weights kept in float32 under autocast or in 4-bit run slower per FLOP, and DoRA's step too
+               (estimate_time.CPU_STORAGE_SLOWDOWN, the adapter table's cpu_step_factor). Tokens are the batch's at the rows' token statistics (token_stats: the rows'
                lengths, random batches padded to their longest); a method that samples trains on its prompts with
                the completions appended
   generation   what a method samples before it trains (Method.generation: GRPO, PPO): the prompts' forward, then a
@@ -112,7 +114,8 @@ class Estimate:
     tokens_per_step: float
     peak_tokens: int
     memory_mb: dict = field(default_factory=dict)
-    flops_per_step: float = 0.0  # training FLOPs (forward and backward passes); generation is timed apart
+    flops_per_step: float = 0.0  # training FLOPs (forward and backward passes, frozen models' forwards); generation
+    # is timed apart
     seconds_per_step: float = 0.0
     steps: int | None = None
     budget_gb: float | None = None
@@ -306,6 +309,8 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
     L, h, inter = arch["layers"], arch["hidden"], arch["intermediate"]
     max_len = min(max_tokens or cfg.data.max_length, cfg.data.max_length)
     mean_len = min(mean_tokens or max_len, max_len)
+    virtual = adapter_type.virtual_inputs(cfg.adapter)  # prompt tuning's tokens come on top of data.max_length
+    max_len, mean_len = max_len + virtual, mean_len + virtual
     if lean_loss is None:  # the method's own choice (SFT: lean unless `loss: fused`)
         lean_loss = method.lean_loss(opts)
     # Liger's kernels (SFT on a GPU) patch RMSNorm, SwiGLU and RoPE, which keep fewer activations
@@ -379,6 +384,14 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
     flops = tokens_per_step * (method.training_passes(opts) * (fwd + bwd) + (fwd if method.reference_forward else 0))
     if gen:  # forward-only passes over the sampled sequences (the sampling policy's log-probs, a KL reference)
         flops += gen.sequences * seq * fwd * gen.scoring_forwards
+    # other frozen models' forwards over the same tokens (distill: the teacher), loaded like the trained model
+    frozen_flops = tokens_per_step * sum(2 * a["params"] + 4 * a["layers"] * seq * a["heads"] * a["head_dim"]
+                                         for a in method.frozen_forwards(cfg, opts, ctx))
+    # On CPU, frozen weights kept apart from the compute dtype (float32 under autocast, 4-bit) slow every pass that
+    # reads them, and DoRA its own step (estimate_time.CPU_STORAGE_SLOWDOWN, the adapter table's cpu_step_factor).
+    # The trained weights of a full fine-tune are cast once per forward, as bf16 weights are not at all.
+    frozen_slow = 1.0 if gpu else estimate_time.cpu_slowdown(wdtype, q.bits, autocast)
+    step_slow = 1.0 if gpu else adapter_type.cpu_step_factor * (1.0 if full else frozen_slow)
     if peak_flops is not None:
         peak, peak_source = peak_flops, "given"
     elif here:
@@ -392,7 +405,8 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
         generation = estimate_time.generation_seconds(
             gen, arch, mean_len, weights if gen.weight_bytes is None else gen.weight_bytes, peak, dev["mfu"],
             bandwidth, estimate_time.DECODE_LAYER_SECONDS["gpu" if gpu else "cpu"])
-    seconds = flops / (peak * dev["mfu"]) + generation
+    seconds = (flops * step_slow + frozen_flops * frozen_slow) / (peak * dev["mfu"]) + generation
+    flops += frozen_flops
     steps = training_steps(cfg, num_samples)
     if budget_gb is None and dev["memory_gb"]:
         budget_gb = dev["memory_gb"]

@@ -18,6 +18,18 @@ from __future__ import annotations
 import time
 from functools import lru_cache
 
+# How much slower per FLOP a CPU step runs over frozen weights that are not kept in the dtype its matmuls compute in,
+# against a step over bf16 weights (a LoRA base in bf16) or trained float32 weights under bf16 autocast (full
+# fine-tuning), which both run at DEVICES["cpu"]["mfu"] of the peak: the quickstart and configs/qa/lora.yaml at 0.84x
+# and 1.23x of that estimate, a full fine-tune of the quickstart 1.52x the LoRA step's time for 1.50x its FLOPs.
+# - frozen float32 under bf16 autocast (prompt learning, IA3, GRPO's and a reward model's base, a distillation
+#   teacher): prefix, P-tuning and prompt tuning ran 1.99x, 1.91x and 2.87x the estimate at the LoRA share. Autocast
+#   caches its bf16 copy only of weights that require grad, so a frozen float32 weight is cast again at every matmul,
+#   forward and backward;
+# - 4-bit (bitsandbytes): every matmul dequantizes its weight first; configs/qa/qlora.yaml ran 1.80x.
+# Fitted to one run of each config (benchmarks/RESULTS.md, "Step time after the structural changes").
+CPU_STORAGE_SLOWDOWN = {"frozen float32": 2.2, "quantized": 1.8}
+
 # The probe: square operands of the size the CPU figures were measured at, a few warm-up products (thread pool,
 # oneDNN/AMX kernel selection), then as many products as fit in PROBE_SECONDS.
 PROBE_SIZE = 2048
@@ -60,6 +72,14 @@ def cpu_matmul_flops(dtype: str) -> tuple[float, str]:
             if elapsed >= PROBE_SECONDS:
                 return 2 * n**3 * count / elapsed, name
     raise RuntimeError("no float32 matmul on this CPU")  # unreachable with any working torch
+
+
+def cpu_slowdown(frozen_dtype: str, quant_bits: int | None, autocast: bool) -> float:
+    """CPU_STORAGE_SLOWDOWN for frozen weights loaded in `frozen_dtype` (models.base_dtype), quantized to
+    `quant_bits`, in a step that runs under bf16/fp16 autocast; 1 for weights in the compute dtype."""
+    if quant_bits:
+        return CPU_STORAGE_SLOWDOWN["quantized"]
+    return CPU_STORAGE_SLOWDOWN["frozen float32"] if autocast and frozen_dtype == "float32" else 1.0
 
 
 def cpu_bandwidth() -> float:

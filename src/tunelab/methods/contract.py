@@ -137,6 +137,12 @@ class Method:
         """Forward and backward passes over each step's batch (PPO: its ppo_epochs over one rollout)."""
         return 1
 
+    def frozen_forwards(self, cfg, opts, ctx: EstimateContext) -> list[dict]:
+        """Architectures (estimate.architecture) of other models that run a forward, no backward, over every token
+        of each training batch (distill: the teacher). A reference model that is the trained one with its adapter
+        switched off is `reference_forward`."""
+        return []
+
     # -- the trainer ---------------------------------------------------------------------------------------------
     def build(self, cfg, opts, model, tokenizer, data, args: dict, **extra):
         """A transformers Trainer (or an object with .train() and .state) for the prepared data. `args` holds the

@@ -98,6 +98,11 @@ class Distill(Method):
         student is cut from."""
         return {"teacher": ctx.weight_bytes(ctx.architecture(opts.teacher or cfg.model.source))}
 
+    def frozen_forwards(self, cfg, opts: Config, ctx: EstimateContext) -> list[dict]:
+        """The teacher's forward over each batch: its logits (logits mode). Sequence mode samples the teacher's
+        answers once, before training."""
+        return [ctx.architecture(opts.teacher or cfg.model.source)] if opts.mode == "logits" else []
+
     def check(self, cfg, opts: Config, data) -> None:
         """Mistakes found before the model loads or the run directory is written."""
         if opts.student_layers is None and opts.teacher is None:

@@ -20,6 +20,7 @@ step must be a multiple of `num_generations` (e.g. batch_size 8, num_generations
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from typing import Literal
 
@@ -141,7 +142,7 @@ class GRPO(Method):
             log_completions=opts.log_completions,
             num_generations_eval=opts.num_generations,
         )
-        return GRPOTrainer(
+        trainer = GRPOTrainer(
             model=model,
             rollout_func=None if opts.use_vllm or opts.generation == "trl" else rollout,
             reward_funcs=funcs,
@@ -150,6 +151,27 @@ class GRPO(Method):
             eval_dataset=Dataset.from_list(data.validation) if data.validation else None,
             processing_class=tokenizer,
         )
+        if trainer.rollout_func is not None:
+            trainer._tunelab_clock = rollout_clock()
+            trainer.add_callback(trainer._tunelab_clock)  # before train.py's metrics log, which then writes its field
+        return trainer
+
+
+def rollout_clock():
+    """A callback adding `rollout_seconds` to each training log: the seconds tunelab's rollout (adapter folded in,
+    sampler refreshed, generate) took per optimizer step since the previous log, so that a step's time splits into
+    sampling and training (the step-time estimate's generation part is checked against it)."""
+    from transformers import TrainerCallback
+
+    class _Clock(TrainerCallback):
+        seconds, last_step = 0.0, 0
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs is not None and "loss" in logs and state.global_step > self.last_step:
+                logs["rollout_seconds"] = round(self.seconds / (state.global_step - self.last_step), 3)
+                self.seconds, self.last_step = 0.0, state.global_step
+
+    return _Clock()
 
 
 def _bf16_sampler(cfg, opts: Config, ctx: EstimateContext) -> bool:
@@ -219,6 +241,7 @@ def rollout(prompts: list, trainer) -> dict:
     """TRL's rollout_func: completions for a generation batch (prompts already repeated num_generations times)."""
     import torch
 
+    start = time.perf_counter()
     tok = trainer.processing_class
     texts = prompt_texts(tok, prompts, **trainer.chat_template_kwargs)
     prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -238,6 +261,9 @@ def rollout(prompts: list, trainer) -> dict:
     for row in out[:, width:].tolist():
         end = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
         completion_ids.append(row[:end])
+    clock = getattr(trainer, "_tunelab_clock", None)
+    if clock is not None:
+        clock.seconds += time.perf_counter() - start
     return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
 
 
