@@ -239,11 +239,13 @@ def test_quickstart_config_trains_embedded_model(tmp_path, embedded_model):
     """The shipped quickstart config, a few steps on the real SmolLM2-135M-Instruct."""
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "quickstart.yaml",
-                      ["data.subset=16", "training.max_steps=3", "training.batch_size=4",
+                      ["data.subset=64", "training.max_steps=3", "training.batch_size=4",
                        f"output.dir={tmp_path}", "training.save_steps=3"])
     summary = run_training(cfg, show_progress=False)
     assert summary["status"] == "complete" and summary["global_step"] == 3
-    assert summary["data"]["samples"] == 16
+    # the recipe keeps the short solutions only: rows longer than data.max_length are dropped, not cut
+    d = summary["data"]
+    assert d["samples"] + d["dropped"] == 64 and d["samples"] >= 12 and d["dropped"] > 0 and d["truncated"] == 0
     assert 0.2 < summary["first_loss"] < 3.0  # a real pretrained model on GSM8K text, not a random one
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
