@@ -217,6 +217,12 @@ def test_preference_methods_count_both_sequences_and_full_logits(tmp_path, tiny_
     assert orpo.flops_per_step == pytest.approx(2 * sft50.flops_per_step)
     attn = 4 * L * 50 * 4 * 16
     assert dpo50.flops_per_step == pytest.approx(orpo.flops_per_step + 2 * 4 * 50 * (2 * PARAMS + attn))
+    # a reward model's score head replaces the vocabulary projection (the tied embedding's V x H): no matmul over it
+    reward50 = estimate(_cfg(tmp_path, tiny_model, method={"name": "reward"}), "cpu", max_tokens=100, mean_tokens=50,
+                        baseline_mb=0)
+    dense = PARAMS - V * H
+    per_token = (2 * dense + attn) + (2 * dense + 2 * attn + 4 * LORA8)  # forward + frozen-base backward
+    assert reward50.flops_per_step == pytest.approx(2 * 4 * 50 * per_token)
 
 
 PAIRS = [("What is 2+2?", "4.", "5."), ("Name a color.", "Blue, the colour of a clear sky at noon.", "Seven."),

@@ -35,9 +35,9 @@ Time per optimizer step is the sum of two parts:
                (Method.training_passes: PPO's ppo_epochs), plus forward-only passes (a reference model, the scoring
                of sampled sequences, Method.frozen_forwards: distillation's teacher). On CPU, passes over frozen
                weights kept in float32 under autocast or in 4-bit run slower per FLOP, and DoRA's step too
-               (estimate_time.CPU_STORAGE_SLOWDOWN, the adapter table's cpu_step_factor). Tokens are the batch's at the rows' token statistics (token_stats: the rows'
-               lengths, random batches padded to their longest); a method that samples trains on its prompts with
-               the completions appended
+               (estimate_time.CPU_STORAGE_SLOWDOWN, the adapter table's cpu_step_factor). Tokens are the batch's
+               at the rows' token statistics (token_stats: the rows' lengths, random batches padded to their
+               longest); a method that samples trains on its prompts with the completions appended
   generation   what a method samples before it trains (Method.generation: GRPO, PPO): the prompts' forward, then a
                decoding step per new token bound by memory bandwidth or per-layer overhead (estimate_time)
 A GPU's peak is its data sheet's; a CPU's is measured when the estimate is for the CPU it runs on (estimate_time),
@@ -374,8 +374,10 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
     gen = method.generation(cfg, opts, ctx)
     seq = mean_len + gen.new_tokens if gen else mean_len
     attn = 4 * L * seq * arch["heads"] * arch["head_dim"]
-    fwd = 2 * n + attn
-    bwd = 2 * fwd if full else (2 * n + 2 * attn + 4 * trainable)
+    # a score head (reward model) replaces the vocabulary projection, whose matmul a tied embedding's count stands for
+    dense = n - (arch["head_params"] if method.task == "SEQ_CLS" else 0)
+    fwd = 2 * dense + attn
+    bwd = 2 * fwd if full else (2 * dense + 2 * attn + 4 * trainable)
     if gradient_checkpointing:
         bwd += fwd
     tokens_per_step = t.batch_size * t.grad_accum * seq * rows

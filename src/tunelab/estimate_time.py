@@ -20,15 +20,17 @@ from functools import lru_cache
 
 # How much slower per FLOP a CPU step runs over frozen weights that are not kept in the dtype its matmuls compute in,
 # against a step over bf16 weights (a LoRA base in bf16) or trained float32 weights under bf16 autocast (full
-# fine-tuning), which both run at DEVICES["cpu"]["mfu"] of the peak: the quickstart and configs/qa/lora.yaml at 0.84x
-# and 1.23x of that estimate, a full fine-tune of the quickstart 1.52x the LoRA step's time for 1.50x its FLOPs.
+# fine-tuning), which both run at DEVICES["cpu"]["mfu"] of the peak (the quickstart and configs/qa/lora.yaml at
+# 0.79-1.23x of that estimate over two days; a full fine-tune of the quickstart took 1.52x the LoRA step's time for
+# 1.50x its FLOPs):
 # - frozen float32 under bf16 autocast (prompt learning, IA3, GRPO's and a reward model's base, a distillation
-#   teacher): prefix, P-tuning and prompt tuning ran 1.99x, 1.91x and 2.87x the estimate at the LoRA share. Autocast
-#   caches its bf16 copy only of weights that require grad, so a frozen float32 weight is cast again at every matmul,
-#   forward and backward;
-# - 4-bit (bitsandbytes): every matmul dequantizes its weight first; configs/qa/qlora.yaml ran 1.80x.
-# Fitted to one run of each config (benchmarks/RESULTS.md, "Step time after the structural changes").
-CPU_STORAGE_SLOWDOWN = {"frozen float32": 2.2, "quantized": 1.8}
+#   teacher): autocast caches its bf16 copy only of weights that require grad, so a frozen float32 weight is cast
+#   again at every matmul, and the residual stream stays float32. Prefix, P-tuning and prompt tuning: 1.5-1.85x on an
+#   idle machine (the probe at ~2.0 TFLOP/s), 1.9-2.4x when the same machine ran slower (probe 1.1-1.5);
+# - 4-bit (bitsandbytes): every matmul dequantizes its weight first; configs/qa/qlora.yaml 1.43x and 1.71x.
+# Both are costs per pass over the weights rather than per token: a reward model's batches of 16 sequences hide most
+# of it (benchmarks/RESULTS.md, "Step time after the calibration"), so a large batch runs faster than this says.
+CPU_STORAGE_SLOWDOWN = {"frozen float32": 1.6, "quantized": 1.45}
 
 # The probe: square operands of the size the CPU figures were measured at, a few warm-up products (thread pool,
 # oneDNN/AMX kernel selection), then as many products as fit in PROBE_SECONDS.
@@ -36,16 +38,17 @@ PROBE_SIZE = 2048
 PROBE_WARMUP = 2
 PROBE_SECONDS = 0.3
 
-# Decoding constants: first guesses, to be calibrated against measured steps (benchmarks/estimate_accuracy.py).
-# CPU memory bandwidth that one core's decoding reads weights at: ~10 GB/s on the 2-core machine. With these and the
-# 2.0 TFLOP/s bf16 peak, GRPO's rollout of 8 completions x 48 tokens after 67-token prompts on SmolLM2-135M comes out
-# at 2.0 s (0.6 s prefill, 48 steps of 30 ms) against 2.95 s measured (benchmarks/RESULTS.md, "GRPO generation (CPU)",
-# which also merges the adapter and copies the weights into the bf16 sampler).
+# Decoding constants, checked against measured steps (benchmarks/estimate_accuracy.py).
+# CPU memory bandwidth that one core's decoding reads weights at: ~10 GB/s on the 2-core machine (a first guess; a
+# small model's step is bound by the per-layer cost below instead).
 CPU_BANDWIDTH_GBS_PER_CORE = 5.0
-# Per layer and decoding step (transformers' generate, eager): CPU a first guess; GPU from "GRPO generation on the GPU"
-# in benchmarks/RESULTS.md (Llama-3.2-1B shape, 16 layers, 64 completions x 128 tokens at 3,001 tokens/s on an H100:
-# 21 ms a step where reading the weights takes 0.9 ms; vLLM's CUDA graphs cost far less, uncounted).
-DECODE_LAYER_SECONDS = {"cpu": 0.5e-3, "gpu": 1.3e-3}
+# Per layer and decoding step (transformers' generate, eager). CPU: GRPO's rollouts on the idle 2-core machine
+# (SmolLM2-135M, 30 layers, 8 completions of 96 tokens) took 8.7 s a step (rollout_seconds, the adapter's merge and
+# the sampler's refresh included): ~90 ms a token step, where reading the bf16 weights takes ~27 ms. GPU: "GRPO
+# generation on the GPU" in benchmarks/RESULTS.md (Llama-3.2-1B shape, 16 layers, 64 completions x 128 tokens at
+# 3,001 tokens/s on an H100: 21 ms a step where reading the weights takes 0.9 ms; vLLM's CUDA graphs cost far less,
+# uncounted).
+DECODE_LAYER_SECONDS = {"cpu": 2.5e-3, "gpu": 1.3e-3}
 
 
 @lru_cache(maxsize=None)
