@@ -108,11 +108,11 @@ ADAPTERS: dict[str, Adapter] = {a.name: a for a in (
     Adapter("none", _none, params=lambda a, arch: arch["params"], trains_base=True),
     Adapter("lora", _lora, params=_lora_params, half_base_on_cpu=True, identity_at_start=True, mergeable=True,
             lora_layers=True, activation_bytes=_lora_activations),
-    # DoRA's step: configs/qa/dora.yaml ran 2.3x (idle machine) and 3.1x (slower day) the time of configs/qa/lora.yaml
-    # (same base, rank and data) per FLOP (benchmarks/RESULTS.md): PEFT recomputes the norm of every adapted weight
-    # (W + BA, a full-size tensor per layer) in each forward
+    # DoRA's step: configs/qa/dora.yaml ran 1.6-2.3x (idle machine) and 3.1x (a slower day) the time of
+    # configs/qa/lora.yaml (same base, rank and data) per FLOP (benchmarks/RESULTS.md): PEFT recomputes the norm of
+    # every adapted weight (W + BA, a full-size tensor per layer) in each forward
     Adapter("dora", _lora, params=_lora_params, half_base_on_cpu=True, identity_at_start=True, mergeable=True,
-            lora_layers=True, activation_bytes=_dora_activations, cpu_step_factor=2.4),
+            lora_layers=True, activation_bytes=_dora_activations, cpu_step_factor=2.0),
     Adapter("ia3", _ia3, params=lambda a, arch: sum(o for _, _, o in arch["linears"]),  # a scale per output feature
             identity_at_start=True, mergeable=True),
     Adapter("prefix", _prefix, params=_virtual_token_params, prompt_learning=True),

@@ -263,7 +263,7 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
     price_per_hour: USD per device-hour for the cost (default: the device's typical on-demand price, DEVICES).
     peak_flops: the device's peak FLOP/s to compute the time from. Default: a GPU's data sheet figure (DEVICES); for
     device "cpu" on a machine without a GPU, this CPU's matmul throughput in the run's compute dtype, measured once
-    per process (estimate_time.cpu_matmul_flops, ~0.3 s), since a CPU has no data sheet figure and its speed varies
+    per process (estimate_time.cpu_matmul_flops, ~0.5 s), since a CPU has no data sheet figure and its speed varies
     with the machine and its load; DEVICES["cpu"] (a 2-core AMX machine) where the CPU is not this machine's.
     """
     if device not in DEVICES:
