@@ -133,19 +133,27 @@ def test_abandoned_requests_are_not_generated(host):
 
         def give_up(body):
             try:
-                httpx.post(s.url + "/v1/completions", json=body, timeout=1.5)
+                httpx.post(s.url + "/v1/completions", json=body, timeout=4)
             except httpx.TimeoutException:
                 return
             pytest.fail("the request finished before the client gave up: make it longer")
 
+        def health_until(running: int, queued: int) -> dict:
+            # bounded wait: on a busy machine a request can take longer than a fixed sleep to reach the server
+            for _ in range(30):
+                h = httpx.get(s.url + "/health").json()
+                if (h["running"], h["queued"]) == (running, queued):
+                    break
+                time.sleep(0.05)
+            return h
+
         threads = [threading.Thread(target=give_up, args=(long,))]
         threads[0].start()
-        time.sleep(0.5)
+        health_until(1, 0)
         threads += [threading.Thread(target=give_up, args=(long,)) for _ in range(2)]
         for t in threads[1:]:
             t.start()
-        time.sleep(0.5)
-        h = httpx.get(s.url + "/health").json()
+        h = health_until(1, 2)
         assert h["running"] == 1 and h["queued"] == 2  # all three are in before their clients leave
         for t in threads:
             t.join(30)
