@@ -166,6 +166,9 @@ def rollout_clock():
     class _Clock(TrainerCallback):
         seconds, last_step = 0.0, 0
 
+        def on_train_begin(self, args, state, control, **kw):
+            self.last_step = state.global_step  # a resumed run counts from its checkpoint's step
+
         def on_log(self, args, state, control, logs=None, **kw):
             if logs is not None and "loss" in logs and state.global_step > self.last_step:
                 logs["rollout_seconds"] = round(self.seconds / (state.global_step - self.last_step), 3)
@@ -262,7 +265,7 @@ def rollout(prompts: list, trainer) -> dict:
         end = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
         completion_ids.append(row[:end])
     clock = getattr(trainer, "_tunelab_clock", None)
-    if clock is not None:
+    if clock is not None and was_training:  # evaluation's rollouts are not a training step's
         clock.seconds += time.perf_counter() - start
     return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
 
