@@ -180,3 +180,27 @@ def test_liger_without_its_package_or_a_gpu_is_refused_before_the_model_loads(tm
     with pytest.raises(UserError, match="no CUDA device"):
         run_training(load_config(path), show_progress=False)
     assert not loaded
+
+
+def test_liger_defaults_on_where_cuda_and_its_package_are_there(tmp_path, tiny_model, tiny_chat_data, monkeypatch):
+    """`use_liger_kernel: auto` (the default) turns Liger on only with a CUDA device and liger-kernel installed; on a
+    machine without either, a default run is not refused."""
+    import importlib.util
+
+    from tunelab.methods import sft
+
+    opts = sft.Config()
+    assert opts.use_liger_kernel == "auto"
+    real_find_spec = importlib.util.find_spec
+    for installed in (False, True):
+        monkeypatch.setattr("importlib.util.find_spec", lambda name, *a, _i=installed: (object() if _i else None)
+                            if name == "liger_kernel" else real_find_spec(name, *a))
+        for cuda in (False, True):
+            monkeypatch.setattr("torch.cuda.is_available", lambda _c=cuda: _c)
+            assert sft.METHOD.uses_liger(opts) is (installed and cuda)
+            assert sft.METHOD.uses_liger(opts, cuda=cuda) is (installed and cuda)
+        assert sft.METHOD.uses_liger(sft.Config(use_liger_kernel=False), cuda=True) is False
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    path = make_config(tmp_path, tiny_model, tiny_chat_data, name="auto", training={**SETTINGS, "max_steps": 1},
+                       method={"name": "sft"})
+    assert run_training(load_config(path), show_progress=False)["status"] == "complete"  # liger "installed", no GPU

@@ -78,6 +78,8 @@ DEVICES = {
             "bandwidth_gbs": 10},
     "h100": {"flops": 989e12, "memory_gb": 80, "mfu": 0.4, "bf16": True, "price_per_hour": 2.99,
              "bandwidth_gbs": 3350},
+    "h200": {"flops": 989e12, "memory_gb": 141, "mfu": 0.4, "bf16": True, "price_per_hour": 3.79,
+             "bandwidth_gbs": 4800},
     "a100": {"flops": 312e12, "memory_gb": 80, "mfu": 0.4, "bf16": True, "price_per_hour": 1.29,
              "bandwidth_gbs": 2039},
     "4090": {"flops": 165e12, "memory_gb": 24, "mfu": 0.4, "bf16": True, "price_per_hour": 0.69,
@@ -314,7 +316,7 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
     if lean_loss is None:  # the method's own choice (SFT: lean unless `loss: fused`)
         lean_loss = method.lean_loss(opts)
     # Liger's kernels (SFT on a GPU) patch RMSNorm, SwiGLU and RoPE, which keep fewer activations
-    liger = gpu and method.uses_liger(opts)
+    liger = gpu and method.uses_liger(opts, cuda=True)
     # preference methods (DPO, ORPO, SimPO, reward) run chosen and rejected through one forward: two sequences a row
     rows = method.sequences_per_row
     peak_tokens = t.batch_size * max_len * rows

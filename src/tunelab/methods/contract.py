@@ -112,8 +112,9 @@ class Method:
         """`opts` with the memory plan's choice of loss (only called with a value from loss_choices)."""
         return opts
 
-    def uses_liger(self, opts) -> bool:
-        """Liger's fused kernels (GPU): fewer activations, a chunked loss."""
+    def uses_liger(self, opts, cuda: bool | None = None) -> bool:
+        """Liger's fused kernels (GPU): fewer activations, a chunked loss. `cuda`: whether the run has a CUDA device
+        (default: this machine's)."""
         return False
 
     def student_config(self, opts, model_config):

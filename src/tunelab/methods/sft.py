@@ -28,7 +28,9 @@ class Config(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     neftune_noise_alpha: float | None = Field(None, description="NEFTune embedding noise (off by default)")
-    use_liger_kernel: bool = Field(False, description="Liger fused kernels (GPU, needs liger-kernel installed)")
+    use_liger_kernel: bool | Literal["auto"] = Field(
+        "auto", description="Liger's fused kernels (RMSNorm, RoPE, SwiGLU; Triton, GPU only); auto: on where a CUDA "
+        "device is visible and liger-kernel is installed (pip install 'tunelab[gpu]')")
     loss: Literal["auto", "lean", "fused"] = Field(
         "auto", description="lean: project only trained positions through the LM head (fastest on CPU and GPU); "
         "fused: TRL's chunked LM head with entropy/accuracy metrics (TRL's default; less memory for large "
@@ -48,18 +50,27 @@ class SFT(Method):
     def with_lean_loss(self, opts: Config, lean: bool) -> Config:
         return opts.model_copy(update={"loss": "lean" if lean else "fused"})
 
-    def uses_liger(self, opts: Config) -> bool:
-        return opts.use_liger_kernel
+    def uses_liger(self, opts: Config, cuda: bool | None = None) -> bool:
+        """Whether Liger's kernels run: `cuda` is whether the run has a CUDA device (default: this machine's)."""
+        import importlib.util
+
+        if opts.use_liger_kernel != "auto":
+            return opts.use_liger_kernel
+        if cuda is None:
+            import torch
+
+            cuda = torch.cuda.is_available()
+        return cuda and importlib.util.find_spec("liger_kernel") is not None
 
     def check(self, cfg, opts: Config, data) -> None:
         import importlib.util
 
         import torch
 
-        if opts.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        if opts.use_liger_kernel is True and importlib.util.find_spec("liger_kernel") is None:
             raise UserError("method.use_liger_kernel needs the liger-kernel package: pip install 'tunelab[gpu]' "
                             "(or set method.use_liger_kernel=false)")
-        if opts.use_liger_kernel and not torch.cuda.is_available():
+        if opts.use_liger_kernel is True and not torch.cuda.is_available():
             raise UserError("method.use_liger_kernel: Liger's kernels are Triton GPU kernels and no CUDA device is "
                             "visible; set method.use_liger_kernel=false on this machine")
 
@@ -76,7 +87,7 @@ class SFT(Method):
             packing=cfg.data.packing,
             padding_free=cfg.data.padding_free,
             neftune_noise_alpha=opts.neftune_noise_alpha,
-            use_liger_kernel=opts.use_liger_kernel,
+            use_liger_kernel=self.uses_liger(opts),
             activation_offloading=cfg.training.activation_offloading is True,
         )
         trainer = lean_trainer_class()(
