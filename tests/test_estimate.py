@@ -217,6 +217,13 @@ def test_preference_methods_count_both_sequences_and_full_logits(tmp_path, tiny_
     assert orpo.flops_per_step == pytest.approx(2 * sft50.flops_per_step)
     attn = 4 * L * 50 * 4 * 16
     assert dpo50.flops_per_step == pytest.approx(orpo.flops_per_step + 2 * 4 * 50 * (2 * PARAMS + attn))
+    # KTO: one sequence a row; besides its reference's forward, the KL baseline runs the policy and the reference
+    # over the batch's mismatched pairs (no backward); the unpaired APO-zero loss has no KL baseline
+    fwd = 4 * 50 * (2 * PARAMS + attn)
+    for loss, forwards in (("kto", 3), ("apo_zero_unpaired", 1)):
+        kto = estimate(_cfg(tmp_path, tiny_model, method={"name": "kto", "loss_type": loss}), "cpu", max_tokens=100,
+                       mean_tokens=50, baseline_mb=0)
+        assert kto.flops_per_step == pytest.approx(sft50.flops_per_step + forwards * fwd), loss
     # a reward model's score head replaces the vocabulary projection (the tied embedding's V x H): no matmul over it
     reward50 = estimate(_cfg(tmp_path, tiny_model, method={"name": "reward"}), "cpu", max_tokens=100, mean_tokens=50,
                         baseline_mb=0)

@@ -383,9 +383,9 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
     if gradient_checkpointing:
         bwd += fwd
     tokens_per_step = t.batch_size * t.grad_accum * seq * rows
-    # every training pass (PPO: ppo_epochs) runs forward and backward; the reference model's forward (no backward)
-    # scores the same tokens once
-    flops = tokens_per_step * (method.training_passes(opts) * (fwd + bwd) + (fwd if method.reference_forward else 0))
+    # every training pass (PPO: ppo_epochs) runs forward and backward; forward-only passes (a reference model; KTO's
+    # KL baseline) score as many tokens again each
+    flops = tokens_per_step * (method.training_passes(opts) * (fwd + bwd) + method.forward_only_passes(opts) * fwd)
     if gen:  # forward-only passes over the sampled sequences (the sampling policy's log-probs, a KL reference)
         flops += gen.sequences * seq * fwd * gen.scoring_forwards
     # other frozen models' forwards over the same tokens (distill: the teacher), loaded like the trained model

@@ -138,6 +138,11 @@ class Method:
         """Forward and backward passes over each step's batch (PPO: its ppo_epochs over one rollout)."""
         return 1
 
+    def forward_only_passes(self, opts) -> int:
+        """Forward passes (no backward) of the trained model over each batch's tokens besides training's: its frozen
+        reference (`reference_forward`: the same model with the adapter off, or a copy) counts one."""
+        return 1 if self.reference_forward else 0
+
     def frozen_forwards(self, cfg, opts, ctx: EstimateContext) -> list[dict]:
         """Architectures (estimate.architecture) of other models that run a forward, no backward, over every token
         of each training batch (distill: the teacher). A reference model that is the trained one with its adapter

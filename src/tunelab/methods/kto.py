@@ -51,6 +51,11 @@ class KTO(PreferenceMethod):
     sequences_per_row = 1
     reference_forward = True
 
+    def forward_only_passes(self, opts: Config) -> int:
+        """The reference's forward, and with the `kto` loss the KL baseline's: TRL scores each batch's mismatched
+        prompt/completion pairs with the policy and the reference (no backward), as many tokens again."""
+        return 3 if opts.loss_type == "kto" else 1
+
     def check(self, cfg, opts: Config, data) -> None:
         labels = {row["label"] for row in data.train}
         if labels != {True, False} and opts.loss_type == "kto":
