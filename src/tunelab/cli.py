@@ -74,7 +74,8 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
     ]),
     "estimate": ("tunelab.estimate:main", "predict a run's peak memory (by part), FLOPs and time before loading it", [
         A("config", help="path to a YAML config (see configs/)"), OVERRIDES,
-        A("--device", default="cpu", choices=["cpu", "h100", "h200", "a100", "4090", "t4"], help="device to estimate for"),
+        A("--device", default="cpu", choices=["cpu", "h100", "h200", "a100", "4090", "t4"],
+          help="device to estimate for"),
         A("--budget-gb", type=float, default=None, help="memory budget (default: the GPU's memory)"),
         A("--nproc", type=int, default=1, help="data-parallel processes (one per GPU): memory per device under the "
           "config's distributed.strategy (ddp / fsdp / deepspeed shard different parts)"),
