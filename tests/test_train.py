@@ -116,12 +116,18 @@ def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path, tiny_model, tin
     path = make_config(tmp_path, tiny_model, tiny_chat_data, "killed",
                        training={"max_steps": 400, "save_steps": 3, "save_total_limit": 2})
     run_dir = tmp_path / "runs" / "killed"
-    proc = subprocess.Popen([*CLI, "train", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "train.log"  # the run's own progress lines and errors, shown if no checkpoint appears
+    with log.open("w") as out:
+        proc = subprocess.Popen([*CLI, "train", str(path)], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.time() + 180
-        while time.time() < deadline and not (run_dir / "checkpoints" / "checkpoint-6").is_dir():
+        while (time.time() < deadline and proc.poll() is None
+               and not (run_dir / "checkpoints" / "checkpoint-6").is_dir()):
             time.sleep(0.2)
-        assert (run_dir / "checkpoints" / "checkpoint-6").is_dir(), "no checkpoint appeared"
+        assert (run_dir / "checkpoints" / "checkpoint-6").is_dir(), (
+            f"no checkpoint appeared (exit code {proc.poll()}); the run's output ends:\n"
+            + "\n".join(log.read_text(errors="replace").splitlines()[-25:]))
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
