@@ -66,3 +66,21 @@ def test_sft_throughput_benchmark_runs_both_paths_at_the_seed_shape(tmp_path):
     for r in runs:  # both trained on the same 8 conversations (1 step x 2 x 4) and were scored on held-out rows
         assert r["tokens"] > 8 * 40 and 0 < r["heldout_loss"] < 20
     assert runs[0]["tokens"] == runs[1]["tokens"]
+
+
+def test_gpu_suite_stops_at_its_budget_and_logs_each_step(tmp_path):
+    """gpu_suite.sh on a rented GPU: BUDGET_S is a hard limit (the step running when it is spent is stopped, none
+    starts after it), FAIL_FAST=1 ends the suite at a failure before any step passed, and every step's start and
+    end are in progress.txt. A budget of 2 s stops its first step (the package check imports torch, TRL, PEFT)."""
+    import os
+
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "BUDGET_S": "2", "FAIL_FAST": "1", "MODELS": "tiny",
+           "TOKENIZER": str(TOKENIZER), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "# FAILED: versions (exit 124: stopped at the budget" in proc.stdout
+    progress = (out / "progress.txt").read_text().splitlines()
+    assert [line.split(" ", 2)[2] for line in progress] == ["start versions", "FAILED versions (exit 124)"]
+    assert not list(out.glob("build-*.log")), "no step may start after a failure before any step passed"
