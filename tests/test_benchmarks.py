@@ -84,3 +84,13 @@ def test_gpu_suite_stops_at_its_budget_and_logs_each_step(tmp_path):
     progress = (out / "progress.txt").read_text().splitlines()
     assert [line.split(" ", 2)[2] for line in progress] == ["start versions", "FAILED versions (exit 124)"]
     assert not list(out.glob("build-*.log")), "no step may start after a failure before any step passed"
+
+
+def test_frozen_storage_benchmark_times_both_base_dtypes(tmp_path, tiny_model):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "frozen_storage.py"), "--model", tiny_model,
+                           "--batch", "2", "--length", "32", "--padded", "0.5", "--repeats", "1"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("cls:", "lm:"))]
+    assert [r.split(":")[0] for r in rows] == ["cls", "lm"]
+    assert all("float32 / bf16" in r and r.rstrip().endswith("x") for r in rows)
