@@ -24,6 +24,11 @@ REFUSALS = {
     "epoch_eval_no_val": (["training.eval_strategy=epoch"], ["validation data"]),
     "best_needs_same_strategy": (["data.val_split=0.25", "training.eval_strategy=epoch"],
                                  ["training.save_strategy=epoch"]),
+    # a `bool | "auto"` key: the key itself (not pydantic's per-member '...gradient_checkpointing.bool') and both forms
+    "union_value": (["training.gradient_checkpointing=maybe"],
+                    ["config key 'training.gradient_checkpointing': Input should be a valid boolean or 'auto'"]),
+    "method_union_value": (["method.use_liger_kernel=maybe"],
+                           ["config key 'method.use_liger_kernel': Input should be a valid boolean or 'auto'"]),
 }
 
 

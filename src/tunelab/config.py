@@ -349,7 +349,16 @@ def explain_validation_error(err: ValidationError, prefix: str = "", model: type
         return f"unknown config key '{key}'{hint}"
     got = e.get("input")
     got_s = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-    return f"config key '{key}': {e['msg']}{got_s}"
+    msg = e["msg"]
+    # a value of a union type (`bool | Literal["auto"]`) fails each member: pydantic reports one error per member,
+    # located at the member's name ('training.gradient_checkpointing.bool'); name the key and every accepted form
+    if len(loc) > 1 and str(loc[-1]) not in _valid_keys(model, loc[:-1]):
+        members = [x for x in err.errors() if tuple(y for y in x["loc"] if not isinstance(y, int))[:-1] == loc[:-1]]
+        if len(members) > 1:
+            key = key.rsplit(".", 1)[0]
+            forms = dict.fromkeys(x["msg"].removeprefix("Input should be ").split(",")[0] for x in members)
+            msg = f"Input should be {' or '.join(forms)}"
+    return f"config key '{key}': {msg}{got_s}"
 
 
 def parse_overrides(overrides: list[str]) -> dict:
