@@ -113,3 +113,26 @@ def test_compare_scores_batch_by_batch_like_all_at_once(tmp_path, tiny_model, st
     assert got["student"]["perplexity"] == pytest.approx(math.exp(ce(sl)), rel=1e-3)
     assert got["kl_teacher_student"] > 0.01  # two random tiny models: near-uniform logits, a small but real KL
     assert compare(t, t, rows, batch_size=2)["kl_teacher_student"] == pytest.approx(0, abs=1e-6)
+
+
+def test_teacher_forward_runs_in_mixed_precision(tmp_path, tiny_model, tiny_chat_data, monkeypatch):
+    """The loss calls the teacher directly, outside the forward accelerate wraps in autocast: under bf16 its
+    forwards during training must still run in mixed precision (on CPU a float32 teacher otherwise multiplies in
+    float32, several times slower: a third of configs/distill/smollm2-half.yaml's step)."""
+    import torch
+
+    from tunelab.methods.distill import Distill
+
+    seen = []
+    extra_models = Distill.extra_models
+
+    def hooked(self, cfg, opts, precision):
+        models = extra_models(self, cfg, opts, precision)
+        models["teacher"].register_forward_hook(
+            lambda module, args, output: seen.append((torch.is_autocast_enabled("cpu"), output.logits.dtype)))
+        return models
+
+    monkeypatch.setattr(Distill, "extra_models", hooked)
+    path = write_config(tmp_path, tiny_model, tiny_chat_data, {"student_layers": 1}, max_steps=2, precision="bf16")
+    assert run_training(load_config(path), show_progress=False)["status"] == "complete"
+    assert (True, torch.bfloat16) in seen, seen

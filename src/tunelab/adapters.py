@@ -115,11 +115,13 @@ ADAPTERS: dict[str, Adapter] = {a.name: a for a in (
             lora_layers=True, activation_bytes=_dora_activations, cpu_step_factor=2.0),
     Adapter("ia3", _ia3, params=lambda a, arch: sum(o for _, _, o in arch["linears"]),  # a scale per output feature
             identity_at_start=True, mergeable=True),
-    Adapter("prefix", _prefix, params=_virtual_token_params, prompt_learning=True),
+    # Prompt learning's CPU step: no adapter layers to run, so its body (TRL's loss head apart, counted by the
+    # estimate) took ~0.8x a LoRA step's time per FLOP (configs/qa/prompt.yaml against configs/qa/lora.yaml, py-spy)
+    Adapter("prefix", _prefix, params=_virtual_token_params, prompt_learning=True, cpu_step_factor=0.8),
     # prefix tuning adds keys and values only; prompt tuning and P-tuning prepend embeddings the whole model runs on
-    Adapter("prompt", _prompt, params=_virtual_token_params, prompt_learning=True,
+    Adapter("prompt", _prompt, params=_virtual_token_params, prompt_learning=True, cpu_step_factor=0.8,
             virtual_inputs=lambda a: a.num_virtual_tokens),
-    Adapter("ptuning", _ptuning, params=_virtual_token_params, prompt_learning=True,
+    Adapter("ptuning", _ptuning, params=_virtual_token_params, prompt_learning=True, cpu_step_factor=0.8,
             virtual_inputs=lambda a: a.num_virtual_tokens),
 )}
 

@@ -59,9 +59,11 @@ GB = 2**30
 MB = 2**20
 
 # Dense bf16 (T4: fp16) tensor throughput from the vendors' data sheets, memory in GiB, and the share of peak a
-# LoRA/SFT step reaches (model FLOPs utilization). CPU: a 2-core AMX machine, whose bf16 matmul reaches ~2 TFLOP/s
-# (2048x2048 operands); a SmolLM2-135M LoRA step reaches ~12% of that (425 real tokens/s x 0.6 GFLOP per token),
-# since at this size the step is dominated by element-wise work, attention and the adapters' rank-16 matmuls. That
+# LoRA/SFT step reaches (model FLOPs utilization). CPU: a 2-core AMX machine, whose bf16 matmul reaches ~2-2.5
+# TFLOP/s (2048x2048 operands); a SmolLM2-135M LoRA step reaches ~17% of that on its FLOPs plus a fixed cost per
+# pass (estimate_time.CPU_LAYER_PASS_FLOPS; fitted on configs/qa/lora.yaml, 1,457 tokens a micro-batch, and
+# configs/preference/reward-hh.yaml, 5,914), since at this size the step is dominated by element-wise work,
+# attention and the adapters' rank-16 matmuls. That
 # CPU figure stands in only for `--device cpu` asked on a GPU machine: an estimate for the CPU it runs on measures
 # that CPU's matmul throughput instead (estimate_time.cpu_matmul_flops), and the utilization share applies to it.
 #
@@ -74,7 +76,7 @@ MB = 2**20
 # sheets' (H100 SXM HBM3, A100 80GB HBM2e, RTX 4090 GDDR6X, T4 GDDR6); CPU: the 2-core machine's, a first guess
 # (estimate_time.CPU_BANDWIDTH_GBS_PER_CORE, which an estimate for this machine's CPU scales by its threads).
 DEVICES = {
-    "cpu": {"flops": 2.0e12, "memory_gb": None, "mfu": 0.12, "bf16": True, "price_per_hour": 0.09,
+    "cpu": {"flops": 2.0e12, "memory_gb": None, "mfu": 0.17, "bf16": True, "price_per_hour": 0.09,
             "bandwidth_gbs": 10},
     "h100": {"flops": 989e12, "memory_gb": 80, "mfu": 0.4, "bf16": True, "price_per_hour": 2.99,
              "bandwidth_gbs": 3350},
@@ -315,6 +317,9 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
     max_len, mean_len = max_len + virtual, mean_len + virtual
     if lean_loss is None:  # the method's own choice (SFT: lean unless `loss: fused`)
         lean_loss = method.lean_loss(opts)
+    # the lean loss calls the decoder directly, which prompt learning's virtual tokens rule out (methods/lean.py):
+    # those runs take TRL's own loss
+    lean_loss = lean_loss and not adapter_type.prompt_learning
     # Liger's kernels (SFT on a GPU) patch RMSNorm, SwiGLU and RoPE, which keep fewer activations
     liger = gpu and method.uses_liger(opts, cuda=True)
     # preference methods (DPO, ORPO, SimPO, reward) run chosen and rejected through one forward: two sequences a row
@@ -396,6 +401,22 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
     # The trained weights of a full fine-tune are cast once per forward, as bf16 weights are not at all.
     frozen_slow = 1.0 if gpu else estimate_time.cpu_slowdown(wdtype, q.bits, autocast)
     step_slow = 1.0 if gpu else adapter_type.cpu_step_factor * (1.0 if full else frozen_slow)
+    # On CPU, TRL's chunked log-prob head costs far more than its matmul (estimate_time.CPU_HEAD_FLOPS), over every
+    # position of each pass: forward and backward in training, forward in a reference's or sampler's scoring pass
+    head_flops = 0.0
+    if not gpu:
+        per_position = estimate_time.CPU_HEAD_FLOPS["lean" if lean_loss else method.loss_head] * arch["vocab"]
+        head_flops = tokens_per_step * per_position * (
+            method.training_passes(opts) * (1 + estimate_time.CPU_HEAD_BACKWARD) + method.forward_only_passes(opts))
+        if gen:
+            head_flops += gen.sequences * seq * per_position * gen.scoring_forwards
+        # and each pass over a micro-batch a fixed cost per layer, whatever its tokens (a forward a third of it)
+        forward_layers = method.forward_only_passes(opts) * L + sum(a["layers"] for a in method.frozen_forwards(
+            cfg, opts, ctx))
+        head_flops += estimate_time.CPU_LAYER_PASS_FLOPS * t.grad_accum * (
+            method.training_passes(opts) * L + forward_layers / 3)
+        if gen:
+            head_flops += estimate_time.CPU_LAYER_PASS_FLOPS * gen.scoring_forwards * L / 3 * gen.sequences / gen.batch
     if peak_flops is not None:
         peak, peak_source = peak_flops, "given"
     elif here:
@@ -409,7 +430,7 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
         generation = estimate_time.generation_seconds(
             gen, arch, mean_len, weights if gen.weight_bytes is None else gen.weight_bytes, peak, dev["mfu"],
             bandwidth, estimate_time.DECODE_LAYER_SECONDS["gpu" if gpu else "cpu"])
-    seconds = (flops * step_slow + frozen_flops * frozen_slow) / (peak * dev["mfu"]) + generation
+    seconds = (flops * step_slow + frozen_flops * frozen_slow + head_flops) / (peak * dev["mfu"]) + generation
     flops += frozen_flops
     steps = training_steps(cfg, num_samples)
     if budget_gb is None and dev["memory_gb"]:

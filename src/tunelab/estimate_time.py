@@ -25,12 +25,31 @@ from functools import lru_cache
 # 1.50x its FLOPs):
 # - frozen float32 under bf16 autocast (prompt learning, IA3, GRPO's and a reward model's base, a distillation
 #   teacher): autocast caches its bf16 copy only of weights that require grad, so a frozen float32 weight is cast
-#   again at every matmul, and the residual stream stays float32. Prefix, P-tuning and prompt tuning: 1.5-1.85x on an
-#   idle machine (the probe at ~2.0 TFLOP/s), 1.9-2.4x when the same machine ran slower (probe 1.1-1.5);
+#   again at every matmul, and the residual stream stays float32. configs/qa/lora.yaml with `model.dtype: float32`
+#   took 1.11x the step of its bf16 base; one LoRA forward+backward 1.07x (8 x 184 tokens) and 1.02-1.28x (16 x 368,
+#   benchmarks/frozen_storage.py). Prompt learning, which this factor was once fitted on at 1.6, is slower for
+#   another reason: TRL's loss head (CPU_HEAD_FLOPS);
 # - 4-bit (bitsandbytes): every matmul dequantizes its weight first; configs/qa/qlora.yaml 1.43x and 1.71x.
-# Both are costs per pass over the weights rather than per token: a reward model's batches of 16 sequences hide most
-# of it (benchmarks/RESULTS.md, "Step time after the calibration"), so a large batch runs faster than this says.
-CPU_STORAGE_SLOWDOWN = {"frozen float32": 1.6, "quantized": 1.45}
+CPU_STORAGE_SLOWDOWN = {"frozen float32": 1.1, "quantized": 1.45}
+
+# The loss head on CPU, in FLOP-equivalents (work that takes as long as that many FLOPs of the step's matmuls) per
+# logit, i.e. per position and vocabulary entry, of a forward; a backward costs CPU_HEAD_BACKWARD forwards more.
+# "chunked" is TRL's fused log-prob head (DPO, KTO, GRPO, SFT with `loss: fused` or prompt learning): off Triton
+# devices it scores *every* position in float32 tiles of 4,096 positions x 32,768 vocabulary entries, a dozen
+# elementwise passes each, and recomputes the tiles in backward: trl.kernels.chunked_logprob alone (1,457 and 4,096
+# positions, SmolLM2's 49,152 entries, probe 2.47 TFLOP/s) took 10 ns a logit forward (6.5 with log-probs only), 17
+# more in backward; configs/qa/lora.yaml with `loss: fused` took 6.05 s a step against 2.49 with the lean loss.
+# "logits" (ORPO's and SimPO's selective log-softmax over float32 logits, PPO's, logit distillation's): ~4 ns a logit,
+# fitted on configs/preference/{orpo,simpo}-hh.yaml. The lean loss (trained positions only, one cross-entropy) and a
+# score head are within DEVICES["cpu"]["mfu"]. FLOP-equivalents at that probe and utilization (0.17).
+CPU_HEAD_FLOPS = {"chunked": 4200.0, "logits": 1700.0, "lean": 0.0, "score": 0.0}
+CPU_HEAD_BACKWARD = 1.7
+
+# A fixed cost of each pass over a micro-batch, per layer (forward and backward; a forward-only pass a third of it),
+# in FLOP-equivalents: Python, dispatch and small ops that do not grow with the tokens. Fitted with
+# DEVICES["cpu"]["mfu"] on two single-micro-batch steps of the same model: configs/qa/lora.yaml (1,457 tokens,
+# 2.43 s) and configs/preference/reward-hh.yaml (5,914 tokens, 8.94 s), probe 2.3-2.4 TFLOP/s: 12 ms a layer.
+CPU_LAYER_PASS_FLOPS = 5.0e9
 
 # The probe: square operands of the size the CPU figures were measured at, a few warm-up products (thread pool,
 # oneDNN/AMX kernel selection), then as many products as fit in PROBE_SECONDS, timed in PROBE_WINDOWS windows of

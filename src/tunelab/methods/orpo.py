@@ -25,6 +25,7 @@ class ORPO(PreferenceMethod):
     # prompt tuning and P-tuning put their virtual tokens before the pair's tokens, which TRL's ORPOTrainer does not count
     # in its labels (a shape mismatch); prefix tuning keeps the sequence length
     adapters = ("none", "lora", "dora", "ia3", "prefix")
+    loss_head = "logits"  # TRL's ORPOTrainer: full logits, selective_log_softmax
 
     def build(self, cfg, opts: Config, model, tokenizer, data, args: dict):
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer

@@ -55,6 +55,7 @@ class PPO(Method):
     # copy of the starting weights; prompt learning would change the reference itself, and IA3 is untested here
     adapters = tuple(name for name, a in ADAPTERS.items() if a.trains_base or a.lora_layers)
     reference_forward = True
+    loss_head = "logits"  # ppo_core: full logits in float32, log-softmax and entropy over the completion positions
     # its own loop (ppo_core) calls generate() on the model accelerate would wrap in DDP, and keeps its value head
     # outside the wrapper (its gradients would not be averaged): refused on several processes
     data_parallel = False

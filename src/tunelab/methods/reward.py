@@ -44,6 +44,7 @@ class Reward(PreferenceMethod):
     Config = Config
     # train.py loads AutoModelForSequenceClassification (num_labels=1); PEFT trains the new head in full
     task = "SEQ_CLS"
+    loss_head = "score"
     # final/ holds the adapter merged into the base: rewards.reward_model and other readers load it with plain
     # transformers (checkpoints keep the adapter alone, so resume works as for every method)
     merge_final = True

@@ -31,6 +31,7 @@ class SimPO(PreferenceMethod):
     # prompt tuning and P-tuning put their virtual tokens before the pair's tokens, which TRL's CPOTrainer does not count
     # in its labels (a shape mismatch); prefix tuning keeps the sequence length
     adapters = ("none", "lora", "dora", "ia3", "prefix")
+    loss_head = "logits"  # TRL's CPOTrainer: full logits, selective_log_softmax
 
     def build(self, cfg, opts: Config, model, tokenizer, data, args: dict):
         from trl.experimental.cpo import CPOConfig, CPOTrainer
