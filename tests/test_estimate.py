@@ -113,8 +113,11 @@ def test_full_finetune_qlora_checkpointing_and_budget(tmp_path, tiny_model):
 def test_grpo_kv_cache(tmp_path, tiny_model):
     cfg = _cfg(tmp_path, tiny_model, method={"name": "grpo", "num_generations": 4, "max_completion_length": 64})
     est = estimate(cfg, "h100", max_tokens=100, baseline_mb=0)
-    # 4 prompts x 4 generations x (128 prompt + 64 completion) tokens x 2 layers x (K, V) x 2 heads x 16 x bf16
-    assert est.memory_mb["kv_cache"] == pytest.approx(16 * 192 * L * 2 * 2 * 16 * 2 / MB)
+    # one generation batch: batch 4 x grad_accum 1 completions (GRPO's batch sizes count completions, not prompts)
+    # x (128 prompt + 64 completion) tokens x 2 layers x (K, V) x 2 heads x 16 x bf16
+    assert est.memory_mb["kv_cache"] == pytest.approx(4 * 192 * L * 2 * 2 * 16 * 2 / MB)
+    # it trains on the prompts with the completions appended: the largest batch holds 4 x (100 + 64) tokens
+    assert est.peak_tokens == 4 * (100 + 64)
     assert "sampler" not in est.memory_mb
     # CPU with bf16: rollouts sample from a bf16 copy of the merged policy (its KV cache in bf16 too); fp32: neither
     bf16 = _cfg(tmp_path, tiny_model, training={"precision": "bf16"},
@@ -193,7 +196,12 @@ def test_ppo_trains_ppo_epochs_passes_over_each_rollout(tmp_path, tiny_model):
     assert one.flops_per_step == pytest.approx(per_pass + 2 * tokens * fwd)  # + the policy's and reference's scoring
     assert two.flops_per_step - one.flops_per_step == pytest.approx(per_pass)
     assert four.flops_per_step - one.flops_per_step == pytest.approx(3 * per_pass)
-    assert ppo(4, mini_batches=2).flops_per_step == four.flops_per_step
+    split = ppo(4, mini_batches=2)
+    assert split.flops_per_step == four.flops_per_step
+    # each forward+backward holds one mini-batch: 2 of the 4 prompts, with their completions; its loss keeps the
+    # logits of every position (fp32 here) and their gradient, and six float32 tensors over the completion positions
+    assert (four.peak_tokens, split.peak_tokens) == (4 * (100 + 32), 2 * (100 + 32))
+    assert split.memory_mb["loss"] == pytest.approx(V * (2 * (100 + 32) * 2 * 4 + 2 * 32 * 6 * 4) / MB)
     assert one.generation_seconds_per_step == four.generation_seconds_per_step > 0
 
 

@@ -48,7 +48,7 @@ calibrated against measured steps by benchmarks/estimate_accuracy.py.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from tunelab import distributed, estimate_time, methods, models
 from tunelab.adapters import ADAPTERS
@@ -324,7 +324,19 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
     liger = gpu and method.uses_liger(opts, cuda=True)
     # preference methods (DPO, ORPO, SimPO, reward) run chosen and rejected through one forward: two sequences a row
     rows = method.sequences_per_row
-    peak_tokens = t.batch_size * max_len * rows
+    ctx = EstimateContext(arch=arch, gpu=gpu, precision=precision, weight_dtype=wdtype, quant_bits=q.bits,
+                          peak_tokens=0, peak_sequences=0, scored_tokens=0.0, lean_loss=lean_loss,
+                          adapter=cfg.adapter,
+                          weight_bytes=weight_bytes,
+                          architecture=lambda source: architecture(
+                              config_json(source, trust_remote_code=cfg.model.trust_remote_code)))
+    # a method that samples first (GRPO, PPO) trains on its prompts with the sampled completions appended
+    gen = method.generation(cfg, opts, ctx)
+    if gen:
+        max_len += gen.new_tokens
+    # the sequences one forward+backward holds (PPO splits its rollout batch into num_mini_batches)
+    peak_sequences = t.batch_size // method.micro_batches(opts) * rows
+    peak_tokens = peak_sequences * max_len
     autocast = not gpu and wdtype == "float32" and precision in ("bf16", "fp16")
     # bf16 on a GPU: 5 B per element (H100, Llama-3.2-1B shape, LoRA, batch 16: 4.9 measured from the allocator peak)
     per_elem = 5.5 if autocast else (8.0 if precision == "fp32" else (5.0 if gpu else 4.0))
@@ -352,11 +364,7 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
         act *= 0.75
     autocast_copies = n_lin * 2 + (arch["head_params"] * 2 if lean_loss else 0) if autocast else 0
     scored = peak_tokens * (trained_fraction if lean_loss else 1.0)
-    ctx = EstimateContext(arch=arch, gpu=gpu, precision=precision, weight_dtype=wdtype, quant_bits=q.bits,
-                          peak_tokens=peak_tokens, scored_tokens=scored, lean_loss=lean_loss, adapter=cfg.adapter,
-                          weight_bytes=weight_bytes,
-                          architecture=lambda source: architecture(
-                              config_json(source, trust_remote_code=cfg.model.trust_remote_code)))
+    ctx = replace(ctx, peak_tokens=peak_tokens, peak_sequences=peak_sequences, scored_tokens=scored)
     loss = method.loss_memory(opts, ctx)  # the method's own (preference: full logits; a score head: none)
     if loss is None:  # a causal LM loss
         if lean_loss:  # bf16/float logits, their float32 copy, and softmax/gradient of the same size
@@ -378,7 +386,6 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
     # FLOPs: forward 2 per parameter per token plus attention (QK^T and AV over the mean length); backward doubles the
     # forward for a full fine-tune, and with a frozen base needs only input gradients (~1x forward, attention 2x).
     # A method that samples first (GRPO, PPO) trains on its prompts with the sampled completions appended.
-    gen = method.generation(cfg, opts, ctx)
     seq = mean_len + gen.new_tokens if gen else mean_len
     attn = 4 * L * seq * arch["heads"] * arch["head_dim"]
     # a score head (reward model) replaces the vocabulary projection, whose matmul a tied embedding's count stands for
@@ -414,7 +421,7 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
         forward_layers = method.forward_only_passes(opts) * L + sum(a["layers"] for a in method.frozen_forwards(
             cfg, opts, ctx))
         head_flops += estimate_time.CPU_LAYER_PASS_FLOPS * t.grad_accum * (
-            method.training_passes(opts) * L + forward_layers / 3)
+            method.training_passes(opts) * method.micro_batches(opts) * L + forward_layers / 3)
         if gen:
             head_flops += estimate_time.CPU_LAYER_PASS_FLOPS * gen.scoring_forwards * L / 3 * gen.sequences / gen.batch
     if peak_flops is not None:

@@ -38,6 +38,7 @@ class EstimateContext:
     weight_dtype: str  # the dtype the base loads in (models.base_dtype)
     quant_bits: int | None
     peak_tokens: int  # tokens in the largest batch (sequences_per_row included)
+    peak_sequences: int  # the sequences that batch holds
     scored_tokens: float  # of those, the tokens with a loss (all of them when the loss is not lean)
     lean_loss: bool
     adapter: Any  # the AdapterConfig
@@ -140,6 +141,10 @@ class Method:
 
     def training_passes(self, opts) -> int:
         """Forward and backward passes over each step's batch (PPO: its ppo_epochs over one rollout)."""
+        return 1
+
+    def micro_batches(self, opts) -> int:
+        """Forward+backward passes each training pass splits a batch into (PPO: num_mini_batches)."""
         return 1
 
     def forward_only_passes(self, opts) -> int:

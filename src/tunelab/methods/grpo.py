@@ -76,7 +76,7 @@ class GRPO(Method):
         """The KV cache of a generation batch, and on a bf16 CPU with LoRA the bf16 copy of the merged policy that
         rollouts sample from (bf16_sampler)."""
         arch = ctx.arch
-        gens = opts.num_generations * cfg.training.batch_size
+        gens = cfg.training.batch_size * cfg.training.grad_accum  # one generation batch (generation() below)
         seq = cfg.data.max_length + opts.max_completion_length
         memory = {"kv_cache": gens * seq * arch["layers"] * 2 * arch["kv_heads"] * arch["head_dim"]
                   * _kv_bytes(cfg, opts, ctx)}
