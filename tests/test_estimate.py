@@ -12,7 +12,7 @@ import pytest
 from tunelab import load_config
 from tunelab.errors import UserError
 from tunelab.estimate import CPU_RESIDENT_FACTOR, DEVICES, architecture, config_json, estimate
-from tunelab.estimate_time import CPU_HEAD_BACKWARD, CPU_HEAD_FLOPS, CPU_LAYER_PASS_FLOPS
+from tunelab.estimate_time import CPU_HEAD_BACKWARD, CPU_HEAD_FLOPS, CPU_LAYER_PASS_FLOPS, CPU_OPTIMIZER_FLOPS
 
 from test_train import make_config
 
@@ -25,6 +25,11 @@ PARAMS = V * H + L * LAYER + H  # + final norm; the head is tied to the embeddin
 LORA8 = L * 8 * ((H + H) + 2 * (H + 32) + (H + H) + 2 * (H + I) + (I + H))  # r * (in + out) per projection
 MFU = DEVICES["cpu"]["mfu"]
 PASS = CPU_LAYER_PASS_FLOPS * L  # a CPU training pass's fixed cost over the tiny model's layers (FLOP-equivalents)
+
+
+def fixed(est) -> float:
+    """A CPU step's costs besides its FLOPs and loss head: one training pass's fixed cost and the optimizer step."""
+    return PASS + CPU_OPTIMIZER_FLOPS * est.trainable
 
 
 def _cfg(tmp_path, tiny_model, **sections):
@@ -56,7 +61,7 @@ def test_lora_fp32_components(tmp_path, tiny_model):
     # FLOPs: 4 samples x 50 tokens; forward 2N + attention, frozen-base backward 2N + 2 x attention + adapter grads
     attn = 4 * L * 50 * 4 * 16
     assert est.flops_per_step == pytest.approx(200 * ((2 * PARAMS + attn) + (2 * PARAMS + 2 * attn + 4 * LORA8)))
-    assert est.seconds_per_step == pytest.approx((est.flops_per_step + PASS) / (2.0e12 * MFU))  # one micro-batch
+    assert est.seconds_per_step == pytest.approx((est.flops_per_step + fixed(est)) / (2.0e12 * MFU))  # one micro-batch
 
 
 def test_cpu_peak_is_measured_on_this_cpu_or_given(tmp_path, tiny_model):
@@ -71,7 +76,7 @@ def test_cpu_peak_is_measured_on_this_cpu_or_given(tmp_path, tiny_model):
     one, two = (estimate(cfg, "cpu", peak_flops=f, **kw) for f in (1.0e12, 2.0e12))
     assert one.flops_per_step == two.flops_per_step > 0
     assert one.seconds_per_step == pytest.approx(2 * two.seconds_per_step)
-    assert one.seconds_per_step == pytest.approx((one.flops_per_step + PASS) / (1.0e12 * MFU))
+    assert one.seconds_per_step == pytest.approx((one.flops_per_step + fixed(one)) / (1.0e12 * MFU))
     assert (one.peak_flops, one.peak_source) == (1.0e12, "given") and one.to_dict()["peak_flops"] == 1.0e12
 
     gpu = estimate(cfg, "h100", **kw)
@@ -81,7 +86,7 @@ def test_cpu_peak_is_measured_on_this_cpu_or_given(tmp_path, tiny_model):
     here = estimate(cfg, "cpu", **kw)
     flops, dtype = estimate_time.cpu_matmul_flops("float32")  # cached: the figure the estimate used
     assert dtype == "float32" and here.peak_flops == flops > 1e9
-    assert here.seconds_per_step == pytest.approx((here.flops_per_step + PASS) / (flops * MFU))
+    assert here.seconds_per_step == pytest.approx((here.flops_per_step + fixed(here)) / (flops * MFU))
     assert f"CPU fp32 matmul measured at {flops / 1e12:.3g} TFLOP/s" in here.report()
 
 
@@ -355,21 +360,21 @@ def test_cpu_step_time_by_how_the_frozen_weights_are_kept(tmp_path, tiny_model):
 
     lora = est()  # LoRA under bf16: the base loads in bf16
     assert lora.weight_dtype == "bfloat16"
-    assert lora.seconds_per_step == pytest.approx((lora.flops_per_step + PASS) / (1.0e12 * MFU))
+    assert lora.seconds_per_step == pytest.approx((lora.flops_per_step + fixed(lora)) / (1.0e12 * MFU))
     ia3 = est(adapter={"type": "ia3"})  # frozen float32 base under autocast
     assert ia3.weight_dtype == "float32"
     slow = CPU_STORAGE_SLOWDOWN["frozen float32"]
-    assert slow > 1 and ia3.seconds_per_step == pytest.approx((slow * ia3.flops_per_step + PASS) / (1.0e12 * MFU))
+    assert slow > 1 and ia3.seconds_per_step == pytest.approx((slow * ia3.flops_per_step + fixed(ia3)) / (1.0e12 * MFU))
     full = est(adapter={"type": "none"})  # float32 too, but trained: cast once per forward
-    assert full.seconds_per_step == pytest.approx((full.flops_per_step + PASS) / (1.0e12 * MFU))
+    assert full.seconds_per_step == pytest.approx((full.flops_per_step + fixed(full)) / (1.0e12 * MFU))
     q = est(quantization={"bits": 4})
     assert q.flops_per_step == pytest.approx(lora.flops_per_step)
     assert q.seconds_per_step == pytest.approx(
-        (CPU_STORAGE_SLOWDOWN["quantized"] * lora.flops_per_step + PASS) / (1.0e12 * MFU))
+        (CPU_STORAGE_SLOWDOWN["quantized"] * lora.flops_per_step + fixed(q)) / (1.0e12 * MFU))
     dora = est(adapter={"type": "dora", "r": 8, "alpha": 16})
     factor = ADAPTERS["dora"].cpu_step_factor
     assert factor > 1 and dora.seconds_per_step == pytest.approx(
-        (factor * dora.flops_per_step + PASS) / (1.0e12 * MFU))
+        (factor * dora.flops_per_step + fixed(dora)) / (1.0e12 * MFU))
     gpu_lora, gpu_ia3 = est("h100"), est("h100", adapter={"type": "ia3"})
     assert gpu_ia3.seconds_per_step / gpu_ia3.flops_per_step == pytest.approx(
         gpu_lora.seconds_per_step / gpu_lora.flops_per_step)
@@ -391,7 +396,7 @@ def test_cpu_step_time_counts_trls_loss_head(tmp_path, tiny_model):
 
     lean, fused = est(), est(method={"name": "sft", "loss": "fused"})
     assert CPU_HEAD_FLOPS["chunked"] > 0 and fused.flops_per_step == lean.flops_per_step
-    assert lean.seconds_per_step == pytest.approx((lean.flops_per_step + PASS) / (1.0e12 * MFU))
+    assert lean.seconds_per_step == pytest.approx((lean.flops_per_step + fixed(lean)) / (1.0e12 * MFU))
     assert fused.seconds_per_step == pytest.approx(lean.seconds_per_step + head(lean, 1 + CPU_HEAD_BACKWARD))
     prompt = est(adapter={"type": "prompt", "num_virtual_tokens": 10})
     assert prompt.memory_mb["loss"] == pytest.approx(prompt.peak_tokens * V * 8 / MB)  # TRL's head, not the lean loss
@@ -399,10 +404,10 @@ def test_cpu_step_time_counts_trls_loss_head(tmp_path, tiny_model):
     dpo, orpo = est(method={"name": "dpo"}), est(method={"name": "orpo"})
     reference = dpo.flops_per_step - orpo.flops_per_step  # DPO's reference forward, on top of ORPO's step
     assert dpo.seconds_per_step == pytest.approx(
-        (orpo.flops_per_step + reference + PASS * (1 + 1 / 3)) / (1.0e12 * MFU) + head(dpo, 2 + CPU_HEAD_BACKWARD))
+        (orpo.flops_per_step + reference + fixed(dpo) + PASS / 3) / (1.0e12 * MFU) + head(dpo, 2 + CPU_HEAD_BACKWARD))
     assert 0 < CPU_HEAD_FLOPS["logits"] < CPU_HEAD_FLOPS["chunked"]
     assert orpo.seconds_per_step == pytest.approx(
-        (orpo.flops_per_step + PASS) / (1.0e12 * MFU) + head(orpo, 1 + CPU_HEAD_BACKWARD, "logits"))
+        (orpo.flops_per_step + fixed(orpo)) / (1.0e12 * MFU) + head(orpo, 1 + CPU_HEAD_BACKWARD, "logits"))
     gpu_lean, gpu_fused = est("h100"), est("h100", method={"name": "sft", "loss": "fused"})
     assert gpu_fused.seconds_per_step == pytest.approx(gpu_lean.seconds_per_step)
 

@@ -35,7 +35,10 @@ Time per optimizer step is the sum of two parts:
                (Method.training_passes: PPO's ppo_epochs), plus forward-only passes (a reference model, the scoring
                of sampled sequences, Method.frozen_forwards: distillation's teacher). On CPU, passes over frozen
                weights kept in float32 under autocast or in 4-bit run slower per FLOP, and DoRA's step too
-               (estimate_time.CPU_STORAGE_SLOWDOWN, the adapter table's cpu_step_factor). Tokens are the batch's
+               (estimate_time.CPU_STORAGE_SLOWDOWN, the adapter table's cpu_step_factor); the loss head costs
+               per logit where it is not the lean loss (Method.loss_head, estimate_time.CPU_HEAD_FLOPS: TRL's
+               chunked head scores every position off Triton devices), and each pass a fixed cost per layer
+               (estimate_time.CPU_LAYER_PASS_FLOPS). Tokens are the batch's
                at the rows' token statistics (token_stats: the rows' lengths, random batches padded to their
                longest); a method that samples trains on its prompts with the completions appended
   generation   what a method samples before it trains (Method.generation: GRPO, PPO): the prompts' forward, then a
@@ -410,20 +413,22 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
     step_slow = 1.0 if gpu else adapter_type.cpu_step_factor * (1.0 if full else frozen_slow)
     # On CPU, TRL's chunked log-prob head costs far more than its matmul (estimate_time.CPU_HEAD_FLOPS), over every
     # position of each pass: forward and backward in training, forward in a reference's or sampler's scoring pass
-    head_flops = 0.0
+    cpu_flops = 0.0
     if not gpu:
         per_position = estimate_time.CPU_HEAD_FLOPS["lean" if lean_loss else method.loss_head] * arch["vocab"]
-        head_flops = tokens_per_step * per_position * (
+        cpu_flops = tokens_per_step * per_position * (
             method.training_passes(opts) * (1 + estimate_time.CPU_HEAD_BACKWARD) + method.forward_only_passes(opts))
         if gen:
-            head_flops += gen.sequences * seq * per_position * gen.scoring_forwards
+            cpu_flops += gen.sequences * seq * per_position * gen.scoring_forwards
         # and each pass over a micro-batch a fixed cost per layer, whatever its tokens (a forward a third of it)
         forward_layers = method.forward_only_passes(opts) * L + sum(a["layers"] for a in method.frozen_forwards(
             cfg, opts, ctx))
-        head_flops += estimate_time.CPU_LAYER_PASS_FLOPS * t.grad_accum * (
+        cpu_flops += estimate_time.CPU_LAYER_PASS_FLOPS * t.grad_accum * (
             method.training_passes(opts) * method.micro_batches(opts) * L + forward_layers / 3)
         if gen:
-            head_flops += estimate_time.CPU_LAYER_PASS_FLOPS * gen.scoring_forwards * L / 3 * gen.sequences / gen.batch
+            cpu_flops += estimate_time.CPU_LAYER_PASS_FLOPS * gen.scoring_forwards * L / 3 * gen.sequences / gen.batch
+        # and the optimizer's step over the trained parameters (a full fine-tune's is seconds)
+        cpu_flops += estimate_time.CPU_OPTIMIZER_FLOPS * trainable
     if peak_flops is not None:
         peak, peak_source = peak_flops, "given"
     elif here:
@@ -437,7 +442,7 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
         generation = estimate_time.generation_seconds(
             gen, arch, mean_len, weights if gen.weight_bytes is None else gen.weight_bytes, peak, dev["mfu"],
             bandwidth, estimate_time.DECODE_LAYER_SECONDS["gpu" if gpu else "cpu"])
-    seconds = (flops * step_slow + frozen_flops * frozen_slow + head_flops) / (peak * dev["mfu"]) + generation
+    seconds = (flops * step_slow + frozen_flops * frozen_slow + cpu_flops) / (peak * dev["mfu"]) + generation
     flops += frozen_flops
     steps = training_steps(cfg, num_samples)
     if budget_gb is None and dev["memory_gb"]:

@@ -51,6 +51,11 @@ CPU_HEAD_BACKWARD = 1.7
 # 2.43 s) and configs/preference/reward-hh.yaml (5,914 tokens, 8.94 s), probe 2.3-2.4 TFLOP/s: 12 ms a layer.
 CPU_LAYER_PASS_FLOPS = 5.0e9
 
+# The optimizer step, per trained parameter, in the same FLOP-equivalents: AdamW reads and writes each parameter,
+# its gradient and two moments. configs/distill/smollm2-half.yaml (a full fine-tune of an 81M-parameter student)
+# spent 0.31 s a step there (py-spy, probe ~2.5 TFLOP/s); LoRA's few million parameters take milliseconds.
+CPU_OPTIMIZER_FLOPS = 1600.0
+
 # The probe: square operands of the size the CPU figures were measured at, a few warm-up products (thread pool,
 # oneDNN/AMX kernel selection), then as many products as fit in PROBE_SECONDS, timed in PROBE_WINDOWS windows of
 # which the fastest counts: one 0.3 s window read 1.35-2.1 TFLOP/s in runs whose steps took the same time
