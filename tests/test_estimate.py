@@ -240,6 +240,14 @@ def test_preference_methods_count_both_sequences_and_full_logits(tmp_path, tiny_
         kto = estimate(_cfg(tmp_path, tiny_model, method={"name": "kto", "loss_type": loss}), "cpu", max_tokens=100,
                        mean_tokens=50, baseline_mb=0)
         assert kto.flops_per_step == pytest.approx(sft50.flops_per_step + forwards * fwd), loss
+        # on CPU its loss holds the full logits as DPO's, plus a tile of TRL's chunked head for each reference pass
+        # that runs after the policy's forward (the batch's, and with the `kto` loss the KL pairs')
+        tiles = 2 if loss == "kto" else 1
+        assert kto.memory_mb["loss"] == pytest.approx(
+            (4 * 100 * V * (4 + 4 + 4 + 4) + tiles * 4 * 100 * 32768 * 10) / MB), loss
+        gpu = estimate(_cfg(tmp_path, tiny_model, method={"name": "kto", "loss_type": loss}), "h100", max_tokens=100,
+                       mean_tokens=50, baseline_mb=0)
+        assert gpu.memory_mb["loss"] == pytest.approx(4 * 100 * V * (4 + 4 + 4 + 4) / MB), loss
     # a reward model's score head replaces the vocabulary projection (the tied embedding's V x H): no matmul over it
     reward50 = estimate(_cfg(tmp_path, tiny_model, method={"name": "reward"}), "cpu", max_tokens=100, mean_tokens=50,
                         baseline_mb=0)
