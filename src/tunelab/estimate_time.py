@@ -1,5 +1,7 @@
-"""The step-time half of `tunelab estimate`: the throughput a step's FLOPs run at, and the time a method that
-samples before it trains (GRPO, PPO: methods.contract.Generation) spends generating.
+"""The step-time half of `tunelab estimate`: the throughput a step's FLOPs run at, what a CPU step costs besides its
+FLOPs (how its frozen weights are stored, its loss head, a fixed cost per pass, the optimizer step: each measured in
+real steps, benchmarks/RESULTS.md), and the time a method that samples before it trains (GRPO, PPO:
+methods.contract.Generation) spends generating.
 
 Peak: a GPU's is its data sheet's (estimate.DEVICES). A CPU has no such figure, and the one a run gets depends on the
 machine and on what else runs there (the 2-core machine the CPU figures come from ran a 2048 x 2048 bf16 matmul at
