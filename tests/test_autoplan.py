@@ -42,6 +42,15 @@ def test_fastest_settings_when_they_fit_and_frugal_ones_when_not(tiny_model):
     assert "does NOT fit" in impossible.reason
 
 
+def test_prompt_learning_plans_with_trls_loss(tiny_model):
+    """Prompt learning cannot take the lean loss (PEFT prepends its virtual tokens inside the forward): the plan says
+    and records TRL's chunked loss, and with the budget to spare checkpointing stays off."""
+    cfg, method, opts = setup(tiny_model, "adapter.type=prompt", "adapter.num_virtual_tokens=4")
+    p = plan(cfg, method, opts, STATS, device="cpu", budget_mb=1e9)
+    assert (p.gradient_checkpointing, p.lean_loss) == (False, False)
+    assert "chunked (fused) loss: the fastest settings fit" in p.reason
+
+
 def test_settings_the_config_fixes_are_kept(tiny_model):
     cfg, method, opts = setup(tiny_model, "training.gradient_checkpointing=false", "method.loss=lean")
     p = plan(cfg, method, opts, STATS, device="cpu", budget_mb=1.0)

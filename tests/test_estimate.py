@@ -244,7 +244,7 @@ def test_preference_methods_count_both_sequences_and_full_logits(tmp_path, tiny_
         # that runs after the policy's forward (the batch's, and with the `kto` loss the KL pairs')
         tiles = 2 if loss == "kto" else 1
         assert kto.memory_mb["loss"] == pytest.approx(
-            (4 * 100 * V * (4 + 4 + 4 + 4) + tiles * 4 * 100 * 32768 * 10) / MB), loss
+            (4 * 100 * V * (4 + 4 + 4 + 4) + tiles * 4 * 100 * 32768 * 10) / MB), loss  # TRL's tile: 32,768 wide
         gpu = estimate(_cfg(tmp_path, tiny_model, method={"name": "kto", "loss_type": loss}), "h100", max_tokens=100,
                        mean_tokens=50, baseline_mb=0)
         assert gpu.memory_mb["loss"] == pytest.approx(4 * 100 * V * (4 + 4 + 4 + 4) / MB), loss

@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass
 
 from tunelab import distributed
-from tunelab.estimate import MB, estimate, local_device, per_process
+from tunelab.estimate import MB, estimate, lean_loss_possible, local_device, per_process
 
 # Share of the free memory the estimate may fill: the allocator's fragmentation and the estimate's own error
 # (within ~20% of the measured peak, benchmarks/RESULTS.md) need the rest.
@@ -72,7 +72,7 @@ def plan(cfg, method, opts, stats: dict, device: str | None = None, budget_mb: f
         budget_mb = free * HEADROOM / local if free is not None else None
     gc = cfg.training.gradient_checkpointing
     gc_choices = (False, True) if gc == "auto" else (gc,)
-    loss_choices = method.loss_choices(opts)
+    loss_choices = tuple(dict.fromkeys(lean and lean_loss_possible(cfg) for lean in method.loss_choices(opts)))
     off = cfg.training.activation_offloading
     if off == "auto":  # only where there is a faster memory to offload from, and a trainer that can
         off = (False, True) if device != "cpu" and method.activation_offloading else (False,)

@@ -255,6 +255,12 @@ def runtime_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def lean_loss_possible(cfg) -> bool:
+    """Whether the run can take the lean loss at all: it calls the decoder directly, which prompt learning's virtual
+    tokens rule out (methods/lean.py's lean_loss_supported), so those runs take TRL's own loss."""
+    return not ADAPTERS[cfg.adapter.type].prompt_learning
+
+
 def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_per_hour: float | None = None,
              mean_tokens: float | None = None,
              max_tokens: int | None = None, trained_fraction: float = 0.5, num_samples: int | None = None,
@@ -320,9 +326,7 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
     max_len, mean_len = max_len + virtual, mean_len + virtual
     if lean_loss is None:  # the method's own choice (SFT: lean unless `loss: fused`)
         lean_loss = method.lean_loss(opts)
-    # the lean loss calls the decoder directly, which prompt learning's virtual tokens rule out (methods/lean.py):
-    # those runs take TRL's own loss
-    lean_loss = lean_loss and not adapter_type.prompt_learning
+    lean_loss = lean_loss and lean_loss_possible(cfg)
     # Liger's kernels (SFT on a GPU) patch RMSNorm, SwiGLU and RoPE, which keep fewer activations
     liger = gpu and method.uses_liger(opts, cuda=True)
     # preference methods (DPO, ORPO, SimPO, reward) run chosen and rejected through one forward: two sequences a row
@@ -377,7 +381,7 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
             # runs (1B, 128k vocabulary, 6,752 tokens; with and without gradient checkpointing): 1.5 B per logit
             loss = peak_tokens * arch["vocab"] * 1.5
         else:  # TRL's chunked head: a chunk of logits at a time
-            loss = min(scored, 4096) * arch["vocab"] * 8
+            loss = min(scored, estimate_time.TRL_HEAD_TILE[0]) * arch["vocab"] * 8
 
     memory = {"runtime": 0.0, "weights": weights / MB, "adapter": adapter / MB, "gradients": grads / MB,
               "optimizer": opt / MB, "activations": act / MB, "autocast": autocast_copies / MB, "loss": loss / MB}
@@ -404,8 +408,9 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
     if gen:  # forward-only passes over the sampled sequences (the sampling policy's log-probs, a KL reference)
         flops += gen.sequences * seq * fwd * gen.scoring_forwards
     # other frozen models' forwards over the same tokens (distill: the teacher), loaded like the trained model
+    frozen = method.frozen_forwards(cfg, opts, ctx)
     frozen_flops = tokens_per_step * sum(2 * a["params"] + 4 * a["layers"] * seq * a["heads"] * a["head_dim"]
-                                         for a in method.frozen_forwards(cfg, opts, ctx))
+                                         for a in frozen)
     # On CPU, frozen weights kept apart from the compute dtype (float32 under autocast, 4-bit) slow every pass that
     # reads them, and DoRA its own step (estimate_time.CPU_STORAGE_SLOWDOWN, the adapter table's cpu_step_factor).
     # The trained weights of a full fine-tune are cast once per forward, as bf16 weights are not at all.
@@ -421,8 +426,7 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
         if gen:
             cpu_flops += gen.sequences * seq * per_position * gen.scoring_forwards
         # and each pass over a micro-batch a fixed cost per layer, whatever its tokens (a forward a third of it)
-        forward_layers = method.forward_only_passes(opts) * L + sum(a["layers"] for a in method.frozen_forwards(
-            cfg, opts, ctx))
+        forward_layers = method.forward_only_passes(opts) * L + sum(a["layers"] for a in frozen)
         cpu_flops += estimate_time.CPU_LAYER_PASS_FLOPS * t.grad_accum * (
             method.training_passes(opts) * method.micro_batches(opts) * L + forward_layers / 3)
         if gen:

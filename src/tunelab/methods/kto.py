@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunelab.errors import UserError
+from tunelab.estimate_time import TRL_HEAD_TILE
 from tunelab.methods.preference import PreferenceMethod, dataset, reference, use_disabled_adapter_as_reference
 
 
@@ -65,7 +66,7 @@ class KTO(PreferenceMethod):
         isolated."""
         memory = super().loss_memory(opts, ctx)
         if not ctx.gpu:
-            tile = min(ctx.peak_tokens, 4096) * min(ctx.arch["vocab"], 32768) * 10
+            tile = min(ctx.peak_tokens, TRL_HEAD_TILE[0]) * min(ctx.arch["vocab"], TRL_HEAD_TILE[1]) * 10
             memory += tile * (2 if opts.loss_type == "kto" else 1)
         return memory
 
