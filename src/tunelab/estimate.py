@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass, field, replace
 from tunelab import distributed, estimate_time, methods, models
 from tunelab.adapters import ADAPTERS
 from tunelab.errors import UserError
-from tunelab.methods.contract import EstimateContext
+from tunelab.methods.contract import TRL_HEAD_TILE, EstimateContext
 
 GB = 2**30
 MB = 2**20
@@ -381,7 +381,7 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
             # runs (1B, 128k vocabulary, 6,752 tokens; with and without gradient checkpointing): 1.5 B per logit
             loss = peak_tokens * arch["vocab"] * 1.5
         else:  # TRL's chunked head: a chunk of logits at a time
-            loss = min(scored, estimate_time.TRL_HEAD_TILE[0]) * arch["vocab"] * 8
+            loss = min(scored, TRL_HEAD_TILE[0]) * arch["vocab"] * 8
 
     memory = {"runtime": 0.0, "weights": weights / MB, "adapter": adapter / MB, "gradients": grads / MB,
               "optimizer": opt / MB, "activations": act / MB, "autocast": autocast_copies / MB, "loss": loss / MB}

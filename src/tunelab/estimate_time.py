@@ -44,9 +44,6 @@ CPU_STORAGE_SLOWDOWN = {"frozen float32": 1.1, "quantized": 1.45}
 # "logits" (ORPO's and SimPO's selective log-softmax over float32 logits, PPO's, logit distillation's): ~4 ns a logit,
 # fitted on configs/preference/{orpo,simpo}-hh.yaml. The lean loss (trained positions only, one cross-entropy) and a
 # score head are within DEVICES["cpu"]["mfu"]. FLOP-equivalents at that probe and utilization (0.17).
-# The tile TRL's chunked head works on: positions x vocabulary entries (trl.kernels.chunked_logprob's
-# TOKEN_CHUNK_SIZE, trl.trainer.utils' _CHUNKED_LOGPROB_CHUNK_SIZE; kept here so that an estimate imports no TRL).
-TRL_HEAD_TILE = (4096, 32768)
 CPU_HEAD_FLOPS = {"chunked": 4200.0, "logits": 1700.0, "lean": 0.0, "score": 0.0}
 CPU_HEAD_BACKWARD = 1.7
 

@@ -46,6 +46,11 @@ class EstimateContext:
     architecture: Callable[[str], dict]  # a model source -> its architecture (reads config.json only)
 
 
+# The tile TRL's chunked log-prob head works on, positions x vocabulary entries (trl.kernels.chunked_logprob's
+# TOKEN_CHUNK_SIZE, trl.trainer.utils' _CHUNKED_LOGPROB_CHUNK_SIZE), for the memory estimate, which imports no TRL
+TRL_HEAD_TILE = (4096, 32768)
+
+
 @dataclass(frozen=True)
 class Generation:
     """What a method samples in each optimizer step before it trains on it (the step-time estimate's decoding part)."""

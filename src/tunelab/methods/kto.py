@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunelab.errors import UserError
-from tunelab.estimate_time import TRL_HEAD_TILE
+from tunelab.methods.contract import TRL_HEAD_TILE
 from tunelab.methods.preference import PreferenceMethod, dataset, reference, use_disabled_adapter_as_reference
 
 
