@@ -96,6 +96,24 @@ def _rank_pid(marker: str, rank: int) -> int | None:
     return None
 
 
+def kill_rank_once(path: Path, checkpoint: Path, env: dict) -> None:
+    """Start `tunelab train path --nproc 2`, SIGKILL its rank 1 once `checkpoint` exists, and check that the launcher
+    then ends the whole job. `env` holds TUNELAB_TEST_JOB, by which the rank's process is found."""
+    job = subprocess.Popen([*CLI, str(path), "--nproc", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env=env)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not checkpoint.is_dir() and job.poll() is None:
+            time.sleep(0.05)
+        pid = _rank_pid(env["TUNELAB_TEST_JOB"], 1)
+        assert pid is not None and job.poll() is None, "the job ended before a rank could be killed"
+        os.kill(pid, signal.SIGKILL)
+        assert job.wait(timeout=300) != 0  # the launcher ends the whole job when one rank dies
+    finally:
+        if job.poll() is None:
+            job.kill()
+
+
 @pytest.mark.slow  # two 2-process jobs and a SIGKILL: ~45 s
 def test_a_killed_rank_stops_the_job_and_the_same_command_resumes_exactly(tmp_path, tiny_model, tiny_chat_data,
                                                                           one_process):
@@ -103,19 +121,7 @@ def test_a_killed_rank_stops_the_job_and_the_same_command_resumes_exactly(tmp_pa
                         training={"save_steps": 2})
     run = tmp_path / "runs" / "killed"
     env = {**os.environ, "TUNELAB_TEST_JOB": str(tmp_path)}
-    job = subprocess.Popen([*CLI, str(path), "--nproc", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           env=env)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not (run / "checkpoints" / "checkpoint-4").is_dir() and job.poll() is None:
-            time.sleep(0.05)
-        pid = _rank_pid(str(tmp_path), 1)
-        assert pid is not None and job.poll() is None, "the job ended before a rank could be killed"
-        os.kill(pid, signal.SIGKILL)
-        assert job.wait(timeout=300) != 0  # the launcher ends the whole job when one rank dies
-    finally:
-        if job.poll() is None:
-            job.kill()
+    kill_rank_once(path, run / "checkpoints" / "checkpoint-4", env)
     assert not (run / "final").exists()
     out = train(path, "--nproc", "2", env=env)
     assert "resuming from" in out.stdout
@@ -298,14 +304,15 @@ def method_data(tmp_path_factory) -> dict[str, str]:
     return {"pairs": str(d / "pairs.jsonl"), "kto": str(d / "kto.jsonl"), "prompts": str(d / "prompts.jsonl")}
 
 
-def logged_reward(completions, **kwargs):
-    """A reward (longer completions score higher) that also records, per process, what it scored: the test checks
-    that the logged reward is the mean over every process's completions."""
+def logged_reward(prompts, completions, **kwargs):
+    """A reward (longer completions score higher) that also records, per process, what it scored: the tests check
+    that the logged reward is the mean over every process's completions, and that the processes saw other prompts."""
     from tunelab.rewards import completion_text
 
     scores = [len(completion_text(c)) / 50 for c in completions]
     with open(os.environ["TUNELAB_TEST_REWARDS"], "a") as f:
-        f.write(json.dumps({"rank": int(os.environ.get("RANK", "0")), "scores": scores}) + "\n")
+        f.write(json.dumps({"rank": int(os.environ.get("RANK", "0")), "scores": scores,
+                            "prompts": [json.dumps(p) for p in prompts]}) + "\n")
     return scores
 
 
@@ -350,19 +357,7 @@ def test_grpo_under_two_processes_trains_with_shared_rewards_and_resumes_after_a
                         adapter={"dropout": 0.0}, training={"save_steps": 2, "learning_rate": 5e-3})
     run = tmp_path / "runs" / "grpo"
     env = {**os.environ, "TUNELAB_TEST_JOB": str(tmp_path), "TUNELAB_TEST_REWARDS": str(tmp_path / "part1.jsonl")}
-    job = subprocess.Popen([*CLI, str(path), "--nproc", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           env=env)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not (run / "checkpoints" / "checkpoint-2").is_dir() and job.poll() is None:
-            time.sleep(0.05)
-        pid = _rank_pid(str(tmp_path), 1)
-        assert pid is not None and job.poll() is None, "the job ended before a rank could be killed"
-        os.kill(pid, signal.SIGKILL)
-        assert job.wait(timeout=300) != 0
-    finally:
-        if job.poll() is None:
-            job.kill()
+    kill_rank_once(path, run / "checkpoints" / "checkpoint-2", env)
     env["TUNELAB_TEST_REWARDS"] = str(tmp_path / "part2.jsonl")
     out = train(path, "--nproc", "2", env=env)
     assert "resuming from" in out.stdout
@@ -394,13 +389,53 @@ def test_every_method_finishes_steps_under_two_processes(tmp_path, tiny_model, t
     assert losses(run) and (run / "final").is_dir()
 
 
-def test_a_method_that_is_not_data_parallel_is_refused_before_any_process_starts(tmp_path, tiny_model, method_data):
-    """PPO's own loop is not data-parallel (generate() on the DDP wrapper, a value head outside it): --nproc 2 is one
-    line and exit 2 from the launching process, and no run directory is written."""
-    path = write_config(tmp_path, tiny_model, method_data["prompts"], "ppo", batch_size=4, max_steps=2,
-                        method={"name": "ppo", "rewards": [REWARD], "max_completion_length": 8})
+def _ppo_config(tmp_path, tiny_model, method_data, name, max_steps=4, save_steps=2, **extra):
+    return write_config(tmp_path, tiny_model, method_data["prompts"], name, batch_size=4, max_steps=max_steps,
+                        method={"name": "ppo", "rewards": [REWARD], "max_completion_length": 8, "ppo_epochs": 2,
+                                "num_mini_batches": 2},
+                        adapter={"dropout": 0.0}, training={"save_steps": save_steps, "learning_rate": 5e-3}, **extra)
+
+
+def test_ppo_under_two_processes_rolls_out_each_share_and_logs_the_mean_over_both(tmp_path, tiny_model,
+                                                                                   method_data):
+    """PPO's own loop on two processes: each rolls out its own prompts of every step, the logged reward is the mean
+    over both processes' completions, and final/ holds the adapter and the value head."""
+    path = _ppo_config(tmp_path, tiny_model, method_data, "ppo", max_steps=2, save_steps=100)
+    env = {**os.environ, "TUNELAB_TEST_REWARDS": str(tmp_path / "rewards.jsonl")}
+    train(path, "--nproc", "2", env=env)
+    run = tmp_path / "runs" / "ppo"
+    assert json.loads((run / "summary.json").read_text())["status"] == "complete"
+    assert len(losses(run)) == 2  # one entry per step: rank 0 alone writes
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["reward"] for r in rows if "reward" in r]
+    assert logged == pytest.approx(_rewards_per_step(tmp_path / "rewards.jsonl"), abs=1e-5)
+    calls = [json.loads(x) for x in (tmp_path / "rewards.jsonl").read_text().splitlines()]
+    for a, b in zip(*([c["prompts"] for c in calls if c["rank"] == r] for r in (0, 1))):
+        assert len(a) == len(b) == 4 and not set(a) & set(b)  # disjoint shares of the step's batch
+    assert (run / "final" / "adapter_model.safetensors").is_file() and (run / "final" / "value_head.safetensors").is_file()
+
+
+@pytest.mark.slow  # two two-process PPO jobs and a SIGKILL
+def test_ppo_under_two_processes_resumes_after_a_kill_on_the_uninterrupted_curve(tmp_path, tiny_model, method_data):
+    """Only rank 0 saves the value head: had the processes' value heads drifted apart (gradients not averaged),
+    the resumed steps would differ from the uninterrupted run's."""
+    env = {**os.environ, "TUNELAB_TEST_JOB": str(tmp_path), "TUNELAB_TEST_REWARDS": str(tmp_path / "rewards.jsonl")}
+    train(_ppo_config(tmp_path, tiny_model, method_data, "whole"), "--nproc", "2", env=env)
+    path = _ppo_config(tmp_path, tiny_model, method_data, "killed")
+    run = tmp_path / "runs" / "killed"
+    kill_rank_once(path, run / "checkpoints" / "checkpoint-2", env)
+    out = train(path, "--nproc", "2", env=env)
+    assert "resuming from" in out.stdout
+    whole = losses(tmp_path / "runs" / "whole")
+    assert len(whole) == 4 and losses(run) == pytest.approx(whole, abs=1e-5)
+
+
+def test_a_method_is_refused_under_a_strategy_it_does_not_train_under(tmp_path, tiny_model, method_data):
+    """PPO's own loop trains under DDP only: --nproc 2 with another strategy is one line and exit 2 from the
+    launching process, and no run directory is written."""
+    path = _ppo_config(tmp_path, tiny_model, method_data, "ppo", distributed={"strategy": "fsdp"})
     proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path), "--nproc", "2"], capture_output=True,
                           text=True)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "method 'ppo' does not train on several processes yet" in proc.stderr
+    assert "method 'ppo' does not train under distributed.strategy=fsdp" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs" / "ppo").exists()

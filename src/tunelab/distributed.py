@@ -87,15 +87,15 @@ def fsdp_unavailable() -> str | None:
 
 def check(dcfg, nproc: int | None = None, method=None, method_name: str = "") -> None:
     """A strategy that cannot run here, refused before anything loads (one line): its package is missing, (FSDP)
-    the processes have no accelerator to shard on, or the method does not train data-parallel. `nproc`: the processes
+    the processes have no accelerator to shard on, or the method does not train under the strategy. `nproc`: the processes
     about to be launched (default: this job's)."""
     import importlib.util
 
     from tunelab.errors import UserError
 
-    if method is not None and not method.data_parallel and (nproc or world_size()) > 1:
-        raise UserError(f"method '{method_name}' does not train on several processes yet (its own training loop is "
-                        "not data-parallel); run it in one process (no --nproc / torchrun)")
+    if method is not None and dcfg.strategy not in method.strategies and (nproc or world_size()) > 1:
+        raise UserError(f"method '{method_name}' does not train under distributed.strategy={dcfg.strategy} (its own "
+                        f"training loop); set distributed.strategy={method.strategies[0]}, or run it in one process")
 
     if dcfg.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise UserError("distributed.strategy=deepspeed needs the deepspeed package: pip install 'tunelab[deepspeed]' "

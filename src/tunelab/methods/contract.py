@@ -82,9 +82,9 @@ class Method:
     loss_head: ClassVar[str] = "chunked"
     # its trainer can move the activations kept for backward to CPU memory (TRL's SFTConfig.activation_offloading)
     activation_offloading: ClassVar[bool] = False
-    # it trains on several data-parallel processes (a Trainer that accelerate wraps); a method with its own loop that
-    # is not wrapped is refused under --nproc / torchrun before anything loads
-    data_parallel: ClassVar[bool] = True
+    # the distributed.strategy values it trains under on several processes (a Trainer that accelerate wraps); any
+    # other is refused under --nproc / torchrun before anything loads
+    strategies: ClassVar[tuple[str, ...]] = ("ddp", "fsdp", "deepspeed")
 
     # -- checks, before the model loads or the run directory is written ----------------------------------------------
     def options(self, raw: dict) -> BaseModel:

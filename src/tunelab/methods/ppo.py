@@ -56,9 +56,9 @@ class PPO(Method):
     adapters = tuple(name for name, a in ADAPTERS.items() if a.trains_base or a.lora_layers)
     reference_forward = True
     loss_head = "logits"  # ppo_core: full logits in float32, log-softmax and entropy over the completion positions
-    # its own loop (ppo_core) calls generate() on the model accelerate would wrap in DDP, and keeps its value head
-    # outside the wrapper (its gradients would not be averaged): refused on several processes
-    data_parallel = False
+    # its own loop (ppo_core) steps the optimizer between updates and keeps a value head beside the policy (wrapped
+    # in DDP on its own): DeepSpeed's engine owns the optimizer step, and FSDP would shard the policy only
+    strategies = ("ddp",)
 
     def loss_memory(self, opts: Config, ctx: EstimateContext) -> float:
         """ppo_core's loss over a mini-batch: the logits of every position in the compute dtype and their gradient,

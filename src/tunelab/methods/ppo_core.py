@@ -8,6 +8,10 @@ state; it is trained with the policy, and saved next to the model as value_head.
 Equations follow Schulman et al. 2017 and "The N+ Implementation Details of RLHF with PPO" (Huang et al. 2024):
 per-token reward r_t = -kl_coef * (log pi(a_t) - log pi_ref(a_t)), plus the score at the last completion token;
 advantages whitened over the batch; value loss 0.5 * max((V - R)^2, (V_clip - R)^2).
+
+On several processes (DDP) each process rolls out its own share of the prompts with its own sampling seed (as TRL's
+GRPO does), whitens over its own batch (as TRL's PPO did), and the policy's and the value head's gradients are
+averaged by DDP; the logged metrics are the means over every process.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ def gae(rewards, values, mask, gamma: float, lam: float):
 
 class PPOTrainer(Trainer):
     def __init__(self, model, args, opts, reward_funcs, reward_weights, tokenizer, train_dataset, eval_dataset=None):
+        from accelerate.utils import set_seed
         from peft import PeftModel
 
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -66,6 +71,18 @@ class PPOTrainer(Trainer):
         self.value_head = torch.nn.Linear(hidden, 1).to(model.device)
         torch.nn.init.zeros_(self.value_head.weight)  # start at V = 0: early advantages are the rewards themselves
         torch.nn.init.zeros_(self.value_head.bias)
+        self.value_head_ddp = self.value_head
+        if self.accelerator.num_processes > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # its gradients averaged like the policy's. Wrapped with torch's DDP rather than accelerator.prepare,
+            # which would also run it under autocast: one process and several compute the same values.
+            device = self.value_head.weight.device
+            self.value_head_ddp = DistributedDataParallel(self.value_head,
+                                                          device_ids=[device] if device.type != "cpu" else None)
+            # every process its own sampling seed, or all would draw the same random numbers for their completions
+            # (a resumed run restores each process's own RNG state from the checkpoint)
+            set_seed(args.seed, device_specific=True)
         self.stop_ids = stop_token_ids(tokenizer, model)
         self._metrics = defaultdict(list)
 
@@ -102,7 +119,7 @@ class PPOTrainer(Trainer):
         return logp, out.hidden_states[-1][:, prompt_len - 1:-1], logits
 
     def _values(self, hidden):
-        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        return self.value_head_ddp(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
     @torch.no_grad()
     def sample_and_score(self, model, rows, greedy: bool = False, prefix: str = ""):
@@ -144,7 +161,10 @@ class PPOTrainer(Trainer):
 
     @torch.no_grad()
     def rollout(self, model, rows):
+        """`model`: the policy as the Trainer holds it; generation and the no-grad forwards use the module itself
+        (generate() and disable_adapter() are not on a DDP wrapper, which only the update's backward needs)."""
         o = self.opts
+        model = self.accelerator.unwrap_model(model)
         ids, mask, width, c_mask, ended, score = self.sample_and_score(model, rows)
         if o.missing_eos_penalty is not None:
             score = score - o.missing_eos_penalty * (~ended).float()
@@ -168,7 +188,7 @@ class PPOTrainer(Trainer):
         adv, returns = gae(rewards, values, c_mask, o.gamma, o.lam)
         adv = masked_whiten(adv, c_mask)
         self._metrics["kl"].append(kl.sum(1).mean().item())
-        self.state.num_input_tokens_seen += int(mask.sum())
+        self.state.num_input_tokens_seen += int(self.accelerator.reduce(mask.sum(), "sum"))  # every process
         return dict(ids=ids, mask=mask, c_mask=c_mask, prompt_len=width, logp=logp, values=values, adv=adv,
                     returns=returns)
 
@@ -220,17 +240,28 @@ class PPOTrainer(Trainer):
 
     def log(self, logs, start_time=None):
         if self._metrics:
-            logs = {**logs, **{k: sum(v) / len(v) for k, v in self._metrics.items() if v}}
+            logs = {**logs, **self._process_means({k: sum(v) / len(v) for k, v in self._metrics.items() if v})}
             self._metrics.clear()
         super().log(logs, start_time)
+
+    def _process_means(self, metrics: dict) -> dict:
+        """The mean of each metric over every process (every process logs the same keys: same rewards, same
+        steps); each process's batch has the same size, so a mean of means is the mean over all rollouts."""
+        if self.accelerator.num_processes == 1 or not metrics:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([float(metrics[k]) for k in keys], device=self.args.device)
+        return dict(zip(keys, self.accelerator.reduce(values, "mean").tolist()))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         raise NotImplementedError("PPO computes its loss in training_step")
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         """Mean reward of greedy completions on the validation prompts (PPO has no evaluation loss). Greedy decoding
-        draws no random numbers, so evaluating does not change the training run's sampling (exact resume holds)."""
+        draws no random numbers, so evaluating does not change the training run's sampling (exact resume holds).
+        On several processes each scores its own share of the prompts and the means are over all of them."""
         rows = list(eval_dataset if eval_dataset is not None else self.eval_dataset)
+        rows = rows[self.accelerator.process_index::self.accelerator.num_processes]
         size = self.args.per_device_eval_batch_size
         model = self.model
         was_training = model.training
@@ -238,10 +269,16 @@ class PPOTrainer(Trainer):
         for i in range(0, len(rows), size):
             self.sample_and_score(model, rows[i:i + size], greedy=True, prefix=prefix)
         model.train(was_training)
-        # batch means weighted by batch size: the mean over all prompts
+        # batch means weighted by batch size, summed over the processes: the mean over all prompts
         counts = [len(rows[i:i + size]) for i in range(0, len(rows), size)]
-        metrics = {k: sum(v * n for v, n in zip(vals, counts)) / sum(counts)
-                   for k in list(self._metrics) if k.startswith(prefix) for vals in [self._metrics.pop(k)]}
+        sums = {k: sum(v * n for v, n in zip(vals, counts))
+                for k in list(self._metrics) if k.startswith(prefix) for vals in [self._metrics.pop(k)]}
+        keys = [f"{prefix}reward", f"{prefix}completions/mean_length",
+                *(f"{prefix}rewards/{f.__name__}" for f in self.reward_funcs)]
+        totals = torch.tensor([sums.get(k, 0.0) for k in keys] + [float(len(rows))], device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, "sum")
+        metrics = {k: (totals[i] / totals[-1]).item() for i, k in enumerate(keys)}
         super().log(metrics)  # not self.log: that flushes the training metrics gathered since the last log
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
