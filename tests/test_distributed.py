@@ -389,29 +389,42 @@ def test_every_method_finishes_steps_under_two_processes(tmp_path, tiny_model, t
     assert losses(run) and (run / "final").is_dir()
 
 
-def _ppo_config(tmp_path, tiny_model, method_data, name, max_steps=4, save_steps=2, **extra):
+def _ppo_config(tmp_path, tiny_model, method_data, name, max_steps=4, save_steps=2, training=(), **extra):
     return write_config(tmp_path, tiny_model, method_data["prompts"], name, batch_size=4, max_steps=max_steps,
                         method={"name": "ppo", "rewards": [REWARD], "max_completion_length": 8, "ppo_epochs": 2,
-                                "num_mini_batches": 2},
-                        adapter={"dropout": 0.0}, training={"save_steps": save_steps, "learning_rate": 5e-3}, **extra)
+                                "num_mini_batches": 2}, adapter={"dropout": 0.0},
+                        training={"save_steps": save_steps, "learning_rate": 5e-3, **dict(training)}, **extra)
 
 
 def test_ppo_under_two_processes_rolls_out_each_share_and_logs_the_mean_over_both(tmp_path, tiny_model,
                                                                                    method_data):
     """PPO's own loop on two processes: each rolls out its own prompts of every step, the logged reward is the mean
-    over both processes' completions, and final/ holds the adapter and the value head."""
-    path = _ppo_config(tmp_path, tiny_model, method_data, "ppo", max_steps=2, save_steps=100)
+    over both processes' completions, evaluation scores each validation prompt once (split between the processes)
+    and reports the mean over all, and final/ holds the adapter and the value head."""
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Check {i}."},
+                                                    {"role": "assistant", "content": "ok"}]}) + "\n" for i in range(5)))
+    path = _ppo_config(tmp_path, tiny_model, method_data, "ppo", max_steps=2, save_steps=100,
+                       data={"validation": str(val)}, training={"eval_steps": 2}, eval={"metric": "eval_reward"})
     env = {**os.environ, "TUNELAB_TEST_REWARDS": str(tmp_path / "rewards.jsonl")}
     train(path, "--nproc", "2", env=env)
     run = tmp_path / "runs" / "ppo"
     assert json.loads((run / "summary.json").read_text())["status"] == "complete"
     assert len(losses(run)) == 2  # one entry per step: rank 0 alone writes
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    logged = [r["reward"] for r in rows if "reward" in r]
-    assert logged == pytest.approx(_rewards_per_step(tmp_path / "rewards.jsonl"), abs=1e-5)
     calls = [json.loads(x) for x in (tmp_path / "rewards.jsonl").read_text().splitlines()]
-    for a, b in zip(*([c["prompts"] for c in calls if c["rank"] == r] for r in (0, 1))):
+    evals = [c for c in calls if "Check" in c["prompts"][0]]
+    train_calls = tmp_path / "train-rewards.jsonl"
+    train_calls.write_text("".join(json.dumps(c) + "\n" for c in calls if c not in evals))
+    logged = [r["reward"] for r in rows if "reward" in r]
+    assert logged == pytest.approx(_rewards_per_step(train_calls), abs=1e-5)
+    for a, b in zip(*([c["prompts"] for c in calls if c["rank"] == r and c not in evals] for r in (0, 1))):
         assert len(a) == len(b) == 4 and not set(a) & set(b)  # disjoint shares of the step's batch
+    scored = [p for c in evals for p in c["prompts"]]
+    assert len(scored) == len(set(scored)) == 5 and {c["rank"] for c in evals} == {0, 1}
+    [evaluated] = [r for r in rows if "eval_reward" in r]
+    scores = [x for c in evals for x in c["scores"]]
+    assert evaluated["eval_reward"] == pytest.approx(sum(scores) / len(scores), abs=1e-5)
     assert (run / "final" / "adapter_model.safetensors").is_file() and (run / "final" / "value_head.safetensors").is_file()
 
 
