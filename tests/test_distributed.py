@@ -69,6 +69,19 @@ def test_two_processes_learn_what_one_process_learns(tmp_path, tiny_model, tiny_
 
 
 @pytest.mark.slow
+def test_accelerates_launcher_learns_what_one_process_learns(tmp_path, tiny_model, tiny_chat_data, one_process):
+    """`accelerate launch -m tunelab train` (its multi-process launcher: on CPUs too, over gloo) is the same job."""
+    path = write_config(tmp_path, tiny_model, tiny_chat_data, "acc", batch_size=4, max_steps=12)
+    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--main_process_port", "0", "-m", "tunelab", "train", str(path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "each of 2 processes" in out.stdout
+    assert losses(tmp_path / "runs" / "acc") == pytest.approx(one_process, abs=1e-4)
+
+
+@pytest.mark.slow
 def test_full_fine_tuning_on_two_processes_learns_what_one_process_learns(tmp_path, tiny_model, tiny_chat_data):
     def cfg(name, batch_size):
         return write_config(tmp_path, tiny_model, tiny_chat_data, name, batch_size=batch_size, max_steps=4,
