@@ -156,6 +156,47 @@ def test_deepspeed_without_its_package_is_refused_before_anything_loads(tmp_path
 # ---------------------------------------------------------------------------------------------------------- FSDP
 
 
+@pytest.mark.parametrize("strategy", [{"strategy": "fsdp"}, {"strategy": "deepspeed", "zero_stage": 3}],
+                         ids=["fsdp", "zero3"])
+def test_8bit_weights_under_a_strategy_that_shards_them_are_refused_before_any_process_starts(
+        tmp_path, tiny_model, tiny_chat_data, strategy):
+    path = write_config(tmp_path, tiny_model, tiny_chat_data, "int8", batch_size=4, distributed=strategy,
+                        quantization={"bits": 8})
+    out = train(path, "--nproc", "2", check=False)
+    assert out.returncode == 2 and "8-bit weights cannot be sharded" in out.stderr, out.stderr[-2000:]
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+def test_qlora_under_a_sharding_strategy_packs_4bit_weights_in_the_model_dtype_with_the_same_values(tiny_model):
+    """FSDP and ZeRO-3 shard parameters of one dtype: the 4-bit weights are stored in the model's dtype (FSDP-QLoRA),
+    and the model computes exactly what the uint8-stored one does, gradients included."""
+    import torch
+
+    from tunelab import models
+    from tunelab.api import load_config
+
+    def cfg(strategy):
+        return load_config(None, [f"model.source={tiny_model}", "quantization.bits=4", "adapter.type=lora",
+                                  "adapter.dropout=0.0", f"distributed.strategy={strategy}"])
+
+    def loss_and_grads(strategy):
+        torch.manual_seed(0)
+        model = models.attach_adapter(models.load_model(cfg(strategy), precision="bf16"), cfg(strategy))
+        # as loaded (bitsandbytes' CPU kernels repack the weights at their first use)
+        packed = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.dtype
+        ids = torch.arange(3, 40)[None]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = [p.grad.float() for n, p in model.named_parameters() if p.requires_grad]
+        return packed, loss.item(), grads
+
+    storage, loss, grads = loss_and_grads("ddp")
+    sharded_storage, sharded_loss, sharded_grads = loss_and_grads("fsdp")
+    weights = models.torch_dtype(models.base_dtype(cfg("fsdp"), "bf16", torch.cuda.is_available()))
+    assert storage == torch.uint8 and sharded_storage == weights != torch.uint8
+    assert grads and sharded_loss == loss and all(torch.equal(a, b) for a, b in zip(grads, sharded_grads))
+
+
 def _fsdp_cannot_run() -> str | None:
     """Why FSDP cannot be tested here (the same line `tunelab train` refuses it with), or None."""
     import torch

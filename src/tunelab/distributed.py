@@ -85,22 +85,33 @@ def fsdp_unavailable() -> str | None:
     return FSDP_NEEDS_ACCELERATORS if cpu else None
 
 
-def check(dcfg, nproc: int | None = None, method=None, method_name: str = "") -> None:
-    """A strategy that cannot run here, refused before anything loads (one line): its package is missing, (FSDP)
-    the processes have no accelerator to shard on, or the method does not train under the strategy. `nproc`: the processes
-    about to be launched (default: this job's)."""
+def shards_weights(dcfg) -> bool:
+    """Whether the strategy splits the weights themselves across processes (FSDP, ZeRO-3), not only gradients and
+    optimizer state."""
+    return dcfg.strategy == "fsdp" or (dcfg.strategy == "deepspeed" and dcfg.zero_stage == 3)
+
+
+def check(cfg, method=None, nproc: int | None = None) -> None:
+    """A strategy that cannot run here, refused before anything loads (one line): the method does not train under
+    it, 8-bit weights would be sharded, its package is missing, or (FSDP) the processes have no accelerator to shard
+    on. `cfg`: the RunConfig; `nproc`: the processes about to be launched (default: this job's)."""
     import importlib.util
 
     from tunelab.errors import UserError
 
-    if method is not None and dcfg.strategy not in method.strategies and (nproc or world_size()) > 1:
-        raise UserError(f"method '{method_name}' does not train under distributed.strategy={dcfg.strategy} (its own "
-                        f"training loop); set distributed.strategy={method.strategies[0]}, or run it in one process")
-
+    dcfg, several = cfg.distributed, (nproc or world_size()) > 1
+    if several and method is not None and dcfg.strategy not in method.strategies:
+        raise UserError(f"method '{cfg.method.name}' does not train under distributed.strategy={dcfg.strategy} (its "
+                        f"own training loop); set distributed.strategy={method.strategies[0]}, or run it in one "
+                        "process")
+    if several and cfg.quantization.bits == 8 and shards_weights(dcfg):
+        raise UserError(f"quantization.bits=8 with distributed.strategy={dcfg.strategy}: 8-bit weights cannot be "
+                        "sharded across processes; use quantization.bits=4 (QLoRA shards, as FSDP-QLoRA does) or "
+                        "distributed.strategy=ddp")
     if dcfg.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise UserError("distributed.strategy=deepspeed needs the deepspeed package: pip install 'tunelab[deepspeed]' "
                         "(or use distributed.strategy=ddp / fsdp, which need nothing more)")
-    if dcfg.strategy == "fsdp" and (nproc or world_size()) > 1:
+    if dcfg.strategy == "fsdp" and several:
         reason = fsdp_unavailable()
         if reason:
             raise UserError(reason)

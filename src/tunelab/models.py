@@ -221,10 +221,16 @@ def load_model(cfg, precision: str = "fp32", task: str = "CAUSAL_LM", float32_ba
     if q.bits:
         from transformers import BitsAndBytesConfig
 
+        from tunelab.distributed import shards_weights
+
         compute = dtype if q.compute_dtype == "auto" else torch_dtype(q.compute_dtype)
+        # FSDP and ZeRO-3 flatten and shard parameters of one dtype: the packed 4-bit weights are then stored in the
+        # model's dtype rather than uint8 (FSDP-QLoRA's recipe; the same values in another container)
+        storage = dtype if shards_weights(cfg.distributed) else torch.uint8
         kw["quantization_config"] = (
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
-                               bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=compute)
+                               bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=compute,
+                               bnb_4bit_quant_storage=storage)
             if q.bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
     if task == "SEQ_CLS":
         kw["num_labels"] = 1  # one scalar score per sequence

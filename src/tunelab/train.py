@@ -206,7 +206,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
     eval_args = evaluation_settings(cfg)  # config mistakes surface before the run directory is touched
     check_training(cfg)
     tracking.check(cfg.training.report_to)
-    distributed.check(cfg.distributed, method=method, method_name=cfg.method.name)
+    distributed.check(cfg, method)
     echo = distributed.quiet_unless_main(echo)  # several processes: rank 0 prints and writes
     run = runs.open_run(cfg, overwrite=overwrite)
     if run.complete:
@@ -375,8 +375,7 @@ def main(args) -> int:
     cfg = read_config(args.config, args.overrides)  # run_training checks it against the method table and data layer
     if args.nproc > 1 and distributed.world_size() == 1:  # start the processes; each runs this command again
         # a config mistake or a strategy that cannot run here: one line before any process starts, not one per rank
-        distributed.check(cfg.distributed, nproc=args.nproc, method=methods.get(cfg.method.name),
-                          method_name=cfg.method.name)
+        distributed.check(cfg, methods.get(cfg.method.name), nproc=args.nproc)
         argv = ["train", args.config, *args.overrides, *(["--overwrite"] if args.overwrite else [])]
         return distributed.launch(argv, args.nproc)
     quiet_libraries()
