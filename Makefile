@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.tunelab-installed
-EXTRAS ?= serve,ui,eval,lmeval,sweep,track,dev
+EXTRAS ?= serve,ui,eval,lmeval,sweep,track,deepspeed,dev
 TORCH  ?= torch==2.13.0
 
 .PHONY: setup quickstart test test-all test-fast test-outcomes llamacpp bench clean

@@ -48,11 +48,17 @@ def train(path, *extra, env=None, check=True):
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, tiny_model, tiny_chat_data):
-    """The reference: one process, batch 8."""
+def one_process_run(tmp_path_factory, tiny_model, tiny_chat_data) -> Path:
+    """The reference run: one process, batch 8."""
     tmp = tmp_path_factory.mktemp("one")
     train(write_config(tmp, tiny_model, tiny_chat_data, "one", batch_size=8, max_steps=12))
-    return losses(tmp / "runs" / "one")
+    return tmp / "runs" / "one"
+
+
+@pytest.fixture(scope="module")
+def one_process(one_process_run) -> list[float]:
+    """The reference run's per-step losses."""
+    return losses(one_process_run)
 
 
 def test_two_processes_learn_what_one_process_learns(tmp_path, tiny_model, tiny_chat_data, one_process):
@@ -141,16 +147,95 @@ def test_a_killed_rank_stops_the_job_and_the_same_command_resumes_exactly(tmp_pa
     assert losses(run) == pytest.approx(one_process, abs=1e-4)  # the same curve as an uninterrupted run
 
 
-def test_deepspeed_without_its_package_is_refused_before_anything_loads(tmp_path, tiny_model, tiny_chat_data):
+def test_deepspeed_without_its_package_is_refused_before_anything_loads(tmp_path, tiny_model, tiny_chat_data,
+                                                                       monkeypatch):
     import importlib.util
 
-    if importlib.util.find_spec("deepspeed") is not None:
-        pytest.skip("deepspeed is installed here")
+    from tunelab.api import load_config
+    from tunelab.errors import UserError
+    from tunelab.train import run_training
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else
+                        find_spec(name, *a))  # as on a machine without it
     path = write_config(tmp_path, tiny_model, tiny_chat_data, "ds", batch_size=4,
                         distributed={"strategy": "deepspeed"})
-    out = train(path, check=False)
-    assert out.returncode == 2 and "distributed.strategy=deepspeed needs the deepspeed package" in out.stderr
+    with pytest.raises(UserError, match="distributed.strategy=deepspeed needs the deepspeed package"):
+        run_training(load_config(path))
     assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------------------------------- DeepSpeed
+
+def _no_deepspeed() -> str | None:
+    import importlib.util
+
+    return None if importlib.util.find_spec("deepspeed") else ("deepspeed is not installed (pip install "
+                                                                "'tunelab[deepspeed]'; `make test` installs it)")
+
+
+needs_deepspeed = pytest.mark.skipif(_no_deepspeed() is not None, reason=str(_no_deepspeed()))
+
+
+def _same_tensors(a: Path, b: Path, name: str) -> None:
+    """The weight files `name` in a and b hold the same tensors, none of them empty. Within 1e-3: equal losses
+    (1e-4) leave float32 rounding that Adam's normalized steps carry into the weights (6e-5 after 12 steps at lr
+    1e-2), while a weight not gathered or not trained would be off by a whole step or more (~1e-2)."""
+    from safetensors.torch import load_file
+
+    x, y = load_file(a / name), load_file(b / name)
+    assert x.keys() == y.keys() and x
+    for k in x:
+        assert x[k].numel() > 0 and x[k].shape == y[k].shape, k  # a ZeRO-3 save without gathering is empty
+        assert (x[k].float() - y[k].float()).abs().max() < 1e-3, k
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [3, pytest.param(2, marks=pytest.mark.slow)])
+def test_deepspeed_zero_two_processes_learn_what_one_process_learns_and_final_loads_plainly(
+        tmp_path, tiny_model, tiny_chat_data, one_process_run, stage):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    path = write_config(tmp_path, tiny_model, tiny_chat_data, "zero", batch_size=4, max_steps=12,
+                        distributed={"strategy": "deepspeed", "zero_stage": stage})
+    out = train(path, "--nproc", "2")
+    run = tmp_path / "runs" / "zero"
+    assert f"deepspeed ZeRO-{stage}" in out.stdout
+    assert losses(run) == pytest.approx(losses(one_process_run), abs=1e-4)
+    _same_tensors(run / "final", one_process_run / "final", "adapter_model.safetensors")
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), run / "final")  # plain PEFT loads it
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_deepspeed_zero3_full_fine_tuning_saves_the_whole_gathered_model(tmp_path, tiny_model, tiny_chat_data):
+    from transformers import AutoModelForCausalLM
+
+    def cfg(name, batch_size, **extra):
+        return write_config(tmp_path, tiny_model, tiny_chat_data, name, batch_size=batch_size, max_steps=4,
+                            adapter={"type": "none"}, training={"learning_rate": 1e-3, "save_steps": 100}, **extra)
+
+    train(cfg("one", 8))
+    train(cfg("zero3", 4, distributed={"strategy": "deepspeed", "zero_stage": 3}), "--nproc", "2")
+    runs_dir = tmp_path / "runs"
+    assert losses(runs_dir / "zero3") == pytest.approx(losses(runs_dir / "one"), abs=1e-4)
+    _same_tensors(runs_dir / "zero3" / "final", runs_dir / "one" / "final", "model.safetensors")
+    AutoModelForCausalLM.from_pretrained(runs_dir / "zero3" / "final")
+
+
+@needs_deepspeed
+@pytest.mark.slow  # two 2-process jobs and a SIGKILL
+def test_deepspeed_zero3_killed_rank_then_the_same_command_resumes_exactly(tmp_path, tiny_model, tiny_chat_data,
+                                                                           one_process):
+    path = write_config(tmp_path, tiny_model, tiny_chat_data, "killed", batch_size=4, max_steps=12,
+                        training={"save_steps": 2}, distributed={"strategy": "deepspeed", "zero_stage": 3})
+    run = tmp_path / "runs" / "killed"
+    env = {**os.environ, "TUNELAB_TEST_JOB": str(tmp_path)}
+    kill_rank_once(path, run / "checkpoints" / "checkpoint-4", env)
+    out = train(path, "--nproc", "2", env=env)
+    assert "resuming from" in out.stdout
+    assert losses(run) == pytest.approx(one_process, abs=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------- FSDP
