@@ -528,17 +528,18 @@ def test_grpo_under_two_processes_trains_with_shared_rewards_and_resumes_after_a
     assert json.loads((run / "summary.json").read_text())["status"] == "complete"
 
 
+METHODS = [({"name": "orpo"}, "pairs"), ({"name": "simpo"}, "pairs"), ({"name": "reward"}, "pairs"),
+           ({"name": "kto"}, "kto"), ({"name": "distill", "student_layers": 1}, "chat")]
+
+
 @pytest.mark.slow  # one two-process run per method (~a minute each on 2 cores)
 @pytest.mark.e2e
-@pytest.mark.parametrize("method, data", [
-    ({"name": "orpo"}, "pairs"), ({"name": "simpo"}, "pairs"), ({"name": "reward"}, "pairs"),
-    ({"name": "kto"}, "kto"),
-    ({"name": "distill", "student_layers": 1}, "chat"),
-], ids=lambda v: v["name"] if isinstance(v, dict) else None)
+@pytest.mark.parametrize("method, data", METHODS, ids=lambda v: v["name"] if isinstance(v, dict) else None)
 def test_every_method_finishes_steps_under_two_processes(tmp_path, tiny_model, tiny_chat_data, method_data, method,
-                                                         data):
+                                                         data, distributed=None):
     path = write_config(tmp_path, tiny_model, tiny_chat_data if data == "chat" else method_data[data], "m",
                         batch_size=4, max_steps=2, method=method, data={"max_length": 96},
+                        distributed=distributed or {},
                         **({"adapter": {"type": "none"}} if method["name"] == "distill" else {}))
     env = {**os.environ, "TUNELAB_TEST_REWARDS": str(tmp_path / "rewards.jsonl")}
     train(path, "--nproc", "2", env=env)
@@ -546,6 +547,21 @@ def test_every_method_finishes_steps_under_two_processes(tmp_path, tiny_model, t
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["global_step"] == 2
     assert losses(run) and (run / "final").is_dir()
+
+
+@needs_deepspeed
+@pytest.mark.slow  # one two-process run per method
+@pytest.mark.e2e
+@pytest.mark.parametrize("method, data", [
+    ({"name": "dpo"}, "pairs"),
+    ({"name": "grpo", "rewards": [REWARD], "num_generations": 4, "max_completion_length": 8}, "prompts"),
+    *METHODS], ids=lambda v: v["name"] if isinstance(v, dict) else None)
+def test_every_method_but_ppo_finishes_steps_under_deepspeed_zero3(tmp_path, tiny_model, tiny_chat_data,
+                                                                   method_data, method, data):
+    """ZeRO-3 keeps each process's shard of the weights: GRPO samples without folding its adapter into them, and
+    distillation's report reads the student without leaving its gathered weights as inference tensors."""
+    test_every_method_finishes_steps_under_two_processes(tmp_path, tiny_model, tiny_chat_data, method_data, method,
+                                                         data, {"strategy": "deepspeed", "zero_stage": 3})
 
 
 def _ppo_config(tmp_path, tiny_model, method_data, name, max_steps=4, save_steps=2, training=(), **extra):

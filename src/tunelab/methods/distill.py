@@ -249,7 +249,9 @@ def compare(teacher, student, rows: list[dict], temperature: float = 1.0, batch_
             logits = {}
             for name, model in models.items():
                 t0 = time.perf_counter()
-                with torch.inference_mode():
+                # no_grad, not inference_mode: under ZeRO-3 the student's small weights stay gathered after this
+                # forward, and as inference tensors its training steps could not use them
+                with torch.no_grad():
                     logits[name] = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
                 totals[name]["secs"] += time.perf_counter() - t0
                 totals[name]["tokens"] += int(mask.sum())

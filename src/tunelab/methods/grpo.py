@@ -195,9 +195,12 @@ def merged_adapter(model):
     unquantized base weights (unmerging bf16 weights would round them a little more every step). Yields whether it
     merged."""
     import torch
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     base = getattr(model, "base_model", None)
+    # ZeRO-3 keeps each process's shard of the weights only (gathered layer by layer inside its forward)
     mergeable = (hasattr(model, "merge_adapter") and not getattr(model.config, "quantization_config", None)
+                 and not is_deepspeed_zero3_enabled()
                  and all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" not in n)
                  and all(getattr(c, "peft_type", None) == "LORA" for c in getattr(model, "peft_config", {}).values())
                  and base is not None)
