@@ -272,6 +272,15 @@ def test_8bit_weights_under_a_strategy_that_shards_them_are_refused_before_any_p
     assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
+def test_a_task_metric_under_zero3_is_refused_before_any_process_starts(tmp_path, tiny_model, tiny_chat_data):
+    path = write_config(tmp_path, tiny_model, tiny_chat_data, "task", batch_size=4, data={"val_split": 0.25},
+                        training={"eval_steps": 2}, eval={"task": "gsm8k"},
+                        distributed={"strategy": "deepspeed", "zero_stage": 3})
+    out = train(path, "--nproc", "2", check=False)
+    assert out.returncode == 2 and "eval.task=gsm8k with DeepSpeed ZeRO-3" in out.stderr, out.stderr[-2000:]
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
 def test_qlora_under_a_sharding_strategy_packs_4bit_weights_in_the_model_dtype_with_the_same_values(tiny_model):
     """FSDP and ZeRO-3 shard parameters of one dtype: the 4-bit weights are stored in the model's dtype (FSDP-QLoRA),
     and the model computes exactly what the uint8-stored one does, gradients included."""
