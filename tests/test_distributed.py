@@ -169,9 +169,13 @@ def test_deepspeed_without_its_package_is_refused_before_anything_loads(tmp_path
 
 def _no_deepspeed() -> str | None:
     import importlib.util
+    import shutil
 
-    return None if importlib.util.find_spec("deepspeed") else ("deepspeed is not installed (pip install "
-                                                                "'tunelab[deepspeed]'; `make test` installs it)")
+    if importlib.util.find_spec("deepspeed") is None:
+        return "deepspeed is not installed (pip install 'tunelab[deepspeed]'; `make test` installs it)"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler: DeepSpeed builds its shared-memory collective for CPU processes with one"
+    return None
 
 
 needs_deepspeed = pytest.mark.skipif(_no_deepspeed() is not None, reason=str(_no_deepspeed()))
