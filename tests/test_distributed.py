@@ -327,7 +327,8 @@ def _fsdp_cannot_run() -> str | None:
     return reason
 
 
-@pytest.mark.skipif(_fsdp_cannot_run() != FSDP_NEEDS_ACCELERATORS, reason="this machine has accelerators: FSDP runs here")
+@pytest.mark.skipif(_fsdp_cannot_run() != FSDP_NEEDS_ACCELERATORS,
+                    reason="this machine has accelerators: FSDP runs here")
 def test_fsdp_on_cpus_is_refused_in_one_line_before_any_process_starts(tmp_path, tiny_model, tiny_chat_data):
     """accelerate would silently train CPU processes as DDP (full copies), so `fsdp` is refused where it cannot
     shard."""
@@ -613,7 +614,8 @@ def test_ppo_under_two_processes_rolls_out_each_share_and_logs_the_mean_over_bot
     [evaluated] = [r for r in rows if "eval_reward" in r]
     scores = [x for c in evals for x in c["scores"]]
     assert evaluated["eval_reward"] == pytest.approx(sum(scores) / len(scores), abs=1e-5)
-    assert (run / "final" / "adapter_model.safetensors").is_file() and (run / "final" / "value_head.safetensors").is_file()
+    assert (run / "final" / "adapter_model.safetensors").is_file()
+    assert (run / "final" / "value_head.safetensors").is_file()
 
 
 @pytest.mark.slow  # two two-process PPO jobs and a SIGKILL

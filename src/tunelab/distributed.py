@@ -94,7 +94,8 @@ def shards_weights(dcfg) -> bool:
 def check(cfg, method=None, nproc: int | None = None) -> None:
     """A strategy that cannot run here, refused before anything loads (one line): the method does not train under
     it, 8-bit weights would be sharded, the task metric would generate from ZeRO-3 shards, its package is missing,
-    or (FSDP) the processes have no accelerator to shard on. `cfg`: the RunConfig; `nproc`: the processes about to be launched (default: this job's)."""
+    or (FSDP) the processes have no accelerator to shard on. `cfg`: the RunConfig; `nproc`: the processes about to
+    be launched (default: this job's)."""
     import importlib.util
 
     from tunelab.errors import UserError

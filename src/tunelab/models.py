@@ -224,8 +224,9 @@ def load_model(cfg, precision: str = "fp32", task: str = "CAUSAL_LM", float32_ba
         from tunelab.distributed import shards_weights
 
         compute = dtype if q.compute_dtype == "auto" else torch_dtype(q.compute_dtype)
-        # FSDP and ZeRO-3 flatten and shard parameters of one dtype: the packed 4-bit weights are then stored in the
-        # model's dtype rather than uint8 (FSDP-QLoRA's recipe; the same values in another container)
+        # FSDP shards flat groups of parameters that share one dtype: under a strategy that shards the weights the
+        # packed 4-bit weights are stored in the model's dtype rather than uint8 (PEFT's FSDP-QLoRA and ZeRO-3
+        # QLoRA recipes; the same values in another container)
         storage = dtype if shards_weights(cfg.distributed) else torch.uint8
         kw["quantization_config"] = (
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,

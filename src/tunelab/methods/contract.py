@@ -76,7 +76,7 @@ class Method:
     merge_final: ClassVar[bool] = False  # final/ holds the adapter merged in: a model plain transformers loads
     sequences_per_row: ClassVar[int] = 1  # sequences one training row puts through the forward (pairs: 2)
     reference_forward: ClassVar[bool] = False  # a frozen reference model scores each batch too (estimate FLOPs)
-    # how its loss reaches the vocabulary when it is not the lean loss (the CPU step time: estimate_time.CPU_HEAD_FLOPS):
+    # how its loss reaches the vocabulary when it is not the lean loss (CPU step time: estimate_time.CPU_HEAD_FLOPS):
     # "chunked" (TRL's fused log-prob head: DPO, KTO, GRPO, SFT's `loss: fused`), "logits" (full logits and a
     # log-softmax over them), "score" (a one-score head, no vocabulary)
     loss_head: ClassVar[str] = "chunked"
