@@ -253,3 +253,22 @@ def test_bf16_sampler_follows_the_merged_policy(tiny_model):
     second, after = check()
     assert second is first and not torch.allclose(before, after)
     assert bf16_sampler(SimpleNamespace(args=SimpleNamespace(bf16=False)), model) is model  # float32 runs sample as is
+
+
+def test_ppo_writes_its_value_head_from_the_saving_process_only(tmp_path, tiny_model, monkeypatch):
+    """The Trainer calls _save on every process of a job and only one writes (`args.should_save`): the value head
+    follows that rule. Written by every rank, one rank's temporary file vanished under the other's rename."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    from tunelab.methods.ppo import Config
+    from tunelab.methods.ppo_core import VALUE_HEAD, PPOTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+    trainer = PPOTrainer(AutoModelForCausalLM.from_pretrained(tiny_model), args, Config(), [target_reward], [1.0],
+                         AutoTokenizer.from_pretrained(tiny_model), Dataset.from_list([{"prompt": "Hi."}]))
+    trainer._save(str(tmp_path / "writer"))
+    assert (tmp_path / "writer" / VALUE_HEAD).is_file()
+    monkeypatch.setattr(TrainingArguments, "should_save", property(lambda self: False))  # as on rank 1
+    trainer._save(str(tmp_path / "other"))
+    assert not (tmp_path / "other").exists()

@@ -97,6 +97,8 @@ class PPOTrainer(Trainer):
         from safetensors.torch import save_file
 
         super()._save(output_dir, state_dict)
+        if not self.args.should_save:  # the Trainer calls this on every process; one writes
+            return
         out = output_dir or self.args.output_dir
         save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
                   os.path.join(out, VALUE_HEAD))
