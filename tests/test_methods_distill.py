@@ -136,3 +136,26 @@ def test_teacher_forward_runs_in_mixed_precision(tmp_path, tiny_model, tiny_chat
     path = write_config(tmp_path, tiny_model, tiny_chat_data, {"student_layers": 1}, max_steps=2, precision="bf16")
     assert run_training(load_config(path), show_progress=False)["status"] == "complete"
     assert (True, torch.bfloat16) in seen, seen
+
+
+def test_the_report_is_written_by_the_first_process_only(tmp_path, tiny_model):
+    """Every process compares teacher and student at the end (a collective forward under ZeRO-3); the first alone
+    writes distill_report.md/json."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.methods.distill import report_callback
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    rows = [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8]}]
+    report = report_callback(model, rows)
+    for first, run in ((False, tmp_path / "rank1"), (True, tmp_path / "rank0")):
+        (run / ".staging").mkdir(parents=True)
+        state = SimpleNamespace(global_step=0, is_world_process_zero=first)
+        report.on_train_begin(SimpleNamespace(), state, None, model=model)
+        report.on_train_end(SimpleNamespace(output_dir=str(run / ".staging")), state, None, model=model)
+    assert sorted(p.name for p in (tmp_path / "rank0").iterdir()) == [".staging", "distill_report.json",
+                                                                      "distill_report.md"]
+    assert [p.name for p in (tmp_path / "rank1").iterdir()] == [".staging"]
+    assert json.loads((tmp_path / "rank0" / "distill_report.json").read_text())["after"]["held_out_rows"] == 1

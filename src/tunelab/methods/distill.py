@@ -276,10 +276,11 @@ def compare(teacher, student, rows: list[dict], temperature: float = 1.0, batch_
 
 def report_callback(teacher, rows):
     """Compares teacher and student on held-out rows before and after training; writes distill_report.md/json."""
-    import json
     from pathlib import Path
 
     from transformers import TrainerCallback
+
+    from tunelab.rundir import write_json_atomic, write_text_atomic
 
     class Report(TrainerCallback):
         before = None
@@ -289,9 +290,11 @@ def report_callback(teacher, rows):
                 self.before = compare(teacher, model, rows)
 
         def on_train_end(self, args, state, control, model=None, **kw):
-            after = compare(teacher, model, rows)
+            after = compare(teacher, model, rows)  # on every process: under ZeRO-3 the student's forward is collective
+            if not state.is_world_process_zero:  # one process writes
+                return
             run_dir = Path(args.output_dir).parent  # output_dir is the run's staging directory
-            (run_dir / "distill_report.json").write_text(json.dumps({"before": self.before, "after": after}, indent=2))
+            write_json_atomic(run_dir / "distill_report.json", {"before": self.before, "after": after})
             t, s = after["teacher"], after["student"]
             kl_before = self.before["kl_teacher_student"] if self.before else "n/a"
             lines = ["# Distillation report", "", f"Held-out rows: {after['held_out_rows']}", "",
@@ -302,7 +305,7 @@ def report_callback(teacher, rows):
                      f"{after['kl_teacher_student']} after"]
             if self.before:
                 lines.append(f"Student perplexity before training: {self.before['student']['perplexity']}")
-            (run_dir / "distill_report.md").write_text("\n".join(lines) + "\n")
+            write_text_atomic(run_dir / "distill_report.md", "\n".join(lines) + "\n")
 
     return Report()
 
