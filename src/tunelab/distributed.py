@@ -93,8 +93,8 @@ def shards_weights(dcfg) -> bool:
 
 def check(cfg, method=None, nproc: int | None = None) -> None:
     """A strategy that cannot run here, refused before anything loads (one line): the method does not train under
-    it, 8-bit weights would be sharded, the task metric would generate from ZeRO-3 shards, its package is missing,
-    or (FSDP) the processes have no accelerator to shard on. `cfg`: the RunConfig; `nproc`: the processes about to
+    it, 8-bit weights would be sharded, its package is missing, or (FSDP) the processes have no accelerator to
+    shard on. `cfg`: the RunConfig; `nproc`: the processes about to
     be launched (default: this job's)."""
     import importlib.util
 
@@ -109,10 +109,6 @@ def check(cfg, method=None, nproc: int | None = None) -> None:
         raise UserError(f"quantization.bits=8 with distributed.strategy={dcfg.strategy}: 8-bit weights cannot be "
                         "sharded across processes; use quantization.bits=4 (QLoRA shards, as FSDP-QLoRA does) or "
                         "distributed.strategy=ddp")
-    if several and cfg.eval.task and dcfg.strategy == "deepspeed" and dcfg.zero_stage == 3:
-        raise UserError(f"eval.task={cfg.eval.task} with DeepSpeed ZeRO-3: the task metric generates with the trained "
-                        "model outside DeepSpeed's engine, which keeps only a shard of its weights; use "
-                        "distributed.zero_stage=2 (or ddp), or score the task after training (tunelab eval)")
     if dcfg.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise UserError("distributed.strategy=deepspeed needs the deepspeed package: pip install 'tunelab[deepspeed]' "
                         "(or use distributed.strategy=ddp / fsdp, which need nothing more)")

@@ -219,16 +219,18 @@ def evaluation_model(model, params: GenParams | None = None):
     LoRA-style adapters merged into it, unless `params.precision` is "model". Decoding reads every weight for each
     token and AMX/AVX512-BF16 cores multiply bf16 natively: SmolLM2-135M generated ~1.5x the tokens/s this way (see
     benchmarks/RESULTS.md), and a merged model skips the adapter's extra matmuls. The copy leaves the caller's model
-    (a model being trained, too) untouched. Models that are quantized, on a GPU, already half precision, or carry a
-    prompt-learning adapter (nothing to merge) are used as they are.
+    (a model being trained, too) untouched. Models that are quantized, on a GPU, already half precision, carry a
+    prompt-learning adapter (nothing to merge) or are sharded by DeepSpeed ZeRO-3 (a copy would hold this process's
+    shards only; its own hooks gather the weights in each forward) are used as they are.
     """
     import copy
 
     import torch
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     from tunelab.models import bf16_supported
 
-    if params is not None and params.precision == "model":
+    if (params is not None and params.precision == "model") or is_deepspeed_zero3_enabled():
         return model
     params_ = list(model.parameters())
     if (not params_ or params_[0].device.type != "cpu" or getattr(model, "is_quantized", False)
