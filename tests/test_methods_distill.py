@@ -89,7 +89,8 @@ def test_compare_scores_batch_by_batch_like_all_at_once(tmp_path, tiny_model, st
 
     from tunelab import models
     from tunelab.data.build import prepare_sft
-    from tunelab.methods.distill import compare, distill_loss
+    from tunelab.methods.distill import distill_loss
+    from tunelab.methods.distill_report import compare
 
     tok = models.load_tokenizer(tiny_model)
     cfg = load_config(write_config(tmp_path, tiny_model, tiny_chat_data, {}, name="cmp"))
@@ -145,7 +146,7 @@ def test_the_report_is_written_by_the_first_process_only(tmp_path, tiny_model):
 
     from transformers import AutoModelForCausalLM
 
-    from tunelab.methods.distill import report_callback
+    from tunelab.methods.distill_report import report_callback
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     rows = [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8]}]
