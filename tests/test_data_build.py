@@ -75,6 +75,33 @@ def test_sft_on_kto_and_prompt_only_data(tok):
     assert [p["answer"] for p in prompts] == ["42", "5"]
 
 
+def test_sft_on_prompt_response_data_names_the_unread_field(tok, tmp_path):
+    # {"prompt", "response"} fits no reply-carrying format, so it reads as prompt-only and `response` is unread
+    p = tmp_path / "pr.jsonl"
+    p.write_text(json.dumps({"prompt": "What is 2+2?", "response": "4"}) + "\n")
+    with pytest.raises(UserError) as e:
+        build.prepare_sft(DataConfig(train=str(p), cache=False), tok)
+    msg = str(e.value)
+    assert "the data is prompts without replies" in msg and "field(s) response unread" in msg
+    assert "data.columns: {response: completion}" in msg and "\n" not in msg
+    train, _, _ = build.prepare_sft(DataConfig(train=str(p), columns={"response": "completion"}, cache=False), tok)
+    assert len(train) == 1
+
+
+def test_weight_zero_assistant_turn_is_context_only(tok, tmp_path):
+    p = tmp_path / "w.jsonl"
+    p.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris", "weight": 0},
+        {"role": "user", "content": "More sarcastic?"},
+        {"role": "assistant", "content": "Paris, obviously.", "weight": 1}]}) + "\n")
+    (row,), _, _ = build.prepare_sft(DataConfig(train=str(p), cache=False), tok)
+    trained = tok.decode([t for t in row["labels"] if t != render.IGNORE])
+    assert "Paris, obviously." in trained and "Paris<|im_end|>" not in trained
+    assert "<|im_end|>" in trained  # the trained turn still learns to stop
+    # the weight-0 turn is still in the input the model sees
+    assert "Paris<|im_end|>" in tok.decode(row["input_ids"])
+
+
 # ------------------------------------------------------------------------------------------------------------ cache
 
 def test_cache_reused_and_invalidated(tok, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -202,3 +204,109 @@ def test_problems_collected_instead_of_raised():
     problems: list[str] = []
     _, recs = formats.normalize_rows(read_source(str(path)), "auto", str(path), problems=problems)
     assert len(recs) == 1 and len(problems) == 1 and "role_order.jsonl:2" in problems[0]
+
+
+# ------------------------------------------------------------------------------------ JSON-looking text, system
+
+def test_json_looking_text_is_text_outside_csv(tmp_path):
+    # in JSON Lines a string is the text itself: a reply that is a JSON document must stay a reply
+    p = tmp_path / "extract.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "Extract the name: Bob is 42.", "completion": '{"name": "Bob", "age": 42}'},
+        {"prompt": "[note] List primes below 5.", "completion": "[2, 3]"}]))
+    name, (a, b) = formats.normalize_rows(read_source(str(p)), "auto", str(p))
+    assert name == "prompt_completion"
+    assert a["messages"][1] == {"role": "assistant", "content": '{"name": "Bob", "age": 42}'}
+    assert b["messages"] == [{"role": "user", "content": "[note] List primes below 5."},
+                             {"role": "assistant", "content": "[2, 3]"}]
+    # a qa answer that is a JSON list as text is the answer, not a list of aliases
+    rows = [Row({"question": "Primes below 4 as JSON strings?", "answer": '["2", "3"]'}, "q.jsonl:1")]
+    (rec,) = formats.normalize_rows(rows, "auto", "q.jsonl")[1]
+    assert rec["answer"] == '["2", "3"]' and "aliases" not in rec
+    rows = [Row({"prompt": "Name?", "chosen": '{"name": "Bob"}', "rejected": '{"name": "42"}'}, "p.jsonl:1")]
+    (pair,) = formats.normalize_rows(rows, "auto", "p.jsonl")[1]
+    assert pair["chosen"] == [{"role": "assistant", "content": '{"name": "Bob"}'}]
+
+
+def test_csv_cells_carry_json_structure(tmp_path):
+    p = tmp_path / "mixed.csv"
+    with open(p, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["prompt", "completion"])
+        w.writerow([json.dumps([{"role": "user", "content": "Hi"}]),
+                    json.dumps([{"role": "assistant", "content": "Yo"}])])
+        w.writerow(["Extract the name: Bob.", '{"name": "Bob"}'])  # a JSON object that is not messages: text
+    _, (a, b) = formats.normalize_rows(read_source(str(p)), "auto", str(p))
+    assert a["messages"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    assert b["messages"][1]["content"] == '{"name": "Bob"}'
+    q = tmp_path / "qa.csv"
+    q.write_text('question,answer\nCapital of France?,"[""Paris"", ""City of Light""]"\n')
+    (rec,) = formats.normalize_rows(read_source(str(q)), "auto", str(q))[1]
+    assert rec["answer"] == "Paris" and rec["aliases"] == ["Paris", "City of Light"]
+
+
+def test_row_system_reaches_every_conversational_format():
+    sys_msg = {"role": "system", "content": "You are a pirate."}
+    rows = [Row({"system": "You are a pirate.", "prompt": "hi", "completion": "arr"}, "pc:1")]
+    name, (pc,) = formats.normalize_rows(rows, "auto", "pc")
+    assert name == "prompt_completion" and pc["messages"][0] == sys_msg
+    rows = [Row({"system": "You are a pirate.", "prompt": "hi", "chosen": "arr", "rejected": "hello"}, "pr:1")]
+    name, (pr,) = formats.normalize_rows(rows, "auto", "pr")
+    assert name == "preference" and pr["prompt"] == [sys_msg, {"role": "user", "content": "hi"}]
+    conv = [{"role": "user", "content": "hi"}]
+    rows = [Row({"system": "You are a pirate.", "chosen": conv + [{"role": "assistant", "content": "arr"}],
+                 "rejected": conv + [{"role": "assistant", "content": "hello"}]}, "pi:1")]
+    assert formats.normalize_rows(rows, "auto", "pi")[1][0]["prompt"][0] == sys_msg
+    rows = [Row({"system": "You are a pirate.", "prompt": "hi", "completion": "arr", "label": True}, "k:1")]
+    name, (k,) = formats.normalize_rows(rows, "auto", "k")
+    assert name == "kto" and k["prompt"][0] == sys_msg and k["label"] is True
+
+
+def test_kto_float_labels():
+    rows = [Row({"prompt": "a", "completion": "x", "label": 1.0}, "k:1"),
+            Row({"prompt": "b", "completion": "y", "label": 0.0}, "k:2")]
+    assert [r["label"] for r in formats.normalize_rows(rows, "kto", "k")[1]] == [True, False]
+    with pytest.raises(UserError, match="k:3: 'label' must be true/false"):
+        formats.normalize_rows([Row({"prompt": "c", "completion": "z", "label": 0.5}, "k:3")], "kto", "k")
+
+
+# ------------------------------------------------------------------------ message weight, empty system, tool calls
+
+def test_openai_message_weight_marks_context_turns():
+    msgs = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris", "weight": 0},
+            {"role": "user", "content": "More sarcastic?"}, {"role": "assistant", "content": "Paris, obviously.",
+                                                              "weight": 1}]
+    (rec,) = formats.normalize_rows([Row({"messages": msgs}, "w.jsonl:1")], "auto", "w.jsonl")[1]
+    assert rec["messages"][1] == {"role": "assistant", "content": "Paris", "train": False}
+    assert rec["messages"][3] == {"role": "assistant", "content": "Paris, obviously."}
+    bad = [dict(m) for m in msgs]
+    bad[1]["weight"] = 0.5
+    with pytest.raises(UserError) as e:
+        formats.normalize_rows([Row({"messages": bad}, "w.jsonl:2")], "auto", "w.jsonl")
+    assert str(e.value) == ("w.jsonl:2: messages[1] has weight 0.5; a message weight is 0 (context, not trained) "
+                            "or 1 (trained)")
+
+
+def test_empty_system_message_is_dropped():
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    rows = [Row({"messages": [{"role": "system", "content": ""}, *turns]}, "m:1"),
+            Row({"conversations": [{"from": "system", "value": " "}, {"from": "human", "value": "hi"},
+                                   {"from": "gpt", "value": "yo"}]}, "s:1")]
+    assert formats.normalize_rows(rows[:1], "auto", "m")[1][0]["messages"] == turns
+    assert formats.normalize_rows(rows[1:], "auto", "s")[1][0]["messages"] == turns
+
+
+@pytest.mark.parametrize("data", [
+    {"messages": [{"role": "user", "content": "weather?"},
+                  {"role": "assistant", "content": None, "tool_calls": [{"type": "function"}]},
+                  {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]},
+    {"messages": [{"role": "user", "content": "weather?"}, {"role": "tool", "content": "sunny"}]},
+    {"conversations": [{"from": "human", "value": "weather?"}, {"from": "function_call", "value": "{}"},
+                       {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "Sunny."}]},
+])
+def test_tool_call_turns_are_refused_in_one_line(data):
+    with pytest.raises(UserError) as e:
+        formats.normalize_rows([Row(data, "t.jsonl:3")], "auto", "t.jsonl")
+    msg = str(e.value)
+    assert msg.startswith("t.jsonl:3: ") and "[1] is a tool-call turn; tool calls are not supported" in msg
+    assert "remove" in msg and "\n" not in msg

@@ -68,6 +68,25 @@ def test_inspect_counts_invalid_rows_and_eos(capsys, tmp_path):
     assert not any("system prompt" in w for w in rep["warnings"])
 
 
+def test_inspect_shows_weight_zero_turn_untrained(capsys, tmp_path):
+    p = tmp_path / "w.jsonl"
+    p.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris", "weight": 0},
+        {"role": "user", "content": "More sarcastic?"}, {"role": "assistant", "content": "Paris, obviously."}]}) + "\n")
+    rendered = run_json(capsys, p, "--model", TOKENIZER)["first_sample"]["rendered"]
+    assert "[[Paris, obviously.<|im_end|>\n]]" in rendered
+    assert "assistant\nParis<|im_end|>" in rendered and "[[Paris<|im_end|>" not in rendered
+
+
+def test_inspect_warns_of_fields_a_fallback_format_leaves_unread(capsys, tmp_path):
+    p = tmp_path / "pr.jsonl"
+    p.write_text(json.dumps({"prompt": "What is 2+2?", "response": "4"}) + "\n")
+    rep = run_json(capsys, p, "--model", TOKENIZER)
+    assert rep["format"] == "prompt"
+    assert any("leaves field(s) response" in w and "data.columns: {response: completion}" in w
+               for w in rep["warnings"])
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["errors/malformed.jsonl", "--strict"], "malformed.jsonl:3: malformed JSON"),
     (["errors/unknown.jsonl"], "could not detect the data format from fields ['id', 'instruction_text', 'reply']"),

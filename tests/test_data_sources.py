@@ -224,3 +224,98 @@ def test_bundled_sample_still_reads(tmp_path):
     shutil.copy(FMT / "kto.csv", tmp_path / "k.tsv")  # a .tsv is split on tabs: one column here, so not KTO
     with pytest.raises(UserError, match="could not detect"):
         build.load_records(str(tmp_path / "k.tsv"), DataConfig(train=str(tmp_path / "k.tsv")))
+
+
+def test_val_split_never_holds_out_a_trained_row(tmp_path):
+    # weight 3 repeats each row: a held-out row must leave training with all its repeats
+    a = write_jsonl(tmp_path / "a.jsonl", qa_rows(20))
+    b = write_jsonl(tmp_path / "b.jsonl", qa_rows(20, start=100))
+    cfg = DataConfig(train=[{"path": a, "weight": 3}, {"path": b, "weight": 1.5}], val_split=0.2, seed=3)
+    train, val = build.train_val_records(cfg)
+    held = {r["origin"] for r in val}
+    assert val and len(held) == len(val)  # each held-out row once
+    assert not held & {r["origin"] for r in train}
+    assert len(train) + sum(3 if r["origin"].startswith(a) else 1 for r in val) >= 80  # the rest still trains
+    subset, subset_val = build.train_val_records(DataConfig(train=cfg.train, val_split=0.2, subset=30, seed=3))
+    assert len(subset_val) <= 6 and not {r["origin"] for r in subset_val} & {r["origin"] for r in subset}
+
+
+# ----------------------------------------------------------------------------------------- JSON files, CSV, saved
+
+def test_json_syntax_error_named_at_its_line(tmp_path):
+    p = tmp_path / "wrapped.json"
+    p.write_text('{\n  "version": "1.0",\n  "data": [\n    {"instruction": "a", "output": "b"},\n'
+                 '    {"instruction": "c", "output": "d",}\n  ]\n}\n')
+    for problems in (None, []):  # skip mode does not salvage fragments of a broken document either
+        with pytest.raises(UserError) as e:
+            read_source(str(p), problems)
+        assert str(e.value).startswith(f"{p}:5: malformed JSON (Expecting property name")
+        assert "JSON Lines" in str(e.value) and "\n" not in str(e.value)
+    p.write_text(p.read_text().replace('"d",}', '"d"}'))
+    assert [r.origin for r in read_source(str(p))] == [f"{p}:row 1", f"{p}:row 2"]
+
+
+def test_one_sample_json_object_is_a_row(tmp_path):
+    p = tmp_path / "one.json"
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    p.write_text(json.dumps({"messages": conv}))
+    (row,) = read_source(str(p))
+    assert row.data == {"messages": conv}
+    p.write_text(json.dumps({"train": qa_rows(2), "test": qa_rows(1)}))
+    with pytest.raises(UserError, match="several lists of rows \\(train, test\\)"):
+        read_source(str(p))
+
+
+def test_skip_mode_skips_bad_csv_rows_and_array_entries(tmp_path):
+    c = tmp_path / "bad.csv"
+    c.write_text("instruction,output\na,b\nc,d,e\nf\ng,h\n")
+    with pytest.raises(UserError, match="bad.csv:3: more cells than the header has columns"):
+        read_source(str(c))
+    problems: list[str] = []
+    assert [r.origin for r in read_source(str(c), problems)] == [f"{c}:2", f"{c}:5"]
+    assert problems[0].endswith("bad.csv:3: more cells than the header has columns")
+    assert problems[1].endswith("bad.csv:4: too few cells (no value for output)")
+    j = tmp_path / "arr.json"
+    j.write_text(json.dumps([{"question": "q?", "answer": "a"}, 5, {"question": "r?", "answer": "b"}]))
+    info = {}
+    recs = build.load_records(str(j), DataConfig(train=str(j), on_invalid="skip"), info)
+    assert [r["origin"] for r in recs] == [f"{j}:row 1", f"{j}:row 3"]
+    assert info["invalid_skipped"] == 1 and "arr.json:row 2: expected an object, got int" in info["problems"][0]
+
+
+def test_gzipped_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(qa_rows(2)), tmp_path / "qa.parquet")
+    gz = tmp_path / "qa.parquet.gz"
+    gz.write_bytes(gzip.compress((tmp_path / "qa.parquet").read_bytes()))
+    rows = read_source(str(gz))
+    assert rows[1].data == {"question": "question 1?", "answer": "answer 1"} and rows[1].origin == f"{gz}:row 2"
+
+
+def test_save_to_disk_folders(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_list(qa_rows(3))
+    ds.save_to_disk(str(tmp_path / "one"))
+    recs = build.load_records(str(tmp_path / "one"), DataConfig(train=str(tmp_path / "one")))
+    assert [r["messages"][1]["content"] for r in recs] == ["answer 0", "answer 1", "answer 2"]
+    assert recs[0]["origin"] == f"{tmp_path / 'one'}:row 1"
+    before = fingerprint(str(tmp_path / "one"))
+    datasets.Dataset.from_list(qa_rows(4)).save_to_disk(str(tmp_path / "one2"))
+    assert fingerprint(str(tmp_path / "one2")) != before
+
+    datasets.DatasetDict({"train": ds, "test": datasets.Dataset.from_list(qa_rows(1, start=9))}).save_to_disk(
+        str(tmp_path / "dict"))
+    assert len(read_source(str(tmp_path / "dict"))) == 3  # the train split by default
+    (row,) = read_source(SourceConfig(path=str(tmp_path / "dict"), split="test"))
+    assert row.data["question"] == "question 9?" and row.origin == f"{tmp_path / 'dict'}/test:row 1"
+    with pytest.raises(UserError, match="has no split 'dev' \\(splits: train, test\\)"):
+        read_source(SourceConfig(path=str(tmp_path / "dict"), split="dev"))
+    # the metadata files of a saved dataset are not data when a plain folder holds them
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    write_jsonl(plain / "rows.jsonl", qa_rows(2))
+    (plain / "dataset_info.json").write_text("{}")
+    assert [r.origin for r in read_source(str(plain))] == [f"{plain / 'rows.jsonl'}:1", f"{plain / 'rows.jsonl'}:2"]

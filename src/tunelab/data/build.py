@@ -60,6 +60,10 @@ def load_source(src, data_cfg, info: dict | None = None, shared_columns: bool = 
         columns, used = data_cfg.columns, None
     name, records = formats.normalize_rows(rows, fmt, path, columns, problems, used)
     info["formats"][path] = name
+    if rows:  # what the format leaves unread, for the hint when a fallback format (prompt, text) was a wrong guess
+        unused = formats.unused_fields(name, rows[0].data)
+        if unused:
+            info.setdefault("unused_fields", {})[path] = unused
     info["rows"] += len(rows) + unreadable
     if problems:
         info["invalid_skipped"] += len(problems)
@@ -139,9 +143,13 @@ def train_val_records(data_cfg, info: dict | None = None) -> tuple[list[dict], l
                             "lower it or add data")
         idx = list(range(len(train)))
         rng.shuffle(idx)
-        val_idx = set(idx[:n_val])
-        val = [r for i, r in enumerate(train) if i in val_idx]
-        train = [r for i, r in enumerate(train) if i not in val_idx]
+        # A weighted source repeats the same record objects: the split takes whole records, so a row held out for
+        # validation leaves training with all its repeats (otherwise validation would score rows the model trains on)
+        held = {id(train[i]) for i in idx[:n_val]}
+        val = list({id(r): r for r in train if id(r) in held}.values())  # each held-out record once, in order
+        train = [r for r in train if id(r) not in held]
+        if not train:
+            raise UserError(f"data.val_split={data_cfg.val_split} leaves no training rows; lower it or add data")
     return train, val
 
 
@@ -166,8 +174,11 @@ def encode_record(tok, rec: dict, max_length: int | None = None) -> render.Encod
     return render.encode_conversation(tok, formats.conversation(rec), max_length, train_from)
 
 
-def encode_records(tok, records: list[dict], data_cfg) -> tuple[list[dict], dict]:
-    """Token rows {input_ids, labels} and counts of what happened to over-long samples."""
+def encode_records(tok, records: list[dict], data_cfg, unused: dict | None = None) -> tuple[list[dict], dict]:
+    """Token rows {input_ids, labels} and counts of what happened to over-long samples.
+
+    `unused`: source -> fields its format left unread (see `load_source`), named when prompt-only data cannot train.
+    """
     rows, stats = [], {"samples": 0, "truncated": 0, "dropped": 0, "no_reply": 0, "eos_kept": 0, "eos_lost": 0,
                        "eos_missing": 0}
     eot, lengths = render.end_of_turn_ids(tok), []
@@ -201,8 +212,11 @@ def encode_records(tok, records: list[dict], data_cfg) -> tuple[list[dict], dict
     stats["samples"] = len(rows)
     stats["length_p95"] = percentile(sorted(lengths), 0.95) if lengths else 0
     if not rows and records and all(formats.kind_of(r) == "prompt" for r in records):
+        fields = sorted({k for v in (unused or {}).values() for k in v})
+        hint = (f"; the prompt format leaves field(s) {', '.join(fields)} unread: if one holds the reply, map it, "
+                f"e.g. data.columns: {{{fields[0]}: completion}}" if fields else "")
         raise UserError(f"{records[0].get('origin', 'data')}: the data is prompts without replies; SFT needs "
-                        "conversations with assistant replies (prompt-only data is for GRPO/PPO)")
+                        f"conversations with assistant replies (prompt-only data is for GRPO/PPO){hint}")
     if not rows:
         raise UserError("no trainable samples after filtering (all were dropped as over-long or had no assistant "
                         "reply); check data.max_length and the data")
@@ -286,7 +300,7 @@ def prepare_sft(data_cfg, tok) -> tuple[list[dict], list[dict], dict]:
 def _build_sft(data_cfg, tok) -> tuple[list[dict], list[dict], dict]:
     info = _new_info()
     train_rec, val_rec = train_val_records(data_cfg, info)
-    train, stats = encode_records(tok, train_rec, data_cfg)
+    train, stats = encode_records(tok, train_rec, data_cfg, info.get("unused_fields"))
     val, val_stats = encode_records(tok, val_rec, data_cfg) if val_rec else ([], {})
     stats["validation_samples"] = len(val)
     stats["validation_truncated"] = val_stats.get("truncated", 0)

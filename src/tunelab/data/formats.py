@@ -38,14 +38,37 @@ def _text(data: dict, key: str, origin: str, optional: bool = False) -> str:
     return v
 
 
-def _maybe_json(v):
-    """CSV cells hold message lists as JSON text; decode those so a CSV can carry any format."""
-    if isinstance(v, str) and v.lstrip().startswith(("[", "{")):
+def _cell(v, cells: bool):
+    """A CSV/TSV cell (`cells`) holds message lists and other structure as JSON text: decode it when it parses.
+    Any other source keeps its strings as they are: there a string is the text itself, even one that looks like JSON
+    (a reply that is a JSON document is common in extraction data)."""
+    if cells and isinstance(v, str) and v.lstrip().startswith(("[", "{")):
         try:
             return json.loads(v)
         except json.JSONDecodeError:
             return v
     return v
+
+
+def _is_message_list(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(m, dict) and "role" in m for m in v)
+
+
+# Turns of tool-using conversations (OpenAI function calling, ShareGPT/LLaMA-Factory function_call/observation)
+_TOOL_ROLES = ("tool", "function", "ipython", "function_call", "observation", "tool_call", "tool_response")
+
+
+def _tool_turn(origin: str, where: str) -> UserError:
+    return UserError(f"{origin}: {where} is a tool-call turn; tool calls are not supported: remove tool-call and "
+                     "tool-result turns (or those samples) from the data")
+
+
+def _message_weight(m: dict, origin: str, where: str) -> bool:
+    """OpenAI fine-tuning's per-message `weight`: 1 trains the turn, 0 keeps it as context only."""
+    w = m.get("weight", 1)
+    if isinstance(w, bool) or (isinstance(w, (int, float)) and w in (0, 1)):
+        return bool(w)
+    raise UserError(f"{origin}: {where} has weight {w!r}; a message weight is 0 (context, not trained) or 1 (trained)")
 
 
 def _content(c, origin: str, where: str) -> str:
@@ -61,23 +84,34 @@ def _content(c, origin: str, where: str) -> str:
     return c
 
 
-def _check_messages(messages, origin: str, key: str = "messages", need_user_first: bool = True) -> list[dict]:
-    """Validated [{role, content}] list: known roles, text content, system first only, user/assistant alternating."""
-    messages = _maybe_json(messages)
+def _check_messages(messages, origin: str, key: str = "messages", need_user_first: bool = True,
+                    weights: bool = False) -> list[dict]:
+    """Validated [{role, content}] list: known roles, text content, system first only, user/assistant alternating.
+
+    An empty system message is dropped (it says nothing; alpaca's empty `system` is treated the same way).
+    `weights`: honour OpenAI's per-message `weight` (0: the assistant turn is context, marked `"train": False`).
+    """
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{origin}: '{key}' must be a non-empty list of {{role, content}} objects")
     out = []
     for i, m in enumerate(messages):
+        if isinstance(m, dict) and (m.get("tool_calls") or m.get("function_call") or m.get("role") in _TOOL_ROLES):
+            raise _tool_turn(origin, f"{key}[{i}]")
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise UserError(f"{origin}: {key}[{i}] needs 'role' and 'content'")
         role = m["role"]
         if role not in ROLES:
             raise UserError(f"{origin}: {key}[{i}] has role '{role}'{suggest(role, ROLES)}; "
                             f"expected one of {', '.join(ROLES)}")
+        if role == "system" and (m["content"] is None or (isinstance(m["content"], str) and not m["content"].strip())):
+            continue
         content = _content(m["content"], origin, f"{key}[{i}] ({role})")
-        if role == "system" and i != 0:
+        if role == "system" and out:
             raise UserError(f"{origin}: {key}[{i}]: a system message may only come first")
-        out.append({"role": role, "content": content})
+        msg = {"role": role, "content": content}
+        if weights and not _message_weight(m, origin, f"{key}[{i}]") and role == "assistant":
+            msg["train"] = False  # render.assistant_spans leaves it out of the loss
+        out.append(msg)
     turns = [m["role"] for m in out if m["role"] != "system"]
     for a, b in zip(turns, turns[1:]):
         if a == b:
@@ -89,9 +123,12 @@ def _check_messages(messages, origin: str, key: str = "messages", need_user_firs
     return out
 
 
-def _as_messages(v, role: str, origin: str, key: str) -> list[dict]:
-    """A string becomes one message of `role`; a list is validated as messages."""
-    v = _maybe_json(v)
+def _as_messages(v, role: str, origin: str, key: str, cells: bool = False) -> list[dict]:
+    """A string becomes one message of `role`; a list is validated as messages. A CSV cell (`cells`) is taken as a
+    message list only when it is the JSON of one; any other cell is text."""
+    decoded = _cell(v, cells)
+    if _is_message_list(decoded):
+        v = decoded
     if isinstance(v, str):
         if not v.strip():
             raise UserError(f"{origin}: '{key}' is empty")
@@ -154,10 +191,10 @@ def parse_hh(transcript, origin: str, key: str) -> list[dict]:
 def _label(v, origin: str) -> bool:
     if isinstance(v, bool):
         return v
-    if isinstance(v, int) and v in (0, 1):
+    if isinstance(v, (int, float)) and v in (0, 1):  # Parquet/pandas often store labels as 1.0/0.0
         return bool(v)
-    if isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
-        return v.strip().lower() in ("true", "1", "yes")
+    if isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0", "1.0", "0.0", "yes", "no"):
+        return v.strip().lower() in ("true", "1", "1.0", "yes")
     raise UserError(f"{origin}: 'label' must be true/false (desirable or not), got {v!r}")
 
 
@@ -172,7 +209,7 @@ class Format:
     reference: str | None = None  # the field holding the reference reply; `<field>1..N` are several references
     doc = ""
 
-    def shape(self, data: dict) -> bool:
+    def shape(self, row: Row) -> bool:
         """Whether the values look like this format (detection only; normalize checks fully)."""
         return True
 
@@ -184,11 +221,11 @@ class Messages(Format):
     name, fields, optional = "messages", ("messages",), ("system",)
     doc = 'OpenAI chat: {"messages": [{"role": "system|user|assistant", "content": ...}, ...]}'
 
-    def shape(self, data):
-        return isinstance(_maybe_json(data["messages"]), list)
+    def shape(self, row):
+        return isinstance(_cell(row.data["messages"], row.cells), list)
 
     def normalize(self, row):
-        msgs = _check_messages(row.data["messages"], row.origin)
+        msgs = _check_messages(_cell(row.data["messages"], row.cells), row.origin, weights=True)
         system = row.data.get("system")
         if isinstance(system, str) and system.strip() and msgs[0]["role"] != "system":
             msgs.insert(0, {"role": "system", "content": system})
@@ -201,17 +238,19 @@ class ShareGPT(Format):
     ROLE_MAP = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                 "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant"}
 
-    def shape(self, data):
-        return isinstance(_maybe_json(data["conversations"]), list)
+    def shape(self, row):
+        return isinstance(_cell(row.data["conversations"], row.cells), list)
 
     def normalize(self, row):
-        conv = _maybe_json(row.data["conversations"])
+        conv = _cell(row.data["conversations"], row.cells)
         if not isinstance(conv, list) or not conv:
             raise UserError(f"{row.origin}: 'conversations' must be a non-empty list of {{from, value}} objects")
         msgs = []
         for i, t in enumerate(conv):
             if isinstance(t, dict) and "role" in t and "content" in t:  # some ShareGPT dumps use OpenAI keys
                 t = {"from": t["role"], "value": t["content"]}
+            if isinstance(t, dict) and str(t.get("from", "")).lower() in _TOOL_ROLES:
+                raise _tool_turn(row.origin, f"conversations[{i}]")
             if not isinstance(t, dict) or "from" not in t or "value" not in t:
                 raise UserError(f"{row.origin}: conversations[{i}] needs 'from' and 'value'")
             role = self.ROLE_MAP.get(str(t["from"]).lower())
@@ -242,7 +281,7 @@ class Alpaca(Format):
         system = _text(d, "system", o, optional=True)
         if system:
             msgs.append({"role": "system", "content": system})
-        history = _maybe_json(d.get("history")) or []
+        history = _cell(d.get("history"), row.cells) or []
         if not isinstance(history, list) or not all(isinstance(h, list) and len(h) == 2 for h in history):
             raise UserError(f"{o}: 'history' must be a list of [instruction, response] pairs")
         for q, a in history:
@@ -261,14 +300,22 @@ class Dolly(Format):
         return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": _text(d, "response", o)}]}
 
 
+def _with_system(msgs: list[dict], d: dict) -> list[dict]:
+    """Prepend a row-level `system` text to a conversation that has no system message of its own."""
+    system = d.get("system")
+    if isinstance(system, str) and system.strip() and msgs[0]["role"] != "system":
+        msgs.insert(0, {"role": "system", "content": system})
+    return msgs
+
+
 class PromptCompletion(Format):
-    name, fields = "prompt_completion", ("prompt", "completion")
-    doc = 'Prompt/completion: {"prompt", "completion"} as text or message lists'
+    name, fields, optional = "prompt_completion", ("prompt", "completion"), ("system",)
+    doc = 'Prompt/completion: {"prompt", "completion"} as text or message lists (+ optional "system")'
 
     def normalize(self, row):
         d, o = row.data, row.origin
-        prompt = _as_messages(d.get("prompt"), "user", o, "prompt")
-        completion = _as_messages(d.get("completion"), "assistant", o, "completion")
+        prompt = _with_system(_as_messages(d.get("prompt"), "user", o, "prompt", row.cells), d)
+        completion = _as_messages(d.get("completion"), "assistant", o, "completion", row.cells)
         return {"messages": _check_messages(prompt + completion, o, "prompt + completion")}
 
 
@@ -276,8 +323,8 @@ class Text(Format):
     name, kind, fields, fallback = "text", "text", ("text",), True
     doc = 'Plain text for language modelling: {"text"} (or a .txt file, one sample per line)'
 
-    def shape(self, data):
-        return isinstance(data["text"], str)
+    def shape(self, row):
+        return isinstance(row.data["text"], str)
 
     def normalize(self, row):
         return {"text": _text(row.data, "text", row.origin)}
@@ -291,7 +338,10 @@ class QuestionAnswer(Format):
     def normalize(self, row):
         d, o = row.data, row.origin
         q = _text(d, "question", o)
-        a = _maybe_json(d.get("answer"))
+        a = d.get("answer")
+        decoded = _cell(a, row.cells)  # a CSV cell may hold a JSON alias list or TriviaQA object
+        if isinstance(decoded, (list, dict)):
+            a = decoded
         aliases = None
         if isinstance(a, dict):  # TriviaQA: {"value": "Paris", "aliases": ["Paris", "paris, france"], ...}
             aliases = a.get("aliases") or a.get("normalized_aliases") or []
@@ -331,12 +381,9 @@ class PromptOnly(Format):
 
     def normalize(self, row):
         d, o = row.data, row.origin
-        prompt = _as_messages(d.get("prompt"), "user", o, "prompt")
+        prompt = _with_system(_as_messages(d.get("prompt"), "user", o, "prompt", row.cells), d)
         if prompt[-1]["role"] != "user":
             raise UserError(f"{o}: 'prompt' must end with the user's turn")
-        system = d.get("system")
-        if isinstance(system, str) and system.strip() and prompt[0]["role"] != "system":
-            prompt.insert(0, {"role": "system", "content": system})
         rec = {"prompt": prompt}
         gold = d.get("answer", d.get("solution"))
         if gold is not None:
@@ -348,27 +395,27 @@ class PromptOnly(Format):
 
 
 class Preference(Format):
-    name, kind, fields, optional = "preference", "preference", ("chosen", "rejected"), ("prompt",)
-    doc = ('Preference pairs: {"prompt", "chosen", "rejected"} as text or message lists; without "prompt", '
-           'chosen/rejected are full conversations sharing their opening')
+    name, kind, fields, optional = "preference", "preference", ("chosen", "rejected"), ("prompt", "system")
+    doc = ('Preference pairs: {"prompt", "chosen", "rejected"} as text or message lists (+ optional "system"); '
+           'without "prompt", chosen/rejected are full conversations sharing their opening')
 
-    def shape(self, data):
+    def shape(self, row):
         # without a prompt, only message lists can carry it (transcript strings are the hh-rlhf format)
-        return "prompt" in data or isinstance(_maybe_json(data["chosen"]), list)
+        return "prompt" in row.data or isinstance(_cell(row.data["chosen"], row.cells), list)
 
     def normalize(self, row):
-        d, o = row.data, row.origin
+        d, o, cells = row.data, row.origin, row.cells
         if d.get("prompt") is None:
-            if not isinstance(_maybe_json(d.get("chosen")), list):
+            if not isinstance(_cell(d.get("chosen"), cells), list):
                 raise UserError(f"{o}: without a 'prompt' field, 'chosen' and 'rejected' must be full conversations "
                                 "(message lists) or hh-rlhf transcripts; add a prompt field or map one with data.columns")
-            chosen = _as_messages(d.get("chosen"), "user", o, "chosen")
-            rejected = _as_messages(d.get("rejected"), "user", o, "rejected")
+            chosen = _as_messages(_cell(d.get("chosen"), cells), "user", o, "chosen")
+            rejected = _as_messages(_cell(d.get("rejected"), cells), "user", o, "rejected")
             prompt, chosen, rejected = _split_shared_prompt(chosen, rejected, o)
-            return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-        prompt = _as_messages(d.get("prompt"), "user", o, "prompt")
-        chosen = _as_messages(d.get("chosen"), "assistant", o, "chosen")
-        rejected = _as_messages(d.get("rejected"), "assistant", o, "rejected")
+            return {"prompt": _with_system(prompt, d), "chosen": chosen, "rejected": rejected}
+        prompt = _with_system(_as_messages(d.get("prompt"), "user", o, "prompt", cells), d)
+        chosen = _as_messages(d.get("chosen"), "assistant", o, "chosen", cells)
+        rejected = _as_messages(d.get("rejected"), "assistant", o, "rejected", cells)
         # some datasets repeat the prompt inside chosen/rejected (full conversations): keep only the replies
         n = len(prompt)
         if chosen[:n] == prompt and rejected[:n] == prompt and len(chosen) > n and len(rejected) > n:
@@ -388,9 +435,9 @@ class HHRLHF(Format):
     doc = ('Anthropic hh-rlhf: {"chosen", "rejected"} transcripts "\\n\\nHuman: …\\n\\nAssistant: …" -> shared '
            'prompt turns + the differing final reply')
 
-    def shape(self, data):
-        c = data["chosen"]
-        return "prompt" not in data and isinstance(c, str) and "\n\nHuman:" in c
+    def shape(self, row):
+        c = row.data["chosen"]
+        return "prompt" not in row.data and isinstance(c, str) and "\n\nHuman:" in c
 
     def normalize(self, row):
         d, o = row.data, row.origin
@@ -401,13 +448,13 @@ class HHRLHF(Format):
 
 
 class KTO(Format):
-    name, kind, fields = "kto", "kto", ("prompt", "completion", "label")
-    doc = 'KTO: {"prompt", "completion", "label": true|false} (text or message lists)'
+    name, kind, fields, optional = "kto", "kto", ("prompt", "completion", "label"), ("system",)
+    doc = 'KTO: {"prompt", "completion", "label": true|false} (text or message lists, + optional "system")'
 
     def normalize(self, row):
         d, o = row.data, row.origin
-        prompt = _as_messages(d.get("prompt"), "user", o, "prompt")
-        completion = _as_messages(d.get("completion"), "assistant", o, "completion")
+        prompt = _with_system(_as_messages(d.get("prompt"), "user", o, "prompt", row.cells), d)
+        completion = _as_messages(d.get("completion"), "assistant", o, "completion", row.cells)
         _check_messages(prompt + completion, o, "prompt + completion")
         return {"prompt": prompt, "completion": completion, "label": _label(d.get("label"), o)}
 
@@ -451,7 +498,7 @@ def _references(f: Format, row: Row) -> tuple[Row, list[str] | None]:
     if f.kind != "conversation":  # preference pairs, prompts and plain text have no reply to score
         return row, None
     if REFERENCES in d:
-        v = _maybe_json(d[REFERENCES])
+        v = _cell(d[REFERENCES], row.cells)
         if not isinstance(v, list) or not v or not all(isinstance(x, str) and x.strip() for x in v):
             raise UserError(f"{o}: '{REFERENCES}' must be a non-empty list of reference texts")
         refs = list(v)
@@ -462,15 +509,15 @@ def _references(f: Format, row: Row) -> tuple[Row, list[str] | None]:
     if not refs:
         return row, None
     if f.reference and f.reference not in d:
-        row = Row({**d, f.reference: refs[0]}, o)
+        row = Row({**d, f.reference: refs[0]}, o, row.cells)
     return row, refs
 
 
-def _fits(f: Format, data: dict) -> bool:
-    if not set(f.fields) <= _fields_of(f, data):
+def _fits(f: Format, row: Row) -> bool:
+    if not set(f.fields) <= _fields_of(f, row.data):
         return False
     try:
-        return bool(f.shape(data))
+        return bool(f.shape(row))
     except Exception:  # noqa: BLE001 - a value of an unexpected type simply does not fit this format
         return False
 
@@ -482,7 +529,7 @@ def detect(rows: list[Row], source: str) -> str:
         raise UserError(f"{source}: no rows (the dataset is empty)")
     first = rows[0]
     keys = set(first.data)
-    fits = [f for f in FORMATS.values() if _fits(f, first.data)]
+    fits = [f for f in FORMATS.values() if _fits(f, first)]
     if fits and not all(f.fallback for f in fits):
         fits = [f for f in fits if not f.fallback]
     if fits:
@@ -583,6 +630,15 @@ def normalize_rows(rows: list[Row], fmt: str, source: str, columns: dict[str, st
         rec["origin"] = r.origin
         out.append(rec)
     return name, out
+
+
+def unused_fields(fmt: str, data: dict) -> list[str]:
+    """Fields of a row that format `fmt` does not read (a reply in a field it does not know is silently lost)."""
+    f = FORMATS[resolve_format(fmt)]
+    known = set(f.fields) | set(f.optional) | {REFERENCES}
+    if f.reference:
+        known |= set(_numbered(data, f.reference))
+    return sorted(k for k in data if k not in known)
 
 
 def normalize(rows: list[Row], fmt: str, source: str, columns: dict[str, str] | None = None) -> list[dict]:

@@ -124,6 +124,11 @@ def inspect(source, tok, data_cfg, limit: int | None = None) -> dict:
         if without:
             w.append(f"the chat template inserts its own system prompt into {without} conversation(s) that have none "
                      f"({default_sys!r}); set data.system_prompt to choose one")
+    for path, fields in info.get("unused_fields", {}).items():
+        name = info["formats"].get(path)
+        if name and formats.FORMATS[name].fallback:  # prompt/text are chosen when nothing else fits: a likely misread
+            w.append(f"format {name} leaves field(s) {', '.join(fields)} of {path} unread; if one holds the reply, "
+                     f"map it (e.g. data.columns: {{{fields[0]}: completion}}) or set data.format")
     if info["duplicates"]:
         w.append(f"{info['duplicates']} exact duplicate rows; set data.dedupe: true to drop them")
     if overlong:

@@ -29,6 +29,8 @@ def _render(tok, messages, add_generation_prompt=False) -> str:
     # A tokenizer without a template (a base model loaded outside models.load_tokenizer, which sets it) is rendered
     # with the same default that load_tokenizer would give it, rather than refused.
     template = None if getattr(tok, "chat_template", None) else templates.text(templates.DEFAULT, tok)
+    # the loss-mask flag is ours, not the template's: render exactly the role/content the model will see
+    messages = [{k: v for k, v in m.items() if k != "train"} for m in messages]
     try:
         return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                        chat_template=template)
@@ -73,11 +75,12 @@ def default_system_prompt(tok) -> str | None:
 
 
 def assistant_spans(tok, messages: list[dict], train_from: int = 0) -> tuple[str, list[tuple[int, int]]]:
-    """The full rendering and the character spans of each assistant turn in it (from message `train_from` on)."""
+    """The full rendering and the character spans of each assistant turn in it (from message `train_from` on),
+    leaving out turns marked `"train": False` (OpenAI's message weight 0: context the model sees, not a target)."""
     text = _render(tok, messages)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant" or i < train_from:
+        if m["role"] != "assistant" or i < train_from or m.get("train") is False:
             continue
         before = _render(tok, messages[:i], add_generation_prompt=True)
         after = _render(tok, messages[: i + 1])

@@ -1,7 +1,8 @@
 """Reading rows from where the user keeps them: local files, directories and globs, bundled samples, hub datasets.
 
 Local files: .jsonl/.ndjson, .json, .csv/.tsv, .parquet, .txt, each optionally gzipped (`.jsonl.gz`); a directory or a
-glob reads every such file in it, sorted by name. Every row keeps its origin (`file:line`, or `file:row N` where a
+glob reads every such file in it, sorted by name; a folder written by `datasets`' save_to_disk is read with
+`datasets.load_from_disk`. Every row keeps its origin (`file:line`, or `file:row N` where a
 format has no lines) so that a bad row can be reported exactly where it is.
 
 A source is a string (`data/train.jsonl`, `data/*.csv`, `bundled:gsm8k/train`, `owner/name` on the hub) or a
@@ -31,6 +32,9 @@ _GLOB_CHARS = set("*?[")
 class Row:
     data: dict
     origin: str  # "path:line" (or "path:row N", "hub-id[index]")
+    # True for CSV/TSV rows: every value is a text cell, so message lists and other structured values arrive as
+    # JSON text. Only such values are decoded; a string from JSON, Parquet or the hub is the text itself.
+    cells: bool = False
 
 
 def bundled(name: str) -> Path:
@@ -46,6 +50,13 @@ def _kind(path: Path) -> str:
     """The reader a file needs: its last suffix other than .gz."""
     suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
     return suffixes[-1] if suffixes else ""
+
+
+def _skip_or_raise(msg: str, problems: list[str] | None) -> None:
+    """A bad row: raise (the default), or record it and let the reader go on (`data.on_invalid: skip`)."""
+    if problems is None:
+        raise UserError(msg)
+    problems.append(msg)
 
 
 def _open_text(path: Path):
@@ -79,59 +90,75 @@ def read_jsonl(path: Path, problems: list[str] | None = None) -> list[Row]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                msg = (f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); "
-                       "each line must be one JSON object")
-                if problems is None:
-                    raise UserError(msg) from None
-                problems.append(msg)
+                _skip_or_raise(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); "
+                               "each line must be one JSON object", problems)
                 continue
             if not isinstance(obj, dict):
-                msg = f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}"
-                if problems is None:
-                    raise UserError(msg)
-                problems.append(msg)
+                _skip_or_raise(f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}", problems)
                 continue
             rows.append(Row(obj, f"{path}:{n}"))
     return rows
 
 
-def read_json(path: Path) -> list[Row]:
-    """A JSON array of objects (or an object holding exactly one such array, e.g. {"data": [...]})."""
+def _is_message(v) -> bool:
+    return isinstance(v, dict) and ({"role", "content"} <= v.keys() or {"from", "value"} <= v.keys())
+
+
+def read_json(path: Path, problems: list[str] | None = None) -> list[Row]:
+    """A JSON array of objects, an object holding exactly one such array (e.g. {"data": [...]}), or one object that
+    is itself a sample (e.g. {"messages": [...]}). A file of objects one after another is JSON Lines under a .json
+    name, read as such.
+    """
     with _reading(path), _open_text(path) as fh:
         try:
             obj = json.load(fh)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            # "Extra data" after a complete first value is the mark of JSON Lines; any other error is a real syntax
+            # error of a JSON document, reported at its own line
+            if e.msg == "Extra data":
+                return read_jsonl(path, problems)
+            raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+                            "fix the file (a .json file holds one JSON value; JSON Lines hold one object per "
+                            "line)") from None
     if isinstance(obj, dict):
-        lists = [v for v in obj.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise UserError(f"{path}: expected a list of objects (or an object holding one list)")
-        obj = lists[0]
+        # a wrapper holds its rows in one list of objects; lists of messages (or of plain values) belong to a sample
+        row_lists = [v for v in obj.values() if isinstance(v, list) and v
+                     and all(isinstance(o, dict) for o in v) and not any(map(_is_message, v))]
+        if not row_lists:
+            return [Row(obj, f"{path}:row 1")]
+        if len(row_lists) > 1:
+            keys = [k for k, v in obj.items() if any(v is r for r in row_lists)]
+            raise UserError(f"{path}: the object holds several lists of rows ({', '.join(keys)}); keep one list per "
+                            "file, or give each list its own file")
+        obj = row_lists[0]
     if not isinstance(obj, list):
-        raise UserError(f"{path}: expected a list of objects")
+        raise UserError(f"{path}: expected a list of objects, got {type(obj).__name__}")
     rows = []
     for i, o in enumerate(obj, 1):
         if not isinstance(o, dict):
-            raise UserError(f"{path}:row {i}: expected an object, got {type(o).__name__}")
+            _skip_or_raise(f"{path}:row {i}: expected an object, got {type(o).__name__}", problems)
+            continue
         rows.append(Row(o, f"{path}:row {i}"))
     return rows
 
 
-def read_csv(path: Path) -> list[Row]:
+def read_csv(path: Path, problems: list[str] | None = None) -> list[Row]:
     """CSV/TSV with a header row. The stdlib reader (rather than pandas) reports where each record starts, so a bad
-    row is named by its real line even when quoted cells span several lines."""
+    row is named by its real line even when quoted cells span several lines. With `problems` given, rows with the
+    wrong number of cells are recorded there and skipped."""
     rows = []
     with _reading(path), _open_text(path) as fh:
         reader = csv.DictReader(fh, delimiter="\t" if _kind(path) == ".tsv" else ",")
         start = 2
         try:
             for rec in reader:
-                if None in rec:
-                    raise UserError(f"{path}:{start}: more cells than the header has columns")
                 missing = [k for k, v in rec.items() if v is None]
-                if missing:
-                    raise UserError(f"{path}:{start}: too few cells (no value for {', '.join(missing)})")
-                rows.append(Row(dict(rec), f"{path}:{start}"))
+                if None in rec:
+                    _skip_or_raise(f"{path}:{start}: more cells than the header has columns", problems)
+                elif missing:
+                    _skip_or_raise(f"{path}:{start}: too few cells (no value for {', '.join(missing)})", problems)
+                else:
+                    rows.append(Row(dict(rec), f"{path}:{start}", cells=True))
                 start = reader.line_num + 1
         except csv.Error as e:
             raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
@@ -146,7 +173,15 @@ def read_parquet(path: Path) -> list[Row]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        if path.suffix.lower() == ".gz":  # Parquet needs random access: read the decompressed bytes
+            import pyarrow as pa
+
+            with _reading(path), gzip.open(path, "rb") as fh:
+                table = pq.read_table(pa.BufferReader(fh.read()))
+        else:
+            table = pq.read_table(path)
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged or foreign file
         raise UserError(f"{path}: cannot read as Parquet ({str(e).splitlines()[0]})") from None
     return [Row(r, f"{path}:row {i}") for i, r in enumerate(table.to_pylist(), 1)]
@@ -163,18 +198,9 @@ def read_file(path: Path, problems: list[str] | None = None) -> list[Row]:
     if kind in (".jsonl", ".ndjson"):
         return read_jsonl(path, problems)
     if kind == ".json":
-        with _reading(path), _open_text(path) as fh:
-            head = fh.read(4096).lstrip()
-        # A .json file that is really JSON Lines is common: an array (or one object holding an array) is JSON,
-        # objects one after another are JSON Lines.
-        if head.startswith("[") or not head:
-            return read_json(path)
-        try:
-            return read_json(path)
-        except UserError:
-            return read_jsonl(path, problems)
+        return read_json(path, problems)
     if kind in (".csv", ".tsv"):
-        return read_csv(path)
+        return read_csv(path, problems)
     if kind == ".parquet":
         return read_parquet(path)
     if kind == ".txt":
@@ -183,8 +209,38 @@ def read_file(path: Path, problems: list[str] | None = None) -> list[Row]:
                     f"(use {', '.join(READERS)}, optionally .gz)")
 
 
+# `datasets.Dataset.save_to_disk` writes Arrow shards beside these (a DatasetDict adds dataset_dict.json and one
+# such folder per split); they describe the dataset and are not data rows.
+_SAVED_META = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def saved_dataset(path: Path) -> bool:
+    """Whether `path` is a folder written by `datasets`' save_to_disk (a Dataset or a DatasetDict)."""
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or
+                              ((path / "state.json").is_file() and (path / "dataset_info.json").is_file()))
+
+
+def read_saved(path: Path, split: str | None = None) -> list[Row]:
+    """Rows of a save_to_disk folder, through `datasets.load_from_disk`; of a DatasetDict, the split (default train)."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - a damaged folder raises whatever the Arrow reader hits
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: cannot read the saved dataset ({why}); save it again with save_to_disk") from None
+    where = str(path)
+    if isinstance(ds, datasets.DatasetDict):
+        split = split or "train"
+        if split not in ds:
+            raise UserError(f"{path}: the saved dataset has no split '{split}' (splits: {', '.join(ds)}); "
+                            "set the source's split")
+        ds, where = ds[split], f"{path}/{split}"
+    return [Row(dict(r), f"{where}:row {i}") for i, r in enumerate(ds, 1)]
+
+
 def _is_data_file(p: Path) -> bool:
-    return p.is_file() and not p.name.startswith(".") and _kind(p) in READERS
+    return p.is_file() and not p.name.startswith(".") and _kind(p) in READERS and p.name not in _SAVED_META
 
 
 def _spec_parts(spec) -> tuple[str, str | None, str | None, str | None]:
@@ -207,6 +263,8 @@ def resolve_files(spec) -> list[Path] | None:
             raise UserError(f"no data files match '{path_s}' (readable: {', '.join(READERS)}, optionally .gz)")
         return files
     path = Path(path_s).expanduser()
+    if saved_dataset(path):  # every file of the folder: its content is what the fingerprint follows
+        return sorted(p for p in path.rglob("*") if p.is_file())
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if _is_data_file(p))
         if not files:
@@ -223,12 +281,15 @@ def resolve_files(spec) -> list[Path] | None:
 def read_source(spec, problems: list[str] | None = None) -> list[Row]:
     """Rows of one source: `bundled:NAME`, a local file/dir/glob, or (when no such path exists) a hub dataset id.
 
-    `problems`: when given, malformed JSON lines are collected there and skipped instead of raising.
+    `problems`: when given, malformed rows (JSON lines, CSV rows, array entries) are collected there and skipped
+    instead of raising.
     """
     files = resolve_files(spec)
+    path_s, split, name, revision = _spec_parts(spec)
     if files is None:
-        path_s, split, name, revision = _spec_parts(spec)
         return read_hub(path_s.removeprefix("hub:"), split or "train", name, revision)
+    if saved_dataset(Path(path_s).expanduser()):
+        return read_saved(Path(path_s).expanduser(), split)
     rows = []
     for f in files:
         rows += read_file(f, problems)
