@@ -159,3 +159,70 @@ def test_evaluation_model_is_a_merged_bf16_copy_on_bf16_cpus(tiny_model, tmp_pat
         want, got = model(ids).logits, fast(ids).logits.float()
     # bf16 keeps ~3 significant digits: close to the float32 logits of base + adapter, not equal to them
     assert torch.allclose(got, want, atol=0.05 * want.abs().max().item())
+
+
+def test_stop_string_is_matched_in_the_reply_only(lively):
+    """A prompt ending in the start of a stop string does not stop the reply at once: as with OpenAI and vLLM, stop
+    strings are matched in the generated text, batched, streamed, and with an empty stop string (which matches
+    nowhere) alike."""
+    model, tok = lively
+    prompts = ["Once upon a time", "The capital of France is"]
+    params = GenParams(max_new_tokens=12)
+    full = [c.text for c in complete(model, tok, prompts, params)]
+    # the end of the first prompt followed by the start of its reply: found only across the boundary
+    stop = prompts[0][-4:] + full[0][:2]
+    assert stop not in full[0] and stop not in full[1], full
+    got = complete(model, tok, prompts, GenParams(max_new_tokens=12, stop=[stop]))
+    assert [c.text for c in got] == full
+    assert [(c.completion_tokens, c.finish_reason) for c in got] == [(12, "length")] * 2
+    s = TextStream(model, tok, prompts[0], GenParams(max_new_tokens=12, stop=[stop]))
+    assert "".join(s) == full[0] and (s.completion_tokens, s.finish_reason) == (12, "length")
+    assert [c.text for c in complete(model, tok, prompts, GenParams(max_new_tokens=12, stop=[""]))] == full
+    s = TextStream(model, tok, prompts[0], GenParams(max_new_tokens=12, stop=[""]))
+    assert "".join(s) == full[0] and s.completion_tokens == 12
+
+
+def test_usage_of_a_row_stopped_by_a_stop_string_in_a_batch(lively):
+    """A row that a stop string ends is padded while the rest of its batch goes on; with SmolLM2's tokenizer the pad
+    token is the EOS token, and that padding is no token of the reply."""
+    model, tok = lively
+    assert tok.pad_token_id == tok.eos_token_id
+    prompt, other = chat_prompts(tok, PROMPTS[:2])
+    [plain] = complete(model, tok, [prompt], GenParams(max_new_tokens=16))
+    plain_ids = tok(plain.text, add_special_tokens=False)["input_ids"]
+    stop = plain.text.split()[3][:3]  # part of a word in the middle of the reply
+    want = next(k for k in range(1, len(plain_ids) + 1)
+                if stop in tok.decode(plain_ids[:k], skip_special_tokens=True))
+    params = GenParams(max_new_tokens=16, stop=[stop])
+    got = complete(model, tok, [prompt, other], params)
+    s = TextStream(model, tok, prompt, params)
+    text = "".join(s)
+    assert got[0].text == text == plain.text[:plain.text.index(stop)] and got[0].finish_reason == "stop"
+    assert got[0].completion_tokens == s.completion_tokens == want
+    assert got[1] == complete(model, tok, [other], params)[0]  # the other row as it is alone
+
+
+def test_raw_prompts_start_with_the_tokenizers_bos(lively):
+    """add_special_tokens=True (raw text, the server's /v1/completions) feeds the model the tokenizer's BOS first and
+    counts it as a prompt token; chat-templated prompts (the default) are fed as the template wrote them."""
+    from transformers import AutoTokenizer
+
+    model, _ = lively
+    tok = AutoTokenizer.from_pretrained(model.name_or_path, add_bos_token=True)
+    prompt = "Once upon a time"
+    ids = tok(prompt)["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids[1:] == tok(prompt, add_special_tokens=False)["input_ids"]
+    firsts = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: firsts.append(kw["input_ids"][:, 0].tolist()),
+                                           with_kwargs=True)
+    try:
+        [c] = complete(model, tok, [prompt], GenParams(max_new_tokens=2), add_special_tokens=True)
+        assert c.prompt_tokens == len(ids) and firsts[0] == [tok.bos_token_id]
+        s = TextStream(model, tok, prompt, GenParams(max_new_tokens=2), add_special_tokens=True)
+        list(s)
+        assert s.prompt_tokens == len(ids) and firsts[-2] == [tok.bos_token_id]
+        firsts.clear()
+        [c] = complete(model, tok, [prompt], GenParams(max_new_tokens=2))
+        assert c.prompt_tokens == len(ids) - 1 and firsts[0] == [ids[1]]
+    finally:
+        hook.remove()

@@ -187,6 +187,88 @@ def test_values_that_used_to_crash_are_400_and_keep_the_connection(server):
         assert c.post("/v1/chat/completions", json=chat).status_code == 200
 
 
+def test_chat_refuses_fields_it_cannot_honour(client):
+    """Fields that change what the answer must hold (log probabilities, JSON, tool calls) are refused with a 400
+    naming the field, rather than ignored; the values that ask for nothing more than plain text are accepted."""
+    msgs = [{"role": "user", "content": "Hi"}]
+    refused = [("logprobs", {"logprobs": True}), ("top_logprobs", {"top_logprobs": 3}),
+               ("response_format", {"response_format": {"type": "json_object"}}),
+               ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
+               ("tool_choice", {"tool_choice": "auto"}),
+               ("functions", {"functions": [{"name": "f", "parameters": {}}]}),
+               ("function_call", {"function_call": "auto"})]
+    for field, kw in refused:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, **kw)
+        assert e.value.status_code == 400 and e.value.body["type"] == "invalid_request_error"
+        assert e.value.body["param"].startswith(field) and "not supported" in e.value.body["message"], field
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, logprobs=False, tools=[],
+                                       tool_choice="none", response_format={"type": "text"})
+    assert r.choices[0].message.content and r.choices[0].message.tool_calls is None
+
+
+def test_explicit_null_means_the_default(server):
+    """n, stream, echo and stream_options.include_usage may be null, as with OpenAI (clients that send every field
+    do): the answer is the default's."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}
+    want = httpx.post(server.url + "/v1/chat/completions", json=chat, headers=auth, timeout=60).json()
+    r = httpx.post(server.url + "/v1/chat/completions", headers=auth, timeout=60,
+                   json={**chat, "n": None, "stream": None, "stream_options": {"include_usage": None}})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"] == want["choices"] and r.json()["usage"] == want["usage"]
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 3, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": None}, "echo": None, "n": None}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=auth, timeout=60) as r:
+        assert r.status_code == 200
+        events = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
+    assert all(ev.get("usage") is None for ev in events)  # include_usage null: no usage chunk
+    text = "".join(ev["choices"][0]["text"] for ev in events)
+    plain = httpx.post(server.url + "/v1/completions", headers=auth, timeout=60,
+                       json={k: v for k, v in body.items() if k not in ("stream", "stream_options")}).json()
+    assert text == plain["choices"][0]["text"] and not text.startswith("Once")  # echo null: no echo
+
+
+def test_text_parts_are_joined_with_newlines(client):
+    """Content given as several text parts reads as their texts on separate lines, as with vLLM (not fused)."""
+    def ask(content):
+        return client.chat.completions.create(model="tiny", max_tokens=4, temperature=0,
+                                              messages=[{"role": "user", "content": content}])
+
+    parts = ask([{"type": "text", "text": "Name a color."}, {"type": "text", "text": "Say hi."}])
+    joined = ask("Name a color.\nSay hi.")
+    assert parts.usage.prompt_tokens == joined.usage.prompt_tokens != ask("Name a color.Say hi.").usage.prompt_tokens
+    assert parts.choices[0].message.content == joined.choices[0].message.content
+
+
+def test_raw_completion_prompts_start_with_bos(tiny_model):
+    """/v1/completions tokenizes its raw prompt as the tokenizer does by default (BOS first, for a tokenizer that adds
+    one), as vLLM does and as text is tokenized for training; a chat prompt is tokenized as its template wrote it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.inference.host import Host
+    from tunelab.inference.server import create_app
+
+    tok = AutoTokenizer.from_pretrained(tiny_model, add_bos_token=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    firsts = []
+    model.register_forward_pre_hook(lambda m, a, kw: firsts.append(kw["input_ids"][:, 0].tolist()), with_kwargs=True)
+    prompt = "Once upon a time"
+    with LiveServer(create_app(Host(model, tok, "bos"))) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        r = c.completions.create(model="bos", prompt=prompt, max_tokens=2, temperature=0)
+        assert r.usage.prompt_tokens == len(tok(prompt)["input_ids"]) == len(tok(prompt, add_special_tokens=False)
+                                                                             ["input_ids"]) + 1
+        assert firsts[0] == [tok.bos_token_id]
+        streamed = list(c.completions.create(model="bos", prompt=prompt, max_tokens=2, temperature=0, stream=True,
+                                             stream_options={"include_usage": True}))
+        assert streamed[-1].usage.prompt_tokens == r.usage.prompt_tokens and firsts[-2] == [tok.bos_token_id]
+        msgs = [{"role": "user", "content": "Hi"}]
+        r = c.chat.completions.create(model="bos", messages=msgs, max_tokens=2, temperature=0)
+        templated = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert r.usage.prompt_tokens == len(tok(templated, add_special_tokens=False)["input_ids"])
+
+
 def test_api_key_missing_or_wrong_is_401(server):
     for key in ("wrong-key",):
         bad = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
@@ -315,3 +397,23 @@ def test_embedded_model_answers_through_the_api(embedded_model):
         streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
             model="smollm2", messages=msgs, max_tokens=12, temperature=0, stream=True))
         assert streamed == r.choices[0].message.content
+
+
+@pytest.mark.e2e
+def test_embedded_model_stop_strings_match_the_reply_only(embedded_model):
+    """A few-shot prompt ending in a newline with stop "\nA:": the stop is matched in the reply, not across the
+    prompt's end, so the model writes its answer line before stopping, streamed or not."""
+    from tunelab.inference.host import Host
+    from tunelab.inference.server import create_app
+
+    prompt = "Q: What is 2+2?\nA: 4\nQ: What is 3+3?\nA: 6\n"
+    with LiveServer(create_app(Host.load(embedded_model, served_name="smollm2"))) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        r = c.completions.create(model="smollm2", prompt=prompt, max_tokens=30, temperature=0, stop=["\nA:"])
+        text = r.choices[0].text
+        assert text.startswith("A: ") and len(text) > 3 and "\n" not in text, text
+        assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens > 2
+        streamed = list(c.completions.create(model="smollm2", prompt=prompt, max_tokens=30, temperature=0,
+                                             stop=["\nA:"], stream=True))
+        assert "".join(ch.choices[0].text for ch in streamed) == text
+        assert streamed[-1].choices[0].finish_reason == "stop"

@@ -123,6 +123,20 @@ def test_completions_per_request_are_bounded(host):
         assert r.status_code == 200 and len(r.json()["choices"]) == 8
 
 
+def test_n_is_bounded_by_the_servers_limit_only(host):
+    """n above the default limit of 16 is accepted when --max-choices allows it, and refused past it."""
+    from tunelab.inference.server import create_app
+
+    with LiveServer(create_app(host, max_choices=20)) as s:
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+        r = httpx.post(s.url + "/v1/chat/completions", timeout=60, json={**chat, "n": 20})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["choices"]) == 20
+        r = httpx.post(s.url + "/v1/completions", timeout=60,
+                       json={"model": "tiny", "prompt": "Hi", "max_tokens": 1, "n": 21})
+        assert r.status_code == 400 and "at most 20" in r.json()["error"]["message"]
+
+
 def test_abandoned_requests_are_not_generated(host):
     """Clients that give up (a running request and two queued behind it) free the slot and the queue at once,
     instead of the server generating ~20 s of answers nobody reads."""

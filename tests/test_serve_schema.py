@@ -32,7 +32,7 @@ def api_schema(tiny_model):
 def within_cross_field_rules(body) -> bool:
     """Rules JSON Schema cannot state (the fields' descriptions do): prompts x n <= --max-choices, one with stream."""
     prompts = body.get("prompt", "")
-    choices = (1 if isinstance(prompts, str) else len(prompts)) * body.get("n", 1)
+    choices = (1 if isinstance(prompts, str) else len(prompts)) * (body.get("n") or 1)  # null n: the default, 1
     return choices <= MAX_CHOICES and not (body.get("stream") and choices > 1)
 
 

@@ -59,8 +59,9 @@ def context_length(model, tok) -> int:
     return int(n or 2048)
 
 
-def count_tokens(tok, text: str) -> int:
-    return len(tok(text, add_special_tokens=False)["input_ids"])
+def count_tokens(tok, text: str, add_special_tokens: bool = False) -> int:
+    """Tokens of `text` as the engine feeds it: `add_special_tokens` as given to `complete` / `TextStream`."""
+    return len(tok(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -83,6 +84,33 @@ def _partial_stop(text: str, stops: list[str]) -> int:
     return best
 
 
+def _stop_criteria(tok, stops: list[str], prompt_width: int):
+    """A StoppingCriteria that ends a row once the text it has generated (its tokens from `prompt_width` on) holds a
+    stop string. transformers' StopStringCriteria matches the end of the whole sequence, prompt included, so a prompt
+    ending in the start of a stop string ("...\nA" with stop "\nA:") stopped a reply at once; OpenAI and vLLM match
+    in the generated text only. Decoding the row's whole reply each step (not a window of tokens) finds any stop
+    string, one of characters the vocabulary lacks too, exactly as the final text is cut; it costs microseconds per
+    row beside a forward pass.
+    """
+    import torch
+    from transformers import StoppingCriteria
+
+    class _StopStrings(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tok.batch_decode(input_ids[:, prompt_width:], skip_special_tokens=True)
+            return torch.tensor([_cut_at_stop(t, stops)[1] for t in texts], dtype=torch.bool,
+                                device=input_ids.device)
+
+    return _StopStrings()
+
+
+def _with_criteria(kw: dict, *criteria) -> dict:
+    """`kw` with `criteria` added to its stopping criteria (a copy: the caller's kwargs stay as they were)."""
+    from transformers import StoppingCriteriaList
+
+    return {**kw, "stopping_criteria": StoppingCriteriaList([*kw.get("stopping_criteria", []), *criteria])}
+
+
 def _gen_kwargs(tok, model, params: GenParams) -> dict:
     kw = dict(max_new_tokens=params.max_new_tokens, eos_token_id=stop_token_ids(tok, model),
               pad_token_id=tok.pad_token_id, use_cache=True)
@@ -91,22 +119,12 @@ def _gen_kwargs(tok, model, params: GenParams) -> dict:
     else:
         # Greedy: clear the sampling knobs a checkpoint's generation_config may carry, or transformers warns.
         kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    if params.stop:
-        from transformers import StopStringCriteria, StoppingCriteriaList
-
-        try:
-            kw["stopping_criteria"] = StoppingCriteriaList([StopStringCriteria(tok, params.stop)])
-        except ValueError:
-            # transformers cannot match a stop string of characters its vocabulary lacks (e.g. "\x06"): generation
-            # then runs to max_new_tokens, and the text is still cut at the stop string afterwards.
-            pass
     return kw
 
 
-def _with_cancel(kw: dict, cancel: threading.Event) -> None:
-    from transformers import StoppingCriteriaList
-
-    kw["stopping_criteria"] = StoppingCriteriaList([*kw.get("stopping_criteria", []), _cancel_criteria(cancel)])
+def _stops(params: GenParams) -> list[str]:
+    # An empty stop string matches nowhere (as with OpenAI): dropped, rather than ending every reply at once.
+    return [s for s in params.stop if s]
 
 
 def _reply_ids(ids: list[int], eos: set[int], pad: int | None) -> tuple[list[int], bool]:
@@ -117,6 +135,14 @@ def _reply_ids(ids: list[int], eos: set[int], pad: int | None) -> tuple[list[int
     while ids and pad is not None and ids[-1] == pad:  # a row that stopped on a stop string, padded to the batch
         ids = ids[:-1]
     return ids, False
+
+
+def _upto_stop(tok, ids: list[int], stops: list[str]) -> list[int]:
+    """The shortest head of `ids` whose text holds a stop string: the tokens generated before the row was stopped.
+    What follows it is the batch's padding, which `_reply_ids` cannot tell from an EOS when the pad token is EOS."""
+    while ids and _cut_at_stop(tok.decode(ids[:-1], skip_special_tokens=True), stops)[1]:
+        ids = ids[:-1]
+    return ids
 
 
 class Cancelled(Exception):
@@ -145,6 +171,9 @@ def _generate_rows(model, tok, ids: list[list[int]], kw: dict, max_new: int, eos
     import torch
 
     input_ids, mask = left_pad(ids, tok.pad_token_id, model.device)
+    if stops:
+        # Every chunk continues the same left-padded prompts: each row's reply starts at this width in all of them.
+        kw = _with_criteria(kw, _stop_criteria(tok, stops, input_ids.shape[1]))
     new: list[list[int]] = [[] for _ in ids]
     alive = list(range(len(ids)))
     cache: dict = {}  # the KV cache of the batch, under the keyword this transformers version names it
@@ -183,9 +212,11 @@ def _generate_rows(model, tok, ids: list[list[int]], kw: dict, max_new: int, eos
 
 
 def complete(model, tok, prompts: list[str], params: GenParams | None = None, batch_size: int = 16,
-             cancel: threading.Event | None = None) -> list[Completion]:
-    """Completions with usage and finish reason for raw prompt strings (already chat-templated), in input order.
+             cancel: threading.Event | None = None, add_special_tokens: bool = False) -> list[Completion]:
+    """Completions with usage and finish reason for prompt strings, in input order.
 
+    `add_special_tokens` False is for chat-templated prompts, whose template writes BOS itself; True tokenizes raw
+    text as the tokenizer does by default (BOS first where the model has one), as text was tokenized for training.
     Setting `cancel` (from another thread) stops generating at the next token and raises `Cancelled`: the server
     uses it for a request whose client has disconnected.
     """
@@ -195,20 +226,22 @@ def complete(model, tok, prompts: list[str], params: GenParams | None = None, ba
     if params.seed is not None:
         torch.manual_seed(params.seed)
     outs: list[Completion | None] = [None] * len(prompts)
-    ids = tok(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
+    ids = tok(list(prompts), add_special_tokens=add_special_tokens)["input_ids"] if prompts else []
     # Longest prompts first (in tokens): batches of similar length waste less compute on padding.
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
     kw = _gen_kwargs(tok, model, params)
     kw.pop("max_new_tokens")
-    eos = set(kw["eos_token_id"])
+    eos, stops = set(kw["eos_token_id"]), _stops(params)
     if cancel is not None:
-        _with_cancel(kw, cancel)
+        kw = _with_criteria(kw, _cancel_criteria(cancel))
     for b in range(0, len(order), batch_size):
         idx = order[b: b + batch_size]
-        new = _generate_rows(model, tok, [ids[i] for i in idx], kw, params.max_new_tokens, eos, params.stop, cancel)
+        new = _generate_rows(model, tok, [ids[i] for i in idx], kw, params.max_new_tokens, eos, stops, cancel)
         for j, i in enumerate(idx):
             reply, hit_eos = _reply_ids(new[j], eos, tok.pad_token_id)
-            text, hit_stop = _cut_at_stop(tok.decode(reply, skip_special_tokens=True), params.stop)
+            text, hit_stop = _cut_at_stop(tok.decode(reply, skip_special_tokens=True), stops)
+            if hit_stop:
+                reply = _upto_stop(tok, reply, stops)
             stopped = hit_eos or hit_stop or len(reply) < params.max_new_tokens
             outs[i] = Completion(text, len(ids[i]), len(reply), "stop" if stopped else "length")
     return outs  # type: ignore[return-value]
@@ -266,13 +299,15 @@ class TextStream:
     next piece shows whether it does.
     """
 
-    def __init__(self, model, tok, prompt: str, params: GenParams | None = None):
+    def __init__(self, model, tok, prompt: str, params: GenParams | None = None, add_special_tokens: bool = False):
         import torch
         from transformers import TextIteratorStreamer
 
         self.params = params or GenParams()
+        self._stops = _stops(self.params)
         self._cancel = threading.Event()
-        enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+        # add_special_tokens: as in `complete` (False for a chat-templated prompt, True for raw text)
+        enc = tok(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(model.device)
         self.prompt_tokens = int(enc["input_ids"].shape[1])
         self.completion_tokens = 0
         self.finish_reason: str | None = None
@@ -281,7 +316,8 @@ class TextStream:
         self._streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         kw = _gen_kwargs(tok, model, self.params)
         kw["streamer"] = self._streamer
-        _with_cancel(kw, self._cancel)
+        kw = _with_criteria(kw, _cancel_criteria(self._cancel),
+                            *([_stop_criteria(tok, self._stops, self.prompt_tokens)] if self._stops else []))
         eos, pad = set(kw["eos_token_id"]), tok.pad_token_id
         if self.params.seed is not None:
             torch.manual_seed(self.params.seed)
@@ -302,7 +338,7 @@ class TextStream:
         self._worker.start()
 
     def __iter__(self):
-        stops = self.params.stop
+        stops = self._stops
         text, sent = "", 0
         for piece in self._streamer:
             text += piece

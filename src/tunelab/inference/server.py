@@ -59,7 +59,8 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-# --- request bodies (the subset of OpenAI's fields that a local model can honour; unknown fields are ignored) ---
+# --- request bodies (the subset of OpenAI's fields that a local model can honour; unknown fields are ignored, known
+# ones this server cannot honour are refused) ---
 
 def _unicode(s: str) -> str:
     # JSON may carry a lone UTF-16 surrogate ("\ud800"); Python keeps it in the str, but it is not text: the
@@ -96,10 +97,27 @@ def _unsupported(v):
 Unsupported = Annotated[None, BeforeValidator(_unsupported)]
 
 
+def _only(*allowed):
+    """A validator that lets through null and the `allowed` values of a field whose other values this server cannot
+    honour (they change what the answer must contain: log probabilities, JSON, tool calls), and refuses the rest
+    with a message naming what it accepts; the field's type puts the same values in the schema."""
+    def check(v):
+        if v is not None and not any(type(v) is type(a) and v == a for a in allowed):
+            raise ValueError(f"not supported by this server (send {' or '.join(map(json.dumps, allowed))}, null "
+                             "or leave it out)")
+        return v
+    return BeforeValidator(check)
+
+
+def _default(value):
+    """Explicit null means the field's default, as OpenAI reads it (clients that serialize every field send it)."""
+    return AfterValidator(lambda v: value if v is None else v)
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    include_usage: bool = False
+    include_usage: Annotated[bool | None, _default(False)] = False
 
 
 class _Request(BaseModel):
@@ -111,12 +129,17 @@ class _Request(BaseModel):
     max_tokens: TokenCount | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: Annotated[int, Field(ge=1, le=16, description="completions per prompt; 1 with stream=true, and at most "
-                            "the server's --max-choices (default 16) completions per request in all (prompts x n)"),
-                 BeforeValidator(_integral)] = 1
-    stream: bool = False
+    # No upper bound of its own: the server's --max-choices bounds prompts x n (check_choices in create_app).
+    n: Annotated[Annotated[int, Field(ge=1), BeforeValidator(_integral)] | None,
+                 Field(description="completions per prompt; 1 with stream=true, and at most the server's "
+                                   "--max-choices (default 16) completions per request in all (prompts x n)"),
+                 _default(1)] = 1
+    stream: Annotated[bool | None, _default(False)] = False
     stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
-    seed: Seed | None = None
+    # transformers' generate samples from torch's process-wide RNG (it takes no per-call torch.Generator): a seed
+    # reproduces an answer only while no other generation samples beside it.
+    seed: Annotated[Seed | None, Field(description="reproducible sampling when the server runs one generation at a "
+                                                   "time (--max-concurrency 1, the default)")] = None
     stream_options: StreamOptions | None = None
 
     def gen_params(self, max_new_tokens: int) -> GenParams:
@@ -141,21 +164,37 @@ class Message(BaseModel):
     content: Text | list[_TextPart] | None = None
 
     def as_dict(self) -> dict:
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        # Text parts are joined with newlines, as vLLM does: joined with nothing, "Hello" and "world" fuse.
+        content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content or [])
         # "developer" is OpenAI's newer name for the system role; chat templates know "system".
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class _TextFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Annotated[Literal["text"], _only("text")]
 
 
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: TokenCount | None = None
+    # Fields that would change what the answer holds are refused unless they ask for nothing beyond plain text:
+    # ignored, a client asking for log probabilities, JSON or tool calls would get an answer without them.
+    logprobs: Annotated[Literal[False] | None, _only(False)] = None
+    top_logprobs: Annotated[Literal[0] | None, _only(0)] = None
+    response_format: _TextFormat | None = None
+    tools: Annotated[list[dict] | None, Field(max_length=0), _only([])] = None
+    tool_choice: Annotated[Literal["none"] | None, _only("none")] = None
+    functions: Annotated[list[dict] | None, Field(max_length=0), _only([])] = None
+    function_call: Annotated[Literal["none"] | None, _only("none")] = None
 
 
 class CompletionRequest(_Request):
     # Every prompt needs at least one token to continue from: an empty one has nothing for the model to attend to.
     prompt: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)] = Field(
         description="a prompt or a list of them; stream=true takes one")
-    echo: bool = False
+    echo: Annotated[bool | None, _default(False)] = False
     logprobs: Unsupported = None
     suffix: Unsupported = None
 
@@ -486,11 +525,13 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
                 return
             yield piece
 
-    async def stream(request: Request, name: str, prompt: str, params: GenParams, chunk, final, include_usage: bool):
-        """Queue (leaving the queue if the client does), then answer with the generation as server-sent events."""
+    async def stream(request: Request, name: str, prompt: str, params: GenParams, chunk, final, include_usage: bool,
+                     raw: bool = False):
+        """Queue (leaving the queue if the client does), then answer with the generation as server-sent events.
+        `raw`: the prompt is plain text, not chat-templated (tokenized with the tokenizer's special tokens)."""
         await while_connected(request, admit(name))
         try:
-            gen = TextStream(host.model, host.tok, prompt, params)
+            gen = TextStream(host.model, host.tok, prompt, params, add_special_tokens=raw)
         except BaseException:
             sched.release()
             raise
@@ -511,14 +552,16 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
 
         return SlotStream(events(), gen)
 
-    async def batch(request: Request, name: str, prompts: list[str], params: GenParams):
-        """Queue, generate and return the completions; abandoned as soon as the client disconnects."""
+    async def batch(request: Request, name: str, prompts: list[str], params: GenParams, raw: bool = False):
+        """Queue, generate and return the completions; abandoned as soon as the client disconnects. `raw`: as in
+        `stream`."""
         cancel = threading.Event()
 
         async def work():
             await admit(name)
             try:
-                return await run_in_threadpool(complete, host.model, host.tok, prompts, params, cancel=cancel)
+                return await run_in_threadpool(complete, host.model, host.tok, prompts, params, cancel=cancel,
+                                               add_special_tokens=raw)
             finally:
                 sched.release()  # after the generation thread has returned: the model is free
 
@@ -583,8 +626,10 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
         if req.stream and (req.n > 1 or len(prompts) > 1):
             raise ApiError(400, "stream=true takes one prompt and n=1", param="prompt")
         check_choices(len(prompts), req.n)
-        # On a worker thread, as in chat_completions.
-        counts = await run_in_threadpool(lambda: [count_tokens(host.tok, p) for p in prompts])
+        # On a worker thread, as in chat_completions. A raw prompt is tokenized with the tokenizer's special tokens
+        # (BOS first, for models that have one), as vLLM does and as text is tokenized for training: without its BOS
+        # such a model continues a prompt unlike anything it was trained on.
+        counts = await run_in_threadpool(lambda: [count_tokens(host.tok, p, add_special_tokens=True) for p in prompts])
         # A prompt of only characters the tokenizer drops (e.g. "\x06") has nothing to continue from; as OpenAI does
         # for an empty prompt, the model then starts as at the beginning of a document (its BOS/EOS token).
         start = host.tok.bos_token or host.tok.eos_token
@@ -606,8 +651,8 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
                 return {**head, "choices": [{"index": 0, "text": "", "finish_reason": reason}]}
 
             return await stream(request, req.model, inputs[0], params, chunk, final,
-                                bool(req.stream_options and req.stream_options.include_usage))
-        outs = await batch(request, req.model, [p for p in inputs for _ in range(req.n)], params)
+                                bool(req.stream_options and req.stream_options.include_usage), raw=True)
+        outs = await batch(request, req.model, [p for p in inputs for _ in range(req.n)], params, raw=True)
         choices = [{"index": i, "text": (prompts[i // req.n] if req.echo else "") + c.text, "logprobs": None,
                     "finish_reason": c.finish_reason} for i, c in enumerate(outs)]
         return {"id": cid, "object": "text_completion", "created": now, "model": req.model, "choices": choices,
