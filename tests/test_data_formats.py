@@ -43,6 +43,18 @@ def test_messages_keep_system_and_turns():
     assert a["origin"].endswith("messages.jsonl:1") and b["origin"].endswith("messages.jsonl:2")
 
 
+def test_text_content_parts_are_joined_as_the_server_joins_them():
+    """[{"type": "text"}, ...] content is trained as the API server feeds it: parts joined by newlines."""
+    from tunelab.inference.server import Message
+
+    parts = [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": "of France?"}]
+    (rec,) = formats.normalize_rows([Row({"messages": [{"role": "user", "content": parts},
+                                                      {"role": "assistant", "content": "Paris."}]}, "x.jsonl:1")],
+                                    "auto", "x.jsonl")[1]
+    served = Message(role="user", content=parts).as_dict()["content"]
+    assert rec["messages"][0]["content"] == served == "What is the capital\nof France?"
+
+
 def test_sharegpt_roles_mapped():
     _, (a, _b) = load("sharegpt.json")
     assert a["messages"] == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "How are you?"},

@@ -72,11 +72,12 @@ def _message_weight(m: dict, origin: str, where: str) -> bool:
 
 
 def _content(c, origin: str, where: str) -> str:
-    # multimodal-style content: [{"type": "text", "text": ...}, ...] -> its text parts joined
+    # multimodal-style content: [{"type": "text", "text": ...}, ...] -> its text parts joined by newlines, as the
+    # API server (and vLLM) joins them: a model trains on the text it is served
     if isinstance(c, list) and all(isinstance(p, dict) for p in c):
         if any(p.get("type", "text") != "text" for p in c):
             raise UserError(f"{origin}: {where} has non-text content parts; only text is supported")
-        c = "".join(str(p.get("text", "")) for p in c)
+        c = "\n".join(str(p.get("text", "")) for p in c)
     if not isinstance(c, str):
         raise UserError(f"{origin}: {where} content must be text, got {type(c).__name__}")
     if not c.strip():
