@@ -90,6 +90,21 @@ def test_cpu_peak_is_measured_on_this_cpu_or_given(tmp_path, tiny_model):
     assert f"CPU fp32 matmul measured at {flops / 1e12:.3g} TFLOP/s" in here.report()
 
 
+def test_the_cpu_probe_leaves_the_global_rng_alone():
+    # it runs in a process' first run only, after the run is seeded and before the adapter's random init: drawing
+    # from the global RNG there made a first run differ from the same run started later in the process
+    import torch
+
+    from tunelab import estimate_time
+
+    estimate_time.cpu_matmul_flops.cache_clear()
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    estimate_time.cpu_matmul_flops("float32")
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_full_finetune_qlora_checkpointing_and_budget(tmp_path, tiny_model):
     full = estimate(_cfg(tmp_path, tiny_model, adapter={"type": "none"}), "h100", max_tokens=100, baseline_mb=0)
     assert full.trainable == PARAMS and full.memory_mb["adapter"] == 0

@@ -88,10 +88,14 @@ def cpu_matmul_flops(dtype: str) -> tuple[float, str]:
     import torch
 
     n = PROBE_SIZE
+    # its own generator: the probe runs in the first run of a process only, between the run's seeding and the
+    # adapter's random init, which drawing from the global RNG here would shift (a run's result would then depend on
+    # whether an earlier run in the process had probed: a sweep's first trial, a test run alone)
+    gen = torch.Generator().manual_seed(0)
     for name in (dtype, "float32"):
         try:
-            a = torch.randn(n, n, dtype=getattr(torch, name))
-            b = torch.randn(n, n, dtype=getattr(torch, name))
+            a = torch.randn(n, n, dtype=getattr(torch, name), generator=gen)
+            b = torch.randn(n, n, dtype=getattr(torch, name), generator=gen)
             for _ in range(PROBE_WARMUP):
                 a @ b
         except RuntimeError:  # e.g. no CPU kernel for the half type in this build

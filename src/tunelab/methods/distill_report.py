@@ -17,7 +17,7 @@ def compare(teacher, student, rows: list[dict], temperature: float = 1.0, batch_
 
     import torch
 
-    from tunelab.methods.distill import distill_loss  # here: distill.py imports this module
+    from trl.experimental.gkd import GKDTrainer
 
     models = {"teacher": teacher, "student": student}
     totals = {name: {"nll": 0.0, "tokens": 0, "secs": 0.0} for name in models}
@@ -45,7 +45,9 @@ def compare(teacher, student, rows: list[dict], temperature: float = 1.0, batch_
                 totals[name]["nll"] += float(torch.nn.functional.cross_entropy(
                     logits[name].flatten(0, 1), lab.flatten(), ignore_index=-100, reduction="sum"))
             n = int((lab != -100).sum())
-            kl += float(distill_loss(logits["student"], logits["teacher"], lab, "forward_kl", 1.0)) * n
+            # beta=0 is KL(teacher || student) per trained token: the method's forward_kl loss at temperature 1
+            kl += float(GKDTrainer.generalized_jsd_loss(logits["student"], logits["teacher"], labels=lab,
+                                                        beta=0.0, temperature=1.0)) * n
             count += n
             del logits
     finally:
