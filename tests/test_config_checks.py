@@ -29,6 +29,20 @@ REFUSALS = {
                     ["config key 'training.gradient_checkpointing': Input should be a valid boolean or 'auto'"]),
     "method_union_value": (["method.use_liger_kernel=maybe"],
                            ["config key 'method.use_liger_kernel': Input should be a valid boolean or 'auto'"]),
+    # found only inside trainer.train() before: the optimizer's package is missing, a schedule argument is text
+    "optimizer_package": (["training.optimizer=galore_adamw"], ["training.optimizer", "galore_torch"]),
+    "schedule_free": (["training.optimizer=schedule_free_adamw"], ["training.optimizer", "schedulefree"]),
+    "scheduler_text": (["training.scheduler=polynomial", "training.scheduler_kwargs={power: abc}"],
+                       ["training.scheduler_kwargs", "scheduler 'polynomial' refused", "power is text"]),
+    "min_lr_twice": (["training.scheduler=cosine_with_min_lr", "training.scheduler_kwargs={min_lr: 1e-5, "
+                      "min_lr_rate: 0.1}"], ["min_lr or min_lr_rate, not both"]),
+    "attention": (["model.attn_implementation=sdpaa"], ["model.attn_implementation", "did you mean 'sdpa'"]),
+    # a run name that is not one folder inside output.dir (the run directory --overwrite may delete)
+    "name_dot": (["output.name=."], ["config key 'output.name'", "one folder name"]),
+    "name_up": (["output.name=.."], ["config key 'output.name'", "one folder name"]),
+    "name_path": (["output.name=x/../.."], ["config key 'output.name'"]),
+    "name_absolute": (["output.name=/tmp"], ["config key 'output.name'"]),
+    "key_under_value": (["training=x", "training.learning_rate=1"], ["'training' is set to 'x', not a section"]),
 }
 
 
@@ -99,3 +113,30 @@ def test_comma_targets_and_min_lr_schedule_train(tmp_path, tiny_model, tiny_chat
     assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
     lrs = [json.loads(x).get("learning_rate") for x in (Path(summary["run"]) / "metrics.jsonl").read_text().splitlines()]
     assert min(x for x in lrs if x) >= 0.5 * 5e-3 - 1e-9  # the schedule's floor: min_lr_rate x learning_rate
+
+
+def test_flash_attention_without_its_package_is_one_line(tmp_path, tiny_model, tiny_chat_data, capsys):
+    from transformers.utils import is_flash_attn_2_available
+
+    if is_flash_attn_2_available():
+        pytest.skip("flash_attn is installed here")
+    path = make_config(tmp_path, tiny_model, tiny_chat_data, training={"max_steps": 1})
+    assert cli.main(["train", str(path), "model.attn_implementation=flash_attention_2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "flash_attn package" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_target_modules_may_be_path_suffixes_as_peft_matches_them(tmp_path, tiny_model, tiny_chat_data):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.checks import check_target_modules
+    from tunelab.errors import UserError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    path = make_config(tmp_path, tiny_model, tiny_chat_data)
+    check_target_modules(load_config(path, ["adapter.target_modules=self_attn.q_proj,self_attn.v_proj"]), model)
+    check_target_modules(load_config(path, ["adapter.target_modules=layers.0.self_attn.q_proj"]), model)
+    for wrong in ("mlp.q_proj", "attn.q_proj"):  # a suffix must end at a dot: 'attn.q_proj' is not 'self_attn.q_proj'
+        with pytest.raises(UserError, match=f"'{wrong}' matches no module"):
+            check_target_modules(load_config(path, [f"adapter.target_modules={wrong}"]), model)

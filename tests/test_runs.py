@@ -269,3 +269,34 @@ def test_every_reader_opens_a_run_the_same_way(tmp_path, tiny_model, capsys):
     assert cli.main(["eval", "--run", str(run), "--task", "gsm8k", "--n", "1"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and all("config.yaml is empty or unreadable" in e for e in err), err
+
+
+def test_overwrite_deletes_only_a_run(tmp_path, tiny_model, tiny_chat_data, capsys):
+    """--overwrite deletes the run directory whole: never a folder of runs, nor a folder that is not a run."""
+    from tunelab import cli
+
+    path = make_config(tmp_path, tiny_model, tiny_chat_data, "r", training={"max_steps": 1})
+    parent = tmp_path / "runs"
+    (parent / "kept").mkdir(parents=True)
+    (parent / "kept" / "notes.txt").write_text("mine")
+    (parent / "kept" / "config.yaml").write_text("learning_rate: 1\n")  # a config.yaml, but not a run's
+    # a name that reaches the parent folder, or past it, is refused before anything is looked at
+    for name in (".", "..", "kept/..", str(parent)):
+        assert cli.main(["train", str(path), f"output.name={name}", "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert "output.name" in err and len(err.strip().splitlines()) == 1, err
+    # a folder that is not a run: refused with and without --overwrite, and the refusal does not suggest it
+    for flag in (["--overwrite"], []):
+        assert cli.main(["train", str(path), "output.name=kept", *flag]) == 2
+        err = capsys.readouterr().err
+        assert "not a tunelab run" in err and "pass --overwrite" not in err, err
+    assert (parent / "kept" / "notes.txt").read_text() == "mine"
+    # a run is a run: an empty config.yaml left by a crash (nothing but run files beside it) may be started over
+    cut = parent / "cut"
+    cut.mkdir()
+    (cut / "config.yaml").write_text("")
+    (cut / "metrics.jsonl").write_text("")
+    assert runs.is_run_dir(cut) and not runs.is_run_dir(parent) and not runs.is_run_dir(parent / "kept")
+    assert runs.open_run(load_config(path, ["output.name=cut"]), overwrite=True).overwrite
+    (cut / "mine.txt").write_text("x")
+    assert not runs.is_run_dir(cut)

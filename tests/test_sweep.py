@@ -165,6 +165,11 @@ def test_stopped_trial_resumes_from_its_checkpoint(tmp_path, tiny_model, tiny_ch
      "did you mean 'training.epochs'"),
     ({"strategy": "grid", "space": {"training.learning_rate": [1e-4]}},
      {"overrides": {"training.report_to": ["tensorbord"]}}, "did you mean 'tensorboard'"),
+    # what `tunelab train` refuses before its run directory, found by --dry-run too
+    ({"strategy": "grid", "space": {"training.optimizer": ["adamw_torch", "adamw_torhc"]}}, {},
+     "did you mean 'adamw_torch'"),
+    ({"strategy": "grid", "space": {"training.scheduler_kwargs": [{}, {"power": "abc"}]}},
+     {"overrides": {"training.scheduler": "polynomial"}}, "power is text"),
 ])
 def test_bad_sweep_files_are_refused_with_one_line(tmp_path, tiny_model, tiny_chat_data, search, extra, message):
     path = write_sweep(tmp_path, tiny_model, tiny_chat_data, search=search, **extra)
@@ -217,3 +222,43 @@ def test_list_valued_choices_travel_through_optuna_into_best_config(tmp_path, ti
     write_best_config(sweep, params, {"trial": "trial-001", "objective": 1.0})
     cfg = load_config(sweep.dir / "best.yaml")
     assert cfg.adapter.target_modules == ["q_proj", "v_proj"] and cfg.adapter.r == 8
+
+
+def test_a_swept_mapping_replaces_the_base_one(tmp_path, tiny_model, tiny_chat_data):
+    path = write_sweep(tmp_path, tiny_model, tiny_chat_data, search={"space": {
+        "method": [{"name": "sft"}], "training.scheduler_kwargs": [{}]}},
+        config={"method": {"name": "sft", "loss": "nll"}, "training": {"scheduler": "cosine",
+                                                                      "scheduler_kwargs": {"num_cycles": 2}}})
+    sweep = load_sweep(path)
+    cfg = sweep.trial_config({"method": {"name": "sft"}, "training.scheduler_kwargs": {}}, "t")
+    assert cfg.method.options() == {} and cfg.training.scheduler_kwargs == {}
+    assert sweep.raw["method"] == {"name": "sft", "loss": "nll"}  # the base itself is left as it was
+
+
+@pytest.mark.parametrize("name", [".", "..", "a/..", "/tmp"])
+def test_a_sweep_name_stays_inside_out_dir(tmp_path, tiny_model, tiny_chat_data, name):
+    # the sweep's folder (out_dir/name) is what --overwrite deletes: never out_dir itself or a folder above it
+    path = write_sweep(tmp_path, tiny_model, tiny_chat_data, search={"space": {"training.learning_rate": [1e-4]}})
+    spec = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**spec, "name": name}))
+    with pytest.raises(UserError, match="sweep key 'name': a sweep name is one folder name inside out_dir"):
+        load_sweep(path)
+
+
+def test_overwrite_deletes_only_a_sweep_folder(tmp_path, tiny_model, tiny_chat_data):
+    """--overwrite deletes the sweep's folder whole: a folder there that holds anything else is left alone."""
+    from tunelab.sweep.runner import is_sweep_dir
+
+    path = write_sweep(tmp_path, tiny_model, tiny_chat_data, search={"space": {"training.learning_rate": [1e-4]}})
+    mine = tmp_path / "sweeps" / "s"
+    (mine / "notes").mkdir(parents=True)
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(UserError, match="is not a tunelab sweep, so it is left alone"):
+        run_sweep(load_sweep(path), show_progress=False, overwrite=True)
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    (mine / "thesis.tex").unlink()
+    (mine / "notes").rmdir()
+    for name in ("logs", "plots", "trial-000"):
+        (mine / name).mkdir()
+    (mine / "study.db").write_text("")
+    assert is_sweep_dir(mine)  # what a sweep writes, and nothing else

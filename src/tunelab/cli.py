@@ -14,6 +14,23 @@ import sys
 
 A = lambda *flags, **kw: (flags, kw)  # noqa: E731  (an argument spec: flags + argparse kwargs)
 
+
+def _positive(kind):
+    """An argparse type: a number of `kind` above zero (a count of trials or processes, a memory budget)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+positive_int, positive_float = _positive(int), _positive(float)
+
 OVERRIDES = A("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. training.learning_rate=1e-4")
 MODEL_ARGS = [
     A("--model", default="embedded:smollm2-135m-instruct", help="hub id, local dir or embedded:NAME"),
@@ -61,12 +78,13 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
         A("config", help="path to a YAML config (see configs/)"),
         OVERRIDES,
         A("--overwrite", action="store_true", help="delete an existing run directory of the same name and start over"),
-        A("--nproc", type=int, default=1, help="processes on this machine (data-parallel through torchrun; one per "
+        A("--nproc", type=positive_int, default=1,
+          help="processes on this machine (data-parallel through torchrun; one per "
           "GPU, or CPU processes over gloo); the config's distributed: section picks DDP, FSDP or DeepSpeed"),
     ]),
     "sweep": ("tunelab.sweep:main", "search hyper-parameters: grid / random / Optuna trials, results table, plots", [
         A("sweep", help="a sweep YAML (see configs/sweeps/)"),
-        A("--trials", type=int, default=None, help="trial budget (overrides search.trials)"),
+        A("--trials", type=positive_int, default=None, help="trial budget (overrides search.trials)"),
         A("--storage", default=None, metavar="URL", help="the study's storage, shared by every worker pointed at it "
           "(overrides search.storage): postgresql://USER:PASS@HOST/DB or journal:PATH"),
         A("--dry-run", action="store_true", help="check the sweep and list its trials; train nothing"),
@@ -76,8 +94,9 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
         A("config", help="path to a YAML config (see configs/)"), OVERRIDES,
         A("--device", default="cpu", choices=["cpu", "h100", "h200", "a100", "4090", "t4"],
           help="device to estimate for"),
-        A("--budget-gb", type=float, default=None, help="memory budget (default: the GPU's memory)"),
-        A("--nproc", type=int, default=1, help="data-parallel processes (one per GPU): memory per device under the "
+        A("--budget-gb", type=positive_float, default=None, help="memory budget (default: the GPU's memory)"),
+        A("--nproc", type=positive_int, default=1,
+          help="data-parallel processes (one per GPU): memory per device under the "
           "config's distributed.strategy (ddp / fsdp / deepspeed shard different parts)"),
         A("--price-per-hour", type=float, default=None, help="USD per device-hour for the cost per step and per "
           "run (default: a typical on-demand price for --device, shown with the estimate)"),
@@ -218,9 +237,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command `args` ran, for its own usage line in an error."""
+    for name in (getattr(args, "command", None), getattr(args, "subcommand", None)):
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not name or not actions:
+            break
+        parser = actions[0].choices.get(name, parser)
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, except that key=value overrides may also follow a flag (`train my.yaml --overwrite k=v`): argparse
+    ends a positional nargs='*' list at the first flag, and leaves what comes after it unparsed."""
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        overrides = [x for x in rest if "=" in x and not x.startswith("-")]
+        wrong = [x for x in rest if x not in overrides]
+        sub = _subparser(parser, args)
+        if wrong or not hasattr(args, "overrides"):
+            sub.error(f"unrecognized arguments: {' '.join(wrong or rest)}")
+        args.overrides = [*(args.overrides or []), *overrides]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if args.version:
         from tunelab import __version__
 

@@ -9,11 +9,13 @@ live in the method's file (`methods/<name>.py: Config`) and data format names in
 
 from __future__ import annotations
 
+import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunelab.adapters import ADAPTER_TYPES
 from tunelab.errors import UserError, suggest
@@ -76,6 +78,11 @@ class DataConfig(Section):
     padding_free: bool = Field(False, description="concatenate a batch without padding, positions kept apart (SFT)")
     cache: bool = Field(True, description="cache tokenized data on disk, keyed by data, tokenizer, template, settings")
     cache_dir: str | None = Field(None, description="where the data cache lives (default: $TUNELAB_CACHE/data)")
+
+    @field_validator("columns", mode="before")
+    @classmethod
+    def _no_columns(cls, v):
+        return {} if v is None else v  # data.columns=null clears a rename map
 
     @field_validator("train", "validation", mode="before")
     @classmethod
@@ -228,6 +235,23 @@ class TrainingConfig(Section):
         "auto", description="auto = bf16 where the hardware has it (also on CPU), else fp32")
     report_to: list[str] = Field(default_factory=list, description="tensorboard | wandb | mlflow")
 
+    @field_validator("scheduler_kwargs", mode="before")
+    @classmethod
+    def _scheduler_numbers(cls, v):
+        # null clears the kwargs (training.scheduler_kwargs=null); '1e-5' from a quoted YAML value or a config built
+        # in code is the number it reads as: get_scheduler would only fail on the string once training starts
+        if v is None:
+            return {}
+        return {k: exp_float(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_list(cls, v):
+        # one tracker, or a comma string as training scripts pass --report_to
+        if isinstance(v, str):
+            return [x.strip() for x in v.split(",") if x.strip()]
+        return [] if v is None else v
+
     @field_validator("scheduler_kwargs")
     @classmethod
     def _scheduler_arguments(cls, v, info):
@@ -239,6 +263,10 @@ class TrainingConfig(Section):
             if k not in allowed:
                 takes = f"it takes {', '.join(allowed)}" if allowed else "it takes none"
                 raise ValueError(f"scheduler '{name}' has no argument '{k}'{suggest(k, allowed)}; {takes}")
+        for group in one_of:
+            given = [k for k in group if k in v]
+            if len(given) > 1:  # transformers would take one and ignore the other without a word
+                raise ValueError(f"scheduler '{name}' takes {' or '.join(group)}, not both; keep one")
         missing = [k for k in required if k not in v] + [" or ".join(g) for g in one_of if not any(k in v for k in g)]
         if missing:
             raise ValueError(f"scheduler '{name}' needs {missing[0]}, e.g. {SCHEDULER_EXAMPLE.get(name, '')}")
@@ -254,6 +282,22 @@ class OutputConfig(Section):
         None, description="start this run from a checkpoint directory (checkpoints/checkpoint-N of a run with the "
         "same model, method, adapter and quantization): weights, optimizer, scheduler, RNG and step continue from "
         "it. Used while the run has no checkpoint of its own; after that the run resumes from its own last one")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v):
+        # the run directory is output.dir/name, and --overwrite deletes it: a name that climbs out of output.dir
+        # ('..', 'a/../..'), names output.dir itself ('.') or is absolute would point that delete at another folder
+        return v if v is None else folder_name(v, "a run name", "output.dir")
+
+
+def folder_name(v: str, what: str, parent: str) -> str:
+    """`v` when it names one folder inside its parent (a ValueError otherwise): not empty, '.' or '..', no separator,
+    not absolute. For names whose folder --overwrite deletes (runs, sweeps)."""
+    if v in ("", ".", "..") or any(c in v for c in "/\\") or Path(v).is_absolute():
+        raise ValueError(f"{what} is one folder name inside {parent}, without / or \\ and not . or ..; put the parent "
+                         f"folder in {parent}")
+    return v
 
 
 class EvalConfig(Section):
@@ -298,6 +342,15 @@ class RunConfig(Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data):
+        # a section left empty (`training:` with nothing under it, or training=null on the command line) means its
+        # defaults, not a mistake
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in cls.model_fields)}
+        return data
 
     def eval_schedule(self) -> str:
         """When the run evaluates: 'steps' (every training.eval_steps), 'epoch' or 'no' (TrainingArguments
@@ -346,10 +399,13 @@ def explain_validation_error(err: ValidationError, prefix: str = "", model: type
         hint = suggest(leaf, choices)
         if not hint and choices:
             hint = f" (valid keys here: {', '.join(choices)})"
+        if key.startswith("method.") and len(loc) == 1:
+            # often an option of the file's method left behind by method.name=OTHER on the command line
+            hint += "; an option of another method? method={name: NAME} on the command line replaces the whole section"
         return f"unknown config key '{key}'{hint}"
     got = e.get("input")
     got_s = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-    msg = e["msg"]
+    msg = e["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
     # a value of a union type (`bool | Literal["auto"]`) fails each member: pydantic reports one error per member,
     # located at the member's name ('training.gradient_checkpointing.bool'); name the key and every accepted form
     if len(loc) > 1 and str(loc[-1]) not in _valid_keys(model, loc[:-1]):
@@ -361,19 +417,118 @@ def explain_validation_error(err: ValidationError, prefix: str = "", model: type
     return f"config key '{key}': {msg}{got_s}"
 
 
-def parse_overrides(overrides: list[str]) -> dict:
-    """['training.learning_rate=1e-4', ...] -> nested dict; values are parsed as YAML (numbers, lists, bools)."""
-    out: dict = {}
+# PyYAML follows YAML 1.1, which reads 1e-5 (an exponent without a dot) as a string; YAML 1.2 and every user mean the
+# number. Config files, overrides and sweep files are read through ConfigLoader, which reads it as a float.
+EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def exp_float(value):
+    """`value`, or the float an exponent string ('1e-5') means (values that did not come through ConfigLoader)."""
+    return float(value) if isinstance(value, str) and EXP_FLOAT.fullmatch(value) else value
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that reads 1e-5 as a number and refuses a key given twice in one mapping (PyYAML keeps the
+    last one silently, so `training:` written twice would drop the first section's settings)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' given twice (first on line {seen[key] + 1}); keep one",
+                    key_node.start_mark)
+            seen.setdefault(key, key_node.start_mark.line)
+        return super().construct_mapping(node, deep=deep)
+
+
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXP_FLOAT, list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    """YAML text through ConfigLoader (yaml.YAMLError on bad YAML)."""
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506  (ConfigLoader is a SafeLoader)
+
+
+def _text_field(parts: list[str]) -> bool:
+    """Whether the dotted key is a plain string field (str or str | None) of the run config."""
+    import types
+    import typing
+
+    model: Any = RunConfig
+    for i, part in enumerate(parts):
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return False
+        ann = field.annotation
+        if i < len(parts) - 1:
+            if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+                return False
+            model = ann
+            continue
+        if ann is str:
+            return True
+        is_union = typing.get_origin(ann) in (typing.Union, types.UnionType)
+        return is_union and set(typing.get_args(ann)) == {str, type(None)}
+    return False
+
+
+def override_value(key: str, text: str):
+    """The value of a command-line `key=text`. Text is read as YAML (numbers, lists, mappings, true/false, null),
+    except for a string key, which keeps the text as typed: `output.name=001` is the name '001', a Jinja template
+    in model.chat_template is not YAML. Text that is not valid YAML (`data.train=*.jsonl`) is kept as typed too."""
+    if text == "":
+        return None
+    if _text_field(key.split(".")):
+        quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+        if quoted or text in ("null", "Null", "NULL", "~"):
+            try:
+                return load_yaml(text)
+            except yaml.YAMLError:
+                return text
+        return text
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_key(raw: dict, key: str, value, item: str | None = None) -> None:
+    """Set the dotted `key` in `raw` (in place) to `value`, whole: a mapping replaces the mapping there instead of
+    merging into it, so `training.scheduler_kwargs={}` clears the file's kwargs and `method={name: sft}` drops the
+    file's method options. A part of the key that holds a value rather than a section is one UserError line."""
+    item = item or f"{key}=..."
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise UserError(f"override '{item}': '{key}' is not a dotted config key (e.g. training.learning_rate=1e-4)")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        inner = node.get(part)
+        if inner is None:
+            inner = node[part] = {}
+        elif not isinstance(inner, dict):
+            where = ".".join(parts[: i + 1])
+            raise UserError(f"override '{item}': '{where}' is set to {inner!r}, not a section, so it has no key "
+                            f"'{parts[i + 1]}'; set '{where}' to a mapping or drop the value given to it")
+        node = inner
+    node[parts[-1]] = value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """A copy of `raw` with ['training.learning_rate=1e-4', ...] applied in order (set_key, override_value)."""
+    out = copy.deepcopy(raw)
     for item in overrides or []:
         if "=" not in item:
             raise UserError(f"override '{item}' is not key=value (e.g. training.learning_rate=1e-4)")
-        key, value = item.split("=", 1)
-        node = out
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+        key, text = item.split("=", 1)
+        set_key(out, key, override_value(key.strip(), text), item)
     return out
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['training.learning_rate=1e-4', ...] -> nested dict (see apply_overrides)."""
+    return apply_overrides({}, overrides)
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -385,16 +540,21 @@ def deep_merge(base: dict, extra: dict) -> dict:
 
 def read_yaml(path: str | Path, what: str = "config file",
               expected: str = "a config must be a mapping of sections (model:, data:, training:, ...)") -> dict:
-    """A YAML mapping from a file, unvalidated (the sweep reads its own file and a base config this way)."""
+    """A YAML mapping from a file, unvalidated (the sweep reads its own file and a base config this way). An empty
+    file is refused: it would otherwise run every default (a full run on bundled data) without a word."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{what} not found: {path}")
+        raise UserError(f"{what} not found: {path}" + (" (it is a directory)" if p.is_dir() else ""))
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = load_yaml(p.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise UserError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file; {expected}") from None
+    if raw is None:
+        raise UserError(f"{path} is empty; {expected}")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: {expected}")
     return raw
@@ -406,7 +566,7 @@ def read_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     What the sections name in other layers (the method and its options, data formats) is checked by
     `tunelab.api.load_config`, which every command uses."""
     raw = read_yaml(path) if path is not None else {}
-    raw = deep_merge(raw, parse_overrides(overrides or []))
+    raw = apply_overrides(raw, overrides or [])
     try:
         cfg = RunConfig(**raw)
     except ValidationError as e:

@@ -51,6 +51,7 @@ calibrated against measured steps by benchmarks/estimate_accuracy.py.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import asdict, dataclass, field, replace
 
 from tunelab import distributed, estimate_time, methods, models
@@ -616,7 +617,8 @@ def main(args) -> int:
                                    cfg.model.chat_template)
         stats = token_stats(cfg, kind, prepare(kind, cfg.data, tokenizer)[0], tokenizer)
     except UserError as e:
-        print(f"note: token lengths not measured ({e}); using data.max_length")
+        # on stderr: stdout carries only the estimate, so that --json output parses
+        print(f"note: token lengths not measured ({e}); using data.max_length", file=sys.stderr)
     est = per_process(estimate(cfg, args.device, args.budget_gb, price_per_hour=args.price_per_hour, **stats),
                       cfg.distributed, args.nproc)
     print(json.dumps(est.to_dict(), indent=2) if args.json else est.report())

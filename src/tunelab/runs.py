@@ -40,6 +40,10 @@ from tunelab.rundir import (FinishedRun, find_run, open_finished_run, parse_metr
 
 STAGING = ".staging"
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+# what a run directory holds (the layout above), for telling a run from another folder before --overwrite deletes it
+RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "summary.json", "epochs.json", "loss.png", "loss_epoch.png",
+               "checkpoints", "final", STAGING, ".final.tmp", "eval", "export", "tensorboard", "mlruns", "wandb",
+               "distill_report.md", "distill_report.json"}
 CONFIG_COPY = "run_config.yaml"  # the run's resolved config inside each checkpoint: what those weights trained with
 
 
@@ -142,6 +146,12 @@ def open_run(cfg, overwrite: bool = False) -> Run:
     """
     run_dir = Path(cfg.output.dir) / (cfg.output.name or "run")
     run = Run(run_dir, overwrite=overwrite)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} exists and is not a directory; choose another output.name or output.dir")
+    if any(run_dir.iterdir() if run_dir.exists() else ()) and not is_run_dir(run_dir):
+        # --overwrite deletes the folder whole: only ever a run's, never a folder of runs or of anything else
+        raise UserError(f"{run_dir} exists and is not a tunelab run (no run config.yaml or checkpoints/), so it is "
+                        "left alone (--overwrite too); choose another output.name or output.dir")
     if run_dir.exists() and not overwrite and any(run_dir.iterdir()):
         saved = run_dir / "config.yaml"
         if cfg.output.resume == "never":
@@ -149,10 +159,7 @@ def open_run(cfg, overwrite: bool = False) -> Run:
                             "output.name to a new name")
         ckpts = complete_checkpoints(run.checkpoints)
         new, old = _config_dict(cfg), _saved_config(saved)
-        if old is None and not ckpts:
-            if not saved.is_file():
-                raise UserError(f"{run_dir} exists and is not a tunelab run (no config.yaml); choose another "
-                                "output.name or pass --overwrite")
+        if old is None and not ckpts:  # a run (is_run_dir) without checkpoints: its config.yaml is there
             raise UserError(f"{saved} is empty or cut off (a crash while it was written?) and the run has no "
                             "checkpoint to resume; pass --overwrite to start over (or restore the file)")
         diff, where = (_first_difference(new, old), None) if old is not None else ("damaged", None)
@@ -175,6 +182,27 @@ def open_run(cfg, overwrite: bool = False) -> Run:
             return run
         run.resume_from = ckpts[-1] if ckpts else None
     return run
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` holds a tunelab run: checkpoints/ with a checkpoint in it, or a config.yaml whose top-level keys
+    are run config sections (read line by line, so one cut off by a crash still counts), or an empty or unreadable
+    config.yaml beside nothing but files a run writes. A folder of runs, or any other folder that merely has a
+    config.yaml, is not one."""
+    from tunelab.config import RunConfig
+
+    if complete_checkpoints(path / "checkpoints"):
+        return True
+    try:
+        text = (path / "config.yaml").read_text()
+    except FileNotFoundError:
+        return False
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    keys = re.findall(r"^([A-Za-z_]\w*):", text, re.M)
+    if keys:
+        return all(k in RunConfig.model_fields for k in keys)
+    return all(p.name in RUN_ENTRIES for p in path.iterdir())
 
 
 def start_run(run: Run, cfg) -> None:

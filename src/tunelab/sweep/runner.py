@@ -86,6 +86,18 @@ class ReportToTrial(TrainerCallback):
 # ---------------------------------------------------------------------------------------------------------- running
 
 
+# what a sweep directory holds besides its trials' run directories
+SWEEP_ENTRIES = {"study.db", "study.db-journal", "logs", "plots", "mlruns", "results.csv", "results.md", "best.yaml"}
+
+
+def is_sweep_dir(path: Path) -> bool:
+    """Whether --overwrite may delete `path`: a folder holding only what a sweep writes (its study, logs, results and
+    the trials' run directories), or nothing. A folder of anything else is not a sweep's."""
+    return path.is_dir() and all(p.name in SWEEP_ENTRIES or (p.is_dir() and (p.name.startswith("trial-")
+                                                                            or runs.is_run_dir(p)))
+                                 for p in path.iterdir())
+
+
 def run_sweep(sweep: Sweep, callbacks=(), echo=print, show_progress: bool = True, overwrite: bool = False) -> dict:
     """Run (or continue) the sweep until its trial budget is spent; write results, plots and best.yaml.
     Returns {"results": rows, "best": row or None, "dir": path}."""
@@ -93,6 +105,9 @@ def run_sweep(sweep: Sweep, callbacks=(), echo=print, show_progress: bool = True
     from tunelab.train import run_training
 
     optuna = import_optuna()
+    if overwrite and sweep.dir.exists() and not is_sweep_dir(sweep.dir):
+        raise UserError(f"{sweep.dir} exists and is not a tunelab sweep, so it is left alone (--overwrite too); "
+                        "choose another sweep name or out_dir")
     if overwrite:
         shutil.rmtree(sweep.dir, ignore_errors=True)
         if sweep.search.storage is not None:  # the default SQLite file went with the directory

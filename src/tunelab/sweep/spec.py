@@ -2,31 +2,28 @@
 
 Everything here runs before anything trains: `load_sweep` reads the file, builds every trial config it can in advance
 (the whole grid, or each value and range end once) and validates them as run configs, so a mistake is one line now
-instead of a failed trial later. Configs are built with the run config's own pieces (`deep_merge`, `parse_overrides`,
-`config_keys`, `explain_validation_error`): a sweep key means exactly what it means in `tunelab train --set`.
+instead of a failed trial later. Configs are built with the run config's own pieces (`deep_merge`, `set_key`,
+`config_keys`, `explain_validation_error`): a sweep key means exactly what it means in `tunelab train key=value`.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tunelab.checks import check_config
-from tunelab.config import (RunConfig, config_keys, deep_merge, explain_validation_error, parse_overrides,
-                            read_yaml)
+from tunelab.config import (EXP_FLOAT, RunConfig, config_keys, deep_merge, explain_validation_error, folder_name,
+                            read_yaml, set_key)
 from tunelab.errors import UserError, suggest
 
 # objective -> default direction. eval_* task metrics (eval_gsm8k_accuracy) are maximized.
 OBJECTIVES = {"eval_loss": "min", "last_epoch_train_loss": "min", "train_loss": "min",
               "eval_gsm8k_accuracy": "max", "eval_gsm8k_format_rate": "max"}
-EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 # ---------------------------------------------------------------------------------------------------------- schema
@@ -83,7 +80,7 @@ class Search(_Spec):
     @field_validator("space", mode="before")
     @classmethod
     def _yaml_floats(cls, v):
-        # YAML 1.1 reads 1e-4 (no dot) as a string; in a list of learning rates it means the number
+        # a sweep file read through config.ConfigLoader has numbers already; a spec built in code may hold '1e-4'
         if isinstance(v, dict):
             return {k: [float(x) if isinstance(x, str) and EXP_FLOAT.fullmatch(x) else x for x in dom]
                     if isinstance(dom, list) else dom for k, dom in v.items()}
@@ -113,20 +110,24 @@ class SweepSpec(_Spec):
     out_dir: str = Field("sweeps", description="parent directory of sweeps")
     search: Search
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v):
+        # the sweep's folder is out_dir/name, which --overwrite deletes: it must not be out_dir itself or above it
+        return v if v is None else folder_name(v, "a sweep name", "out_dir")
+
 
 # ---------------------------------------------------------------------------------------------------------- sweep
 
 
 def with_keys(raw: dict, values: dict[str, Any]) -> dict:
-    """`raw` with dotted keys set, through the run config's own parse_overrides and deep_merge.
-
-    parse_overrides reads YAML text; dumping each value as YAML first round-trips it exactly (floats by repr, lists,
-    strings that look like numbers stay strings). A key set here replaces its value whole, where deep_merge would
-    merge two mappings: a trial's `method: {name: orpo, beta: 0.2}` must not inherit the base method's options, so
-    each key is cleared (null) before the values are merged in."""
-    cleared = deep_merge(raw, parse_overrides([f"{k}=null" for k in values]))
-    items = [f"{k}={yaml.safe_dump(v, default_flow_style=True, sort_keys=False)}" for k, v in values.items()]
-    return deep_merge(cleared, parse_overrides(items))
+    """A copy of `raw` with dotted keys set through the run config's own set_key, as `tunelab train key=value` sets
+    them: a key's value is replaced whole, so a trial's `method: {name: orpo, beta: 0.2}` does not inherit the base
+    method's options."""
+    out = json.loads(json.dumps(raw))  # deep copy
+    for key, value in values.items():
+        set_key(out, key, value)
+    return out
 
 
 @dataclass
@@ -252,11 +253,13 @@ def load_sweep(path: str | Path, trials: int | None = None, storage: str | None 
     # train.py's own checks of the evaluation schedule and trackers, run on every probe config now (heavy imports:
     # only once the file itself is known to be good)
     from tunelab import tracking
+    from tunelab.checks import check_training
     from tunelab.train import evaluation_settings
 
     for c in cfgs:
         try:
             evaluation_settings(c)
+            check_training(c)  # optimizer, schedule, attention: what train refuses before its run directory
             tracking.check(c.training.report_to)
         except UserError as e:
             raise UserError(f"{path}: {e}") from None
