@@ -300,3 +300,13 @@ def test_overwrite_deletes_only_a_run(tmp_path, tiny_model, tiny_chat_data, caps
     assert runs.open_run(load_config(path, ["output.name=cut"]), overwrite=True).overwrite
     (cut / "mine.txt").write_text("x")
     assert not runs.is_run_dir(cut)
+
+
+def test_a_run_killed_before_its_config_was_written_may_be_started_over(tmp_path, tiny_model, tiny_chat_data):
+    """The Trainer creates .staging/ when it is built, just before the run's config.yaml is written: a run killed in
+    between holds .staging/ alone. It is a run: refused with a pointer to --overwrite, which then starts it over."""
+    path = make_config(tmp_path, tiny_model, tiny_chat_data, "k", training={"max_steps": 1})
+    (tmp_path / "runs" / "k" / runs.STAGING).mkdir(parents=True)
+    with pytest.raises(UserError, match="config.yaml was never written .* pass --overwrite"):
+        runs.open_run(load_config(path))
+    assert runs.open_run(load_config(path), overwrite=True).overwrite

@@ -159,9 +159,10 @@ def open_run(cfg, overwrite: bool = False) -> Run:
                             "output.name to a new name")
         ckpts = complete_checkpoints(run.checkpoints)
         new, old = _config_dict(cfg), _saved_config(saved)
-        if old is None and not ckpts:  # a run (is_run_dir) without checkpoints: its config.yaml is there
-            raise UserError(f"{saved} is empty or cut off (a crash while it was written?) and the run has no "
-                            "checkpoint to resume; pass --overwrite to start over (or restore the file)")
+        if old is None and not ckpts:  # a run (is_run_dir) without checkpoints whose config.yaml is damaged or absent
+            what = "is empty or cut off" if saved.is_file() else "was never written"
+            raise UserError(f"{saved} {what} (a crash while the run started?) and the run has no checkpoint to "
+                            "resume; pass --overwrite to start over (or restore the file)")
         diff, where = (_first_difference(new, old), None) if old is not None else ("damaged", None)
         if diff and ckpts:
             copy = _saved_config(ckpts[-1] / CONFIG_COPY)
@@ -186,18 +187,16 @@ def open_run(cfg, overwrite: bool = False) -> Run:
 
 def is_run_dir(path: Path) -> bool:
     """Whether `path` holds a tunelab run: checkpoints/ with a checkpoint in it, or a config.yaml whose top-level keys
-    are run config sections (read line by line, so one cut off by a crash still counts), or an empty or unreadable
-    config.yaml beside nothing but files a run writes. A folder of runs, or any other folder that merely has a
-    config.yaml, is not one."""
+    are run config sections (read line by line, so one cut off by a crash still counts), or else nothing but what a
+    run writes (a run killed before its config.yaml was written holds only .staging/). A folder of runs, or any
+    other folder that merely has a config.yaml, is not one."""
     from tunelab.config import RunConfig
 
     if complete_checkpoints(path / "checkpoints"):
         return True
     try:
         text = (path / "config.yaml").read_text()
-    except FileNotFoundError:
-        return False
-    except (OSError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError):  # missing, unreadable, not text
         text = ""
     keys = re.findall(r"^([A-Za-z_]\w*):", text, re.M)
     if keys:

@@ -8,8 +8,8 @@ instead of a failed trial later. Configs are built with the run config's own pie
 
 from __future__ import annotations
 
+import copy
 import itertools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tunelab.checks import check_config
-from tunelab.config import (EXP_FLOAT, RunConfig, config_keys, deep_merge, explain_validation_error, folder_name,
+from tunelab.config import (RunConfig, config_keys, deep_merge, exp_float, explain_validation_error, folder_name,
                             read_yaml, set_key)
 from tunelab.errors import UserError, suggest
 
@@ -82,7 +82,7 @@ class Search(_Spec):
     def _yaml_floats(cls, v):
         # a sweep file read through config.ConfigLoader has numbers already; a spec built in code may hold '1e-4'
         if isinstance(v, dict):
-            return {k: [float(x) if isinstance(x, str) and EXP_FLOAT.fullmatch(x) else x for x in dom]
+            return {k: [exp_float(x) for x in dom]
                     if isinstance(dom, list) else dom for k, dom in v.items()}
         return v
 
@@ -124,7 +124,7 @@ def with_keys(raw: dict, values: dict[str, Any]) -> dict:
     """A copy of `raw` with dotted keys set through the run config's own set_key, as `tunelab train key=value` sets
     them: a key's value is replaced whole, so a trial's `method: {name: orpo, beta: 0.2}` does not inherit the base
     method's options."""
-    out = json.loads(json.dumps(raw))  # deep copy
+    out = copy.deepcopy(raw)
     for key, value in values.items():
         set_key(out, key, value)
     return out
@@ -157,7 +157,7 @@ class Sweep:
         return self.search.study or self.name
 
     def trial_raw(self, params: dict, run_name: str, subset: bool = True) -> dict:
-        raw = json.loads(json.dumps(self.raw))  # deep copy
+        raw = self.raw  # with_keys returns copies
         if subset and self.spec.subset:
             raw = with_keys(raw, {"data.subset": self.spec.subset})
         raw = with_keys(raw, params)
