@@ -16,7 +16,7 @@ from pathlib import Path
 from tunelab import autoplan, distributed, estimate, runs, tracking
 from tunelab.adapters import ADAPTERS
 from tunelab.config import RunConfig
-from tunelab.errors import UserError
+from tunelab.errors import UserError, suggest
 
 
 @dataclass
@@ -112,6 +112,7 @@ def evaluation_settings(cfg: RunConfig) -> dict:
                         f"({t.eval_steps}) to keep the best checkpoint; e.g. set training.save_steps={t.eval_steps}")
     if not (e.load_best or e.early_stopping_patience):
         return {}
+    check_metric(cfg)
     args = best_model_args(e.metric, None if e.direction == "auto" else e.direction)
     if ADAPTERS[cfg.adapter.type].prompt_learning:
         # A prompt-learning checkpoint holds the computed virtual tokens, not the trainable encoder (prefix
@@ -119,6 +120,25 @@ def evaluation_settings(cfg: RunConfig) -> dict:
         # end of the run). The best checkpoint is still tracked; final/ is copied from it (_save_final).
         args["load_best_model_at_end"] = False
     return args
+
+
+def check_metric(cfg: RunConfig) -> None:
+    """eval.metric names something the run's evaluation reports: otherwise the Trainer finds out at the first
+    evaluation, after the run directory is written and a checkpoint interval has been trained."""
+    from tunelab import methods
+
+    method, opts = methods.options(cfg)
+    reported = list(method.eval_metrics(opts))
+    if cfg.eval.task and any(m.endswith("loss") for m in reported):  # the task joins evaluations that log a loss
+        reported += [f"eval_{cfg.eval.task}_accuracy", f"eval_{cfg.eval.task}_format_rate"]
+    metric = cfg.eval.metric if cfg.eval.metric.startswith("eval_") else f"eval_{cfg.eval.metric}"
+    if any(metric.startswith(m) and len(metric) > len(m) if m.endswith("/") else metric == m for m in reported):
+        return
+    names = [m + "*" if m.endswith("/") else m for m in reported]
+    task = "" if cfg.eval.task or not metric.startswith("eval_gsm8k_") else "; it needs eval.task=gsm8k"
+    raise UserError(f"eval.metric '{cfg.eval.metric}' is not reported by method '{cfg.method.name}' here"
+                    f"{suggest(metric, names)}{task}; its evaluation reports {', '.join(names)}: set eval.metric to "
+                    f"one of them (e.g. eval.metric={reported[0]}), or eval.load_best=false without early stopping")
 
 
 def evaluation_callbacks(cfg: RunConfig, run: runs.Run, tokenizer) -> tuple[list, list]:

@@ -99,6 +99,11 @@ class Method:
     def check(self, cfg, opts, data) -> None:
         """Refusals that need the config and the prepared data (UserError, one line)."""
 
+    def eval_metrics(self, opts) -> tuple[str, ...]:
+        """What its evaluation during training reports, which `eval.metric` may name (checked before anything
+        loads): metric names, and prefixes ending in "/" for families (eval_rewards/ covers eval_rewards/chosen)."""
+        return ("eval_loss",)
+
     # -- models ------------------------------------------------------------------------------------------------------
     def prepare_model(self, cfg, opts, model):
         """Reshape the loaded model before the adapter attaches (distill: a smaller student)."""

@@ -41,6 +41,7 @@ class Config(BaseModel):
 class DPO(PreferenceMethod):
     Config = Config
     reference_forward = True  # the reference model's forward (no backward) on the same tokens
+    reported = (*PreferenceMethod.reported, "eval_mean_token_accuracy", "eval_entropy", "eval_num_tokens")
 
     def check(self, cfg, opts: Config, data) -> None:
         losses = opts.loss_type if isinstance(opts.loss_type, list) else [opts.loss_type]

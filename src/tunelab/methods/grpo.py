@@ -94,6 +94,12 @@ class GRPO(Method):
                           weight_bytes=ctx.arch["params"] * 2 if _bf16_sampler(cfg, opts, ctx) else None,
                           scoring_forwards=int(opts.num_iterations > 1) + int(opts.beta > 0))
 
+    def eval_metrics(self, opts: Config) -> tuple[str, ...]:
+        # TRL's GRPOTrainer samples completions of the validation prompts and reports what it logs in training
+        return ("eval_reward", "eval_reward_std", "eval_loss", "eval_frac_reward_zero_std", "eval_entropy",
+                "eval_num_tokens", *(("eval_kl",) if opts.beta > 0 else ()), "eval_rewards/", "eval_completions/",
+                "eval_clip_ratio/")
+
     def check(self, cfg, opts: Config, data) -> None:
         """Mistakes found before the model loads or the run directory is written."""
         if not data.train:

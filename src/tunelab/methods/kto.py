@@ -51,6 +51,7 @@ class KTO(PreferenceMethod):
     data = "kto"
     sequences_per_row = 1
     reference_forward = True
+    reported = (*PreferenceMethod.reported, "eval_kl", "eval_entropy", "eval_num_tokens")
 
     def forward_only_passes(self, opts: Config) -> int:
         """The reference's forward, and with the `kto` loss the KL baseline's: TRL scores each batch's mismatched

@@ -26,6 +26,7 @@ class ORPO(PreferenceMethod):
     # in its labels (a shape mismatch); prefix tuning keeps the sequence length
     adapters = ("none", "lora", "dora", "ia3", "prefix")
     loss_head = "logits"  # TRL's ORPOTrainer: full logits, selective_log_softmax
+    reported = (*PreferenceMethod.reported, "eval_nll_loss", "eval_log_odds_ratio", "eval_log_odds_chosen")
 
     def build(self, cfg, opts: Config, model, tokenizer, data, args: dict):
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer

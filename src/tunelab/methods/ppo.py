@@ -60,6 +60,10 @@ class PPO(Method):
     # in DDP on its own): DeepSpeed's engine owns the optimizer step, and FSDP would shard the policy only
     strategies = ("ddp",)
 
+    def eval_metrics(self, opts: Config) -> tuple[str, ...]:
+        # evaluation scores greedy completions of the validation prompts (ppo_core): a mean reward, no loss
+        return ("eval_reward", "eval_rewards/", "eval_completions/")
+
     def loss_memory(self, opts: Config, ctx: EstimateContext) -> float:
         """ppo_core's loss over a mini-batch: the logits of every position in the compute dtype and their gradient,
         and over the completion positions a float32 copy, its temperature-scaled copy, the log-softmax, the entropy's
@@ -102,14 +106,6 @@ class PPO(Method):
         if cfg.training.batch_size % opts.num_mini_batches:
             raise UserError(f"ppo: training.batch_size ({cfg.training.batch_size}) must be a multiple of "
                             f"method.num_mini_batches ({opts.num_mini_batches})")
-        # evaluation during training scores greedy completions of the validation prompts: it reports eval_reward
-        # (and eval_rewards/<name>), not eval_loss, so the best checkpoint and early stopping must follow a reward
-        e = cfg.eval
-        keeps_best = e.load_best or e.early_stopping_patience
-        if cfg.eval_schedule() != "no" and keeps_best and not e.metric.startswith("eval_reward"):
-            raise UserError(f"ppo: eval.metric '{e.metric}' is not reported: PPO evaluates by eval_reward (mean "
-                            "reward of greedy completions on the validation prompts); set eval.metric=eval_reward "
-                            "(or eval.load_best=false without early stopping)")
         check_specs(opts.rewards)
 
     def build(self, cfg, opts: Config, model, tokenizer, data, args: dict):

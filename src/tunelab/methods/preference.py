@@ -14,6 +14,12 @@ class PreferenceMethod(Method):
 
     data = "preference"
     sequences_per_row = 2
+    # what TRL's preference trainers report at evaluation besides the loss: the implicit rewards (eval_rewards/
+    # accuracies, margins, ...), log-probs and mean logits of the chosen and rejected replies, and their own extras
+    reported: tuple[str, ...] = ("eval_loss", "eval_rewards/", "eval_logps/", "eval_logits/")
+
+    def eval_metrics(self, opts) -> tuple[str, ...]:
+        return self.reported
 
     def loss_memory(self, opts, ctx: EstimateContext) -> float | None:
         # the logits in the compute dtype, their float32 copy, the log-softmax and its gradient (DPO on hh-rlhf,

@@ -53,6 +53,9 @@ class Reward(PreferenceMethod):
     # final/ is a plain sequence-classification model: only adapters that merge into the weights fit (and PEFT's
     # prefix tuning needs a KV cache the classification head's forward does not keep)
     adapters = tuple(name for name, a in ADAPTERS.items() if a.mergeable or a.trains_base)
+    # TRL's RewardTrainer: pairs ranked right (accuracy), the mean score gap, and the scores' spread
+    reported = ("eval_loss", "eval_accuracy", "eval_margin", "eval_mean_reward", "eval_min_reward",
+                "eval_max_reward", "eval_num_tokens")
 
     def loss_memory(self, opts, ctx) -> float:
         return 0.0  # a score head: one number per sequence, no vocabulary-sized logits

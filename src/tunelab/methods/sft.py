@@ -50,6 +50,11 @@ class SFT(Method):
     def with_lean_loss(self, opts: Config, lean: bool) -> Config:
         return opts.model_copy(update={"loss": "lean" if lean else "fused"})
 
+    def eval_metrics(self, opts: Config) -> tuple[str, ...]:
+        # the lean loss computes the loss only; TRL's own head also reports token accuracy and entropy
+        extra = ("eval_mean_token_accuracy", "eval_entropy", "eval_num_tokens") if opts.loss == "fused" else ()
+        return ("eval_loss", *extra)
+
     def uses_liger(self, opts: Config, cuda: bool | None = None) -> bool:
         """Whether Liger's kernels run: `cuda` is whether the run has a CUDA device (default: this machine's)."""
         import importlib.util

@@ -32,6 +32,7 @@ class SimPO(PreferenceMethod):
     # in its labels (a shape mismatch); prefix tuning keeps the sequence length
     adapters = ("none", "lora", "dora", "ia3", "prefix")
     loss_head = "logits"  # TRL's CPOTrainer: full logits, selective_log_softmax
+    reported = (*PreferenceMethod.reported, "eval_nll_loss")
 
     def build(self, cfg, opts: Config, model, tokenizer, data, args: dict):
         from trl.experimental.cpo import CPOConfig, CPOTrainer
