@@ -262,3 +262,22 @@ def test_overwrite_deletes_only_a_sweep_folder(tmp_path, tiny_model, tiny_chat_d
         (mine / name).mkdir()
     (mine / "study.db").write_text("")
     assert is_sweep_dir(mine)  # what a sweep writes, and nothing else
+
+
+@pytest.mark.parametrize("scheme, file", [("journal:", "study.journal"), ("sqlite:///", "my.db")])
+def test_overwrite_restarts_a_sweep_whose_study_file_lives_in_its_folder(tmp_path, tiny_model, tiny_chat_data,
+                                                                         scheme, file):
+    """A journal or SQLite file kept inside the sweep's folder is the sweep's own: --overwrite deletes it with the
+    folder and starts a fresh study there, with the trial budget whole again."""
+    from tunelab.sweep.runner import is_sweep_dir
+
+    mine = tmp_path / "sweeps" / "s"
+    path = write_sweep(tmp_path, tiny_model, tiny_chat_data, search={
+        "trials": 1, "space": {"training.learning_rate": [1e-4, 1e-3]}, "storage": f"{scheme}{mine / file}"})
+    first = run_sweep(load_sweep(path), show_progress=False)
+    assert [r["status"] for r in first["results"]] == ["complete"] and (mine / file).is_file()
+    assert is_sweep_dir(mine, storage=load_sweep(path).storage)
+    assert not is_sweep_dir(mine)  # without the storage named, its file is something else's
+    again = run_sweep(load_sweep(path), show_progress=False, overwrite=True)
+    assert [r["status"] for r in again["results"]] == ["complete"]  # one trial again: the study started over
+    assert (mine / file).is_file()

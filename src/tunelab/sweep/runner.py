@@ -21,7 +21,7 @@ from tunelab.errors import UserError
 from tunelab.sweep.report import describe, epoch_rows, write_outputs
 from tunelab.sweep.spec import Sweep
 from tunelab.sweep.study import (finished_trials, import_optuna, make_sampler, open_storage, open_study,
-                                 requeue_unfinished, run_name_for, safe_url, suggest_value)
+                                 requeue_unfinished, run_name_for, safe_url, storage_file, suggest_value)
 
 
 class TrialFailed(RuntimeError):
@@ -90,12 +90,20 @@ class ReportToTrial(TrainerCallback):
 SWEEP_ENTRIES = {"study.db", "study.db-journal", "logs", "plots", "mlruns", "results.csv", "results.md", "best.yaml"}
 
 
-def is_sweep_dir(path: Path) -> bool:
+def is_sweep_dir(path: Path, storage: str | None = None) -> bool:
     """Whether --overwrite may delete `path`: a folder holding only what a sweep writes (its study, logs, results and
-    the trials' run directories), or nothing. A folder of anything else is not a sweep's."""
-    return path.is_dir() and all(p.name in SWEEP_ENTRIES or (p.is_dir() and (p.name.startswith("trial-")
-                                                                            or runs.is_run_dir(p)))
-                                 for p in path.iterdir())
+    the trials' run directories), or nothing. A folder of anything else is not a sweep's. `storage`: the study's
+    URL, whose file (a journal or SQLite file kept in the folder, with its lock or journal beside it) is the sweep's
+    too."""
+    file = storage_file(storage) if storage else None
+    own = file.name if file is not None and file.parent == path.resolve() else None
+
+    def ours(p: Path) -> bool:
+        if p.name in SWEEP_ENTRIES or (own and (p.name == own or p.name.startswith((own + ".", own + "-")))):
+            return True
+        return p.is_dir() and (p.name.startswith("trial-") or runs.is_run_dir(p))
+
+    return path.is_dir() and all(ours(p) for p in path.iterdir())
 
 
 def run_sweep(sweep: Sweep, callbacks=(), echo=print, show_progress: bool = True, overwrite: bool = False) -> dict:
@@ -105,7 +113,7 @@ def run_sweep(sweep: Sweep, callbacks=(), echo=print, show_progress: bool = True
     from tunelab.train import run_training
 
     optuna = import_optuna()
-    if overwrite and sweep.dir.exists() and not is_sweep_dir(sweep.dir):
+    if overwrite and sweep.dir.exists() and not is_sweep_dir(sweep.dir, sweep.storage):
         raise UserError(f"{sweep.dir} exists and is not a tunelab sweep, so it is left alone (--overwrite too); "
                         "choose another sweep name or out_dir")
     if overwrite:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 from tunelab.errors import UserError
@@ -97,6 +98,14 @@ def safe_url(url: str) -> str:
 JOURNAL = "journal:"
 
 
+def storage_file(url: str) -> Path | None:
+    """The file a `journal:PATH` or `sqlite:///PATH` storage keeps the study in (absolute); None for a server."""
+    for scheme in (JOURNAL, "sqlite:///"):
+        if url.startswith(scheme):
+            return Path(url[len(scheme):]).expanduser().resolve()
+    return None
+
+
 def database_url(url: str) -> str:
     """`postgresql://` names SQLAlchemy's psycopg2 driver; the sweep extra installs psycopg (3), so such a URL is
     pointed at it when psycopg2 is absent (an explicit `postgresql+driver://` is kept)."""
@@ -113,7 +122,8 @@ def open_storage(sweep: Sweep, optuna):
     failed once silent for 4 heartbeats, and RetryHeartbeatStaleTrialCallback queues them again with the same
     parameters, hence the same run directory (resumed from its checkpoint). Optuna flags the heartbeat as
     experimental; it is the documented way to recover such trials."""
-    if sweep.search.storage is None:
+    file = storage_file(sweep.storage)
+    if file is not None and file.parent == sweep.dir.resolve():  # the default study.db, or a file kept there
         sweep.dir.mkdir(parents=True, exist_ok=True)
     beat = sweep.search.heartbeat
     try:
