@@ -281,3 +281,48 @@ def test_overwrite_restarts_a_sweep_whose_study_file_lives_in_its_folder(tmp_pat
     again = run_sweep(load_sweep(path), show_progress=False, overwrite=True)
     assert [r["status"] for r in again["results"]] == ["complete"]  # one trial again: the study started over
     assert (mine / file).is_file()
+
+
+def pairs(tmp_path) -> str:
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for _ in range(4)
+                            for p, c, r in [("Say hi.", "Hi there!", "No."), ("2+2?", "4.", "5."),
+                                            ("A color?", "Blue.", "Seven.")]))
+    return str(path)
+
+
+EVAL = {"data.val_split": 0.25, "training.eval_steps": 2, "training.save_steps": 2, "training.max_steps": 2}
+
+
+def test_the_objective_may_be_any_metric_the_trials_report(tmp_path, tiny_model):
+    """A DPO sweep ranks its trials by the preference accuracy on held-out pairs (maximized); `auto` takes what the
+    method is judged by (GRPO: its reward), and a metric no trial reports is refused when the file is read."""
+    space = {"method.beta": [0.1, 0.5]}
+    path = write_sweep(tmp_path, tiny_model, pairs(tmp_path), name="dpo", overrides={"method.name": "dpo", **EVAL},
+                       search={"strategy": "grid", "objective": "eval_rewards/accuracies", "space": space})
+    sweep = load_sweep(path)
+    assert (sweep.objective, sweep.direction) == ("eval_rewards/accuracies", "max")
+    out = run_sweep(sweep, show_progress=False)
+    logged = [[r["eval_rewards/accuracies"] for r in map(json.loads, (out["dir"] / row["trial"] / "metrics.jsonl")
+                                                         .read_text().splitlines()) if "eval_rewards/accuracies" in r]
+              for row in out["results"]]
+    assert [row["status"] for row in out["results"]] == ["complete"] * 2 and all(logged), out["results"]
+    assert [row["objective"] for row in out["results"]] == [v[-1] for v in logged]
+
+    grpo = {"method.name": "grpo", "method.rewards": ["format"], **EVAL}
+    path = write_sweep(tmp_path, tiny_model, pairs(tmp_path), name="grpo", overrides=grpo,
+                       search={"strategy": "grid", "space": space})
+    assert (load_sweep(path).objective, load_sweep(path).direction) == ("eval_reward", "max")
+
+
+@pytest.mark.parametrize("objective, overrides, says", [
+    ("accuracy", EVAL, "search.objective 'accuracy' is unknown"),
+    ("eval_reward", EVAL, "is not reported by method 'sft'"),
+    ("eval_gsm8k_accuracy", EVAL, "it needs eval.task=gsm8k"),
+    ("eval_loss", {}, "needs evaluation during training"),
+])
+def test_an_objective_no_trial_reports_is_refused(tmp_path, tiny_model, tiny_chat_data, objective, overrides, says):
+    path = write_sweep(tmp_path, tiny_model, tiny_chat_data, overrides=overrides,
+                       search={"strategy": "grid", "objective": objective, "space": {"training.learning_rate": [1e-3]}})
+    with pytest.raises(UserError, match=says):
+        load_sweep(path)

@@ -122,23 +122,37 @@ def evaluation_settings(cfg: RunConfig) -> dict:
     return args
 
 
-def check_metric(cfg: RunConfig) -> None:
-    """eval.metric names something the run's evaluation reports: otherwise the Trainer finds out at the first
-    evaluation, after the run directory is written and a checkpoint interval has been trained."""
+def reported_metrics(cfg: RunConfig) -> list[str]:
+    """What the run's evaluation during training reports (Method.eval_metrics, and the task's metrics, which join an
+    evaluation that logs a loss); the first is what the method is judged by."""
     from tunelab import methods
 
     method, opts = methods.options(cfg)
     reported = list(method.eval_metrics(opts))
-    if cfg.eval.task and any(m.endswith("loss") for m in reported):  # the task joins evaluations that log a loss
+    if cfg.eval.task and any(m.endswith("loss") for m in reported):
         reported += [f"eval_{cfg.eval.task}_accuracy", f"eval_{cfg.eval.task}_format_rate"]
-    metric = cfg.eval.metric if cfg.eval.metric.startswith("eval_") else f"eval_{cfg.eval.metric}"
+    return reported
+
+
+def unreported(cfg: RunConfig, metric: str) -> str | None:
+    """None when the run's evaluation reports `metric` (eval_ prefix optional); else why not, in a phrase."""
+    reported = reported_metrics(cfg)
+    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
     if any(metric.startswith(m) and len(metric) > len(m) if m.endswith("/") else metric == m for m in reported):
-        return
-    names = [m + "*" if m.endswith("/") else m for m in reported]
+        return None
+    names = [m + "*" if m.endswith("/") else m for m in reported]  # a family: eval_rewards/ -> eval_rewards/*
     task = "" if cfg.eval.task or not metric.startswith("eval_gsm8k_") else "; it needs eval.task=gsm8k"
-    raise UserError(f"eval.metric '{cfg.eval.metric}' is not reported by method '{cfg.method.name}' here"
-                    f"{suggest(metric, names)}{task}; its evaluation reports {', '.join(names)}: set eval.metric to "
-                    f"one of them (e.g. eval.metric={reported[0]}), or eval.load_best=false without early stopping")
+    return (f"is not reported by method '{cfg.method.name}' here{suggest(metric, names)}{task}; its evaluation "
+            f"reports {', '.join(names)}")
+
+
+def check_metric(cfg: RunConfig) -> None:
+    """eval.metric names something the run's evaluation reports: otherwise the Trainer finds out at the first
+    evaluation, after the run directory is written and a checkpoint interval has been trained."""
+    why = unreported(cfg, cfg.eval.metric)
+    if why:
+        raise UserError(f"eval.metric '{cfg.eval.metric}' {why}: set eval.metric to one of them (e.g. eval.metric="
+                        f"{reported_metrics(cfg)[0]}), or eval.load_best=false without early stopping")
 
 
 def evaluation_callbacks(cfg: RunConfig, run: runs.Run, tokenizer) -> tuple[list, list]:

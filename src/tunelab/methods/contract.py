@@ -100,8 +100,9 @@ class Method:
         """Refusals that need the config and the prepared data (UserError, one line)."""
 
     def eval_metrics(self, opts) -> tuple[str, ...]:
-        """What its evaluation during training reports, which `eval.metric` may name (checked before anything
-        loads): metric names, and prefixes ending in "/" for families (eval_rewards/ covers eval_rewards/chosen)."""
+        """What its evaluation during training reports, which `eval.metric` and a sweep's objective may name (checked
+        before anything loads): metric names, and prefixes ending in "/" for families (eval_rewards/ covers
+        eval_rewards/chosen). The first is what a run of the method is judged by (a sweep's `objective: auto`)."""
         return ("eval_loss",)
 
     # -- models ------------------------------------------------------------------------------------------------------

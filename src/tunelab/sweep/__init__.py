@@ -11,7 +11,7 @@ A sweep file is a base config, the keys to search and how:
         training.learning_rate: [1.0e-4, 3.0e-4]      # a list: these values
         training.weight_decay: {low: 0.0, high: 0.1}  # a range (random / optuna): float, int when both ends are int
       trials: 8                       # the budget (grid: at most the grid's size)
-      objective: eval_loss            # eval_loss | last_epoch_train_loss | train_loss | eval_gsm8k_accuracy | ...
+      objective: eval_loss            # last_epoch_train_loss | train_loss | a metric the evaluation reports
       pruning: {pruner: median}       # stop hopeless trials at their evaluations
 
 Optuna does the searching for all three strategies (GridSampler, RandomSampler, TPESampler) and keeps the study in a

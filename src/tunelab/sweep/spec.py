@@ -21,9 +21,9 @@ from tunelab.config import (RunConfig, config_keys, deep_merge, exp_float, expla
                             read_yaml, set_key)
 from tunelab.errors import UserError, suggest
 
-# objective -> default direction. eval_* task metrics (eval_gsm8k_accuracy) are maximized.
-OBJECTIVES = {"eval_loss": "min", "last_epoch_train_loss": "min", "train_loss": "min",
-              "eval_gsm8k_accuracy": "max", "eval_gsm8k_format_rate": "max"}
+# objectives every run has; besides them, any metric the trials' evaluation reports (train.reported_metrics: e.g.
+# eval_loss, eval_gsm8k_accuracy with eval.task, eval_reward for GRPO/PPO, eval_rewards/accuracies for DPO)
+OBJECTIVES = {"last_epoch_train_loss": "min", "train_loss": "min"}
 
 
 # ---------------------------------------------------------------------------------------------------------- schema
@@ -64,7 +64,10 @@ class Search(_Spec):
     strategy: Literal["grid", "random", "optuna"] = Field("grid", description="optuna = TPE (Bayesian)")
     space: dict[str, list | Range] = Field(..., description="dotted config key -> list of values or {low, high, log}")
     trials: int | None = Field(None, gt=0, description="trial budget (finished trials); grid: default the whole grid")
-    objective: str = Field("auto", description="auto: eval_loss when the config evaluates, else last_epoch_train_loss")
+    objective: str = Field("auto", description="last_epoch_train_loss, train_loss, or a metric the trials' evaluation "
+                           "reports (eval_loss, eval_gsm8k_accuracy, eval_reward, ...); auto: what the method is "
+                           "judged by (eval_loss; GRPO/PPO: eval_reward) when the config evaluates, else "
+                           "last_epoch_train_loss")
     direction: Literal["auto", "min", "max"] = Field("auto", description="auto: minimize losses, maximize the rest")
     seed: int = Field(0, description="sampler seed")
     storage: str | None = Field(None, description="where the study lives, shared by every worker pointed at it: a "
@@ -238,23 +241,30 @@ def load_sweep(path: str | Path, trials: int | None = None, storage: str | None 
     cfgs = [probe.trial_config(p, "probe") for p in points]
     grid_size = len(points) if s.strategy == "grid" else None
 
-    # the objective, and what producing it needs
-    has_eval = all(c.eval_schedule() != "no" for c in cfgs)
-    objective = s.objective if s.objective != "auto" else ("eval_loss" if has_eval else "last_epoch_train_loss")
-    if objective not in OBJECTIVES:
-        raise UserError(f"{path}: search.objective '{objective}' is unknown{suggest(objective, OBJECTIVES)}; "
-                        f"known: {', '.join(OBJECTIVES)}")
-    if objective.startswith("eval_") and not has_eval:
-        raise UserError(f"{path}: objective {objective} needs evaluation during training: set data.val_split "
-                        "(e.g. 0.1) and training.eval_steps (or training.eval_strategy: epoch) in the config or "
-                        "overrides, or use objective: last_epoch_train_loss")
-    if objective.startswith("eval_gsm8k") and not all(c.eval.task == "gsm8k" for c in cfgs):
-        raise UserError(f"{path}: objective {objective} needs eval.task: gsm8k")
-    # train.py's own checks of the evaluation schedule and trackers, run on every probe config now (heavy imports:
-    # only once the file itself is known to be good)
+    # the objective, and what producing it needs (heavy imports from here on: only once the file itself is known
+    # to be good)
     from tunelab import tracking
     from tunelab.checks import check_training
-    from tunelab.train import evaluation_settings
+    from tunelab.evaluation.callbacks import best_model_args
+    from tunelab.train import evaluation_settings, reported_metrics, unreported
+
+    has_eval = all(c.eval_schedule() != "no" for c in cfgs)
+    objective = s.objective
+    if objective == "auto":  # what the method is judged by when the trials evaluate, else their training loss
+        objective = reported_metrics(cfgs[0])[0] if has_eval else "last_epoch_train_loss"
+    if objective not in OBJECTIVES:
+        if not objective.startswith("eval_"):
+            raise UserError(f"{path}: search.objective '{objective}' is unknown{suggest(objective, OBJECTIVES)}; "
+                            f"use {', '.join(OBJECTIVES)} or a metric the trials' evaluation reports (eval_loss, ...)")
+        for c in cfgs:
+            why = unreported(c, objective)
+            if why:
+                raise UserError(f"{path}: search.objective '{objective}' {why}")
+        if not has_eval:
+            raise UserError(f"{path}: objective {objective} needs evaluation during training: set data.val_split "
+                            "(e.g. 0.1) and training.eval_steps (or training.eval_strategy: epoch) in the config or "
+                            "overrides, or use objective: last_epoch_train_loss")
+    # train.py's own checks of the evaluation schedule and trackers, run on every probe config now
 
     for c in cfgs:
         try:
@@ -263,7 +273,9 @@ def load_sweep(path: str | Path, trials: int | None = None, storage: str | None 
             tracking.check(c.training.report_to)
         except UserError as e:
             raise UserError(f"{path}: {e}") from None
-    direction = s.direction if s.direction != "auto" else OBJECTIVES[objective]
+    direction = s.direction
+    if direction == "auto":  # losses are minimized, anything else (accuracy, reward) maximized, as eval.direction
+        direction = OBJECTIVES.get(objective) or ("max" if best_model_args(objective)["greater_is_better"] else "min")
     if s.strategy != "grid" and trials is None and s.trials is None:
         raise UserError(f"{path}: search.trials: how many trials may the {s.strategy} search run (e.g. trials: 20)?")
     budget = trials or s.trials or grid_size
