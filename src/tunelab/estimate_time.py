@@ -66,6 +66,12 @@ PROBE_SIZE = 2048
 PROBE_WARMUP = 2
 PROBE_SECONDS = 0.5
 PROBE_WINDOWS = 5
+# A dtype this CPU has no native kernel for (bfloat16 without AVX512-BF16 or AMX: ~50x slower than float32 on an
+# AVX2 EPYC, about 20 s for one 2048-square product) is probed at a smaller size: the size doubles from
+# PROBE_MIN_SIZE only while a product at the size reached takes under PROBE_GROW_SECONDS / 8 (the next size is 8x the
+# work), so a slow dtype's products stay short and full-speed kernels still reach PROBE_SIZE.
+PROBE_MIN_SIZE = 256
+PROBE_GROW_SECONDS = 0.5
 
 # Decoding constants, checked against measured steps (benchmarks/estimate_accuracy.py).
 # CPU memory bandwidth that one core's decoding reads weights at: ~10 GB/s on the 2-core machine (a first guess; a
@@ -82,22 +88,28 @@ DECODE_LAYER_SECONDS = {"cpu": 2.5e-3, "gpu": 1.3e-3}
 
 @lru_cache(maxsize=None)
 def cpu_matmul_flops(dtype: str) -> tuple[float, str]:
-    """(FLOP/s, dtype measured) of a PROBE_SIZE square matmul on this CPU in `dtype` (bfloat16, float16, float32),
-    with this process' torch threads. A dtype whose matmul this torch build cannot run on CPU falls back to float32.
-    Cached: the probe runs once per process and dtype."""
+    """(FLOP/s, dtype measured) of a PROBE_SIZE square matmul (smaller where `dtype` runs slowly) on this CPU in
+    `dtype` (bfloat16, float16, float32), with this process' torch threads. A dtype whose matmul this torch build
+    cannot run on CPU falls back to float32. Cached: the probe runs once per process and dtype."""
     import torch
 
-    n = PROBE_SIZE
     # its own generator: the probe runs in the first run of a process only, between the run's seeding and the
     # adapter's random init, which drawing from the global RNG here would shift (a run's result would then depend on
     # whether an earlier run in the process had probed: a sweep's first trial, a test run alone)
     gen = torch.Generator().manual_seed(0)
     for name in (dtype, "float32"):
+        n = PROBE_MIN_SIZE
         try:
-            a = torch.randn(n, n, dtype=getattr(torch, name), generator=gen)
-            b = torch.randn(n, n, dtype=getattr(torch, name), generator=gen)
-            for _ in range(PROBE_WARMUP):
-                a @ b
+            while True:
+                a = torch.randn(n, n, dtype=getattr(torch, name), generator=gen)
+                b = torch.randn(n, n, dtype=getattr(torch, name), generator=gen)
+                for _ in range(PROBE_WARMUP):
+                    start = time.perf_counter()
+                    a @ b
+                    took = time.perf_counter() - start
+                if n >= PROBE_SIZE or took * 8 >= PROBE_GROW_SECONDS:  # the next size: 8x the work
+                    break
+                n *= 2
         except RuntimeError:  # e.g. no CPU kernel for the half type in this build
             continue
         rates = []
