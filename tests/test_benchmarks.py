@@ -59,7 +59,8 @@ def test_sft_throughput_benchmark_runs_both_paths_at_the_seed_shape(tmp_path):
         capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    assert "batch 2 x accumulation 4, max_length 2048" in lines[0]
+    header = next(line for line in lines if line.startswith("# "))  # DeepSpeed, imported by accelerate, logs first
+    assert "batch 2 x accumulation 4, max_length 2048" in header
     assert lines[-1].startswith("same hyper-parameters, dropout 0.0, tunelab defaults: tunelab / plain TRL")
     runs = json.loads(out.read_text())
     assert {r["path"] for r in runs} == {"trl", "defaults"}

@@ -86,7 +86,9 @@ def test_cpu_peak_is_measured_on_this_cpu_or_given(tmp_path, tiny_model):
     here = estimate(cfg, "cpu", **kw)
     flops, dtype = estimate_time.cpu_matmul_flops("float32")  # cached: the figure the estimate used
     assert dtype == "float32" and here.peak_flops == flops > 1e9
-    assert here.seconds_per_step == pytest.approx((here.flops_per_step + fixed(here)) / (flops * MFU))
+    # float32 runs on vector units, whose step reaches more of the probe's rate than bf16 on matrix units does
+    assert here.mfu == estimate_time.CPU_VECTOR_MFU == estimate_time.cpu_utilization("float32") > MFU
+    assert here.seconds_per_step == pytest.approx((here.flops_per_step + fixed(here)) / (flops * here.mfu))
     assert f"CPU fp32 matmul measured at {flops / 1e12:.3g} TFLOP/s" in here.report()
 
 
@@ -128,6 +130,25 @@ def test_full_finetune_qlora_checkpointing_and_budget(tmp_path, tiny_model):
 
     small = estimate(_cfg(tmp_path, tiny_model), "cpu", budget_gb=0.001, max_tokens=100, baseline_mb=0)
     assert small.fits is False and "does NOT fit" in small.report()
+
+
+def test_a_cpu_step_reaches_a_share_of_the_probe_set_by_what_runs_its_matmuls(tmp_path, tiny_model, monkeypatch):
+    """bf16 on matrix units (AMX, AVX512-BF16) reaches 0.17 of the probe's rate in a step; bf16 on a CPU without them,
+    like float32, runs on vector units and reaches CPU_VECTOR_MFU: the same step at the same probe takes less time."""
+    from tunelab import estimate_time, models
+    from tunelab.estimate import local_device
+
+    if local_device() != "cpu":
+        pytest.skip("the CPU probe runs only where the estimate is for this machine's CPU")
+    monkeypatch.setattr(estimate_time, "cpu_matmul_flops", lambda dtype: (1.0e12, dtype))
+    cfg = _cfg(tmp_path, tiny_model, training={"precision": "bf16"})
+    seconds = {}
+    for native in (True, False):
+        monkeypatch.setattr(models, "bf16_supported", lambda: native)
+        est = estimate(cfg, "cpu", max_tokens=100, baseline_mb=0)
+        assert est.mfu == (MFU if native else estimate_time.CPU_VECTOR_MFU)
+        seconds[native] = est.seconds_per_step
+    assert seconds[False] == pytest.approx(seconds[True] * MFU / estimate_time.CPU_VECTOR_MFU)
 
 
 def test_grpo_kv_cache(tmp_path, tiny_model):

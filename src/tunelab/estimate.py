@@ -80,8 +80,8 @@ MB = 2**20
 # sheets' (H100 SXM HBM3, A100 80GB HBM2e, RTX 4090 GDDR6X, T4 GDDR6); CPU: the 2-core machine's, a first guess
 # (estimate_time.CPU_BANDWIDTH_GBS_PER_CORE, which an estimate for this machine's CPU scales by its threads).
 DEVICES = {
-    "cpu": {"flops": 2.0e12, "memory_gb": None, "mfu": 0.17, "bf16": True, "price_per_hour": 0.09,
-            "bandwidth_gbs": 10},
+    "cpu": {"flops": 2.0e12, "memory_gb": None, "mfu": estimate_time.MATRIX_UNIT_MFU, "bf16": True,
+            "price_per_hour": 0.09, "bandwidth_gbs": 10},
     "h100": {"flops": 989e12, "memory_gb": 80, "mfu": 0.4, "bf16": True, "price_per_hour": 2.99,
              "bandwidth_gbs": 3350},
     "h200": {"flops": 989e12, "memory_gb": 141, "mfu": 0.4, "bf16": True, "price_per_hour": 3.79,
@@ -132,6 +132,7 @@ class Estimate:
     price_is_default: bool = True  # the device's default price (DEVICES), not one the user gave
     peak_flops: float = 0.0  # FLOP/s the step time is computed from (before the device's utilization share)
     peak_source: str = ""  # where peak_flops comes from: "<device> data sheet", "CPU bf16 matmul measured", "given"
+    mfu: float = 0.0  # the share of peak_flops a step's work runs at (DEVICES; on this CPU by what runs its matmuls)
     generation_seconds_per_step: float = 0.0  # of seconds_per_step, the time sampling takes (GRPO, PPO)
 
     @property
@@ -434,20 +435,22 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
             cpu_flops += estimate_time.CPU_LAYER_PASS_FLOPS * gen.scoring_forwards * L / 3 * gen.sequences / gen.batch
         # and the optimizer's step over the trained parameters (a full fine-tune's is seconds)
         cpu_flops += estimate_time.CPU_OPTIMIZER_FLOPS * trainable
+    mfu = dev["mfu"]
     if peak_flops is not None:
         peak, peak_source = peak_flops, "given"
     elif here:
         peak, measured = estimate_time.cpu_matmul_flops(COMPUTE_DTYPE[precision])
         peak_source = f"CPU {next(p for p, d in COMPUTE_DTYPE.items() if d == measured)} matmul measured"
+        mfu = estimate_time.cpu_utilization(measured)  # matrix units (AMX) or vector units reach different shares
     else:
         peak, peak_source = dev["flops"], f"{device} data sheet"
     generation = 0.0
     if gen:
         bandwidth = estimate_time.cpu_bandwidth() if here else dev["bandwidth_gbs"] * 1e9
         generation = estimate_time.generation_seconds(
-            gen, arch, mean_len, weights if gen.weight_bytes is None else gen.weight_bytes, peak, dev["mfu"],
+            gen, arch, mean_len, weights if gen.weight_bytes is None else gen.weight_bytes, peak, mfu,
             bandwidth, estimate_time.DECODE_LAYER_SECONDS["gpu" if gpu else "cpu"])
-    seconds = (flops * step_slow + frozen_flops * frozen_slow + cpu_flops) / (peak * dev["mfu"]) + generation
+    seconds = (flops * step_slow + frozen_flops * frozen_slow + cpu_flops) / (peak * mfu) + generation
     flops += frozen_flops
     steps = training_steps(cfg, num_samples)
     if budget_gb is None and dev["memory_gb"]:
@@ -457,7 +460,7 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
                     memory_mb=memory, flops_per_step=flops, seconds_per_step=seconds, steps=steps,
                     budget_gb=budget_gb, layers=L,
                     price_per_hour=dev["price_per_hour"] if price_per_hour is None else price_per_hour,
-                    price_is_default=price_per_hour is None, peak_flops=peak, peak_source=peak_source,
+                    price_is_default=price_per_hour is None, peak_flops=peak, peak_source=peak_source, mfu=mfu,
                     generation_seconds_per_step=generation)
 
 

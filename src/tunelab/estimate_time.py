@@ -73,6 +73,24 @@ PROBE_WINDOWS = 5
 PROBE_MIN_SIZE = 256
 PROBE_GROW_SECONDS = 0.5
 
+# The share of the probe's FLOP/s a training step reaches on CPU depends on what runs the matmuls. On matrix units
+# (AMX tiles, AVX512-BF16: bf16 on the 2-core machine every figure above comes from) the probe's large square product
+# runs far faster than a step's smaller, oddly shaped ones: DEVICES["cpu"]["mfu"], 0.17. On vector units (float32
+# anywhere; bf16 on a CPU without such units, where auto precision is float32) a step's matmuls run near the probe's
+# rate: the quickstart in float32 on a 2-core AVX2 EPYC (probe 0.155 TFLOP/s) took 6.4 s a step where 0.17 predicted
+# 27.6; CPU_VECTOR_MFU is fitted there with the fixed costs above unchanged (benchmarks/RESULTS.md, "Step time on a
+# CPU without bf16 units"). Float32 on an AMX machine is assumed to behave alike (not measured).
+CPU_VECTOR_MFU = 0.73
+MATRIX_UNIT_MFU = 0.17  # estimate.DEVICES["cpu"]["mfu"]: the machine the CPU constants were measured on
+
+
+def cpu_utilization(dtype: str) -> float:
+    """The share of cpu_matmul_flops(dtype) a training step's work runs at on this CPU (see CPU_VECTOR_MFU)."""
+    from tunelab.models import bf16_supported
+
+    return MATRIX_UNIT_MFU if dtype == "bfloat16" and bf16_supported() else CPU_VECTOR_MFU
+
+
 # Decoding constants, checked against measured steps (benchmarks/estimate_accuracy.py).
 # CPU memory bandwidth that one core's decoding reads weights at: ~10 GB/s on the 2-core machine (a first guess; a
 # small model's step is bound by the per-layer cost below instead).
