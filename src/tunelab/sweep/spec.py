@@ -265,7 +265,6 @@ def load_sweep(path: str | Path, trials: int | None = None, storage: str | None 
                             "(e.g. 0.1) and training.eval_steps (or training.eval_strategy: epoch) in the config or "
                             "overrides, or use objective: last_epoch_train_loss")
     # train.py's own checks of the evaluation schedule and trackers, run on every probe config now
-
     for c in cfgs:
         try:
             evaluation_settings(c)
