@@ -126,17 +126,19 @@ def reported_metrics(cfg: RunConfig) -> list[str]:
     """What the run's evaluation during training reports (Method.eval_metrics, and the task's metrics, which join an
     evaluation that logs a loss); the first is what the method is judged by."""
     from tunelab import methods
+    from tunelab.evaluation.callbacks import TASK_METRICS
 
     method, opts = methods.options(cfg)
     reported = list(method.eval_metrics(opts))
-    if cfg.eval.task and any(m.endswith("loss") for m in reported):
-        reported += [f"eval_{cfg.eval.task}_accuracy", f"eval_{cfg.eval.task}_format_rate"]
+    if cfg.eval.task and any(m.endswith("loss") for m in reported):  # the task joins an entry with a loss (on_log)
+        reported += [f"eval_{cfg.eval.task}_{m}" for m in TASK_METRICS]
     return reported
 
 
-def unreported(cfg: RunConfig, metric: str) -> str | None:
-    """None when the run's evaluation reports `metric` (eval_ prefix optional); else why not, in a phrase."""
-    reported = reported_metrics(cfg)
+def unreported(cfg: RunConfig, metric: str, reported: list[str] | None = None) -> str | None:
+    """None when the run's evaluation reports `metric` (eval_ prefix optional); else why not, in a phrase.
+    `reported`: reported_metrics(cfg), when the caller has it."""
+    reported = reported_metrics(cfg) if reported is None else reported
     metric = metric if metric.startswith("eval_") else f"eval_{metric}"
     if any(metric.startswith(m) and len(metric) > len(m) if m.endswith("/") else metric == m for m in reported):
         return None
@@ -149,10 +151,11 @@ def unreported(cfg: RunConfig, metric: str) -> str | None:
 def check_metric(cfg: RunConfig) -> None:
     """eval.metric names something the run's evaluation reports: otherwise the Trainer finds out at the first
     evaluation, after the run directory is written and a checkpoint interval has been trained."""
-    why = unreported(cfg, cfg.eval.metric)
+    reported = reported_metrics(cfg)
+    why = unreported(cfg, cfg.eval.metric, reported)
     if why:
         raise UserError(f"eval.metric '{cfg.eval.metric}' {why}: set eval.metric to one of them (e.g. eval.metric="
-                        f"{reported_metrics(cfg)[0]}), or eval.load_best=false without early stopping")
+                        f"{reported[0]}), or eval.load_best=false without early stopping")
 
 
 def evaluation_callbacks(cfg: RunConfig, run: runs.Run, tokenizer) -> tuple[list, list]:

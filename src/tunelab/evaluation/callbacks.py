@@ -36,6 +36,10 @@ def _is_eval_log(logs: dict | None) -> bool:
     return bool(logs) and any(k.startswith("eval_") and k.endswith("loss") for k in logs)
 
 
+# what the task metric adds to an evaluation's entry, after its prefix (eval_gsm8k_accuracy, eval_gsm8k_format_rate)
+TASK_METRICS = ("accuracy", "format_rate")
+
+
 class TaskMetricCallback(TrainerCallback):
     """GSM8K accuracy on a small held-out set at every evaluation, as `eval_gsm8k_accuracy` / `eval_gsm8k_format_rate`.
 
@@ -54,7 +58,7 @@ class TaskMetricCallback(TrainerCallback):
 
     @property
     def key(self) -> str:
-        return f"{self.prefix}accuracy"
+        return f"{self.prefix}{TASK_METRICS[0]}"
 
     def _measure(self, state, model, tok) -> dict:
         from tunelab.evaluation import gsm8k
@@ -63,9 +67,9 @@ class TaskMetricCallback(TrainerCallback):
         res = gsm8k.evaluate(model, tok, self.rows, k_shot=self.k_shot, shots=self.shots,
                              batch_size=self.batch_size, max_new_tokens=self.max_new_tokens,
                              show_progress=False)  # inside training, whose own progress is showing
-        out = {self.key: res["accuracy"], f"{self.prefix}format_rate": res["format_rate"]}
-        self.history.append({"step": state.global_step, "accuracy": res["accuracy"],
-                             "format_rate": res["format_rate"], "seconds": round(time.time() - t0, 2)})
+        out = {f"{self.prefix}{m}": res[m] for m in TASK_METRICS}
+        self.history.append({"step": state.global_step, **{m: res[m] for m in TASK_METRICS},
+                             "seconds": round(time.time() - t0, 2)})
         return out
 
     def on_log(self, args, state, control, logs=None, model=None, processing_class=None, **kw):
