@@ -12,6 +12,7 @@ import yaml
 
 from tunelab import cli, load_config, methods
 from tunelab.errors import UserError
+from tunelab.evaluation.callbacks import natural_direction
 from tunelab.train import check_metric, evaluation_settings, run_training
 
 PAIRS = [("Write a greeting.", "Hello there!", "go away"), ("What is 2+2?", "4.", "5."),
@@ -64,13 +65,20 @@ def test_what_each_method_logs_at_evaluation_is_what_it_declares(tmp_path, tiny_
     # the best checkpoint is kept by a metric of the method's own where it has one (the Trainer reads it from what
     # evaluate() returns, which for some trainers is not all that is logged)
     own = next((m for m in declared if not m.endswith("/") and m != "eval_loss"), "eval_loss")
-    summary = run_training(load_config(path, [f"eval.metric={own}"]), show_progress=False, echo=lambda *a: None)
+    side = natural_direction(own) or "min"  # KTO's eval_kl has no better side by its name: it is given
+    summary = run_training(load_config(path, [f"eval.metric={own}", f"eval.direction={side}"]), show_progress=False,
+                           echo=lambda *a: None)
     assert set(summary["best_metric"]) == {own}, summary.get("best_metric")
     logged = {k for r in map(json.loads, (Path(summary["run"]) / "metrics.jsonl").read_text().splitlines())
               for k in r if k.startswith("eval_")} - TIMING
     assert logged, "no evaluation was logged"
-    for metric in logged:  # each one may be the best checkpoint's metric
-        check_metric(load_config(path, [f"eval.metric={metric}"]))
+    for metric in logged:  # each one may be the best checkpoint's metric, with a side where its name gives none
+        check_metric(load_config(path, [f"eval.metric={metric}", "eval.direction=max"]))
+        if natural_direction(metric) is None:
+            with pytest.raises(UserError, match="has no better side by its name"):
+                check_metric(load_config(path, [f"eval.metric={metric}"]))
+        else:
+            check_metric(load_config(path, [f"eval.metric={metric}"]))
     names = {m for m in declared if not m.endswith("/")}
     assert names <= logged, f"declared but never logged: {names - logged}"
     families = [m for m in declared if m.endswith("/")]
@@ -118,3 +126,24 @@ def test_the_cli_refuses_the_metric_in_one_line_and_writes_nothing(tmp_path, tin
     err = capsys.readouterr().err.strip()
     assert "eval.metric 'eval_accuracy' is not reported by method 'sft'" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("metric, side", [
+    ("eval_loss", "min"), ("eval_nll_loss", "min"), ("eval_gsm8k_accuracy", "max"), ("eval_gsm8k_format_rate", "max"),
+    ("eval_mean_token_accuracy", "max"), ("eval_rewards/accuracies", "max"), ("eval_rewards/margins", "max"),
+    ("eval_margin", "max"), ("eval_reward", "max"), ("eval_rewards/format/mean", "max"), ("eval_rewards/format", "max"),
+    ("eval_log_odds_ratio", "max"), ("eval_kl", None), ("eval_entropy", None), ("eval_rewards/chosen", None),
+    ("eval_rewards/rejected", None), ("eval_logps/chosen", None), ("eval_reward_std", None),
+    ("eval_rewards/format/std", None), ("eval_mean_reward", None), ("eval_num_tokens", None),
+    ("eval_completions/mean_length", None),
+])
+def test_auto_direction_follows_the_name_and_refuses_a_metric_without_a_better_side(metric, side):
+    assert natural_direction(metric) == side
+
+
+def test_a_metric_without_a_better_side_needs_eval_direction_before_anything_loads(tmp_path, tiny_model, data):
+    path = config(tmp_path, tiny_model, data["kto"], {"name": "kto"}, metric="eval_kl")
+    with pytest.raises(UserError, match="set eval.direction=min or eval.direction=max"):
+        evaluation_settings(load_config(path))
+    assert evaluation_settings(load_config(path, ["eval.direction=min"]))["greater_is_better"] is False
+    assert evaluation_settings(load_config(path, ["eval.metric=eval_rewards/margins"]))["greater_is_better"] is True

@@ -314,6 +314,16 @@ def test_the_objective_may_be_any_metric_the_trials_report(tmp_path, tiny_model)
                        search={"strategy": "grid", "space": space})
     assert (load_sweep(path).objective, load_sweep(path).direction) == ("eval_reward", "max")
 
+    # DPO's reward of the rejected answers has no better side by its name: auto refuses it, a given side is taken
+    search = {"strategy": "grid", "objective": "eval_rewards/rejected", "space": space}
+    path = write_sweep(tmp_path, tiny_model, pairs(tmp_path), name="dpo-rejected",
+                       overrides={"method.name": "dpo", **EVAL}, search=search)
+    with pytest.raises(UserError, match="has no better side by its name.*set search.direction: min or max"):
+        load_sweep(path)
+    path = write_sweep(tmp_path, tiny_model, pairs(tmp_path), name="dpo-rejected",
+                       overrides={"method.name": "dpo", **EVAL}, search={**search, "direction": "min"})
+    assert load_sweep(path).direction == "min"
+
 
 @pytest.mark.parametrize("objective, overrides, says", [
     ("accuracy", EVAL, "search.objective 'accuracy' is unknown"),

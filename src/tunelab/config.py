@@ -309,7 +309,8 @@ class EvalConfig(Section):
     task_max_new_tokens: int = Field(200, gt=0)
     metric: str = Field("eval_loss", description="metric for the best checkpoint and early stopping, e.g. eval_loss, "
                         "eval_gsm8k_accuracy")
-    direction: Literal["auto", "min", "max"] = Field("auto", description="auto: minimize losses, maximize the rest")
+    direction: Literal["auto", "min", "max"] = Field("auto", description="auto: minimize losses; maximize "
+                                                     "accuracies, margins, sampled rewards; others need min or max")
     load_best: bool = Field(True, description="restore the best checkpoint by `metric` at the end")
     early_stopping_patience: int | None = Field(None, gt=0, description="stop after N evaluations without improvement")
     early_stopping_min_delta: float = Field(0.0, ge=0, description="smallest change that counts as improvement")

@@ -150,12 +150,19 @@ def unreported(cfg: RunConfig, metric: str, reported: list[str] | None = None) -
 
 def check_metric(cfg: RunConfig) -> None:
     """eval.metric names something the run's evaluation reports: otherwise the Trainer finds out at the first
-    evaluation, after the run directory is written and a checkpoint interval has been trained."""
+    evaluation, after the run directory is written and a checkpoint interval has been trained; and, with
+    eval.direction auto, that its name says which side is better."""
+    from tunelab.evaluation.callbacks import natural_direction
+
     reported = reported_metrics(cfg)
     why = unreported(cfg, cfg.eval.metric, reported)
     if why:
         raise UserError(f"eval.metric '{cfg.eval.metric}' {why}: set eval.metric to one of them (e.g. eval.metric="
                         f"{reported[0]}), or eval.load_best=false without early stopping")
+    if cfg.eval.direction == "auto" and natural_direction(cfg.eval.metric) is None:
+        raise UserError(f"eval.metric '{cfg.eval.metric}' has no better side by its name (eval.direction: auto "
+                        "minimizes losses and maximizes accuracies, margins and sampled rewards): set "
+                        "eval.direction=min or eval.direction=max")
 
 
 def evaluation_callbacks(cfg: RunConfig, run: runs.Run, tokenizer) -> tuple[list, list]:

@@ -211,17 +211,36 @@ class PlotLosses(TrainerCallback):
             plot_losses(self.run_dir)
 
 
+# Metrics whose better side is plain from the name alone; anything else (KL, entropy, log-probabilities, a DPO
+# reward of one side, a reward model's raw scores, a spread, a length) has none, and `auto` refuses to guess.
+MAXIMIZED = ("accuracy", "accuracies", "format_rate", "margin", "margins", "log_odds_ratio", "log_odds_chosen")
+
+
+def natural_direction(metric: str) -> str | None:
+    """"min" for a loss or perplexity, "max" for an accuracy, a task score, a margin or a sampled completion's reward
+    (GRPO's eval_reward and eval_rewards/FUNC/mean, PPO's eval_rewards/FUNC); None where the name says neither."""
+    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+    last = metric.rsplit("/", 1)[-1]
+    if metric.endswith(("loss", "perplexity")):
+        return "min"
+    if metric == "eval_reward" or any(last == m or last.endswith("_" + m) for m in MAXIMIZED):
+        return "max"
+    if metric.startswith("eval_rewards/") and not any(w in last for w in ("chosen", "rejected", "std", "sum")):
+        return "max"  # GRPO: eval_rewards/FUNC/mean; PPO: eval_rewards/FUNC (DPO's chosen/rejected have no side)
+    return None
+
+
 def best_model_args(metric: str = "eval_loss", direction: str | None = None) -> dict:
     """TrainingArguments fields for keeping and restoring the best checkpoint by `metric` (and early stopping on it).
 
-    direction: "min" or "max"; by default losses and perplexity are minimized, anything else (accuracy, ROUGE)
-    maximized. Evaluation and saving must share a schedule (same strategy, save steps a multiple of eval steps).
+    direction: "min" or "max"; by default the metric's natural_direction (losses minimized, accuracy, ROUGE, rewards
+    maximized); a metric without one needs it given. Evaluation and saving must share a schedule (same strategy, save
+    steps a multiple of eval steps).
     """
     metric = metric if metric.startswith("eval_") else f"eval_{metric}"
-    if direction is None:
-        direction = "min" if metric.endswith(("loss", "perplexity")) else "max"
+    direction = direction or natural_direction(metric)
     if direction not in ("min", "max"):
-        raise ValueError("direction must be 'min' or 'max'")
+        raise ValueError(f"{metric}: direction must be 'min' or 'max' (the name gives none)")
     return {"load_best_model_at_end": True, "metric_for_best_model": metric, "greater_is_better": direction == "max"}
 
 

@@ -68,7 +68,8 @@ class Search(_Spec):
                            "reports (eval_loss, eval_gsm8k_accuracy, eval_reward, ...); auto: what the method is "
                            "judged by (eval_loss; GRPO/PPO: eval_reward) when the config evaluates, else "
                            "last_epoch_train_loss")
-    direction: Literal["auto", "min", "max"] = Field("auto", description="auto: minimize losses, maximize the rest")
+    direction: Literal["auto", "min", "max"] = Field("auto", description="auto: minimize losses; maximize "
+                                                     "accuracies, margins, sampled rewards; others need min or max")
     seed: int = Field(0, description="sampler seed")
     storage: str | None = Field(None, description="where the study lives, shared by every worker pointed at it: a "
                                 "database URL (postgresql://user:pass@host/db, mysql://..., sqlite:///file.db) or "
@@ -245,7 +246,7 @@ def load_sweep(path: str | Path, trials: int | None = None, storage: str | None 
     # to be good)
     from tunelab import tracking
     from tunelab.checks import check_training
-    from tunelab.evaluation.callbacks import best_model_args
+    from tunelab.evaluation.callbacks import natural_direction
     from tunelab.train import evaluation_settings, reported_metrics, unreported
 
     has_eval = all(c.eval_schedule() != "no" for c in cfgs)
@@ -273,8 +274,12 @@ def load_sweep(path: str | Path, trials: int | None = None, storage: str | None 
         except UserError as e:
             raise UserError(f"{path}: {e}") from None
     direction = s.direction
-    if direction == "auto":  # losses are minimized, anything else (accuracy, reward) maximized, as eval.direction
-        direction = OBJECTIVES.get(objective) or ("max" if best_model_args(objective)["greater_is_better"] else "min")
+    if direction == "auto":  # losses minimized; accuracies, margins, sampled rewards maximized, as eval.direction
+        direction = OBJECTIVES.get(objective) or natural_direction(objective)
+        if direction is None:
+            raise UserError(f"{path}: search.objective '{objective}' has no better side by its name (direction: auto "
+                            "minimizes losses and maximizes accuracies, margins and sampled rewards): set "
+                            "search.direction: min or max")
     if s.strategy != "grid" and trials is None and s.trials is None:
         raise UserError(f"{path}: search.trials: how many trials may the {s.strategy} search run (e.g. trials: 20)?")
     budget = trials or s.trials or grid_size
