@@ -133,8 +133,9 @@ def test_full_finetune_qlora_checkpointing_and_budget(tmp_path, tiny_model):
 
 
 def test_a_cpu_step_reaches_a_share_of_the_probe_set_by_what_runs_its_matmuls(tmp_path, tiny_model, monkeypatch):
-    """bf16 on matrix units (AMX, AVX512-BF16) reaches 0.17 of the probe's rate in a step; bf16 on a CPU without them,
-    like float32, runs on vector units and reaches CPU_VECTOR_MFU: the same step at the same probe takes less time."""
+    """bf16 on AMX tiles reaches 0.17 of the probe's rate in a step, bf16 on AVX512-BF16 without AMX BF16_VECTOR_MFU;
+    bf16 on a CPU without either, like float32, runs on plain vector units and reaches CPU_VECTOR_MFU: the same step at
+    the same probe takes less time the nearer its units run to the probe."""
     from tunelab import estimate_time, models
     from tunelab.estimate import local_device
 
@@ -143,12 +144,17 @@ def test_a_cpu_step_reaches_a_share_of_the_probe_set_by_what_runs_its_matmuls(tm
     monkeypatch.setattr(estimate_time, "cpu_matmul_flops", lambda dtype: (1.0e12, dtype))
     cfg = _cfg(tmp_path, tiny_model, training={"precision": "bf16"})
     seconds = {}
-    for native in (True, False):
+    for units, native, amx, mfu in [("amx", True, True, MFU), ("avx512-bf16", True, False,
+                                                                estimate_time.BF16_VECTOR_MFU),
+                                    ("vector", False, False, estimate_time.CPU_VECTOR_MFU)]:
         monkeypatch.setattr(models, "bf16_supported", lambda: native)
+        monkeypatch.setattr(estimate_time, "has_amx", lambda: amx)
         est = estimate(cfg, "cpu", max_tokens=100, baseline_mb=0)
-        assert est.mfu == (MFU if native else estimate_time.CPU_VECTOR_MFU)
-        seconds[native] = est.seconds_per_step
-    assert seconds[False] == pytest.approx(seconds[True] * MFU / estimate_time.CPU_VECTOR_MFU)
+        assert est.mfu == mfu, units
+        seconds[units] = est.seconds_per_step
+    assert seconds["amx"] > seconds["avx512-bf16"] > seconds["vector"]
+    assert seconds["vector"] == pytest.approx(seconds["amx"] * MFU / estimate_time.CPU_VECTOR_MFU)
+    assert seconds["avx512-bf16"] == pytest.approx(seconds["amx"] * MFU / estimate_time.BF16_VECTOR_MFU)
 
 
 def test_grpo_kv_cache(tmp_path, tiny_model):

@@ -73,22 +73,38 @@ PROBE_WINDOWS = 5
 PROBE_MIN_SIZE = 256
 PROBE_GROW_SECONDS = 0.5
 
-# The share of the probe's FLOP/s a training step reaches on CPU depends on what runs the matmuls. On matrix units
-# (AMX tiles, AVX512-BF16: bf16 on the 2-core machine every figure above comes from) the probe's large square product
-# runs far faster than a step's smaller, oddly shaped ones: DEVICES["cpu"]["mfu"], 0.17. On vector units (float32
-# anywhere; bf16 on a CPU without such units, where auto precision is float32) a step's matmuls run near the probe's
-# rate: the quickstart in float32 on a 2-core AVX2 EPYC (probe 0.155 TFLOP/s) took 6.4 s a step where 0.17 predicted
-# 27.6; CPU_VECTOR_MFU is fitted there with the fixed costs above unchanged (benchmarks/RESULTS.md, "Step time on a
-# CPU without bf16 units"). Float32 on an AMX machine is assumed to behave alike (not measured).
+# The share of the probe's FLOP/s a training step reaches on CPU depends on what runs the matmuls. On AMX's matrix
+# tiles (bf16 on the 2-core machine every figure above comes from) the probe's large square product runs far faster
+# than a step's smaller, oddly shaped ones: DEVICES["cpu"]["mfu"], 0.17. On vector units (float32 anywhere; bf16 on
+# a CPU without native bf16, where auto precision is float32) a step's matmuls run near the probe's rate: the
+# quickstart in float32 on a 2-core AVX2 EPYC (probe 0.155 TFLOP/s) took 6.4 s a step where 0.17 predicted 27.6;
+# CPU_VECTOR_MFU is fitted there with the fixed costs above unchanged (benchmarks/RESULTS.md, "Step time on a CPU
+# without bf16 units"). Float32 on an AMX machine is assumed to behave alike (not measured). AVX512-BF16 without AMX
+# (bf16 dot products in vector registers) lies between: on a 2-core AMD EPYC with it (bf16 probe 0.8 TFLOP/s,
+# against AMX's 2.4) all 16 shipped CPU configs ran at 0.35-0.67 of the 0.17 estimate, 0.47 at the median;
+# BF16_VECTOR_MFU = 0.17 / 0.47 (benchmarks/RESULTS.md, "Step time on a CPU with AVX512-BF16 and no AMX").
 CPU_VECTOR_MFU = 0.73
 MATRIX_UNIT_MFU = 0.17  # estimate.DEVICES["cpu"]["mfu"]: the machine the CPU constants were measured on
+BF16_VECTOR_MFU = 0.36
+
+
+def has_amx() -> bool:
+    """Whether this CPU has AMX tiles (what MATRIX_UNIT_MFU was measured on)."""
+    import torch
+
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without the query: count the CPU as one without
+        return False
 
 
 def cpu_utilization(dtype: str) -> float:
     """The share of cpu_matmul_flops(dtype) a training step's work runs at on this CPU (see CPU_VECTOR_MFU)."""
     from tunelab.models import bf16_supported
 
-    return MATRIX_UNIT_MFU if dtype == "bfloat16" and bf16_supported() else CPU_VECTOR_MFU
+    if dtype != "bfloat16" or not bf16_supported():
+        return CPU_VECTOR_MFU
+    return MATRIX_UNIT_MFU if has_amx() else BF16_VECTOR_MFU
 
 
 # Decoding constants, checked against measured steps (benchmarks/estimate_accuracy.py).
