@@ -233,8 +233,8 @@ def natural_direction(metric: str) -> str | None:
 def best_model_args(metric: str = "eval_loss", direction: str | None = None) -> dict:
     """TrainingArguments fields for keeping and restoring the best checkpoint by `metric` (and early stopping on it).
 
-    direction: "min" or "max"; by default the metric's natural_direction (losses minimized, accuracy, ROUGE, rewards
-    maximized); a metric without one needs it given. Evaluation and saving must share a schedule (same strategy, save
+    direction: "min" or "max"; by default the metric's natural_direction (losses minimized; accuracies, margins,
+    sampled rewards maximized); a metric without one needs it given. Evaluation and saving must share a schedule (same strategy, save
     steps a multiple of eval steps).
     """
     metric = metric if metric.startswith("eval_") else f"eval_{metric}"
