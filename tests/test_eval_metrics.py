@@ -120,11 +120,16 @@ def test_metrics_the_run_reports_are_accepted(tmp_path, tiny_model, data, method
     assert args["metric_for_best_model"] == (metric if metric.startswith("eval_") else f"eval_{metric}")
 
 
-def test_the_cli_refuses_the_metric_in_one_line_and_writes_nothing(tmp_path, tiny_model, data, capsys):
-    path = config(tmp_path, tiny_model, data["conversation"], {"name": "sft"}, metric="eval_accuracy")
+@pytest.mark.parametrize("kind, method, metric, says", [
+    ("conversation", {"name": "sft"}, "eval_accuracy", "eval.metric 'eval_accuracy' is not reported by method 'sft'"),
+    ("kto", {"name": "kto"}, "eval_kl", "eval.metric 'eval_kl' has no better side by its name"),
+])
+def test_the_cli_refuses_the_metric_in_one_line_and_writes_nothing(tmp_path, tiny_model, data, capsys, kind, method,
+                                                                   metric, says):
+    path = config(tmp_path, tiny_model, data[kind], method, metric=metric)
     assert cli.main(["train", str(path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "eval.metric 'eval_accuracy' is not reported by method 'sft'" in err and len(err.splitlines()) == 1, err
+    assert says in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "runs").exists()
 
 

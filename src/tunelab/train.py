@@ -138,8 +138,10 @@ def reported_metrics(cfg: RunConfig) -> list[str]:
 def unreported(cfg: RunConfig, metric: str, reported: list[str] | None = None) -> str | None:
     """None when the run's evaluation reports `metric` (eval_ prefix optional); else why not, in a phrase.
     `reported`: reported_metrics(cfg), when the caller has it."""
+    from tunelab.evaluation.callbacks import eval_name
+
     reported = reported_metrics(cfg) if reported is None else reported
-    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+    metric = eval_name(metric)
     if any(metric.startswith(m) and len(metric) > len(m) if m.endswith("/") else metric == m for m in reported):
         return None
     names = [m + "*" if m.endswith("/") else m for m in reported]  # a family: eval_rewards/ -> eval_rewards/*
@@ -152,7 +154,7 @@ def check_metric(cfg: RunConfig) -> None:
     """eval.metric names something the run's evaluation reports: otherwise the Trainer finds out at the first
     evaluation, after the run directory is written and a checkpoint interval has been trained; and, with
     eval.direction auto, that its name says which side is better."""
-    from tunelab.evaluation.callbacks import natural_direction
+    from tunelab.evaluation.callbacks import NO_SIDE, natural_direction
 
     reported = reported_metrics(cfg)
     why = unreported(cfg, cfg.eval.metric, reported)
@@ -160,9 +162,8 @@ def check_metric(cfg: RunConfig) -> None:
         raise UserError(f"eval.metric '{cfg.eval.metric}' {why}: set eval.metric to one of them (e.g. eval.metric="
                         f"{reported[0]}), or eval.load_best=false without early stopping")
     if cfg.eval.direction == "auto" and natural_direction(cfg.eval.metric) is None:
-        raise UserError(f"eval.metric '{cfg.eval.metric}' has no better side by its name (eval.direction: auto "
-                        "minimizes losses and maximizes accuracies, margins and sampled rewards): set "
-                        "eval.direction=min or eval.direction=max")
+        raise UserError(f"eval.metric '{cfg.eval.metric}' {NO_SIDE}: set eval.direction=min or "
+                        "eval.direction=max")
 
 
 def evaluation_callbacks(cfg: RunConfig, run: runs.Run, tokenizer) -> tuple[list, list]:

@@ -246,7 +246,7 @@ def load_sweep(path: str | Path, trials: int | None = None, storage: str | None 
     # to be good)
     from tunelab import tracking
     from tunelab.checks import check_training
-    from tunelab.evaluation.callbacks import natural_direction
+    from tunelab.evaluation.callbacks import NO_SIDE, natural_direction
     from tunelab.train import evaluation_settings, reported_metrics, unreported
 
     has_eval = all(c.eval_schedule() != "no" for c in cfgs)
@@ -277,9 +277,7 @@ def load_sweep(path: str | Path, trials: int | None = None, storage: str | None 
     if direction == "auto":  # losses minimized; accuracies, margins, sampled rewards maximized, as eval.direction
         direction = OBJECTIVES.get(objective) or natural_direction(objective)
         if direction is None:
-            raise UserError(f"{path}: search.objective '{objective}' has no better side by its name (direction: auto "
-                            "minimizes losses and maximizes accuracies, margins and sampled rewards): set "
-                            "search.direction: min or max")
+            raise UserError(f"{path}: search.objective '{objective}' {NO_SIDE}: set search.direction: min or max")
     if s.strategy != "grid" and trials is None and s.trials is None:
         raise UserError(f"{path}: search.trials: how many trials may the {s.strategy} search run (e.g. trials: 20)?")
     budget = trials or s.trials or grid_size
