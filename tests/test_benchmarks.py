@@ -49,6 +49,20 @@ def test_estimate_accuracy_takes_the_median_step_after_the_first():
     assert step_seconds(rows[:1]) is None
 
 
+def test_estimate_accuracy_times_grouped_pairs_in_a_run_drawn_at_random():
+    """Pairs grouped by length start with their longest batches: those configs (DPO, ORPO, SimPO, reward by default)
+    get a second, randomly drawn run for the step time; KTO, SFT and pairs already drawn at random do not."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from estimate_accuracy import grouped_pairs
+    finally:
+        sys.path.pop(0)
+
+    configs = ROOT / "configs"
+    assert all(grouped_pairs(configs / "preference" / f"{m}-hh.yaml") for m in ("dpo", "orpo", "simpo", "reward"))
+    assert not any(grouped_pairs(configs / c) for c in ("preference/kto-hh.yaml", "qa/lora.yaml", "gsm8k/ppo.yaml"))
+
+
 @pytest.mark.slow
 def test_sft_throughput_benchmark_runs_both_paths_at_the_seed_shape(tmp_path):
     out = tmp_path / "runs.json"

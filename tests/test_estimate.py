@@ -318,12 +318,13 @@ def _pref_rows(tmp_path, tiny_model, method: str):
 
 def test_preference_and_kto_rows_get_their_token_lengths(tmp_path, tiny_model, capsys, monkeypatch):
     """Rows TRL tokenizes itself get their rendered lengths: a pair both prompt+chosen and prompt+rejected, each batch
-    padded to its longest sequence (the rows are drawn at random); KTO's prompt+completion. Counted at their lengths
-    instead of data.max_length, a step of short pairs takes less time; `tunelab estimate` measures them the same way."""
+    padded to its longest sequence (pairs grouped by length, or drawn at random); KTO's prompt+completion. Counted at
+    their lengths instead of data.max_length, a step of short pairs takes less time; `tunelab estimate` measures them
+    the same way."""
     from tunelab import cli
     from tunelab import estimate as estimate_module
     from tunelab.data import render
-    from tunelab.estimate import padded_length, token_stats
+    from tunelab.estimate import grouped_length, padded_length, token_stats
 
     cfg, rows, tok = _pref_rows(tmp_path, tiny_model, "dpo")
     stats = token_stats(cfg, "preference", rows, tok)
@@ -333,9 +334,16 @@ def test_preference_and_kto_rows_get_their_token_lengths(tmp_path, tiny_model, c
 
     longest = [max(n(r["prompt"] + r["chosen"]), n(r["prompt"] + r["rejected"])) for r in rows]
     assert stats["num_samples"] == len(rows) == 12 and stats["max_tokens"] == max(longest)
-    assert stats["mean_tokens"] == pytest.approx(padded_length(longest, 4))
+    # pairs grouped by length (training.group_by_length, the default) pad to about their own length; drawn at
+    # random, to the expected longest of a batch
+    assert stats["mean_tokens"] == pytest.approx(grouped_length(longest, 4, 1))
+    drawn = token_stats(cfg.model_copy(update={"training": cfg.training.model_copy(update={"group_by_length": False})}),
+                        "preference", rows, tok)
+    assert drawn["mean_tokens"] == pytest.approx(padded_length(longest, 4))
     mean = sum(longest) / len(longest)
-    assert mean < stats["mean_tokens"] < stats["max_tokens"] < 128 / 2  # padding counts; far below max_length
+    # (12 rows make one mega-batch a batch: grouping saves padding only on more, tests/test_methods_pref.py)
+    assert mean <= stats["mean_tokens"] <= stats["max_tokens"] < 128 / 2  # far below max_length
+    assert mean < drawn["mean_tokens"] < stats["max_tokens"]
     # the expected longest of k drawn without replacement: of 1..4 in pairs, the longest is 2, 3, 4 in 1, 2, 3 draws
     assert padded_length([1, 2, 3, 4], 2) == pytest.approx((2 + 2 * 3 + 3 * 4) / 6)
     assert padded_length([5, 9], 4) == 9 and padded_length([3, 1, 2], 1) == pytest.approx(2)

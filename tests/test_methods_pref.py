@@ -225,6 +225,43 @@ def test_dpo_on_hh_rlhf_raises_held_out_margin(tmp_path, embedded_model):
     assert after > before
 
 
+class Batches(TrainerCallback):
+    """The padded width of each batch of one pass over the training data, as the run's own data loader draws it."""
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
+        self.loader = train_dataloader
+        self.widths = [max(v.shape[1] for k, v in b.items() if k.endswith("input_ids")) for b in train_dataloader]
+
+
+@pytest.mark.parametrize("method", ["dpo", "orpo", "simpo", "reward"])
+def test_pairs_are_grouped_by_length_longest_batch_first(tmp_path, tiny_model, method):
+    """training.group_by_length (the default) groups pairs too: each pair's length is what its trainer pads it to
+    alone, the batch holding the longest pair comes first (a run out of memory fails at step 1) and an epoch pads far
+    less than pairs drawn at random (the estimate's padded_length), which the estimate then counts (grouped_length)."""
+    from tunelab.estimate import grouped_length, padded_length
+
+    rng = __import__("random").Random(0)
+    path = tmp_path / "varied.jsonl"  # replies of 1 to 100 words: batches drawn at random pad to their longest
+    words = [rng.randint(1, 100) for _ in range(64)]
+    path.write_text("".join(json.dumps({"prompt": f"Say something {i}.", "chosen": "yes " * n,
+                                        "rejected": "no " * max(1, n - 3)}) + "\n" for i, n in enumerate(words)))
+    batches = Batches()
+    summary = run_training(load_config(config(tmp_path, tiny_model, str(path), {"name": method},
+                                              data={"max_length": 256}, training={"max_steps": 2})), callbacks=[batches], show_progress=False)
+    assert summary["status"] == "complete"
+    dataset, collate = batches.loader.dataset, batches.loader.collate_fn
+    lengths = dataset["length"]
+    for i in range(len(dataset)):
+        alone = collate([dataset[i]])
+        assert max(v.shape[1] for k, v in alone.items() if k.endswith("input_ids")) == lengths[i]
+    assert batches.widths[0] == max(lengths) == max(batches.widths)
+    grouped, drawn = sum(batches.widths) * 4 / len(dataset), padded_length(lengths, 4)
+    mean = sum(lengths) / len(lengths)
+    print(f"{method}: a pair pads to {grouped:.1f} tokens grouped, {drawn:.1f} drawn at random (mean {mean:.1f})")
+    assert grouped - mean < 0.5 * (drawn - mean)  # the padding, not the tokens, is what grouping saves
+    assert grouped == pytest.approx(grouped_length(lengths, 4, 1), rel=0.15)
+
+
 def test_dpo_resume_continues_the_same_curve(tmp_path, tiny_model, pref_data):
     """The adapter-disabled reference survives a resume: the interrupted run's losses match an uninterrupted one."""
     sections = {"training": {"max_steps": 6, "save_steps": 3}}

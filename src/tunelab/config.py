@@ -219,7 +219,9 @@ class TrainingConfig(Section):
         "estimate says the run would not fit with gradient checkpointing alone")
     memory_budget_gb: float | None = Field(
         None, gt=0, description="memory the `auto` settings plan for; default: 85% of the device's free memory")
-    group_by_length: bool = Field(True, description="batch samples of similar length (less padding); TRL default False")
+    group_by_length: bool = Field(
+        True, description="batch samples of similar length (less padding), the longest batch first (SFT rows, "
+        "DPO/ORPO/SimPO/reward pairs; KTO keeps its own order, GRPO/PPO draw prompts at random); TRL default False")
     logging_steps: int = Field(1, gt=0)
     eval_strategy: Literal["steps", "epoch", "no"] = Field(
         "steps", description="steps: evaluate every eval_steps (none while eval_steps is unset); epoch: at the end "

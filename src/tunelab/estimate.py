@@ -39,8 +39,8 @@ Time per optimizer step is the sum of two parts:
                per logit where it is not the lean loss (Method.loss_head, estimate_time.CPU_HEAD_FLOPS: TRL's
                chunked head scores every position off Triton devices), and each pass a fixed cost per layer
                (estimate_time.CPU_LAYER_PASS_FLOPS). Tokens are the batch's
-               at the rows' token statistics (token_stats: the rows' lengths, random batches padded to their
-               longest); a method that samples trains on its prompts with the completions appended
+               at the rows' token statistics (token_stats: the rows' lengths, each batch padded to its longest,
+               pairs grouped by length); a method that samples trains on its prompts with the completions appended
   generation   what a method samples before it trains (Method.generation: GRPO, PPO): the prompts' forward, then a
                decoding step per new token bound by memory bandwidth or per-layer overhead (estimate_time)
 A GPU's peak is its data sheet's; a CPU's is measured when the estimate is for the CPU it runs on (estimate_time),
@@ -558,9 +558,9 @@ def token_stats(cfg, kind: str, rows: list[dict], tokenizer) -> dict:
     Tokenized rows (conversation): their lengths and trained share (stats_of); length-grouped batches (the default)
     pad little, so the mean length stands for a batch's. Rows TRL's trainers tokenize themselves (preference pairs,
     KTO examples): their rendered lengths, capped at data.max_length. max_tokens is the longest; mean_tokens the
-    length a sequence takes in its batch, since these trainers draw rows at random and pad every sequence of a batch
-    (both of a pair's) to the batch's longest: for 1,000 hh-rlhf pairs in batches of 4, 316 tokens against a mean of
-    179. Prompt rows (a method that generates): mean_tokens is the mean prompt; memory keeps counting the trained
+    length a sequence takes in its batch, since these trainers pad every sequence of a batch (both of a pair's) to
+    the batch's longest: drawn at random (KTO, or training.group_by_length off), 1,000 hh-rlhf pairs in batches of 4
+    pad to 316 tokens against a mean of 179; pairs grouped by length (the default) pad to about their own length. Prompt rows (a method that generates): mean_tokens is the mean prompt; memory keeps counting the trained
     prompt and completion at data.max_length (no max_tokens), and the step count is left to training.max_steps, since
     a generating method's sampler repeats prompts.
     """
@@ -582,8 +582,12 @@ def token_stats(cfg, kind: str, rows: list[dict], tokenizer) -> dict:
     flat = [n for row in lengths for n in row]
     if kind == "prompt":
         return {"mean_tokens": sum(flat) / len(flat)}
-    return {"mean_tokens": padded_length([max(row) for row in lengths], cfg.training.batch_size),
-            "max_tokens": max(flat), "num_samples": num_samples}
+    longest, t = [max(row) for row in lengths], cfg.training
+    # pairs are grouped by length (methods/preference.pair_lengths) where training.group_by_length asks for it; KTO's
+    # examples are drawn in order or at random (methods/kto)
+    grouped = kind == "preference" and t.group_by_length
+    return {"mean_tokens": grouped_length(longest, t.batch_size, t.grad_accum) if grouped
+            else padded_length(longest, t.batch_size), "max_tokens": max(flat), "num_samples": num_samples}
 
 
 def padded_length(lengths: list[int], batch: int) -> float:
@@ -594,6 +598,18 @@ def padded_length(lengths: list[int], batch: int) -> float:
 
     v, k = sorted(lengths), min(batch, len(lengths))
     return sum(v[i] * math.comb(i, k - 1) for i in range(k - 1, len(v))) / math.comb(len(v), k)
+
+
+def grouped_length(lengths: list[int], batch: int, accum: int) -> float:
+    """What a sequence is padded to, on average over an epoch, in batches of `batch` drawn by transformers'
+    length-grouped sampler (random mega-batches of up to 50 optimizer steps' rows, each sorted by length), drawn by
+    the sampler's own function at a fixed seed."""
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    order = get_length_grouped_indices(lengths, batch * accum, generator=torch.Generator().manual_seed(0))
+    batches = [order[i:i + batch] for i in range(0, len(order), batch)]
+    return sum(max(lengths[i] for i in b) * len(b) for b in batches) / len(order)
 
 
 def stats_of(rows: list[dict]) -> dict:

@@ -17,8 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunelab.errors import UserError
-from tunelab.methods.preference import (PreferenceMethod, pair_trainer, pairwise_sampling, reference,
-                                         use_disabled_adapter_as_reference)
+from tunelab.methods.preference import PreferenceMethod, pair_trainer, reference, use_disabled_adapter_as_reference
 
 LossType = Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
                    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft"]
@@ -54,7 +53,7 @@ class DPO(PreferenceMethod):
 
         losses = opts.loss_type if isinstance(opts.loss_type, list) else [opts.loss_type]
         dpo_args = DPOConfig(
-            **pairwise_sampling(args),
+            **args,
             max_length=cfg.data.max_length,
             beta=opts.beta,
             loss_type=losses,

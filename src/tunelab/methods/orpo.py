@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunelab.methods.preference import PreferenceMethod, counting_pair_tokens, pair_trainer, pairwise_sampling
+from tunelab.methods.preference import PreferenceMethod, counting_pair_tokens, pair_trainer
 
 
 class Config(BaseModel):
@@ -31,7 +31,7 @@ class ORPO(PreferenceMethod):
     def build(self, cfg, opts: Config, model, tokenizer, data, args: dict):
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-        orpo_args = ORPOConfig(**pairwise_sampling(args), max_length=cfg.data.max_length, beta=opts.beta)
+        orpo_args = ORPOConfig(**args, max_length=cfg.data.max_length, beta=opts.beta)
         return pair_trainer(counting_pair_tokens(ORPOTrainer), model, orpo_args, data, tokenizer)
 
 

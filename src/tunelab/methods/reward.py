@@ -13,7 +13,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunelab.adapters import ADAPTERS
-from tunelab.methods.preference import PreferenceMethod, pair_trainer, pairwise_sampling
+from tunelab.methods.preference import PreferenceMethod, pair_trainer
 
 
 class Config(BaseModel):
@@ -65,7 +65,7 @@ class Reward(PreferenceMethod):
 
         # Every token of both conversations is scored as one sequence; TRL drops pairs longer than max_length
         # (it does not truncate them), which the data layer's overlong setting counts beforehand.
-        reward_args = RewardConfig(**pairwise_sampling(args), max_length=cfg.data.max_length,
+        reward_args = RewardConfig(**args, max_length=cfg.data.max_length,
                                    center_rewards_coefficient=opts.center_rewards_coefficient)
         trainer = pair_trainer(RewardTrainer, model, reward_args, data, tokenizer)
         if data.validation and opts.evaluate_at_end:

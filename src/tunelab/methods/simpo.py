@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunelab.methods.preference import PreferenceMethod, counting_pair_tokens, pair_trainer, pairwise_sampling
+from tunelab.methods.preference import PreferenceMethod, counting_pair_tokens, pair_trainer
 
 
 class Config(BaseModel):
@@ -38,7 +38,7 @@ class SimPO(PreferenceMethod):
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
         simpo_args = CPOConfig(
-            **pairwise_sampling(args),
+            **args,
             max_length=cfg.data.max_length,
             loss_type="simpo",
             beta=opts.beta,
