@@ -260,7 +260,15 @@ def test_preference_methods_count_both_sequences_and_full_logits(tmp_path, tiny_
     tokens = 2 * 4 * 100  # chosen + rejected x batch 4 x the longest sample
     assert dpo.peak_tokens == tokens
     assert dpo.memory_mb["activations"] == pytest.approx(2 * sft.memory_mb["activations"])
-    assert dpo.memory_mb["loss"] == pytest.approx(tokens * V * (4 + 4 + 4 + 4) / MB)  # fp32 logits: no extra copy
+    # fp32 logits: no extra copy; on CPU a tile of TRL's chunked head for the reference, which runs after the
+    # policy's forward, none where its log-probs are precomputed (full fine-tuning's default, or asked for)
+    assert dpo.memory_mb["loss"] == pytest.approx((tokens * V * (4 + 4 + 4 + 4) + tokens * 32768 * 10) / MB)
+    for precomputed in ({"adapter": {"type": "none"}}, {"method": {"name": "dpo", "precompute_ref_log_probs": True}}):
+        alone = estimate(_cfg(tmp_path, tiny_model, **{"method": {"name": "dpo"}, **precomputed}), "cpu",
+                         max_tokens=100, baseline_mb=0)
+        assert alone.memory_mb["loss"] == pytest.approx(tokens * V * (4 + 4 + 4 + 4) / MB), precomputed
+    assert estimate(_cfg(tmp_path, tiny_model, method={"name": "dpo"}), "h100", max_tokens=100,
+                    baseline_mb=0).memory_mb["loss"] == pytest.approx(tokens * V * (4 + 4 + 4 + 4) / MB)  # GPU: no tile
     bf16 = estimate(_cfg(tmp_path, tiny_model, method={"name": "orpo"}, training={"precision": "bf16"}), "cpu",
                     max_tokens=100, baseline_mb=0)
     assert bf16.memory_mb["loss"] == pytest.approx(tokens * V * (2 + 4 + 4 + 4) / MB)

@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunelab.adapters import ADAPTERS
 from tunelab.errors import UserError
 from tunelab.methods.preference import PreferenceMethod, pair_trainer, reference, use_disabled_adapter_as_reference
 
@@ -41,6 +42,12 @@ class DPO(PreferenceMethod):
     Config = Config
     reference_forward = True  # the reference model's forward (no backward) on the same tokens
     reported = (*PreferenceMethod.reported, "eval_mean_token_accuracy", "eval_entropy", "eval_num_tokens")
+
+    def late_reference_passes(self, opts: Config, ctx) -> int:
+        """TRL's DPO trainer runs the reference after the policy's forward, unless its log-probs are precomputed
+        (precompute_ref_log_probs, by default with full fine-tuning: methods/preference.reference)."""
+        precompute = opts.precompute_ref_log_probs
+        return 0 if (ADAPTERS[ctx.adapter.type].trains_base if precompute is None else precompute) else 1
 
     def check(self, cfg, opts: Config, data) -> None:
         losses = opts.loss_type if isinstance(opts.loss_type, list) else [opts.loss_type]

@@ -17,7 +17,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunelab.errors import UserError
-from tunelab.methods.contract import TRL_HEAD_TILE
 from tunelab.methods.preference import PreferenceMethod, dataset, reference, use_disabled_adapter_as_reference
 
 
@@ -58,18 +57,10 @@ class KTO(PreferenceMethod):
         prompt/completion pairs with the policy and the reference (no backward), as many tokens again."""
         return 3 if opts.loss_type == "kto" else 1
 
-    def loss_memory(self, opts: Config, ctx) -> float | None:
-        """The full logits as DPO's, and on CPU about a tile of TRL's chunked head (4,096 positions x 32,768 logits,
-        ~10 B each) more for each reference pass TRL's KTO trainer runs *after* the policy's forward, while its
-        activations are held (the reference over the batch, and with the `kto` loss over the KL pairs). Measured on
-        configs/preference/kto-hh.yaml against its estimate without this: 1.43 with the `kto` loss, 1.19 with
-        `apo_zero_unpaired`, while DPO, whose reference runs first, fits (1.02); the allocator's share in it is not
-        isolated."""
-        memory = super().loss_memory(opts, ctx)
-        if not ctx.gpu:
-            tile = min(ctx.peak_tokens, TRL_HEAD_TILE[0]) * min(ctx.arch["vocab"], TRL_HEAD_TILE[1]) * 10
-            memory += tile * (2 if opts.loss_type == "kto" else 1)
-        return memory
+    def late_reference_passes(self, opts: Config, ctx) -> int:
+        """TRL's KTO trainer runs the reference after the policy's forward over the batch, and with the `kto` loss
+        over the KL pairs too."""
+        return 2 if opts.loss_type == "kto" else 1
 
     def check(self, cfg, opts: Config, data) -> None:
         labels = {row["label"] for row in data.train}

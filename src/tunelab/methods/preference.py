@@ -5,7 +5,7 @@ counting, the free reference model, and what they hold in memory.
 from __future__ import annotations
 
 from tunelab.adapters import ADAPTERS
-from tunelab.methods.contract import EstimateContext, Method
+from tunelab.methods.contract import TRL_HEAD_TILE, EstimateContext, Method
 
 
 class PreferenceMethod(Method):
@@ -21,10 +21,22 @@ class PreferenceMethod(Method):
     def eval_metrics(self, opts) -> tuple[str, ...]:
         return self.reported
 
+    def late_reference_passes(self, opts, ctx: EstimateContext) -> int:
+        """Reference passes TRL runs after the policy's forward, while the policy's activations are held: none."""
+        return 0
+
     def loss_memory(self, opts, ctx: EstimateContext) -> float | None:
-        # the logits in the compute dtype, their float32 copy, the log-softmax and its gradient (DPO on hh-rlhf,
-        # 2 x 4 x 512 tokens: ~13.5 bytes per logit measured, 14 derived)
-        return ctx.peak_tokens * ctx.arch["vocab"] * ((2 if ctx.precision != "fp32" else 4) + 4 + 4 + 4)
+        """The logits in the compute dtype, their float32 copy, the log-softmax and its gradient (DPO on hh-rlhf,
+        2 x 4 x 512 tokens: ~13.5 bytes per logit measured, 14 derived), and on CPU about a tile of TRL's chunked head
+        (4,096 positions x 32,768 logits, ~10 B each) more for each reference pass that runs after the policy's
+        forward (late_reference_passes). Fitted on configs/preference/kto-hh.yaml, whose trainer runs one or two such
+        passes (1.43 and 1.19 of the estimate without it; 1.03 with); DPO's runs one since TRL 1.16 (1.26 of the
+        estimate without it at its longest batch, the first of a length-grouped run)."""
+        memory = ctx.peak_tokens * ctx.arch["vocab"] * ((2 if ctx.precision != "fp32" else 4) + 4 + 4 + 4)
+        if not ctx.gpu:
+            tile = min(ctx.peak_tokens, TRL_HEAD_TILE[0]) * min(ctx.arch["vocab"], TRL_HEAD_TILE[1]) * 10
+            memory += tile * self.late_reference_passes(opts, ctx)
+        return memory
 
 
 def reference(cfg, precompute: bool | None) -> dict:
