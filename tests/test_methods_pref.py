@@ -246,8 +246,9 @@ def test_pairs_are_grouped_by_length_longest_batch_first(tmp_path, tiny_model, m
     path.write_text("".join(json.dumps({"prompt": f"Say something {i}.", "chosen": "yes " * n,
                                         "rejected": "no " * max(1, n - 3)}) + "\n" for i, n in enumerate(words)))
     batches = Batches()
-    summary = run_training(load_config(config(tmp_path, tiny_model, str(path), {"name": method},
-                                              data={"max_length": 256}, training={"max_steps": 2})), callbacks=[batches], show_progress=False)
+    path = config(tmp_path, tiny_model, str(path), {"name": method}, data={"max_length": 256},
+                  training={"max_steps": 2})
+    summary = run_training(load_config(path), callbacks=[batches], show_progress=False)
     assert summary["status"] == "complete"
     dataset, collate = batches.loader.dataset, batches.loader.collate_fn
     lengths = dataset["length"]

@@ -560,9 +560,10 @@ def token_stats(cfg, kind: str, rows: list[dict], tokenizer) -> dict:
     KTO examples): their rendered lengths, capped at data.max_length. max_tokens is the longest; mean_tokens the
     length a sequence takes in its batch, since these trainers pad every sequence of a batch (both of a pair's) to
     the batch's longest: drawn at random (KTO, or training.group_by_length off), 1,000 hh-rlhf pairs in batches of 4
-    pad to 316 tokens against a mean of 179; pairs grouped by length (the default) pad to about their own length. Prompt rows (a method that generates): mean_tokens is the mean prompt; memory keeps counting the trained
-    prompt and completion at data.max_length (no max_tokens), and the step count is left to training.max_steps, since
-    a generating method's sampler repeats prompts.
+    pad to 316 tokens against a mean of 179; pairs grouped by length (the default) pad to about their own length.
+    Prompt rows (a method that generates): mean_tokens is the mean prompt; memory keeps counting the trained prompt
+    and completion at data.max_length (no max_tokens), and the step count is left to training.max_steps, since a
+    generating method's sampler repeats prompts.
     """
     from tunelab.data.build import sequence_lengths
 
