@@ -52,13 +52,14 @@ def grouped_pairs(config: Path) -> bool:
     the largest batch, the memory estimate's, but take longer than the epoch's mean step, the time estimate's."""
     from tunelab import methods
     from tunelab.config import read_config
+    from tunelab.methods.preference import groups_pairs
 
     cfg = read_config(str(config), [])
-    return methods.get(cfg.method.name).data == "preference" and cfg.training.group_by_length
+    return groups_pairs(methods.get(cfg.method.name).data, cfg.training)
 
 
-def measure(config: Path, steps: int, out: Path, overrides: tuple[str, ...] = ()) -> dict | str:
-    name = config.stem + ("-" + "-".join(o.split("=")[0].split(".")[-1] for o in overrides) if overrides else "")
+def measure(config: Path, steps: int, out: Path, overrides: tuple[str, ...] = (), suffix: str = "") -> dict | str:
+    name = config.stem + suffix
     # every step logged, so that each step's duration is on the run clock
     proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(config), f"training.max_steps={steps}",
                            "training.save_steps=100000", "training.logging_steps=1", f"output.dir={out}",
@@ -96,7 +97,7 @@ def main() -> int:
             if not isinstance(m, str) and grouped_pairs(config):
                 # time from a second run whose pairs are drawn at random, against its own estimate (which counts
                 # random batches); memory from the grouped run, whose first step holds the largest batch
-                drawn = measure(config.resolve(), a.steps, Path(tmp), ("training.group_by_length=false",))
+                drawn = measure(config.resolve(), a.steps, Path(tmp), ("training.group_by_length=false",), "-random")
                 if isinstance(drawn, str):
                     m = drawn
                 else:

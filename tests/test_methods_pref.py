@@ -8,6 +8,7 @@ reward. One marked test does DPO on real hh-rlhf pairs with the embedded model a
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 
@@ -240,7 +241,7 @@ def test_pairs_are_grouped_by_length_longest_batch_first(tmp_path, tiny_model, m
     less than pairs drawn at random (the estimate's padded_length), which the estimate then counts (grouped_length)."""
     from tunelab.estimate import grouped_length, padded_length
 
-    rng = __import__("random").Random(0)
+    rng = random.Random(0)
     path = tmp_path / "varied.jsonl"  # replies of 1 to 100 words: batches drawn at random pad to their longest
     words = [rng.randint(1, 100) for _ in range(64)]
     path.write_text("".join(json.dumps({"prompt": f"Say something {i}.", "chosen": "yes " * n,

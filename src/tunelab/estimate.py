@@ -566,6 +566,7 @@ def token_stats(cfg, kind: str, rows: list[dict], tokenizer) -> dict:
     generating method's sampler repeats prompts.
     """
     from tunelab.data.build import sequence_lengths
+    from tunelab.methods.preference import groups_pairs
 
     if not rows:
         return {}
@@ -584,10 +585,7 @@ def token_stats(cfg, kind: str, rows: list[dict], tokenizer) -> dict:
     if kind == "prompt":
         return {"mean_tokens": sum(flat) / len(flat)}
     longest, t = [max(row) for row in lengths], cfg.training
-    # pairs are grouped by length (methods/preference.pair_lengths) where training.group_by_length asks for it; KTO's
-    # examples are drawn in order or at random (methods/kto)
-    grouped = kind == "preference" and t.group_by_length
-    return {"mean_tokens": grouped_length(longest, t.batch_size, t.grad_accum) if grouped
+    return {"mean_tokens": grouped_length(longest, t.batch_size, t.grad_accum) if groups_pairs(kind, t)
             else padded_length(longest, t.batch_size), "max_tokens": max(flat), "num_samples": num_samples}
 
 

@@ -16,9 +16,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunelab.adapters import ADAPTERS
 from tunelab.errors import UserError
-from tunelab.methods.preference import PreferenceMethod, pair_trainer, reference, use_disabled_adapter_as_reference
+from tunelab.methods.preference import (PreferenceMethod, pair_trainer, precomputes_reference, reference,
+                                         use_disabled_adapter_as_reference)
 
 LossType = Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
                    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft"]
@@ -45,9 +45,8 @@ class DPO(PreferenceMethod):
 
     def late_reference_passes(self, opts: Config, ctx) -> int:
         """TRL's DPO trainer runs the reference after the policy's forward, unless its log-probs are precomputed
-        (precompute_ref_log_probs, by default with full fine-tuning: methods/preference.reference)."""
-        precompute = opts.precompute_ref_log_probs
-        return 0 if (ADAPTERS[ctx.adapter.type].trains_base if precompute is None else precompute) else 1
+        (precompute_ref_log_probs; by default with full fine-tuning: preference.precomputes_reference)."""
+        return 0 if precomputes_reference(ctx.adapter, opts.precompute_ref_log_probs) else 1
 
     def check(self, cfg, opts: Config, data) -> None:
         losses = opts.loss_type if isinstance(opts.loss_type, list) else [opts.loss_type]

@@ -46,9 +46,18 @@ def reference(cfg, precompute: bool | None) -> dict:
     copy of the model; precomputing the reference log-probs with the model itself before the first step avoids it
     (exact on resume too: they are computed at start-up, before the checkpoint's weights are restored).
     """
-    if precompute is None:
-        precompute = ADAPTERS[cfg.adapter.type].trains_base
-    return {"precompute_ref_log_probs": precompute}
+    return {"precompute_ref_log_probs": precomputes_reference(cfg.adapter, precompute)}
+
+
+def precomputes_reference(adapter, precompute: bool | None) -> bool:
+    """Whether the reference log-probs are computed once before training: as asked, else with full fine-tuning."""
+    return ADAPTERS[adapter.type].trains_base if precompute is None else precompute
+
+
+def groups_pairs(kind: str, training) -> bool:
+    """Whether a method's rows are pairs that pair_trainer groups by length (training.group_by_length); KTO's
+    examples keep the order its trainer needs, and prompts (GRPO, PPO) are drawn at random."""
+    return kind == "preference" and training.group_by_length
 
 
 def use_disabled_adapter_as_reference(trainer, cfg) -> None:
