@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tunelab import load_config
+from tunelab import load_config, methods
 from tunelab.errors import UserError
-from tunelab.estimate import CPU_RESIDENT_FACTOR, DEVICES, architecture, config_json, estimate
+from tunelab.estimate import CPU_RESIDENT_FACTOR, CPU_RUN_GROWTH, DEVICES, architecture, config_json, estimate
 from tunelab.estimate_time import CPU_HEAD_BACKWARD, CPU_HEAD_FLOPS, CPU_LAYER_PASS_FLOPS, CPU_OPTIMIZER_FLOPS
 
 from test_train import make_config
@@ -130,6 +130,29 @@ def test_full_finetune_qlora_checkpointing_and_budget(tmp_path, tiny_model):
 
     small = estimate(_cfg(tmp_path, tiny_model), "cpu", budget_gb=0.001, max_tokens=100, baseline_mb=0)
     assert small.fits is False and "does NOT fit" in small.report()
+
+
+def test_a_cpu_budget_is_met_by_the_whole_runs_peak(tmp_path, tiny_model):
+    """On CPU the heap grows over a run (CPU_RUN_GROWTH): `fits` and the memory plan take the whole run's peak, so a
+    budget the first steps fit but the run outgrows does not fit; a GPU's allocator peak is the first steps'."""
+    from tunelab.autoplan import plan
+
+    cfg = _cfg(tmp_path, tiny_model, training={"gradient_checkpointing": "auto"})
+    est = estimate(cfg, "cpu", max_tokens=100, baseline_mb=0)
+    assert est.run_peak_mb == pytest.approx(est.total_mb * CPU_RUN_GROWTH) and CPU_RUN_GROWTH > 1
+    between = (est.total_mb + est.run_peak_mb) / 2
+    assert estimate(cfg, "cpu", budget_gb=between / 1024, max_tokens=100, baseline_mb=0).fits is False
+    assert f"over a whole run up to ~{est.run_peak_mb:,.0f} MB" in est.report()
+    assert estimate(cfg, "cpu", budget_gb=est.run_peak_mb * 1.01 / 1024, max_tokens=100, baseline_mb=0).fits
+    gpu = estimate(cfg, "h100", max_tokens=100)
+    assert gpu.run_peak_mb == gpu.total_mb and "over a whole run" not in gpu.report()
+
+    method, opts = methods.options(cfg)
+    stats = {"max_tokens": 100, "baseline_mb": 0}
+    fast = plan(cfg, method, opts, stats, device="cpu", budget_mb=1e9)
+    assert not fast.gradient_checkpointing and fast.estimate_mb == pytest.approx(est.run_peak_mb)
+    # the first steps' peak fits, the whole run's does not: checkpointing is chosen
+    assert plan(cfg, method, opts, stats, device="cpu", budget_mb=between).gradient_checkpointing
 
 
 def test_a_cpu_step_reaches_a_share_of_the_probe_set_by_what_runs_its_matmuls(tmp_path, tiny_model, monkeypatch):

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from tunelab import distributed
 from tunelab.estimate import MB, estimate, lean_loss_possible, local_device, per_process
 
-# Share of the free memory the estimate may fill: the allocator's fragmentation and the estimate's own error
-# (within ~20% of the measured peak, benchmarks/RESULTS.md) need the rest.
+# Share of the free memory the estimate may fill: the estimate's own error (within ~20% of the measured peak,
+# benchmarks/RESULTS.md) needs the rest. The estimate compared is of a whole run (Estimate.run_peak_mb: on CPU the
+# heap's growth over a run included).
 HEADROOM = 0.85
 
 
@@ -85,7 +86,7 @@ def plan(cfg, method, opts, stats: dict, device: str | None = None, budget_mb: f
     for g, lean, o in candidates:
         # per process: what the strategy shards across the job's processes is divided among them
         total = per_process(estimate(cfg, device, gradient_checkpointing=g, lean_loss=lean, activation_offloading=o,
-                                     **stats), cfg.distributed, distributed.world_size()).total_mb
+                                     **stats), cfg.distributed, distributed.world_size()).run_peak_mb
         sizes.append(total)
         if budget_mb is None or total <= budget_mb:
             break
@@ -96,13 +97,14 @@ def plan(cfg, method, opts, stats: dict, device: str | None = None, budget_mb: f
     if budget_mb is None:
         reason = f"{chosen} (free memory unknown: the fastest settings)"
     elif total <= budget_mb and len(sizes) == 1:
-        reason = f"{chosen}: the fastest settings fit ({total:,.0f} MB estimated, {budget_mb:,.0f} MB budget)"
+        reason = (f"{chosen}: the fastest settings fit ({total:,.0f} MB estimated over the run, {budget_mb:,.0f} MB "
+                  "budget)")
     elif total <= budget_mb:
         reason = (f"{chosen}: the faster settings need {sizes[0]:,.0f} MB, over the {budget_mb:,.0f} MB budget; "
                   f"these need {total:,.0f} MB")
     else:
-        reason = (f"{chosen}: does NOT fit even so ({total:,.0f} MB estimated, {budget_mb:,.0f} MB budget); lower "
-                  "training.batch_size or data.max_length, or use quantization.bits=4")
+        reason = (f"{chosen}: does NOT fit even so ({total:,.0f} MB estimated over the run, {budget_mb:,.0f} MB "
+                  "budget); lower training.batch_size or data.max_length, or use quantization.bits=4")
     return Plan(gradient_checkpointing=g, lean_loss=lean, estimate_mb=total, budget_mb=budget_mb, reason=reason,
                 activation_offloading=o)
 

@@ -353,7 +353,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
     }
     if est is not None:
         summary["memory_estimate"] = {**est.to_dict(), "measured_peak_mb": summary["peak_memory_mb"],
-                                      "measured_over_estimate": round(summary["peak_memory_mb"] / est.total_mb, 3)}
+                                      "measured_over_estimate": round(summary["peak_memory_mb"] / est.total_mb, 3),
+                                      "measured_over_run_peak": round(summary["peak_memory_mb"] / est.run_peak_mb, 3)}
     losses = [r["loss"] for r in rows if "loss" in r]
     if losses:
         summary["first_loss"], summary["last_loss"] = losses[0], losses[-1]
