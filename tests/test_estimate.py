@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,8 @@ import pytest
 
 from tunelab import load_config, methods
 from tunelab.errors import UserError
-from tunelab.estimate import CPU_RESIDENT_FACTOR, CPU_RUN_GROWTH, DEVICES, architecture, config_json, estimate
+from tunelab.estimate import (CPU_RESIDENT_FACTOR, CPU_RUN_GROWTH, DEVICES, JEMALLOC_RUN_GROWTH, architecture,
+                              config_json, estimate)
 from tunelab.estimate_time import CPU_HEAD_BACKWARD, CPU_HEAD_FLOPS, CPU_LAYER_PASS_FLOPS, CPU_OPTIMIZER_FLOPS
 
 from test_train import make_config
@@ -153,6 +155,18 @@ def test_a_cpu_budget_is_met_by_the_whole_runs_peak(tmp_path, tiny_model):
     assert not fast.gradient_checkpointing and fast.estimate_mb == pytest.approx(est.run_peak_mb)
     # the first steps' peak fits, the whole run's does not: checkpointing is chosen
     assert plan(cfg, method, opts, stats, device="cpu", budget_mb=between).gradient_checkpointing
+
+
+JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+
+
+@pytest.mark.skipif(not JEMALLOC.exists(), reason="jemalloc not installed (Debian: apt install libjemalloc2)")
+def test_a_process_on_jemalloc_expects_less_growth_over_a_run():
+    code = "from tunelab.estimate import cpu_run_growth; print(cpu_run_growth())"
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    je = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                        env={**os.environ, "LD_PRELOAD": str(JEMALLOC)})
+    assert float(plain.stdout) == CPU_RUN_GROWTH and float(je.stdout) == JEMALLOC_RUN_GROWTH < CPU_RUN_GROWTH
 
 
 def test_a_cpu_step_reaches_a_share_of_the_probe_set_by_what_runs_its_matmuls(tmp_path, tiny_model, monkeypatch):

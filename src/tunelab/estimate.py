@@ -120,6 +120,17 @@ CPU_RESIDENT_FACTOR = 1.65
 # sum by this factor on CPU, and the memory plan and `fits` use that, since a run that outgrows memory late fails as
 # surely as one that does at its first step (benchmarks/RESULTS.md "A whole run's memory on CPU").
 CPU_RUN_GROWTH = 1.45
+# A process on jemalloc (LD_PRELOAD) holds far less: the quickstart 1.22, configs/qa/qlora.yaml 1.01 (glibc: 1.37).
+JEMALLOC_RUN_GROWTH = 1.22
+
+
+def cpu_run_growth() -> float:
+    """This process' CPU_RUN_GROWTH: JEMALLOC_RUN_GROWTH where jemalloc is loaded into it (Linux /proc)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return JEMALLOC_RUN_GROWTH if "libjemalloc" in f.read() else CPU_RUN_GROWTH
+    except OSError:
+        return CPU_RUN_GROWTH
 
 
 @dataclass
@@ -183,7 +194,7 @@ class Estimate:
                  f"  {self.params / 1e6:.1f}M params in {self.weight_dtype}, {self.trainable / 1e6:.2f}M trainable; "
                  f"largest batch {self.peak_tokens} tokens",
                  *([f"  over a whole run up to ~{self.run_peak_mb:,.0f} MB (x{self.run_growth:g}: on CPU the heap "
-                    "grows as batches change shape)"] if self.run_growth != 1 else []),
+                    "grows as batches change shape; less with jemalloc)"] if self.run_growth != 1 else []),
                  f"  time: {self.flops_per_step / 1e12:.2f} TFLOP per step; peak: {self.peak_source} at "
                  f"{self.peak_flops / 1e12:.3g} TFLOP/s; ~{_duration(self.seconds_per_step)} per step" +
                  (f" (generating ~{_duration(self.generation_seconds_per_step)})"
@@ -480,7 +491,8 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
                     budget_gb=budget_gb, layers=L,
                     price_per_hour=dev["price_per_hour"] if price_per_hour is None else price_per_hour,
                     price_is_default=price_per_hour is None, peak_flops=peak, peak_source=peak_source, mfu=mfu,
-                    generation_seconds_per_step=generation, run_growth=1.0 if gpu else CPU_RUN_GROWTH)
+                    generation_seconds_per_step=generation,
+                    run_growth=1.0 if gpu else cpu_run_growth() if here else CPU_RUN_GROWTH)
 
 
 def per_process(est: Estimate, dcfg, nproc: int) -> Estimate:
