@@ -22,7 +22,9 @@ Memory is the sum of parts, each a plain formula below:
   runtime      CPU: the process' own resident memory before the model loads (Python, torch, the tokenized data), since
                the run's peak is measured as the process high-water mark; GPU: 0 (the allocator peak excludes it)
 
-On CPU the activations are scaled by CPU_RESIDENT_FACTOR (resident memory exceeds the live tensors).
+On CPU the activations are scaled by CPU_RESIDENT_FACTOR (resident memory exceeds the live tensors). The sum is the
+peak of a run's first steps; on CPU the peak over a whole run is that times CPU_RUN_GROWTH (Estimate.run_peak_mb),
+which budgets are compared with.
 The per-token activation coefficients were measured with `torch.autograd.graph.saved_tensors_hooks` on SmolLM2-135M
 (Llama layout) on CPU: bf16 autocast over float32 weights keeps ~5.5 bytes per element of the linear layers' inputs
 (6·hidden + intermediate per token and layer), LoRA dropout adds ~4 more (its float32 output), and a float32 or bf16
@@ -183,8 +185,7 @@ class Estimate:
         d = asdict(self)
         d["memory_mb"] = {k: round(v, 1) for k, v in self.memory_mb.items()}
         d.update(total_mb=round(self.total_mb, 1), run_peak_mb=round(self.run_peak_mb, 1), fits=self.fits,
-                 cost_per_step=self.cost_per_step,
-                 cost_total=self.cost_total)
+                 cost_per_step=self.cost_per_step, cost_total=self.cost_total)
         return d
 
     def report(self) -> str:
