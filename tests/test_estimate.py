@@ -162,11 +162,17 @@ JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
 
 @pytest.mark.skipif(not JEMALLOC.exists(), reason="jemalloc not installed (Debian: apt install libjemalloc2)")
 def test_a_process_on_jemalloc_expects_less_growth_over_a_run():
-    code = "from tunelab.estimate import cpu_run_growth; print(cpu_run_growth())"
+    """...and the report says which allocator its whole-run figure is for."""
+    code = ("from tunelab.estimate import Estimate, cpu_run_growth\n"
+            "est = Estimate('cpu', 'bfloat16', 1, 1, 1, 1, memory_mb={'weights': 100}, run_growth=cpu_run_growth())\n"
+            "print(cpu_run_growth()); print(next(l for l in est.report().splitlines() if 'whole run' in l))")
     plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     je = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                         env={**os.environ, "LD_PRELOAD": str(JEMALLOC)})
-    assert float(plain.stdout) == CPU_RUN_GROWTH and float(je.stdout) == JEMALLOC_RUN_GROWTH < CPU_RUN_GROWTH
+    (plain_growth, plain_line), (je_growth, je_line) = plain.stdout.splitlines(), je.stdout.splitlines()
+    assert float(plain_growth) == CPU_RUN_GROWTH and float(je_growth) == JEMALLOC_RUN_GROWTH < CPU_RUN_GROWTH
+    assert "less with jemalloc" in plain_line and f"~{100 * CPU_RUN_GROWTH:,.0f} MB" in plain_line
+    assert "jemalloc is loaded" in je_line and f"~{100 * JEMALLOC_RUN_GROWTH:,.0f} MB" in je_line
 
 
 def test_a_cpu_step_reaches_a_share_of_the_probe_set_by_what_runs_its_matmuls(tmp_path, tiny_model, monkeypatch):
