@@ -12,8 +12,8 @@ import pytest
 
 from tunelab import load_config, methods
 from tunelab.errors import UserError
-from tunelab.estimate import (CPU_RESIDENT_FACTOR, CPU_RUN_GROWTH, DEVICES, JEMALLOC_RUN_GROWTH, architecture,
-                              config_json, estimate)
+from tunelab.estimate import (CPU_CHECKPOINT_KEPT, CPU_RESIDENT_FACTOR, CPU_RUN_GROWTH, DEVICES, JEMALLOC_RUN_GROWTH,
+                              architecture, config_json, estimate)
 from tunelab.estimate_time import CPU_HEAD_BACKWARD, CPU_HEAD_FLOPS, CPU_LAYER_PASS_FLOPS, CPU_OPTIMIZER_FLOPS
 
 from test_train import make_config
@@ -125,8 +125,8 @@ def test_full_finetune_qlora_checkpointing_and_budget(tmp_path, tiny_model):
     plain = estimate(_cfg(tmp_path, tiny_model), "cpu", max_tokens=100, baseline_mb=0)
     ckpt = estimate(_cfg(tmp_path, tiny_model, training={"gradient_checkpointing": True}), "cpu", max_tokens=100,
                     baseline_mb=0)
-    assert ckpt.memory_mb["activations"] == pytest.approx(400 * (L * H * 4 + 8 * (6 * H + I)) * CPU_RESIDENT_FACTOR
-                                                          / MB)
+    kept = L * H * 4 * CPU_CHECKPOINT_KEPT  # each layer's input, and what a CPU run holds besides it (measured)
+    assert ckpt.memory_mb["activations"] == pytest.approx(400 * (kept + 8 * (6 * H + I)) * CPU_RESIDENT_FACTOR / MB)
     assert ckpt.memory_mb["activations"] < plain.memory_mb["activations"]
     assert ckpt.flops_per_step > plain.flops_per_step  # the forward runs twice
 
@@ -157,6 +157,28 @@ def test_a_cpu_budget_is_met_by_the_whole_runs_peak(tmp_path, tiny_model):
     assert plan(cfg, method, opts, stats, device="cpu", budget_mb=between).gradient_checkpointing
 
 
+def test_preference_methods_holding_logits_budget_their_own_growth_over_a_cpu_run(tmp_path, tiny_model):
+    """DPO, ORPO, SimPO and KTO hold pairs' full logits, and their heap on CPU grows more over a run: the whole-run
+    peak takes their declared factor (Method.cpu_run_growth), so a budget that CPU_RUN_GROWTH's figure would fit gets
+    gradient checkpointing; the reward model's score head keeps the default."""
+    from tunelab.autoplan import plan
+
+    for name in ("dpo", "orpo", "simpo", "kto"):
+        cfg = _cfg(tmp_path, tiny_model, method={"name": name}, training={"gradient_checkpointing": "auto"})
+        declared = methods.get(name).cpu_run_growth
+        est = estimate(cfg, "cpu", max_tokens=100, baseline_mb=0)
+        assert declared > CPU_RUN_GROWTH and est.run_peak_mb == pytest.approx(est.total_mb * declared)
+        assert f"(x{declared:g}: on CPU" in est.report()
+        method, opts = methods.options(cfg)
+        stats = {"max_tokens": 100, "baseline_mb": 0}
+        default_fits = est.total_mb * (CPU_RUN_GROWTH + declared) / 2  # the default factor's whole run fits this
+        assert plan(cfg, method, opts, stats, device="cpu", budget_mb=default_fits).gradient_checkpointing, name
+        assert not plan(cfg, method, opts, stats, device="cpu", budget_mb=est.run_peak_mb * 1.01).gradient_checkpointing
+        assert estimate(cfg, "h100", max_tokens=100).run_growth == 1  # a GPU's allocator: no growth
+    reward = estimate(_cfg(tmp_path, tiny_model, method={"name": "reward"}), "cpu", max_tokens=100, baseline_mb=0)
+    assert methods.get("reward").cpu_run_growth is None and reward.run_growth == CPU_RUN_GROWTH
+
+
 JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
 
 
@@ -173,6 +195,21 @@ def test_a_process_on_jemalloc_expects_less_growth_over_a_run():
     assert float(plain_growth) == CPU_RUN_GROWTH and float(je_growth) == JEMALLOC_RUN_GROWTH < CPU_RUN_GROWTH
     assert "less with jemalloc" in plain_line and f"~{100 * CPU_RUN_GROWTH:,.0f} MB" in plain_line
     assert "jemalloc is loaded" in je_line and f"~{100 * JEMALLOC_RUN_GROWTH:,.0f} MB" in je_line
+
+
+@pytest.mark.skipif(not JEMALLOC.exists(), reason="jemalloc not installed (Debian: apt install libjemalloc2)")
+def test_checkpointing_on_cpu_counts_what_glibcs_heap_keeps_and_jemalloc_does_not(tmp_path, tiny_model):
+    """With gradient checkpointing glibc's heap holds the layers' freed intermediates (CPU_CHECKPOINT_KEPT vectors a
+    token and layer counted); a process on jemalloc counts the layers' inputs alone."""
+    path = make_config(tmp_path, tiny_model, "unused.jsonl", training={"gradient_checkpointing": True})
+    code = ("import sys; from tunelab import load_config; from tunelab.estimate import estimate\n"
+            "print(estimate(load_config(sys.argv[1]), 'cpu', max_tokens=100, baseline_mb=0).memory_mb['activations'])")
+    plain_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    glibc, je = (float(subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                                      check=True, env={**plain_env, **env}).stdout)
+                 for env in ({}, {"LD_PRELOAD": str(JEMALLOC)}))
+    layer_inputs = 400 * L * H * 4 * CPU_RESIDENT_FACTOR / MB  # batch 4 x 100 tokens, float32
+    assert CPU_CHECKPOINT_KEPT > 1 and glibc - je == pytest.approx(layer_inputs * (CPU_CHECKPOINT_KEPT - 1))
 
 
 def test_a_cpu_step_reaches_a_share_of_the_probe_set_by_what_runs_its_matmuls(tmp_path, tiny_model, monkeypatch):

@@ -10,7 +10,8 @@ Memory is the sum of parts, each a plain formula below:
   optimizer    bytes per trainable parameter by optimizer (AdamW 8, 8-bit AdamW 2, SGD 0)
   activations  tensors the backward pass keeps, per token and layer, times the largest batch (batch x longest sample;
                two sequences a row for DPO/ORPO/SimPO/reward, which run chosen and rejected in one forward);
-               with gradient checkpointing only each layer's input is kept, plus one layer recomputed
+               with gradient checkpointing each layer's input (on CPU with glibc's allocator CPU_CHECKPOINT_KEPT
+               hidden-sized vectors a token, as measured), plus one layer recomputed
   autocast     where a float32 base runs under bf16 autocast on CPU (full fine-tuning, IA3, prompt learning, GRPO), the
                bf16 copy of every matmul weight kept for backward (a LoRA/DoRA base loads in bf16: models.base_dtype)
   loss         logits of the positions the loss scores (preference methods: every position's, as TRL computes them;
@@ -23,8 +24,8 @@ Memory is the sum of parts, each a plain formula below:
                the run's peak is measured as the process high-water mark; GPU: 0 (the allocator peak excludes it)
 
 On CPU the activations are scaled by CPU_RESIDENT_FACTOR (resident memory exceeds the live tensors). The sum is the
-peak of a run's first steps; on CPU the peak over a whole run is that times CPU_RUN_GROWTH (Estimate.run_peak_mb),
-which budgets are compared with.
+peak of a run's first steps; on CPU the peak over a whole run is that times CPU_RUN_GROWTH or the method's own
+factor (Estimate.run_peak_mb), which budgets are compared with.
 The per-token activation coefficients were measured with `torch.autograd.graph.saved_tensors_hooks` on SmolLM2-135M
 (Llama layout) on CPU: bf16 autocast over float32 weights keeps ~5.5 bytes per element of the linear layers' inputs
 (6·hidden + intermediate per token and layer), LoRA dropout adds ~4 more (its float32 output), and a float32 or bf16
@@ -113,29 +114,42 @@ COMPUTE_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # th
 # seed changed that. The factor on the activations kept for backward (1,430 MB there) puts the estimate between the
 # lowest and the highest (0.83 and 1.15 of it).
 CPU_RESIDENT_FACTOR = 1.65
+# With gradient checkpointing, glibc's heap keeps far more than the layers' inputs: each layer's intermediates are
+# freed in the forward and made again in the backward's recompute, and the heap holds the freed blocks. Five CPU
+# configs with checkpointing (float32, a 2-core AVX2 EPYC, first 3 steps) peaked at 1.36-1.88 of the estimate that
+# counted one hidden-sized vector a token and layer; this many, under CPU_RESIDENT_FACTOR, puts them at 0.94-1.11. On
+# jemalloc the quickstart with checkpointing peaked at 1.02 of the one-vector estimate, so a process on jemalloc
+# counts one (benchmarks/RESULTS.md, "Gradient checkpointing on CPU"). Not yet measured with bf16 autocast.
+CPU_CHECKPOINT_KEPT = 7
 
 # The parts above are of the peak of a run's first steps (what benchmarks/estimate_accuracy.py measures). Over a whole
 # run on CPU the resident peak keeps growing for a while, as glibc's heap holds freed blocks that batches of other
 # shapes do not reuse: the quickstart's is ~2,100 MB after its first step, ~2,900 MB after 56 steps, and its
 # high-water mark 3,120-3,200 MB, 1.42-1.46 of its 2,201 MB estimate (three runs); reward-hh's over an epoch 1.20-1.25,
-# DPO's (hh-rlhf, 400 pairs) 1.51, its first steps already 1.20 of the estimate; full fine-tuning 1.05, GRPO 1.13.
-# The same quickstart with jemalloc (LD_PRELOAD) peaks at 2,669 MB at the same speed. Estimate.run_peak_mb scales the
-# sum by this factor on CPU (the highest ratio measured, with a little room), and the memory plan and `fits` use that,
-# since a run that outgrows memory late fails as surely as one that does at its first step (benchmarks/RESULTS.md
-# "A whole run's memory on CPU").
+# full fine-tuning 1.05, GRPO 1.13, distillation 1.24, PPO 1.38. The same quickstart with jemalloc (LD_PRELOAD) peaks
+# at 2,669 MB at the same speed. Estimate.run_peak_mb scales the sum by this factor on CPU (the highest ratio measured,
+# with a little room), and the memory plan and `fits` use that, since a run that outgrows memory late fails as surely
+# as one that does at its first step (benchmarks/RESULTS.md "A whole run's memory on CPU"). The preference methods that
+# hold pairs' full logits grow more (DPO 1.51, ORPO 1.64) and declare their own (Method.cpu_run_growth).
 CPU_RUN_GROWTH = 1.55
 # A process on jemalloc (LD_PRELOAD) holds far less: the quickstart 1.22, configs/qa/qlora.yaml 1.01 (glibc: 1.37),
 # the DPO run above 1.06 (same losses, same speed).
 JEMALLOC_RUN_GROWTH = 1.22
 
 
-def cpu_run_growth() -> float:
-    """This process' CPU_RUN_GROWTH: JEMALLOC_RUN_GROWTH where jemalloc is loaded into it (Linux /proc)."""
+def jemalloc_loaded() -> bool:
+    """Whether jemalloc is this process' allocator (LD_PRELOAD; Linux /proc names it)."""
     try:
         with open("/proc/self/maps") as f:
-            return JEMALLOC_RUN_GROWTH if "libjemalloc" in f.read() else CPU_RUN_GROWTH
+            return "libjemalloc" in f.read()
     except OSError:
-        return CPU_RUN_GROWTH
+        return False
+
+
+def cpu_run_growth(glibc: float = CPU_RUN_GROWTH) -> float:
+    """This process' whole-run growth on CPU: JEMALLOC_RUN_GROWTH where jemalloc is loaded into it, else `glibc` (a
+    method's own, Method.cpu_run_growth, or CPU_RUN_GROWTH)."""
+    return JEMALLOC_RUN_GROWTH if jemalloc_loaded() else glibc
 
 
 @dataclass
@@ -159,7 +173,8 @@ class Estimate:
     peak_source: str = ""  # where peak_flops comes from: "<device> data sheet", "CPU bf16 matmul measured", "given"
     mfu: float = 0.0  # the share of peak_flops a step's work runs at (DEVICES; on this CPU by what runs its matmuls)
     generation_seconds_per_step: float = 0.0  # of seconds_per_step, the time sampling takes (GRPO, PPO)
-    run_growth: float = 1.0  # a whole run's peak over the first steps' (CPU: CPU_RUN_GROWTH; a GPU's allocator: 1)
+    # a whole run's peak over the first steps' (CPU: Method.cpu_run_growth or CPU_RUN_GROWTH; a GPU's allocator: 1)
+    run_growth: float = 1.0
 
     @property
     def cost_per_step(self) -> float:
@@ -395,7 +410,8 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
     # ahead: the device holds about two layers' worth, the one computing and the one in flight (unmeasured on a GPU).
     kept_layers = 2 if activation_offloading else L
     if gradient_checkpointing:  # each layer's input kept, one layer's activations alive during recompute
-        act = peak_tokens * (kept_layers * h * stream_bytes + per_token_layer)
+        kept = 1 if gpu or (here and jemalloc_loaded()) else CPU_CHECKPOINT_KEPT
+        act = peak_tokens * (kept_layers * h * stream_bytes * kept + per_token_layer)
     else:
         act = peak_tokens * min(kept_layers, L) * per_token_layer
     if not gpu:
@@ -488,6 +504,7 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
     seconds = (flops * step_slow + frozen_flops * frozen_slow + cpu_flops) / (peak * mfu) + generation
     flops += frozen_flops
     steps = training_steps(cfg, num_samples)
+    glibc = method.cpu_run_growth or CPU_RUN_GROWTH  # the whole run's growth on CPU, on glibc's heap
     if budget_gb is None and dev["memory_gb"]:
         budget_gb = dev["memory_gb"]
     return Estimate(device=device, weight_dtype=f"{wdtype}" + (f" + {q.bits}-bit linear" if q.bits else ""),
@@ -497,7 +514,7 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
                     price_per_hour=dev["price_per_hour"] if price_per_hour is None else price_per_hour,
                     price_is_default=price_per_hour is None, peak_flops=peak, peak_source=peak_source, mfu=mfu,
                     generation_seconds_per_step=generation,
-                    run_growth=1.0 if gpu else cpu_run_growth() if here else CPU_RUN_GROWTH)
+                    run_growth=1.0 if gpu else cpu_run_growth(glibc) if here else glibc)
 
 
 def per_process(est: Estimate, dcfg, nproc: int) -> Estimate:

@@ -82,6 +82,9 @@ class Method:
     loss_head: ClassVar[str] = "chunked"
     # its trainer can move the activations kept for backward to CPU memory (TRL's SFTConfig.activation_offloading)
     activation_offloading: ClassVar[bool] = False
+    # how far its resident memory on CPU grows over a whole run past the first steps' (the estimate's run_peak_mb,
+    # on glibc's allocator); None: estimate.CPU_RUN_GROWTH
+    cpu_run_growth: ClassVar[float | None] = None
     # the distributed.strategy values it trains under on several processes (a Trainer that accelerate wraps); any
     # other is refused under --nproc / torchrun before anything loads
     strategies: ClassVar[tuple[str, ...]] = ("ddp", "fsdp", "deepspeed")

@@ -17,6 +17,11 @@ class PreferenceMethod(Method):
     # what TRL's preference trainers report at evaluation besides the loss: the implicit rewards (eval_rewards/
     # accuracies, margins, ...), log-probs and mean logits of the chosen and rejected replies, and their own extras
     reported: tuple[str, ...] = ("eval_loss", "eval_rewards/", "eval_logps/", "eval_logits/")
+    # On CPU their resident peak over a whole run outgrows the others' (estimate.CPU_RUN_GROWTH): the full logits of
+    # pairs of changing lengths leave glibc's heap with more freed blocks it keeps, and their first steps already run
+    # ~1.2 over the estimate. Measured over hh-rlhf in bf16 (benchmarks/RESULTS.md, "A whole run's memory on CPU"):
+    # ORPO 1.64 of the estimate, DPO 1.51 (a float32 SimPO run: 1.07).
+    cpu_run_growth = 1.70
 
     def eval_metrics(self, opts) -> tuple[str, ...]:
         return self.reported

@@ -50,6 +50,8 @@ class Reward(PreferenceMethod):
     merge_final = True
     # the score head trains in full next to the adapter, so the base stays float32 on CPU (models.base_dtype)
     float32_base = True
+    # its one-score head holds no logits: a whole run on CPU grows as an SFT run's (1.20-1.25 over hh-rlhf)
+    cpu_run_growth = None
     # final/ is a plain sequence-classification model: only adapters that merge into the weights fit (and PEFT's
     # prefix tuning needs a KV cache the classification head's forward does not keep)
     adapters = tuple(name for name, a in ADAPTERS.items() if a.mergeable or a.trains_base)
