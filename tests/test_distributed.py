@@ -47,6 +47,39 @@ def train(path, *extra, env=None, check=True):
     return out
 
 
+STAGING_AT_TRAIN_END = """
+import sys, time
+from pathlib import Path
+from tunelab import distributed, runs
+
+run = runs.Run(Path(sys.argv[1]))
+distributed.barrier()  # both processes are up
+if distributed.is_main():
+    time.sleep(1.5)  # rank 0 is the slower one: it also writes the metrics and the plots
+    # what the Trainer does on every process just before on_train_end: list .staging/'s checkpoints
+    print("listed", len(list(run.staging.glob("checkpoint-*"))), flush=True)
+runs.AtomicCheckpoints(run, None).on_train_end(None, None, None)
+"""
+
+
+def test_no_process_deletes_the_staging_folder_while_another_still_lists_it(tmp_path):
+    """Each process lists .staging/ at the end of training (the Trainer's sort_checkpoints) and then runs
+    on_train_end; a process that deleted it while another listed it made Path.glob raise in that one (a two-process
+    PPO run died that way). Rank 0 deletes it, after both have listed it."""
+    from tunelab.distributed import _free_port
+
+    run = tmp_path / "run"
+    (run / ".staging" / "checkpoint-2").mkdir(parents=True)
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    procs = [subprocess.Popen([sys.executable, "-c", STAGING_AT_TRAIN_END, str(run)], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "listed 1" in outs[0][0]  # rank 1 had not deleted it under rank 0's listing
+    assert not (run / ".staging").exists()  # and it is gone once training has ended
+
+
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory, tiny_model, tiny_chat_data) -> Path:
     """The reference run: one process, batch 8."""
@@ -621,6 +654,25 @@ def test_ppo_under_two_processes_rolls_out_each_share_and_logs_the_mean_over_bot
     assert evaluated["eval_reward"] == pytest.approx(sum(scores) / len(scores), abs=1e-5)
     assert (run / "final" / "adapter_model.safetensors").is_file()
     assert (run / "final" / "value_head.safetensors").is_file()
+
+
+def reward_failing_on_rank_1(prompts, completions, **kwargs):
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("this reward broke on rank 1")
+    return [0.0] * len(completions)
+
+
+@pytest.mark.slow  # a two-process job, about a minute here
+def test_a_process_that_crashes_ends_the_job_and_its_traceback_closes_the_output(tmp_path, tiny_model, method_data):
+    """The job's failure summary (the last lines a user sees) names the failing process's error, not only its exit
+    code: each process records its traceback for the launcher."""
+    path = write_config(tmp_path, tiny_model, method_data["prompts"], "crash", batch_size=4, max_steps=1,
+                        method={"name": "ppo", "rewards": [f"{__file__}:reward_failing_on_rank_1"],
+                                "max_completion_length": 4})
+    out = train(path, "--nproc", "2", check=False)
+    assert out.returncode != 0
+    tail = out.stderr[-3000:]
+    assert "Root Cause" in tail and "RuntimeError: this reward broke on rank 1" in tail, tail
 
 
 @pytest.mark.slow  # two two-process PPO jobs and a SIGKILL

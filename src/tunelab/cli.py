@@ -274,12 +274,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import logging
 
-    from tunelab.errors import UserError
-
     # bitsandbytes warns at import on CPUs with AVX512-BF16 that an optional hub kernel is missing; the built-in
     # kernel is used instead, so the warning is noise in front of every command's output.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     module_name, func_name = args._target.split(":")
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        # one process of a torchrun job: a crash's traceback goes to the launcher's error file, so the job's failure
+        # summary shows it under "Root Cause" (the failing rank's error, not only its exit code) at the end of stderr
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(_call)(module_name, func_name, args)
+    return _call(module_name, func_name, args)
+
+
+def _call(module_name: str, func_name: str, args) -> int:
+    from tunelab.errors import UserError
+
     try:
         func = getattr(importlib.import_module(module_name), func_name)
         return int(func(args) or 0)

@@ -314,8 +314,12 @@ class AtomicCheckpoints(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kw):
         # TRL writes a model card into output_dir (.staging/) at every checkpoint ("Model Card for .staging"); what is
-        # left there after training is never part of the run (complete checkpoints were moved out as they were saved)
-        shutil.rmtree(self.run.staging, ignore_errors=True)
+        # left there after training is never part of the run (complete checkpoints were moved out as they were saved).
+        # Several processes: the Trainer lists .staging/'s checkpoints on every process just before this callback, and
+        # a listing of a folder deleted meanwhile raises (Path.glob); so all have listed it before rank 0 alone deletes.
+        distributed.barrier()
+        if distributed.is_main():
+            shutil.rmtree(self.run.staging, ignore_errors=True)
 
     def on_train_begin(self, args, state, control, **kw):
         # A resumed state may name the best checkpoint by its staging path; point it at the real one.
