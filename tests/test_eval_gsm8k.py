@@ -32,14 +32,14 @@ def test_evaluate_tiny_model(tiny_model):
 
 
 @pytest.mark.e2e
-def test_embedded_model_on_20_gsm8k_questions(embedded_model):
+def test_embedded_model_on_10_gsm8k_questions(embedded_model):
     from tunelab.models import load_for_inference
 
     model, tok = load_for_inference(embedded_model)
-    rows = [r.data for r in read_source("bundled:gsm8k/test")[:20]]
-    res = gsm8k.evaluate(model, tok, rows, batch_size=20, max_new_tokens=200)
-    print(f"\nembedded SmolLM2-135M zero-shot GSM8K (20): accuracy={res['accuracy']:.2f} "
+    rows = [r.data for r in read_source("bundled:gsm8k/test")[:10]]
+    res = gsm8k.evaluate(model, tok, rows, batch_size=10, max_new_tokens=200)
+    print(f"\nembedded SmolLM2-135M zero-shot GSM8K (10): accuracy={res['accuracy']:.2f} "
           f"format={res['format_rate']:.2f}")
-    assert res["n"] == 20
+    assert res["n"] == 10
     assert all(ex["output"].strip() for ex in res["examples"])  # it answers every question
-    assert sum(ex["pred"] is not None for ex in res["examples"]) >= 15  # and states a number nearly always
+    assert sum(ex["pred"] is not None for ex in res["examples"]) >= 7  # and states a number nearly always

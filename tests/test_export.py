@@ -168,7 +168,7 @@ def test_gguf_f32_round_trip_logits_and_tokenizer(merged, tmp_path, capsys):
     assert all(gtok.decode(gtok.encode(t)) == t for t in TOKENIZER_TEXTS)
 
 
-@pytest.mark.parametrize("qtype,tol", [("q8_0", 0.08), ("q4_0", 0.75)])
+@pytest.mark.parametrize("qtype,tol", [("q8_0", 0.08), pytest.param("q4_0", 0.75, marks=pytest.mark.slow)])
 def test_gguf_quantized_within_tolerance(merged, tmp_path, qtype, tol):
     """A quantized file matches the source with the same rounding applied exactly, and the source within budget."""
     import gguf
