@@ -23,11 +23,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
-def build_tiny_model(path: Path, arch: str = "llama", seed: int = 0) -> Path:
+def build_tiny_model(path: Path, arch: str = "llama", seed: int = 0, tokenizer: Path = ASSETS / "tokenizer") -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
+    tok = AutoTokenizer.from_pretrained(tokenizer)
     cfg = AutoConfig.for_model(
         arch, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -44,6 +44,38 @@ def build_tiny_model(path: Path, arch: str = "llama", seed: int = 0) -> Path:
 def tiny_model(tmp_path_factory) -> str:
     """Directory of a tiny random Llama with SmolLM2's tokenizer and chat template."""
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama")))
+
+
+def write_small_vocab_tokenizer(path: Path, n: int = 1024) -> Path:
+    """SmolLM2's tokenizer cut to its first `n` tokens (the specials, the 256 bytes, the earliest merges) and the
+    merges whose parts and result stay inside them: still a byte-level BPE with SmolLM2's specials, chat template and
+    pre-tokenizer, so any text tokenizes, in more pieces.
+
+    For the GGUF tests: gguf's reader walks every token and merge of a file in Python, seconds per read for 49,152
+    tokens, and an export reads its file back several times (transformers' tokenizer, config and weights); with 1,024
+    tokens a read takes milliseconds."""
+    tj = json.loads((ASSETS / "tokenizer" / "tokenizer.json").read_text())
+    bpe = tj["model"]
+    vocab = {t: i for t, i in bpe["vocab"].items() if i < n}
+    bpe["vocab"] = vocab
+    bpe["merges"] = [[a, b] for a, b in bpe["merges"] if a in vocab and b in vocab and a + b in vocab]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(ASSETS / "tokenizer" / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_vocab_tokenizer(tmp_path_factory) -> Path:
+    """Directory of SmolLM2's tokenizer cut to 1,024 tokens (see write_small_vocab_tokenizer)."""
+    return write_small_vocab_tokenizer(tmp_path_factory.mktemp("tokenizer-1k"))
+
+
+@pytest.fixture(scope="session")
+def small_vocab_model(tmp_path_factory, small_vocab_tokenizer) -> str:
+    """The tiny random Llama of `tiny_model` over the 1,024-token tokenizer: for tests that read GGUF files."""
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama-1k"), tokenizer=small_vocab_tokenizer))
 
 
 def write_chat(path: Path, pairs, repeat: int = 1) -> str:

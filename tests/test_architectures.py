@@ -1,5 +1,6 @@
 """Architectures beyond Llama, end to end: GPT-2 (Conv1D layers), Phi-2 and Phi-3 layouts, Qwen2, Qwen3, Gemma,
-Mistral, GPT-NeoX. Each is a tiny random model built from its transformers config (2 layers) with SmolLM2's tokenizer,
+Mistral, GPT-NeoX. Each is a tiny random model built from its transformers config (2 layers) with SmolLM2's tokenizer
+cut to 1,024 tokens (conftest.write_small_vocab_tokenizer, which keeps reading the GGUF files back quick),
 trained through `run_training` with the default adapter targets (LoRA and QLoRA), merged (parity checked by the export
 and again here), and exported to GGUF with the round trip through transformers where transformers reads the
 architecture back, or refused before any work where it does not. The exported artifacts carry the chat template that
@@ -46,23 +47,20 @@ ARCHS = {
                  False),
 }
 GGUF_SUPPORTED = [a for a, spec in ARCHS.items() if spec[4]]
-# in `make test`: Conv1D (GPT-2, template-less), one refused before the merge (GPT-NeoX), and Phi-3 through the GGUF
-# test of configs transformers cannot rebuild;
-# the rest are marked slow (`make test-all`)
-QUICK = ("gpt2", "gpt_neox")
 
 
 @pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory) -> dict[str, Path]:
-    """The two tokenizer directories: SmolLM2's as shipped, and a GPT-2-style base one (the pad = EOS trap)."""
+def tokenizers(tmp_path_factory, small_vocab_tokenizer) -> dict[str, Path]:
+    """The two tokenizer directories: SmolLM2's (cut to 1,024 tokens) with its template, and a GPT-2-style base one
+    (the pad = EOS trap)."""
     base = tmp_path_factory.mktemp("base-tokenizer")
-    tok = AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
+    tok = AutoTokenizer.from_pretrained(small_vocab_tokenizer)
     tok.chat_template = None
     tok.bos_token = tok.eos_token = "<|endoftext|>"
     tok.pad_token = None
     tok.save_pretrained(base)
     assert AutoTokenizer.from_pretrained(base).chat_template is None
-    return {"instruct": ASSETS / "tokenizer", "base": base}
+    return {"instruct": small_vocab_tokenizer, "base": base}
 
 
 _MODELS: dict[str, Path] = {}
@@ -74,7 +72,7 @@ def tiny(arch: str, tokenizers, root: Path) -> Path:
         overrides, which = ARCHS[arch][0], ARCHS[arch][1]
         tok = AutoTokenizer.from_pretrained(tokenizers[which])
         cfg = AutoConfig.for_model(arch, vocab_size=len(tok), num_hidden_layers=2, bos_token_id=tok.bos_token_id,
-                                   eos_token_id=tok.eos_token_id, **overrides)
+                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **overrides)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(cfg)
         with torch.no_grad():  # biases and norms start at 0 / 1: make them count in the parity checks
@@ -146,7 +144,7 @@ def logits_of(model, tok) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("arch", [a if a in QUICK else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_lora_default_targets_merge_parity_and_gguf(arch, tokenizers, models_root, tiny_chat_data, tmp_path, capsys):
     """LoRA with the default targets trains on every architecture; the merged model reproduces the adapter model and
     carries the trained template; GGUF export round-trips where transformers reads the architecture back, and is
@@ -196,7 +194,7 @@ def test_lora_default_targets_merge_parity_and_gguf(arch, tokenizers, models_roo
         assert not gguf_out.exists()
 
 
-@pytest.mark.parametrize("arch", [a if a == "gpt2" else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_qlora_trains_in_4_bits_and_merges_into_the_full_precision_base(arch, tokenizers, models_root,
                                                                       tiny_chat_data, tmp_path, capsys):
     import bitsandbytes as bnb
@@ -214,7 +212,6 @@ def test_qlora_trains_in_4_bits_and_merges_into_the_full_precision_base(arch, to
     assert "merged model as saved (fp32, read back) vs adapter model" in out
 
 
-@pytest.mark.slow  # a GPT-2 run and an Ollama export: ~35 s
 def test_ollama_export_of_a_template_less_gpt2_carries_the_default_template(tokenizers, models_root, tiny_chat_data,
                                                                            tmp_path, capsys):
     """GPT-2 has no chat template: it trains with the default (alpaca, ending with EOS); the Modelfile says so."""
@@ -230,7 +227,7 @@ def test_ollama_export_of_a_template_less_gpt2_carries_the_default_template(toke
     assert (out / "gpt2-f16.gguf").is_file()
 
 
-@pytest.mark.parametrize("arch", [a if a == "qwen3" else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_serve_and_chat_a_run_of_each_architecture(arch, tokenizers, models_root, tiny_chat_data, tmp_path):
     """A non-Llama run through the same host the server and `tunelab chat` use, and through the live OpenAI API."""
     pytest.importorskip("fastapi")
@@ -337,8 +334,7 @@ def test_ollama_template_of_smollm2s_own_chatml_with_its_default_system(tokenize
     assert go_render(cases) == wants
 
 
-@pytest.mark.parametrize("arch,overrides", [pytest.param("qwen3", {"head_dim": 32}, marks=pytest.mark.slow),
-                                            pytest.param("gpt2", {"n_positions": 256}, marks=pytest.mark.slow),
+@pytest.mark.parametrize("arch,overrides", [("qwen3", {"head_dim": 32}), ("gpt2", {"n_positions": 256}),
                                             ("phi3", {"partial_rotary_factor": 0.5})],
                          ids=["qwen3-head-dim", "gpt2-positions", "phi3-partial-rotary"])
 def test_gguf_of_configs_transformers_cannot_rebuild_is_checked_under_the_source_config(arch, overrides, tokenizers,
@@ -351,7 +347,9 @@ def test_gguf_of_configs_transformers_cannot_rebuild_is_checked_under_the_source
 
     tok = AutoTokenizer.from_pretrained(tokenizers["instruct"])
     base = ARCHS[arch][0]
-    cfg = AutoConfig.for_model(arch, vocab_size=len(tok), num_hidden_layers=2, **{**base, **overrides})
+    # the tokenizer's pad id: Phi-3's config defaults to 32,000, past this vocabulary
+    cfg = AutoConfig.for_model(arch, vocab_size=len(tok), num_hidden_layers=2, pad_token_id=tok.pad_token_id,
+                               **{**base, **overrides})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     report = export_gguf(model, tok, tmp_path / f"{arch}.gguf", "f32")

@@ -1,6 +1,7 @@
 """Export: merge parity against an independently computed W + scale·B·A, GGUF round trips through transformers,
 tokenizer round trip, refusals (unsupported architecture, K-quants without llama.cpp, existing output), Ollama
-Modelfile, Hub dry run. Tiny random models with SmolLM2's real tokenizer keep it fast on 2 CPU cores."""
+Modelfile, Hub dry run. Tiny random models keep it fast on 2 CPU cores, over SmolLM2's tokenizer cut to 1,024 tokens
+(conftest.write_small_vocab_tokenizer: reading a GGUF back costs seconds per read with the full vocabulary)."""
 
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ def make_run(root: Path, base: str, adapter: str = "lora", quant_bits=None, seed
 
 
 @pytest.fixture(scope="module")
-def lora_run(tiny_model, tmp_path_factory) -> Path:
-    run = make_run(tmp_path_factory.mktemp("runs") / "tiny-lora", tiny_model)
+def lora_run(small_vocab_model, tmp_path_factory) -> Path:
+    run = make_run(tmp_path_factory.mktemp("runs") / "tiny-lora", small_vocab_model)
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3.0 - s / 10}) + "\n" for s in (1, 2, 3)))
     (run / "summary.json").write_text(json.dumps({"status": "complete", "steps": 3, "last_loss": 2.7}))
     (run / "loss.png").write_bytes(b"\x89PNG\r\n\x1a\n")
@@ -62,7 +63,7 @@ def merged(lora_run):
 
 # ---- merge -------------------------------------------------------------------------------------------------------
 
-def test_merge_matches_independent_lora_formula(lora_run, tiny_model, tmp_path, capsys):
+def test_merge_matches_independent_lora_formula(lora_run, small_vocab_model, tmp_path, capsys):
     from safetensors.torch import load_file
 
     out = tmp_path / "merged"
@@ -70,7 +71,7 @@ def test_merge_matches_independent_lora_formula(lora_run, tiny_model, tmp_path, 
     printed = capsys.readouterr().out
     assert "merged model as saved (fp32, read back) vs adapter model" in printed
 
-    base = load_file(Path(tiny_model) / "model.safetensors")
+    base = load_file(Path(small_vocab_model) / "model.safetensors")
     adapter = load_file(lora_run / "final" / "adapter_model.safetensors")
     merged_w = load_file(out / "model.safetensors")
     scale = 8 / 4  # lora_alpha / r
@@ -107,11 +108,11 @@ def test_merge_bf16_dtype_and_overwrite_protection(lora_run, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["merged-bf16"]  # no temporary leftovers
 
 
-def test_dora_merge_parity(tiny_model, tmp_path):
+def test_dora_merge_parity(small_vocab_model, tmp_path):
     from tunelab.export.common import compare_logits, load_run
     from tunelab.export.merge import MERGE_TOLERANCE, merged_model
 
-    run = load_run(str(make_run(tmp_path / "dora", tiny_model, adapter="dora")))
+    run = load_run(str(make_run(tmp_path / "dora", small_vocab_model, adapter="dora")))
     model, tok, (before, ids) = merged_model(run)  # raises ParityError on drift
     from tunelab.export.common import all_logits
 
@@ -119,21 +120,22 @@ def test_dora_merge_parity(tiny_model, tmp_path):
     assert not any("lora" in n for n, _ in model.named_parameters())
 
 
-def test_qlora_run_merges_into_full_precision_base(tiny_model, tmp_path, capsys):
+def test_qlora_run_merges_into_full_precision_base(small_vocab_model, tmp_path, capsys):
     from tunelab.export.common import load_run
     from tunelab.export.merge import merged_model
 
-    model, _, _ = merged_model(load_run(str(make_run(tmp_path / "qlora", tiny_model, quant_bits=4))))
+    model, _, _ = merged_model(load_run(str(make_run(tmp_path / "qlora", small_vocab_model, quant_bits=4))))
     assert "merging into the full-precision base" in capsys.readouterr().out
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert getattr(model.config, "quantization_config", None) is None
 
 
-def test_prompt_tuning_adapter_cannot_be_merged(tiny_model, tmp_path, capsys):
+def test_prompt_tuning_adapter_cannot_be_merged(small_vocab_model, tmp_path, capsys):
     run = tmp_path / "prompt-run"
     (run / "final").mkdir(parents=True)
     (run / "final" / "adapter_config.json").write_text("{}")
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"source": tiny_model}, "adapter": {"type": "prompt"}}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"source": small_vocab_model},
+                                                     "adapter": {"type": "prompt"}}))
     assert cli.main(["export", str(run), "--to", "merged"]) == 2
     assert "cannot be merged" in capsys.readouterr().err
 
@@ -168,7 +170,7 @@ def test_gguf_f32_round_trip_logits_and_tokenizer(merged, tmp_path, capsys):
     assert all(gtok.decode(gtok.encode(t)) == t for t in TOKENIZER_TEXTS)
 
 
-@pytest.mark.parametrize("qtype,tol", [("q8_0", 0.08), pytest.param("q4_0", 0.75, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("qtype,tol", [("q8_0", 0.08), ("q4_0", 0.75)])
 def test_gguf_quantized_within_tolerance(merged, tmp_path, qtype, tol):
     """A quantized file matches the source with the same rounding applied exactly, and the source within budget."""
     import gguf
@@ -222,7 +224,7 @@ def test_gguf_unsupported_architecture(tmp_path, capsys):
     from conftest import build_tiny_model
 
     run = tmp_path / "gemma-run"
-    build_tiny_model(run / "final", arch="gemma")
+    build_tiny_model(run / "final", arch="gemma")  # refused before any GGUF is written: the full tokenizer is fine
     (run / "config.yaml").write_text(yaml.safe_dump({"model": {"source": str(run / "final")},
                                                      "adapter": {"type": "none"}}))
     assert cli.main(["export", str(run), "--to", "gguf"]) == 2
@@ -278,7 +280,6 @@ def test_ollama_export_writes_gguf_and_modelfile(lora_run, tmp_path, capsys):
     assert 'PARAMETER stop "<|im_end|>"' in mf and 'PARAMETER stop "<|im_start|>"' in mf
 
 
-@pytest.mark.slow  # two Ollama exports: ~40 s
 def test_ollama_reuses_a_checked_gguf_of_the_same_type(lora_run, tmp_path, capsys):
     gguf = lora_run / "export" / "tiny-lora-f16.gguf"
     assert cli.main(["export", str(lora_run), "--to", "gguf", "--type", "f16", "--overwrite"]) == 0
@@ -306,12 +307,12 @@ def test_exports_get_the_usual_permissions_under_umask_022(lora_run, tmp_path):
     assert files and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}
 
 
-def test_modelfile_template_detection(tiny_model):
+def test_modelfile_template_detection(small_vocab_model):
     from transformers import AutoTokenizer
 
     from tunelab.export.ollama import detect_template, modelfile
 
-    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok = AutoTokenizer.from_pretrained(small_vocab_model)
     tok.chat_template = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
                          "'<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}{% endfor %}"
                          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
@@ -349,14 +350,15 @@ def test_hub_model_card_has_config_metrics_and_plot(lora_run):
     assert 'AutoPeftModelForCausalLM.from_pretrained("someone/tiny-lora")' in card
 
 
-def test_hub_names_the_public_id_of_the_embedded_base(tiny_model, tmp_path, capsys):
+def test_hub_names_the_public_id_of_the_embedded_base(small_vocab_model, tmp_path, capsys):
     """A run on the embedded model records its cache directory as the base (here: the tiny model's directory); the
     upload must name the public id instead, in adapter_config.json (which the card's snippet loads) and the card."""
     from tunelab.export.common import load_run
     from tunelab.export.hub import push, stage
 
-    run = load_run(str(make_run(tmp_path / "emb", tiny_model, source="embedded:smollm2-135m-instruct")))
-    assert json.loads((run.final / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_model
+    run = load_run(str(make_run(tmp_path / "emb", small_vocab_model, source="embedded:smollm2-135m-instruct")))
+    base_path = json.loads((run.final / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base_path == small_vocab_model
     push(run, repo_id="someone/emb", dry_run=True)
     assert "base model: HuggingFaceTB/SmolLM2-135M-Instruct (the run's embedded:smollm2-135m-instruct)" in \
         capsys.readouterr().out
@@ -366,7 +368,7 @@ def test_hub_names_the_public_id_of_the_embedded_base(tiny_model, tmp_path, caps
     cfg = json.loads((staged / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     card = (staged / "README.md").read_text()
-    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and tiny_model not in card
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and small_vocab_model not in card
 
 
 def test_hub_push_needs_repo(lora_run, capsys):
