@@ -40,6 +40,16 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
+def refusal(capsys, *args) -> tuple[int, str]:
+    """Exit code and stderr of `tunelab ARGS` run in this process: a refusal comes before any process is launched,
+    so the launching process alone is under test (a new process would cost seconds of imports)."""
+    from tunelab import cli
+
+    capsys.readouterr()
+    code = cli.main(list(args))
+    return code, capsys.readouterr().err
+
+
 def train(path, *extra, env=None, check=True):
     out = subprocess.run([*CLI, str(path), *extra], capture_output=True, text=True, env=env, timeout=600)
     if check:
@@ -316,12 +326,12 @@ def test_deepspeed_zero3_killed_rank_then_the_same_command_resumes_exactly(tmp_p
 @pytest.mark.parametrize("strategy", [{"strategy": "fsdp"}, {"strategy": "deepspeed", "zero_stage": 3}],
                          ids=["fsdp", "zero3"])
 def test_8bit_weights_under_a_strategy_that_shards_them_are_refused_before_any_process_starts(
-        tmp_path, tiny_model, tiny_chat_data, strategy):
+        tmp_path, tiny_model, tiny_chat_data, strategy, capsys):
     path = write_config(tmp_path, tiny_model, tiny_chat_data, "int8", batch_size=4, distributed=strategy,
                         quantization={"bits": 8})
-    out = train(path, "--nproc", "2", check=False)
-    assert out.returncode == 2 and "8-bit weights cannot be sharded" in out.stderr, out.stderr[-2000:]
-    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+    code, err = refusal(capsys, "train", str(path), "--nproc", "2")
+    assert code == 2 and "8-bit weights cannot be sharded" in err, err[-2000:]
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
 def test_qlora_under_a_sharding_strategy_packs_4bit_weights_in_the_model_dtype_with_the_same_values(tiny_model):
@@ -368,14 +378,15 @@ def _fsdp_cannot_run() -> str | None:
 
 @pytest.mark.skipif(_fsdp_cannot_run() != FSDP_NEEDS_ACCELERATORS,
                     reason="this machine has accelerators: FSDP runs here")
-def test_fsdp_on_cpus_is_refused_in_one_line_before_any_process_starts(tmp_path, tiny_model, tiny_chat_data):
+def test_fsdp_on_cpus_is_refused_in_one_line_before_any_process_starts(tmp_path, tiny_model, tiny_chat_data,
+                                                                       capsys):
     """accelerate would silently train CPU processes as DDP (full copies), so `fsdp` is refused where it cannot
     shard."""
     path = write_config(tmp_path, tiny_model, tiny_chat_data, "fsdp", batch_size=4, distributed={"strategy": "fsdp"})
-    out = train(path, "--nproc", "2", check=False)
-    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "distributed.strategy=fsdp needs GPUs" in out.stderr
-    assert "Traceback" not in out.stderr  # one line, not a launcher failure report per rank
+    code, err = refusal(capsys, "train", str(path), "--nproc", "2")
+    assert code == 2, err[-2000:]
+    assert "distributed.strategy=fsdp needs GPUs" in err
+    assert len(err.strip().splitlines()) == 1  # one line, not a launcher failure report per rank
     assert not (tmp_path / "runs").exists()
 
 
@@ -461,15 +472,18 @@ def test_offload_moves_the_sharded_state_off_the_device(tiny_model):
     assert est.memory_mb["optimizer"] == 0 and est.memory_mb["weights"] == pytest.approx(one.memory_mb["weights"])
 
 
-def test_estimate_cli_takes_nproc(tmp_path, tiny_model, tiny_chat_data):
+def test_estimate_cli_takes_nproc(tmp_path, tiny_model, tiny_chat_data, capsys):
+    from tunelab import cli
+
     path = write_config(tmp_path, tiny_model, tiny_chat_data, "est", batch_size=4, adapter={"type": "none"},
                         distributed={"strategy": "fsdp"})
     got = {}
     for n in (1, 8):
-        out = subprocess.run([sys.executable, "-m", "tunelab", "estimate", str(path), "--device", "h100", "--nproc",
-                              str(n), "--json"], capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
-        got[n] = json.loads(out.stdout)
+        capsys.readouterr()
+        code = cli.main(["estimate", str(path), "--device", "h100", "--nproc", str(n), "--json"])
+        out, err = capsys.readouterr()
+        assert code == 0, err[-2000:]
+        got[n] = json.loads(out)
     assert got[8]["memory_mb"]["optimizer"] == pytest.approx(got[1]["memory_mb"]["optimizer"] / 8, abs=0.1)
     assert got[8]["total_mb"] < got[1]["total_mb"] and "each of 8 processes, fsdp" in got[8]["device"]
 
@@ -691,12 +705,11 @@ def test_ppo_under_two_processes_resumes_after_a_kill_on_the_uninterrupted_curve
     assert len(whole) == 4 and losses(run) == pytest.approx(whole, abs=1e-5)
 
 
-def test_a_method_is_refused_under_a_strategy_it_does_not_train_under(tmp_path, tiny_model, method_data):
+def test_a_method_is_refused_under_a_strategy_it_does_not_train_under(tmp_path, tiny_model, method_data, capsys):
     """PPO's own loop trains under DDP only: --nproc 2 with another strategy is one line and exit 2 from the
     launching process, and no run directory is written."""
     path = _ppo_config(tmp_path, tiny_model, method_data, "ppo", distributed={"strategy": "fsdp"})
-    proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(path), "--nproc", "2"], capture_output=True,
-                          text=True)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "method 'ppo' does not train under distributed.strategy=fsdp" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs" / "ppo").exists()
+    code, err = refusal(capsys, "train", str(path), "--nproc", "2")
+    assert code == 2, err[-2000:]
+    assert "method 'ppo' does not train under distributed.strategy=fsdp" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "runs" / "ppo").exists()
