@@ -1,7 +1,8 @@
 """Shared fixtures: tiny random models built from configs (2 layers, hidden 64) with SmolLM2's real tokenizer.
 
 The tokenizer under tests/assets/tokenizer is SmolLM2-135M-Instruct's (with its chat template), so tests exercise
-the real template, EOS and loss-mask logic while the model stays small enough for 2 CPU cores.
+the real template, EOS and loss-mask logic while the model stays small enough for 2 CPU cores. The tests that read
+GGUF files use the same tokenizer cut to 1,024 tokens (`small_vocab_model`), which gguf's reader parses in milliseconds.
 """
 
 from __future__ import annotations
