@@ -140,3 +140,38 @@ def test_target_modules_may_be_path_suffixes_as_peft_matches_them(tmp_path, tiny
     for wrong in ("mlp.q_proj", "attn.q_proj"):  # a suffix must end at a dot: 'attn.q_proj' is not 'self_attn.q_proj'
         with pytest.raises(UserError, match=f"'{wrong}' matches no module"):
             check_target_modules(load_config(path, [f"adapter.target_modules={wrong}"]), model)
+
+
+# Mistakes in the config's own keys and values: found before torch, transformers or PEFT are imported (seconds on a
+# small machine), so such a refusal answers at once.
+LIGHT_REFUSALS = {
+    "unknown_key": ["training.bogus=1"],
+    "union_value": ["training.gradient_checkpointing=maybe"],
+    "run_name": ["output.name=.."],
+    "tracker": ["training.report_to=wandbx"],
+    "method_adapter": ["method.name=ppo", "adapter.type=prefix"],
+    "eval_metric": ["data.val_split=0.25", "training.eval_steps=5", "eval.load_best=true", "eval.metric=eval_bogus"],
+    "best_needs_same_strategy": ["data.val_split=0.25", "training.eval_strategy=epoch"],
+}
+NO_LIBRARIES = """
+import sys
+from tunelab import cli
+for overrides in {cases!r}:
+    assert cli.main(["train", {path!r}, *overrides]) == 2, overrides
+loaded = [m for m in ("torch", "transformers", "peft", "trl", "datasets") if m in sys.modules]
+print("loaded:", loaded)
+"""
+
+
+def test_config_mistakes_are_refused_before_any_library_loads(tmp_path, tiny_model, tiny_chat_data):
+    import subprocess
+    import sys
+
+    path = make_config(tmp_path, tiny_model, tiny_chat_data, training={"max_steps": 1})
+    code = NO_LIBRARIES.format(cases=list(LIGHT_REFUSALS.values()), path=str(path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == len(LIGHT_REFUSALS), out.stderr
+    assert "loaded: []" in out.stdout, out.stdout
+    assert not (tmp_path / "runs").exists()

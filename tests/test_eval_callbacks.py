@@ -154,12 +154,14 @@ def test_epoch_table_and_plots_from_metrics(tmp_path):
 def test_training_callbacks_and_best_model_args(tmp_path):
     from transformers import EarlyStoppingCallback
 
+    from tunelab.evaluation.selection import best_model_args
+
     before, after = cb.training_callbacks(tmp_path, task_rows=[{"question": "q", "answer": "#### 1"}],
                                           early_stopping_patience=2, early_stopping_min_delta=0.01)
     assert [type(c) for c in before] == [cb.TaskMetricCallback]
     assert [type(c) for c in after] == [cb.OverfittingWarning, cb.EpochTable, cb.PlotLosses, EarlyStoppingCallback]
     assert after[-1].early_stopping_threshold == 0.01
-    assert cb.best_model_args("loss") == {"load_best_model_at_end": True, "metric_for_best_model": "eval_loss",
-                                          "greater_is_better": False}
-    assert cb.best_model_args("eval_gsm8k_accuracy")["greater_is_better"] is True
-    assert cb.best_model_args("eval_loss", "max")["greater_is_better"] is True
+    assert best_model_args("loss") == {"load_best_model_at_end": True, "metric_for_best_model": "eval_loss",
+                                       "greater_is_better": False}
+    assert best_model_args("eval_gsm8k_accuracy")["greater_is_better"] is True
+    assert best_model_args("eval_loss", "max")["greater_is_better"] is True

@@ -12,7 +12,7 @@ import yaml
 
 from tunelab import cli, load_config, methods
 from tunelab.errors import UserError
-from tunelab.evaluation.callbacks import natural_direction
+from tunelab.evaluation.selection import natural_direction
 from tunelab.train import check_metric, evaluation_settings, run_training
 
 PAIRS = [("Write a greeting.", "Hello there!", "go away"), ("What is 2+2?", "4.", "5."),

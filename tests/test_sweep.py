@@ -336,3 +336,24 @@ def test_an_objective_no_trial_reports_is_refused(tmp_path, tiny_model, tiny_cha
                        search={"strategy": "grid", "objective": objective, "space": {"training.learning_rate": [1e-3]}})
     with pytest.raises(UserError, match=says):
         load_sweep(path)
+
+
+def test_a_bad_sweep_file_is_refused_before_any_library_loads(tmp_path, tiny_model, tiny_chat_data):
+    """A key that is not a config key and an objective the trials do not report: refused without importing torch,
+    transformers or Optuna's training glue, so the answer comes at once."""
+    import subprocess
+    import sys
+
+    paths = [write_sweep(tmp_path, tiny_model, tiny_chat_data, name="key",
+                         search={"space": {"training.schedulr": ["linear"]}}),
+             write_sweep(tmp_path, tiny_model, tiny_chat_data, name="objective",
+                         search={"space": {"training.learning_rate": [1e-4]}, "objective": "eval_bogus"})]
+    code = ("import sys\nfrom tunelab import cli\n"
+            f"codes = [cli.main(['sweep', p]) for p in {[str(p) for p in paths]!r}]\n"
+            "print(codes, [m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[2, 2] []", out.stdout + out.stderr[-3000:]
+    errors = out.stderr.splitlines()
+    assert len(errors) == 2 and "'training.schedulr' is not a config key" in errors[0], errors
+    assert "search.objective 'eval_bogus'" in errors[1], errors
+    assert not (tmp_path / "sweeps").exists()

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunelab import autoplan, distributed, estimate, runs, tracking
+from tunelab import autoplan, distributed, estimate, tracking
 from tunelab.adapters import ADAPTERS
 from tunelab.config import RunConfig
 from tunelab.errors import UserError, suggest
@@ -85,7 +85,7 @@ def prepare_data(cfg: RunConfig, kind: str, tokenizer) -> TrainData:
 
 def evaluation_settings(cfg: RunConfig) -> dict:
     """TrainingArguments for evaluation during training: schedule, best checkpoint, checked before anything loads."""
-    from tunelab.evaluation.callbacks import best_model_args
+    from tunelab.evaluation.selection import best_model_args
 
     t, e = cfg.training, cfg.eval
     has_val = bool(cfg.data.validation or cfg.data.val_split)
@@ -126,7 +126,7 @@ def reported_metrics(cfg: RunConfig) -> list[str]:
     """What the run's evaluation during training reports (Method.eval_metrics, and the task's metrics, which join an
     evaluation that logs a loss); the first is what the method is judged by."""
     from tunelab import methods
-    from tunelab.evaluation.callbacks import TASK_METRICS
+    from tunelab.evaluation.selection import TASK_METRICS
 
     method, opts = methods.options(cfg)
     reported = list(method.eval_metrics(opts))
@@ -138,7 +138,7 @@ def reported_metrics(cfg: RunConfig) -> list[str]:
 def unreported(cfg: RunConfig, metric: str, reported: list[str] | None = None) -> str | None:
     """None when the run's evaluation reports `metric` (eval_ prefix optional); else why not, in a phrase.
     `reported`: reported_metrics(cfg), when the caller has it."""
-    from tunelab.evaluation.callbacks import eval_name
+    from tunelab.evaluation.selection import eval_name
 
     reported = reported_metrics(cfg) if reported is None else reported
     metric = eval_name(metric)
@@ -154,7 +154,7 @@ def check_metric(cfg: RunConfig) -> None:
     """eval.metric names something the run's evaluation reports: otherwise the Trainer finds out at the first
     evaluation, after the run directory is written and a checkpoint interval has been trained; and, with
     eval.direction auto, that its name says which side is better."""
-    from tunelab.evaluation.callbacks import NO_SIDE, natural_direction
+    from tunelab.evaluation.selection import NO_SIDE, natural_direction
 
     reported = reported_metrics(cfg)
     why = unreported(cfg, cfg.eval.metric, reported)
@@ -236,22 +236,31 @@ def _save_final(trainer, tokenizer, run: runs.Run, merge_adapter: bool = False,
     return final
 
 
-def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=print, show_progress=True) -> dict:
-    """Train per `cfg` into its run directory; returns the summary. Python entry point behind `tunelab train`."""
+def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=print, show_progress=True,
+                 quiet: bool = False) -> dict:
+    """Train per `cfg` into its run directory; returns the summary. Python entry point behind `tunelab train`.
+    quiet: silence the libraries' progress bars and advisory warnings (quiet_libraries), as the CLI does."""
+    from tunelab import methods
+    from tunelab.checks import check_config, check_training
+
+    # Config mistakes are found first, before torch, transformers and PEFT are imported (seconds), so a refused
+    # run answers at once; and all of them before the run directory is touched.
+    check_config(cfg)  # a RunConfig built in code has not been checked against the method table and data layer
+    method, opts = methods.options(cfg)
+    eval_args = evaluation_settings(cfg)
+    tracking.check(cfg.training.report_to)
+    distributed.check(cfg, method)
+    if quiet:
+        quiet_libraries()
+    check_training(cfg)  # optimizer, scheduler, attention: checked against transformers' own tables
+
     import torch
     from transformers import PrinterCallback, set_seed
 
-    from tunelab import methods, models
-    from tunelab.checks import (check_arguments, check_config, check_target_modules, check_training,
-                                resume_point)
+    from tunelab import models, runs
+    from tunelab.checks import check_arguments, check_target_modules, resume_point
     from tunelab.data.build import check_end_of_turn
 
-    check_config(cfg)  # a RunConfig built in code has not been checked against the method table and data layer
-    method, opts = methods.options(cfg)
-    eval_args = evaluation_settings(cfg)  # config mistakes surface before the run directory is touched
-    check_training(cfg)
-    tracking.check(cfg.training.report_to)
-    distributed.check(cfg, method)
     echo = distributed.quiet_unless_main(echo)  # several processes: rank 0 prints and writes
     run = runs.open_run(cfg, overwrite=overwrite)
     if run.complete:
@@ -424,6 +433,5 @@ def main(args) -> int:
         distributed.check(cfg, methods.get(cfg.method.name), nproc=args.nproc)
         argv = ["train", args.config, *args.overrides, *(["--overwrite"] if args.overwrite else [])]
         return distributed.launch(argv, args.nproc)
-    quiet_libraries()
-    summary = run_training(cfg, overwrite=args.overwrite)
+    summary = run_training(cfg, overwrite=args.overwrite, quiet=True)
     return 0 if summary.get("status") in ("complete", "interrupted") else 1

@@ -184,6 +184,7 @@ def _print(report: dict) -> None:
 def main(args) -> int:
     from tunelab.config import DataConfig, SourceConfig
     from tunelab.data.formats import unknown_format
+    from tunelab.data.sources import resolve_files
 
     columns = {}
     for item in args.column or []:
@@ -201,6 +202,7 @@ def main(args) -> int:
         err = e.errors()[0] if hasattr(e, "errors") else {"msg": str(e), "loc": ()}
         flag = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "option"
         raise UserError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
+    resolve_files(source)  # a missing file is reported before the tokenizer (and transformers) loads
     tok = load_tokenizer(args.model)
     report = inspect([source], tok, data_cfg, limit=args.limit)
     report["source"] = args.source

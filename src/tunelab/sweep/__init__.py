@@ -36,7 +36,6 @@ The package, in the order a sweep goes through it:
 from __future__ import annotations
 
 from tunelab.sweep.report import describe, plot_sweep, result_rows, results_markdown, write_best_config, write_outputs
-from tunelab.sweep.runner import ReportToTrial, SweepInterrupted, TrialFailed, objective_value, run_sweep
 from tunelab.sweep.spec import OBJECTIVES, Pruning, Range, Search, Sweep, SweepSpec, load_sweep, sample_points
 from tunelab.sweep.study import safe_url
 
@@ -45,11 +44,23 @@ __all__ = ["OBJECTIVES", "Pruning", "Range", "ReportToTrial", "Search", "Sweep",
            "run_sweep", "write_best_config", "write_outputs"]
 
 
+# runner.py imports transformers (seconds): its names load on first use, so checking a sweep file (a refusal,
+# --dry-run) imports no training library
+RUNNER = ("ReportToTrial", "SweepInterrupted", "TrialFailed", "objective_value", "run_sweep")
+
+
+def __getattr__(name: str):
+    if name in RUNNER:
+        from tunelab.sweep import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def main(args) -> int:
     """The CLI: check the sweep file; with --dry-run list what would run, else run (or continue) it."""
     from tunelab.train import quiet_libraries
 
-    quiet_libraries()
     sweep = load_sweep(args.sweep, trials=args.trials, storage=args.storage)
     if args.dry_run:
         pts = sample_points(sweep.search.space, sweep.search.strategy)
@@ -63,6 +74,9 @@ def main(args) -> int:
                 print(f"  {k}: {dom if isinstance(dom, list) else dom.model_dump()}")
         print("configuration checked; nothing trained")
         return 0
+    from tunelab.sweep.runner import run_sweep
+
+    quiet_libraries()
     out = run_sweep(sweep, overwrite=args.overwrite)
     # exit 1 when nothing completed (every trial failed or was pruned); a stopped sweep is not a failure
     return 0 if out["best"] or out["interrupted"] else 1

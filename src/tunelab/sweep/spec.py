@@ -246,7 +246,7 @@ def load_sweep(path: str | Path, trials: int | None = None, storage: str | None 
     # to be good)
     from tunelab import tracking
     from tunelab.checks import check_training
-    from tunelab.evaluation.callbacks import NO_SIDE, natural_direction
+    from tunelab.evaluation.selection import NO_SIDE, natural_direction
     from tunelab.train import evaluation_settings, reported_metrics, unreported
 
     has_eval = all(c.eval_schedule() != "no" for c in cfgs)
