@@ -43,6 +43,9 @@ REFUSALS = {
     "name_path": (["output.name=x/../.."], ["config key 'output.name'"]),
     "name_absolute": (["output.name=/tmp"], ["config key 'output.name'"]),
     "key_under_value": (["training=x", "training.learning_rate=1"], ["'training' is set to 'x', not a section"]),
+    # a local path that is not there (the hub would only have refused the id's form), or is not a model directory
+    "model_path": (["model.source=/nonexistent/model"], ["config key 'model.source'", "/nonexistent/model not found"]),
+    "model_dir": (["model.source=."], ["config key 'model.source'", "has no config.json"]),
 }
 
 
@@ -148,6 +151,7 @@ LIGHT_REFUSALS = {
     "unknown_key": ["training.bogus=1"],
     "union_value": ["training.gradient_checkpointing=maybe"],
     "run_name": ["output.name=.."],
+    "model_path": ["model.source=./nonexistent"],
     "tracker": ["training.report_to=wandbx"],
     "method_adapter": ["method.name=ppo", "adapter.type=prefix"],
     "eval_metric": ["data.val_split=0.25", "training.eval_steps=5", "eval.load_best=true", "eval.metric=eval_bogus"],
@@ -175,3 +179,15 @@ def test_config_mistakes_are_refused_before_any_library_loads(tmp_path, tiny_mod
     assert len(errors) == len(LIGHT_REFUSALS), out.stderr
     assert "loaded: []" in out.stdout, out.stdout
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_model_source_is_a_local_directory_or_a_hub_id(tmp_path, tiny_model):
+    from tunelab.errors import UserError
+    from tunelab.models import resolve_source
+
+    assert resolve_source(str(tiny_model)) == str(tiny_model)
+    assert resolve_source("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert resolve_source("gpt2") == "gpt2"
+    for missing in (tmp_path / "missing", "./missing", "~/missing/model", "a/b/c"):
+        with pytest.raises(UserError, match="not found"):
+            resolve_source(str(missing))

@@ -334,6 +334,37 @@ def test_8bit_weights_under_a_strategy_that_shards_them_are_refused_before_any_p
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("overrides, says", [
+    (["adapter.type=prefix", "method.name=ppo"], "method 'ppo' does not train with adapter.type 'prefix'"),
+    (["training.optimizer=adamw_torhc"], "did you mean 'adamw_torch'"),
+    (["training.eval_strategy=epoch"], "validation data"),
+], ids=["method_adapter", "optimizer", "evaluation"])
+def test_config_mistakes_are_refused_once_before_any_process_starts(tmp_path, tiny_model, tiny_chat_data, overrides,
+                                                                    says, capsys):
+    """What `tunelab train` refuses in one process is refused by the launching process under --nproc: one line and
+    exit 2, not one line per rank and the launcher's failure report."""
+    path = write_config(tmp_path, tiny_model, tiny_chat_data, "mistake", batch_size=4)
+    code, err = refusal(capsys, "train", str(path), "--nproc", "2", *overrides)
+    assert code == 2 and says in err, err[-2000:]
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+def test_a_data_refusal_inside_the_processes_is_one_line_and_exit_2(tmp_path, tiny_model, tiny_chat_data):
+    """Bad data is found by rank 0 while the others wait for its tokenized cache: every process stops with that
+    refusal, and the job prints it once as its last line (no traceback of a peer that lost its connection, no
+    launcher report), exit 2, nothing written."""
+    data = tmp_path / "bad.jsonl"
+    lines = Path(tiny_chat_data).read_text().splitlines()
+    data.write_text("\n".join([*lines[:3], '{"messages": [', *lines[3:]]) + "\n")
+    path = write_config(tmp_path, tiny_model, str(data), "bad", batch_size=4, data={"on_invalid": "error"})
+    out = train(path, "--nproc", "2", check=False)
+    assert out.returncode == 2, out.stderr[-3000:]
+    err = out.stderr.strip().splitlines()
+    assert err[-1].startswith(f"error: {data}:4:"), out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "FAILED" not in out.stderr, out.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_qlora_under_a_sharding_strategy_packs_4bit_weights_in_the_model_dtype_with_the_same_values(tiny_model):
     """FSDP and ZeRO-3 shard parameters of one dtype: the 4-bit weights are stored in the model's dtype (FSDP-QLoRA),
     and the model computes exactly what the uint8-stored one does, gradients included."""

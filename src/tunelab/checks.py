@@ -17,9 +17,14 @@ def check_config(cfg):
     """`cfg` unchanged, or a UserError (one line: the key, what is wrong, how to fix it)."""
     from tunelab import methods
     from tunelab.data.formats import check_config as check_data_formats
+    from tunelab.models import check_source
 
     methods.options(cfg)
     check_data_formats(cfg.data)
+    try:
+        check_source(cfg.model.source)
+    except UserError as e:
+        raise UserError(f"config key 'model.source': {e}") from None
     return cfg
 
 

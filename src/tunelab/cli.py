@@ -294,7 +294,10 @@ def _call(module_name: str, func_name: str, args) -> int:
         func = getattr(importlib.import_module(module_name), func_name)
         return int(func(args) or 0)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from tunelab import distributed
+
+        if not distributed.record_refusal(str(e)):  # one of `--nproc`'s processes: the launcher prints it once
+            print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
 
 
@@ -48,12 +47,36 @@ def barrier() -> None:
 
 @contextlib.contextmanager
 def main_first():
-    """Rank 0 runs the body first (e.g. building the tokenized-data cache), then the others (who then read it)."""
+    """Rank 0 runs the body first (e.g. building the tokenized-data cache), then the others (who then read it).
+
+    Rank 0 then tells the others how its body went (accelerate's broadcast_object_list, a collective of the process
+    group): a refusal there (bad data) is raised in every process, so all stop with the same one line, and a crash
+    ends the others quietly, so the job's report names rank 0's error rather than a peer that lost its connection."""
     if world_size() == 1:
         yield
         return
-    with _state().main_process_first():
-        yield
+    from accelerate.utils import broadcast_object_list
+
+    from tunelab.errors import UserError
+
+    _state()  # the process group, set up before the first collective
+    if is_main():
+        try:
+            yield
+        except UserError as e:
+            broadcast_object_list([("refused", str(e))])
+            raise
+        except Exception:
+            broadcast_object_list([("crashed", None)])
+            raise
+        broadcast_object_list([("done", None)])
+        return
+    outcome, message = broadcast_object_list([None])[0]
+    if outcome == "refused":
+        raise UserError(message)
+    if outcome == "crashed":
+        raise SystemExit(1)  # rank 0's traceback is the job's report
+    yield
 
 
 def quiet_unless_main(echo):
@@ -136,14 +159,60 @@ def training_arguments(dcfg) -> dict:
                           "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}}
 
 
+# Set by `launch` for the processes it starts: a folder where a process that refuses the run (a UserError) leaves its
+# one-line message instead of printing it, so the launcher prints it once, not once per process.
+REFUSALS_ENV = "TUNELAB_LAUNCH_REFUSALS"
+
+
+def record_refusal(message: str) -> bool:
+    """In a process started by `launch`: keep a refusal's message for the launcher (True); elsewhere False."""
+    folder = os.environ.get(REFUSALS_ENV)
+    if not folder or not os.path.isdir(folder):
+        return False
+    with open(os.path.join(folder, f"rank-{rank()}.txt"), "w") as f:
+        f.write(message)
+    return True
+
+
 def launch(argv: list[str], nproc: int) -> int:
     """Run `tunelab <argv>` in `nproc` processes on this machine with torch's launcher; its exit code.
 
-    torchrun is used rather than a process pool of our own: it sets RANK/WORLD_SIZE/MASTER_ADDR for every process,
-    forwards Ctrl-C and SIGTERM to them, and ends the whole job when one process fails."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           str(_free_port()), "-m", "tunelab", *argv]
-    return subprocess.call(cmd)
+    torchrun's own `run` is used (in this process) rather than a process pool of our own: it sets
+    RANK/WORLD_SIZE/MASTER_ADDR for every process, forwards Ctrl-C and SIGTERM to them, and ends the whole job when one
+    process fails. What a failed job prints is decided here: a run the processes refused (bad data, say) is the one
+    line they left and exit 2, as in one process; a crash is torchrun's failure report, which ends with the failing
+    process's traceback."""
+    import logging
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    # the agent's own lines on a failure ("failed (exitcode: 2)", "closing signal SIGTERM") only repeat what is
+    # printed below; its loggers each carry their own level, so each is raised
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    args = parse_args(["--nproc-per-node", str(nproc), "--master-port", str(_free_port()), "-m", "tunelab", *argv])
+    with tempfile.TemporaryDirectory(prefix="tunelab-launch-") as refusals:
+        os.environ[REFUSALS_ENV] = refusals
+        try:
+            run(args)
+            return 0
+        except ChildFailedError as e:
+            left = sorted(os.listdir(refusals), key=lambda name: int(name.split("-")[1].split(".")[0]))
+            if left:  # a refusal: the others stopped because of it
+                with open(os.path.join(refusals, left[0])) as f:
+                    print(f"error: {f.read()}", file=sys.stderr)
+                return 2
+            print(e.format_msg(), file=sys.stderr)
+            return 1
+        except SignalException as e:  # Ctrl-C or SIGTERM to the launcher: torchrun has stopped the processes
+            print("interrupted", file=sys.stderr)
+            return 128 + int(e.sigval)
+        finally:
+            os.environ.pop(REFUSALS_ENV, None)
 
 
 def _free_port() -> int:

@@ -84,16 +84,28 @@ def embedded_path(name: str) -> Path:
     return target
 
 
-def resolve_source(source: str) -> str:
-    """embedded:NAME -> cached local dir; a local dir -> itself; anything else is treated as a hub id."""
+def check_source(source: str) -> None:
+    """A local model path that is missing or not a transformers model directory: UserError. Hub ids and embedded:
+    names pass (they are looked up when they load)."""
     if source.startswith("embedded:"):
-        return str(embedded_path(source.split(":", 1)[1]))
+        return
     p = Path(source).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
             raise UserError(f"model directory {source} has no config.json (expected a transformers model directory)")
-        return str(p)
-    return source
+    elif source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source:
+        # not a hub id (owner/name): a local path that is not there; the hub would only refuse the id's form
+        raise UserError(f"model directory {source} not found (a local path; a hub id is owner/name, "
+                        "e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")
+
+
+def resolve_source(source: str) -> str:
+    """embedded:NAME -> cached local dir; a local dir -> itself; anything else is treated as a hub id."""
+    if source.startswith("embedded:"):
+        return str(embedded_path(source.split(":", 1)[1]))
+    check_source(source)
+    p = Path(source).expanduser()
+    return str(p) if p.exists() else source
 
 
 # Weight files that unpickle (they can carry code that runs on load); safetensors files hold tensors only.

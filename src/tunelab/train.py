@@ -236,20 +236,30 @@ def _save_final(trainer, tokenizer, run: runs.Run, merge_adapter: bool = False,
     return final
 
 
-def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=print, show_progress=True,
-                 quiet: bool = False) -> dict:
-    """Train per `cfg` into its run directory; returns the summary. Python entry point behind `tunelab train`.
-    quiet: silence the libraries' progress bars and advisory warnings (quiet_libraries), as the CLI does."""
-    from tunelab import methods
-    from tunelab.checks import check_config, check_training
+def check_run_config(cfg: RunConfig, nproc: int | None = None) -> tuple:
+    """The refusals that need the config alone (keys and values, method/adapter pair, evaluation schedule, tracker,
+    distributed strategy for `nproc` processes): (method, its options, evaluation TrainingArguments).
 
-    # Config mistakes are found first, before torch, transformers and PEFT are imported (seconds), so a refused
-    # run answers at once; and all of them before the run directory is touched.
+    They import no torch, transformers or PEFT (seconds), so a refused run answers at once; and they all come before
+    the run directory is touched, or before `--nproc` starts any process."""
+    from tunelab import methods
+    from tunelab.checks import check_config
+
     check_config(cfg)  # a RunConfig built in code has not been checked against the method table and data layer
     method, opts = methods.options(cfg)
     eval_args = evaluation_settings(cfg)
     tracking.check(cfg.training.report_to)
-    distributed.check(cfg, method)
+    distributed.check(cfg, method, nproc=nproc)
+    return method, opts, eval_args
+
+
+def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=print, show_progress=True,
+                 quiet: bool = False) -> dict:
+    """Train per `cfg` into its run directory; returns the summary. Python entry point behind `tunelab train`.
+    quiet: silence the libraries' progress bars and advisory warnings (quiet_libraries), as the CLI does."""
+    from tunelab.checks import check_training
+
+    method, opts, eval_args = check_run_config(cfg)
     if quiet:
         quiet_libraries()
     check_training(cfg)  # optimizer, scheduler, attention: checked against transformers' own tables
@@ -424,13 +434,14 @@ def quiet_libraries() -> None:
 
 
 def main(args) -> int:
-    from tunelab import methods
+    from tunelab.checks import check_training
     from tunelab.config import read_config
 
     cfg = read_config(args.config, args.overrides)  # run_training checks it against the method table and data layer
     if args.nproc > 1 and distributed.world_size() == 1:  # start the processes; each runs this command again
         # a config mistake or a strategy that cannot run here: one line before any process starts, not one per rank
-        distributed.check(cfg, methods.get(cfg.method.name), nproc=args.nproc)
+        check_run_config(cfg, nproc=args.nproc)
+        check_training(cfg)
         argv = ["train", args.config, *args.overrides, *(["--overwrite"] if args.overwrite else [])]
         return distributed.launch(argv, args.nproc)
     summary = run_training(cfg, overwrite=args.overwrite, quiet=True)
