@@ -240,8 +240,8 @@ def check_run_config(cfg: RunConfig, nproc: int | None = None) -> tuple:
     """The refusals that need the config alone (keys and values, method/adapter pair, evaluation schedule, tracker,
     distributed strategy for `nproc` processes): (method, its options, evaluation TrainingArguments).
 
-    They import no torch, transformers or PEFT (seconds), so a refused run answers at once; and they all come before
-    the run directory is touched, or before `--nproc` starts any process."""
+    They import no transformers or PEFT (seconds; torch only to ask whether FSDP has accelerators), so a refused run
+    answers at once; and they all come before the run directory is touched, or before `--nproc` starts any process."""
     from tunelab import methods
     from tunelab.checks import check_config
 
