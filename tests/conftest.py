@@ -13,15 +13,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-from transformers import TrainerCallback
 
-ASSETS = Path(__file__).parent / "assets"
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
+# before transformers (and huggingface_hub, which reads HF_HUB_OFFLINE once, when imported) loads
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from transformers import TrainerCallback  # noqa: E402
+
+ASSETS = Path(__file__).parent / "assets"
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def build_tiny_model(path: Path, arch: str = "llama", seed: int = 0, tokenizer: Path = ASSETS / "tokenizer") -> Path:

@@ -183,11 +183,11 @@ def test_config_mistakes_are_refused_before_any_library_loads(tmp_path, tiny_mod
 
 def test_a_model_source_is_a_local_directory_or_a_hub_id(tmp_path, tiny_model):
     from tunelab.errors import UserError
-    from tunelab.models import resolve_source
+    from tunelab.models import check_source, resolve_source
 
     assert resolve_source(str(tiny_model)) == str(tiny_model)
-    assert resolve_source("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert resolve_source("gpt2") == "gpt2"
+    for hub_id in ("HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2"):  # looked up when they load (test_models_hub)
+        check_source(hub_id)
     for missing in (tmp_path / "missing", "./missing", "~/missing/model", "a/b/c"):
         with pytest.raises(UserError, match="not found"):
             resolve_source(str(missing))

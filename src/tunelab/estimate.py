@@ -255,7 +255,7 @@ def config_json(source: str, revision=None, trust_remote_code: bool = False):
     from tunelab.models import resolve_source
 
     try:
-        return AutoConfig.from_pretrained(resolve_source(source), revision=revision,
+        return AutoConfig.from_pretrained(resolve_source(source, revision), revision=revision,
                                           trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"could not read the config of model '{source}': {str(e).splitlines()[0]}") from None

@@ -99,13 +99,57 @@ def check_source(source: str) -> None:
                         "e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")
 
 
-def resolve_source(source: str) -> str:
-    """embedded:NAME -> cached local dir; a local dir -> itself; anything else is treated as a hub id."""
+def resolve_source(source: str, revision: str | None = None) -> str:
+    """embedded:NAME -> cached local dir; a local dir -> itself; anything else is a hub id: itself where the Hub
+    answers, else its copy in the Hugging Face cache (see hub_or_cache)."""
     if source.startswith("embedded:"):
         return str(embedded_path(source.split(":", 1)[1]))
     check_source(source)
     p = Path(source).expanduser()
-    return str(p) if p.exists() else source
+    return str(p) if p.exists() else hub_or_cache(source, revision)
+
+
+_hub_answers: dict[str, bool] = {}
+
+
+def _hub_reachable(endpoint: str) -> bool:
+    """Whether the Hub answers one short request (any HTTP status counts), asked once per process.
+
+    Written by hand: huggingface_hub has no such call; what it does instead, on a machine without a network, is retry
+    every file for about 50 seconds, printing each retry, before it falls back to its cache."""
+    if endpoint not in _hub_answers:
+        from huggingface_hub import get_session
+
+        try:
+            get_session().head(endpoint, timeout=5, follow_redirects=False)
+            _hub_answers[endpoint] = True
+        except Exception:  # no DNS, refused, timed out, a proxy that fails: all mean "not reachable from here"
+            _hub_answers[endpoint] = False
+    return _hub_answers[endpoint]
+
+
+def hub_or_cache(repo_id: str, revision: str | None = None) -> str:
+    """A hub id as it is where the Hub can be reached (or HF_HUB_OFFLINE=1 says to use the cache, which transformers
+    then does at once); otherwise the local snapshot huggingface_hub cached for it, or a refusal naming what to do."""
+    from huggingface_hub import constants, is_offline_mode, snapshot_download
+
+    if is_offline_mode() or _hub_reachable(constants.ENDPOINT):
+        return repo_id
+    try:
+        path = snapshot_download(repo_id, revision=revision, local_files_only=True)
+    except Exception:  # LocalEntryNotFoundError, or an id the cache cannot even name
+        raise UserError(f"model '{repo_id}' is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub "
+                        f"({constants.ENDPOINT}) cannot be reached from here: download it where there is a network "
+                        f"(`hf download {repo_id}`), point model.source at a local directory, or use "
+                        "embedded:smollm2-135m-instruct") from None
+    if repo_id not in _noted_cached:
+        _noted_cached.add(repo_id)
+        print(f"note: the Hub cannot be reached; {repo_id} loads from the Hugging Face cache ({path})",
+              file=sys.stderr)
+    return path
+
+
+_noted_cached: set[str] = set()
 
 
 # Weight files that unpickle (they can carry code that runs on load); safetensors files hold tensors only.
@@ -155,7 +199,7 @@ def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: 
 
     from tunelab.data import templates
 
-    tok = _from_pretrained(AutoTokenizer, resolve_source(source), revision=revision,
+    tok = _from_pretrained(AutoTokenizer, resolve_source(source, revision), revision=revision,
                            trust_remote_code=trust_remote_code)
     templates.apply(tok, chat_template)
     # GPT-2-style tokenizers have no pad token; EOS stands in. The data layer's labels keep the trained EOS anyway:
@@ -248,7 +292,7 @@ def load_model(cfg, precision: str = "fp32", task: str = "CAUSAL_LM", float32_ba
     if task == "SEQ_CLS":
         kw["num_labels"] = 1  # one scalar score per sequence
     loader = AutoModelForSequenceClassification if task == "SEQ_CLS" else AutoModelForCausalLM
-    model = _from_pretrained(loader, resolve_source(m.source), **kw)
+    model = _from_pretrained(loader, resolve_source(m.source, m.revision), **kw)
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = model.config.eos_token_id
     return model

@@ -1,0 +1,70 @@
+"""A hub id where the Hub cannot be reached: the copy in the Hugging Face cache loads at once (with a note), and an id
+that is not cached is refused in one line, without huggingface_hub's minute of retries.
+
+The runs are subprocesses pointed (HF_ENDPOINT) at a local port nothing listens on, with HF_HUB_OFFLINE unset: the
+Hub is unreachable on every machine, whatever its network."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def offline_env(tmp_path: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}", HF_HUB_CACHE=str(tmp_path / "hub"),
+               TUNELAB_CACHE=str(tmp_path / "tunelab-cache"))
+    return env
+
+
+def cache_snapshot(hub: Path, repo_id: str, model_dir: str) -> Path:
+    """The layout huggingface_hub downloads into: refs/main names a commit, snapshots/<commit>/ holds the files."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    return repo / "snapshots" / commit
+
+
+def train(tmp_path: Path, source: str, data: str) -> subprocess.CompletedProcess:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": {"source": source}, "data": {"train": data, "max_length": 64},
+        "training": {"max_steps": 2, "batch_size": 2, "precision": "fp32"},
+        "output": {"dir": str(tmp_path / "runs"), "name": "hub"}}))
+    return subprocess.run([sys.executable, "-m", "tunelab", "train", str(cfg)], capture_output=True, text=True,
+                          env=offline_env(tmp_path), timeout=300)
+
+
+def test_a_hub_id_that_is_not_cached_is_refused_in_one_line(tmp_path, tiny_chat_data):
+    out = train(tmp_path, "acme/not-cached", tiny_chat_data)
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: model 'acme/not-cached' is not in the Hugging Face "
+                                                     "cache"), out.stderr
+    assert "hf download acme/not-cached" in errors[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_cached_hub_id_trains_from_the_cache_without_the_hub(tmp_path, tiny_model, tiny_chat_data):
+    snapshot = cache_snapshot(tmp_path / "hub", "acme/tiny", tiny_model)
+    out = train(tmp_path, "acme/tiny", tiny_chat_data)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("the Hub cannot be reached; acme/tiny loads from the Hugging Face cache") == 1, out.stderr
+    assert str(snapshot) in out.stderr
+    assert "Retrying" not in out.stderr  # no minute of huggingface_hub retries before the cache is used
+    assert (tmp_path / "runs" / "hub" / "final" / "adapter_model.safetensors").is_file()
+    assert yaml.safe_load((tmp_path / "runs" / "hub" / "config.yaml").read_text())["model"]["source"] == "acme/tiny"
