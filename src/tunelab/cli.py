@@ -275,8 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     # bitsandbytes warns at import on CPUs with AVX512-BF16 that an optional hub kernel is missing; the built-in
-    # kernel is used instead, so the warning is noise in front of every command's output.
+    # kernel is used instead, so the warning is noise in front of every command's output. With HF_HUB_OFFLINE=1 the
+    # `kernels` package it asks adds a note of its own (no publisher check offline) before that same failure.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("kernels._internals.hf_hub").setLevel(logging.ERROR)
     module_name, func_name = args._target.split(":")
     if os.environ.get("TORCHELASTIC_ERROR_FILE"):
         # one process of a torchrun job: a crash's traceback goes to the launcher's error file, so the job's failure
