@@ -63,6 +63,22 @@ def merged(lora_run):
 
 # ---- merge -------------------------------------------------------------------------------------------------------
 
+def test_loading_a_run_for_merge_or_inference_raises_no_library_warning(lora_run):
+    """Every chat, serve, eval and export loads an adapter over its base; a library's deprecation notice about its
+    own internals (PEFT reading transformers' is_gradient_checkpointing) must not greet the user each time."""
+    import warnings
+
+    from tunelab.export.common import load_run
+    from tunelab.export.merge import merged_model
+    from tunelab.models import load_for_inference
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_for_inference(run=str(lora_run))
+        merged_model(load_run(str(lora_run)), quiet=True)
+    assert not [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+
+
 def test_merge_matches_independent_lora_formula(lora_run, small_vocab_model, tmp_path, capsys):
     from safetensors.torch import load_file
 

@@ -79,6 +79,16 @@ def main_first():
     yield
 
 
+def name_cpu_for_deepspeed() -> None:
+    """On a machine with no accelerator, say so to DeepSpeed (DS_ACCELERATOR=cpu, its own setting) where the user
+    has not: accelerate imports DeepSpeed, when installed, whenever a Trainer looks at its model, and DeepSpeed's
+    detection then prints a warning to stdout, in the middle of the run's progress, that it found no GPU."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and torch.accelerator.current_accelerator() is None:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def quiet_unless_main(echo):
     """`echo` on rank 0, a no-op elsewhere: the pre-flight, estimate and progress print once."""
     return echo if is_main() else (lambda *a, **k: None)

@@ -172,6 +172,9 @@ def _note_pickle_only(source: str) -> None:
 def _from_pretrained(loader, source: str, **kw):
     import pickle
 
+    from tunelab.distributed import name_cpu_for_deepspeed
+
+    name_cpu_for_deepspeed()  # every command that loads a model comes here before the library that imports DeepSpeed
     _note_pickle_only(source)
     try:
         return loader.from_pretrained(source, **kw)
@@ -353,10 +356,21 @@ def load_for_inference(model: str = "embedded:smollm2-135m-instruct", adapter: s
             tok.pad_token = tok.eos_token
     m = _from_pretrained(AutoModelForCausalLM, path, **kw)
     if adapter:
-        from peft import PeftModel
-
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise UserError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
-        m = PeftModel.from_pretrained(m, adapter)
+        m = load_adapter(m, adapter)
     m.eval()
     return m, tok
+
+
+def load_adapter(base, adapter_dir: str):
+    """PEFT's PeftModel of a saved adapter over `base`. PEFT reads transformers' deprecated is_gradient_checkpointing
+    when it wraps a model, and transformers warns about it on every load: a FutureWarning about neither tunelab's nor
+    the user's code, filtered here for this call only."""
+    import warnings
+
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return PeftModel.from_pretrained(base, adapter_dir)

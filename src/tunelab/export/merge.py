@@ -41,7 +41,7 @@ def merged_model(run: Run, quiet: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tunelab.models import _from_pretrained
+    from tunelab.models import _from_pretrained, load_adapter
 
     tok = run_tokenizer(run)
     if not run.is_adapter:  # a full fine-tune: nothing to merge; its own logits are the reference for the copy
@@ -53,13 +53,11 @@ def merged_model(run: Run, quiet: bool = False):
     if run.adapter_type not in MERGEABLE:
         raise UserError(f"adapter.type '{run.adapter_type}' adds virtual tokens instead of changing weights and cannot "
                         f"be merged; only {', '.join(MERGEABLE)} adapters can be exported as a merged model")
-    from peft import PeftModel
-
     if run.quant_bits and not quiet:
         print(f"note: QLoRA run ({run.quant_bits}-bit base in training): merging into the full-precision base, "
               "not into quantized weights")
     base = _load_base(run.base)
-    model = PeftModel.from_pretrained(base, str(run.final)).eval()
+    model = load_adapter(base, str(run.final)).eval()
     ids = prompt_ids(tok)
     before = all_logits(model, ids)
     model = model.merge_and_unload().eval()
