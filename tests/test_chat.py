@@ -32,6 +32,7 @@ def test_cli_chat_piped_over_4bit_base(tiny_model, adapter):
                         "--load-in-4bit", "--max-tokens", "6", "--temperature", "0", "--persona", "pirate"],
                        input=script, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "Loading weights" not in r.stderr  # no library progress bar before the conversation
     lines = r.stdout.splitlines()
     assert "[system prompt set]" in lines and "[system prompt: Be brief.]" in lines
     assert "[temperature = 0]" in lines and "[conversation reset]" in lines

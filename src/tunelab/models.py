@@ -169,6 +169,23 @@ def _note_pickle_only(source: str) -> None:
           "re-save the model with save_pretrained()", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def _no_loading_bar(source: str):
+    """transformers draws a "Loading weights" bar for every load, even of a local model in a fraction of a second: noise
+    in front of a chat prompt, a server's address or an export's report. It stays for a hub id, whose bars show a
+    download's progress."""
+    from transformers.utils import logging as transformers_logging
+
+    if not Path(source).is_dir() or not transformers_logging.is_progress_bar_enabled():
+        yield
+        return
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.enable_progress_bar()
+
+
 def _from_pretrained(loader, source: str, **kw):
     import pickle
 
@@ -177,7 +194,8 @@ def _from_pretrained(loader, source: str, **kw):
     name_cpu_for_deepspeed()  # every command that loads a model comes here before the library that imports DeepSpeed
     _note_pickle_only(source)
     try:
-        return loader.from_pretrained(source, **kw)
+        with _no_loading_bar(source):
+            return loader.from_pretrained(source, **kw)
     except OSError as e:
         raise UserError(f"could not load model '{source}': {str(e).splitlines()[0]} "
                         "(check the hub id / path, or use embedded:smollm2-135m-instruct offline)") from None
