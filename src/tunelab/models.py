@@ -128,20 +128,23 @@ def _hub_reachable(endpoint: str) -> bool:
     return _hub_answers[endpoint]
 
 
-def hub_or_cache(repo_id: str, revision: str | None = None) -> str:
-    """A hub id as it is where the Hub can be reached (or HF_HUB_OFFLINE=1 says to use the cache, which transformers
-    then does at once); otherwise the local snapshot huggingface_hub cached for it, or a refusal naming what to do."""
+def hub_or_cache(repo_id: str, revision: str | None = None, repo_type: str = "model") -> str:
+    """A hub id (a model's, or a dataset's with repo_type="dataset") as it is where the Hub can be reached (or
+    HF_HUB_OFFLINE=1 says to use the cache, which the libraries then do at once); otherwise the local snapshot
+    huggingface_hub cached for it, or a refusal naming what to do."""
     from huggingface_hub import constants, is_offline_mode, snapshot_download
 
     if is_offline_mode() or _hub_reachable(constants.ENDPOINT):
         return repo_id
     try:
-        path = snapshot_download(repo_id, revision=revision, local_files_only=True)
+        path = snapshot_download(repo_id, repo_type=repo_type, revision=revision, local_files_only=True)
     except Exception:  # LocalEntryNotFoundError, or an id the cache cannot even name
-        raise UserError(f"model '{repo_id}' is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub "
-                        f"({constants.ENDPOINT}) cannot be reached from here: download it where there is a network "
-                        f"(`hf download {repo_id}`), point model.source at a local directory, or use "
-                        "embedded:smollm2-135m-instruct") from None
+        get, instead = ((f"hf download {repo_id}", "point model.source at a local directory, or use "
+                         "embedded:smollm2-135m-instruct") if repo_type == "model" else
+                        (f"hf download {repo_id} --repo-type {repo_type}", "point the data at local files"))
+        raise UserError(f"{repo_type} '{repo_id}' is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the "
+                        f"Hub ({constants.ENDPOINT}) cannot be reached from here: download it where there is a "
+                        f"network (`{get}`), or {instead}") from None
     if repo_id not in _noted_cached:
         _noted_cached.add(repo_id)
         print(f"note: the Hub cannot be reached; {repo_id} loads from the Hugging Face cache ({path})",

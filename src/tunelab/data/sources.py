@@ -297,11 +297,15 @@ def read_source(spec, problems: list[str] | None = None) -> list[Row]:
 
 
 def read_hub(dataset_id: str, split: str = "train", name: str | None = None, revision: str | None = None) -> list[Row]:
-    """A hub dataset through `datasets.load_dataset` (needs network access to the hub)."""
+    """A hub dataset through `datasets.load_dataset`; where the Hub cannot be reached, from the copy huggingface_hub
+    cached of it (models.hub_or_cache), which `datasets` reads as a local folder."""
     import datasets
 
+    from tunelab.models import hub_or_cache
+
+    where = dataset_id if datasets.config.HF_HUB_OFFLINE else hub_or_cache(dataset_id, revision, "dataset")
     try:
-        ds = datasets.load_dataset(dataset_id, name, split=split, revision=revision)
+        ds = datasets.load_dataset(where, name, split=split, revision=revision if where == dataset_id else None)
     except Exception as e:  # noqa: BLE001 - any failure to fetch is the same user problem
         raise UserError(f"could not load dataset '{dataset_id}' (split {split}) from the hub: "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

@@ -1,11 +1,12 @@
-"""A hub id where the Hub cannot be reached: the copy in the Hugging Face cache loads at once (with a note), and an id
-that is not cached is refused in one line, without huggingface_hub's minute of retries.
+"""Hub ids (models and datasets) where the Hub cannot be reached: the copy in the Hugging Face cache loads at once
+(with a note), and an id that is not cached is refused in one line, without huggingface_hub's minute of retries.
 
 The runs are subprocesses pointed (HF_ENDPOINT) at a local port nothing listens on, with HF_HUB_OFFLINE unset: the
 Hub is unreachable on every machine, whatever its network."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -23,19 +24,19 @@ def closed_port() -> int:
 
 
 def offline_env(tmp_path: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     env.update(HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}", HF_HUB_CACHE=str(tmp_path / "hub"),
                TUNELAB_CACHE=str(tmp_path / "tunelab-cache"))
     return env
 
 
-def cache_snapshot(hub: Path, repo_id: str, model_dir: str) -> Path:
+def cache_snapshot(hub: Path, repo_id: str, files: str, kind: str = "models") -> Path:
     """The layout huggingface_hub downloads into: refs/main names a commit, snapshots/<commit>/ holds the files."""
     commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    repo = hub / f"{kind}--{repo_id.replace('/', '--')}"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
-    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    shutil.copytree(files, repo / "snapshots" / commit)
     return repo / "snapshots" / commit
 
 
@@ -68,3 +69,29 @@ def test_a_cached_hub_id_trains_from_the_cache_without_the_hub(tmp_path, tiny_mo
     assert "Retrying" not in out.stderr  # no minute of huggingface_hub retries before the cache is used
     assert (tmp_path / "runs" / "hub" / "final" / "adapter_model.safetensors").is_file()
     assert yaml.safe_load((tmp_path / "runs" / "hub" / "config.yaml").read_text())["model"]["source"] == "acme/tiny"
+
+
+def inspect(tmp_path: Path, source: str, model: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunelab", "data", "inspect", source, "--model", model, "--json"],
+                          capture_output=True, text=True, env=offline_env(tmp_path), timeout=300)
+
+
+def test_a_cached_hub_dataset_reads_from_the_cache_and_an_uncached_one_is_refused(tmp_path, tiny_model,
+                                                                                  tiny_chat_data):
+    files = tmp_path / "files"
+    files.mkdir()
+    shutil.copy(tiny_chat_data, files / "train.jsonl")
+    cache_snapshot(tmp_path / "hub", "acme/chats", str(files), kind="datasets")
+    out = inspect(tmp_path, "acme/chats", tiny_model)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["rows"]["valid"] == len(Path(tiny_chat_data).read_text().splitlines()), report
+    assert report["format"] == "messages", report
+    assert "acme/chats loads from the Hugging Face cache" in out.stderr and "Retrying" not in out.stderr
+
+    out = inspect(tmp_path, "acme/never-downloaded", tiny_model)
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: dataset 'acme/never-downloaded' is not in the Hugging "
+                                                     "Face cache"), out.stderr
+    assert "hf download acme/never-downloaded --repo-type dataset" in errors[0]
