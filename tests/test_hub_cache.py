@@ -95,3 +95,31 @@ def test_a_cached_hub_dataset_reads_from_the_cache_and_an_uncached_one_is_refuse
     assert len(errors) == 1 and errors[0].startswith("error: dataset 'acme/never-downloaded' is not in the Hugging "
                                                      "Face cache"), out.stderr
     assert "hf download acme/never-downloaded --repo-type dataset" in errors[0]
+
+
+def test_the_hub_probe_counts_any_answer_as_reachable_and_no_answer_as_not(tmp_path):
+    """What decides between the Hub and the cache: an endpoint that answers at all (here a local server's 404) is
+    reachable; a port nothing listens on is not. (Asked in a process without HF_HUB_OFFLINE, under which
+    huggingface_hub sends no request at all.)"""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    probe = ("import sys; from tunelab.models import _hub_reachable; "
+             "print([_hub_reachable(url) for url in sys.argv[1:]])")
+    try:
+        out = subprocess.run([sys.executable, "-c", probe, f"http://127.0.0.1:{server.server_address[1]}",
+                              f"http://127.0.0.1:{closed_port()}"], capture_output=True, text=True,
+                             env=offline_env(tmp_path), timeout=120)
+    finally:
+        server.shutdown()
+    assert out.stdout.strip() == "[True, False]", out.stdout + out.stderr
