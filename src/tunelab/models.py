@@ -145,7 +145,9 @@ def hub_or_cache(repo_id: str, revision: str | None = None, repo_type: str = "mo
         raise UserError(f"{repo_type} '{repo_id}' is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the "
                         f"Hub ({constants.ENDPOINT}) cannot be reached from here: download it where there is a "
                         f"network (`{get}`), or {instead}") from None
-    if repo_id not in _noted_cached:
+    from tunelab.distributed import is_main
+
+    if repo_id not in _noted_cached and is_main():  # once per job, not once per process
         _noted_cached.add(repo_id)
         print(f"note: the Hub cannot be reached; {repo_id} loads from the Hugging Face cache ({path})",
               file=sys.stderr)
