@@ -206,8 +206,9 @@ def launch(argv: list[str], nproc: int) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     args = parse_args(["--nproc-per-node", str(nproc), "--master-port", str(_free_port()), "-m", "tunelab", *argv])
     # torchrun gives each process one CPU thread (with a banner saying so) unless OMP_NUM_THREADS is set; the
-    # processes of one machine share its cores instead: a CPU job trains N times faster on N cores per process
-    threads = None if "OMP_NUM_THREADS" in os.environ else str(max(1, len(os.sched_getaffinity(0)) // nproc))
+    # processes of one machine share its cores instead (cores // N threads each), so a CPU job uses all of them
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS lacks it
+    threads = None if "OMP_NUM_THREADS" in os.environ else str(max(1, cores // nproc))
     with tempfile.TemporaryDirectory(prefix="tunelab-launch-") as refusals:
         os.environ[REFUSALS_ENV] = refusals
         if threads:
