@@ -186,7 +186,7 @@ def test_a_model_source_is_a_local_directory_or_a_hub_id(tmp_path, tiny_model):
     from tunelab.models import check_source, resolve_source
 
     assert resolve_source(str(tiny_model)) == str(tiny_model)
-    for hub_id in ("HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2"):  # looked up when they load (test_models_hub)
+    for hub_id in ("HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2"):  # looked up when they load (test_hub_cache)
         check_source(hub_id)
     for missing in (tmp_path / "missing", "./missing", "~/missing/model", "a/b/c"):
         with pytest.raises(UserError, match="not found"):

@@ -6,6 +6,7 @@ Hub is unreachable on every machine, whatever its network."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 
@@ -88,6 +90,8 @@ def test_a_cached_hub_dataset_reads_from_the_cache_and_an_uncached_one_is_refuse
     assert report["rows"]["valid"] == len(Path(tiny_chat_data).read_text().splitlines()), report
     assert report["format"] == "messages", report
     assert "acme/chats loads from the Hugging Face cache" in out.stderr and "Retrying" not in out.stderr
+    out = inspect(tmp_path, f"hub:{files}", tiny_model)  # `hub:` before a local folder: read as it is
+    assert out.returncode == 0 and json.loads(out.stdout)["rows"]["valid"] == report["rows"]["valid"], out.stderr
 
     out = inspect(tmp_path, "acme/never-downloaded", tiny_model)
     assert out.returncode == 2, out.stderr
@@ -97,12 +101,13 @@ def test_a_cached_hub_dataset_reads_from_the_cache_and_an_uncached_one_is_refuse
     assert "hf download acme/never-downloaded --repo-type dataset" in errors[0]
 
 
-def test_the_hub_probe_counts_any_answer_as_reachable_and_no_answer_as_not(tmp_path):
+def test_the_hub_probe_counts_any_answer_as_reachable_and_no_answer_as_not():
     """What decides between the Hub and the cache: an endpoint that answers at all (here a local server's 404) is
-    reachable; a port nothing listens on is not. (Asked in a process without HF_HUB_OFFLINE, under which
-    huggingface_hub sends no request at all.)"""
+    reachable; a port nothing listens on is not."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tunelab.models import hub_reachable
 
     class NotFound(BaseHTTPRequestHandler):
         def do_HEAD(self):
@@ -114,12 +119,27 @@ def test_the_hub_probe_counts_any_answer_as_reachable_and_no_answer_as_not(tmp_p
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    probe = ("import sys; from tunelab.models import _hub_reachable; "
-             "print([_hub_reachable(url) for url in sys.argv[1:]])")
     try:
-        out = subprocess.run([sys.executable, "-c", probe, f"http://127.0.0.1:{server.server_address[1]}",
-                              f"http://127.0.0.1:{closed_port()}"], capture_output=True, text=True,
-                             env=offline_env(tmp_path), timeout=120)
+        assert hub_reachable(f"http://127.0.0.1:{server.server_address[1]}")
     finally:
         server.shutdown()
-    assert out.stdout.strip() == "[True, False]", out.stdout + out.stderr
+    assert not hub_reachable(f"http://127.0.0.1:{closed_port()}")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-evaluation-harness is not installed")
+def test_a_harness_task_on_a_hub_dataset_fails_at_once_when_the_hub_is_unreachable(tmp_path, tiny_model):
+    """The harness loads its data itself: `datasets` is switched to its cache before the harness imports it, so an
+    uncached hub dataset fails in one line instead of after half a minute of retries."""
+    task = tmp_path / "hub_task.yaml"
+    task.write_text(yaml.safe_dump({
+        "task": "tunelab_hub_mc", "dataset_path": "acme/never-downloaded", "test_split": "test",
+        "output_type": "multiple_choice", "doc_to_text": "{{question}}", "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{answer}}",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}))
+    out = subprocess.run([sys.executable, "-m", "tunelab", "eval", "--model", tiny_model, "--task",
+                          f"lm-eval:{task}"], capture_output=True, text=True, env=offline_env(tmp_path), timeout=300)
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines[0] == "note: the Hub cannot be reached; the harness' datasets are read from the Hugging Face cache"
+    assert len(lines) == 2 and lines[1].startswith("error: lm-eval task(s)") and "acme/never-downloaded" in lines[1], \
+        out.stderr

@@ -112,19 +112,34 @@ def resolve_source(source: str, revision: str | None = None) -> str:
 _hub_answers: dict[str, bool] = {}
 
 
-def _hub_reachable(endpoint: str) -> bool:
+def hub_endpoint() -> str:
+    """The Hub's address as huggingface_hub reads it (HF_ENDPOINT, else huggingface.co)."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_reachable(endpoint: str | None = None) -> bool:
     """Whether the Hub answers one short request (any HTTP status counts), asked once per process.
 
     Written by hand: huggingface_hub has no such call; what it does instead, on a machine without a network, is retry
-    every file for about 50 seconds, printing each retry, before it falls back to its cache."""
-    if endpoint not in _hub_answers:
-        from huggingface_hub import get_session
+    every file for about 50 seconds, printing each retry, before it falls back to its cache. Plain urllib rather than
+    huggingface_hub's session, so that a caller can still set an offline switch from the answer before the Hugging
+    Face libraries are imported (they read it once, at import; see evaluation/lmeval.py)."""
+    import ssl
+    import urllib.error
+    import urllib.request
 
+    endpoint = endpoint or hub_endpoint()
+    if endpoint not in _hub_answers:
         try:
-            get_session().head(endpoint, timeout=5, follow_redirects=False)
-            _hub_answers[endpoint] = True
-        except Exception:  # no DNS, refused, timed out, a proxy that fails: all mean "not reachable from here"
-            _hub_answers[endpoint] = False
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=5).close()
+            answer = True
+        except urllib.error.HTTPError:  # a status code is an answer
+            answer = True
+        except urllib.error.URLError as e:  # a TLS complaint comes from a host that answered
+            answer = isinstance(e.reason, ssl.SSLError)
+        except Exception:  # a timeout, a reset, a malformed address: not reachable from here
+            answer = False
+        _hub_answers[endpoint] = answer
     return _hub_answers[endpoint]
 
 
@@ -134,7 +149,7 @@ def hub_or_cache(repo_id: str, revision: str | None = None, repo_type: str = "mo
     huggingface_hub cached for it, or a refusal naming what to do."""
     from huggingface_hub import constants, is_offline_mode, snapshot_download
 
-    if is_offline_mode() or _hub_reachable(constants.ENDPOINT):
+    if is_offline_mode() or hub_reachable(constants.ENDPOINT):
         return repo_id
     try:
         path = snapshot_download(repo_id, repo_type=repo_type, revision=revision, local_files_only=True)

@@ -303,7 +303,8 @@ def read_hub(dataset_id: str, split: str = "train", name: str | None = None, rev
 
     from tunelab.models import hub_or_cache
 
-    where = dataset_id if datasets.config.HF_HUB_OFFLINE else hub_or_cache(dataset_id, revision, "dataset")
+    local = datasets.config.HF_HUB_OFFLINE or Path(dataset_id).exists()  # `hub:FOLDER` is a local folder
+    where = dataset_id if local else hub_or_cache(dataset_id, revision, "dataset")
     try:
         ds = datasets.load_dataset(where, name, split=split, revision=revision if where == dataset_id else None)
     except Exception as e:  # noqa: BLE001 - any failure to fetch is the same user problem

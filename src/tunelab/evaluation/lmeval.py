@@ -17,6 +17,8 @@ the harness' per-sample records become the report's examples.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 
 from tunelab.errors import UserError, suggest
@@ -75,10 +77,26 @@ def _check_data_files(path: Path) -> None:
                                 "absolute)")
 
 
+def datasets_offline_where_the_hub_is_unreachable() -> None:
+    """The harness loads its tasks' data itself (`datasets.load_dataset` of a hub id), and where the Hub cannot be
+    reached `datasets` retries it for half a minute, printing each retry, before it fails. Its own offline switch
+    (HF_DATASETS_OFFLINE) makes it read its cache at once, or fail in one line; `datasets` reads the switch once, when
+    it is imported, so this runs before the harness (which imports it) does."""
+    if "HF_DATASETS_OFFLINE" in os.environ or "HF_HUB_OFFLINE" in os.environ or "datasets" in sys.modules:
+        return
+    from tunelab.models import hub_reachable
+
+    if not hub_reachable():
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+        print("note: the Hub cannot be reached; the harness' datasets are read from the Hugging Face cache",
+              file=sys.stderr)
+
+
 def check(tasks: list[str], include: list[str] | None = None) -> None:
     """What can be checked of harness tasks before a model loads: installed, names given, files and folders there."""
     if not any(is_lmeval(t) for t in tasks):
         return
+    datasets_offline_where_the_hub_is_unreachable()
     require()
     for d in include or []:
         if not Path(d).is_dir():
