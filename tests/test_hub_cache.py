@@ -52,13 +52,17 @@ def train(tmp_path: Path, source: str, data: str) -> subprocess.CompletedProcess
                           env=offline_env(tmp_path), timeout=300)
 
 
-def test_a_hub_id_that_is_not_cached_is_refused_in_one_line(tmp_path, tiny_chat_data):
-    out = train(tmp_path, "acme/not-cached", tiny_chat_data)
+def assert_refused_in_one_line(out: subprocess.CompletedProcess, what: str, download: str) -> None:
+    """Exit 2 and one line on stderr: `what` is not in the cache, and the command that downloads it."""
     assert out.returncode == 2, out.stderr
     errors = [line for line in out.stderr.splitlines() if line.strip()]
-    assert len(errors) == 1 and errors[0].startswith("error: model 'acme/not-cached' is not in the Hugging Face "
-                                                     "cache"), out.stderr
-    assert "hf download acme/not-cached" in errors[0]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {what} is not in the Hugging Face cache"), out.stderr
+    assert f"`{download}`" in errors[0]
+
+
+def test_a_hub_id_that_is_not_cached_is_refused_in_one_line(tmp_path, tiny_chat_data):
+    out = train(tmp_path, "acme/not-cached", tiny_chat_data)
+    assert_refused_in_one_line(out, "model 'acme/not-cached'", "hf download acme/not-cached")
     assert not (tmp_path / "runs").exists()
 
 
@@ -94,11 +98,8 @@ def test_a_cached_hub_dataset_reads_from_the_cache_and_an_uncached_one_is_refuse
     assert out.returncode == 0 and json.loads(out.stdout)["rows"]["valid"] == report["rows"]["valid"], out.stderr
 
     out = inspect(tmp_path, "acme/never-downloaded", tiny_model)
-    assert out.returncode == 2, out.stderr
-    errors = [line for line in out.stderr.splitlines() if line.strip()]
-    assert len(errors) == 1 and errors[0].startswith("error: dataset 'acme/never-downloaded' is not in the Hugging "
-                                                     "Face cache"), out.stderr
-    assert "hf download acme/never-downloaded --repo-type dataset" in errors[0]
+    assert_refused_in_one_line(out, "dataset 'acme/never-downloaded'",
+                               "hf download acme/never-downloaded --repo-type dataset")
 
 
 def test_the_hub_probe_counts_any_answer_as_reachable_and_no_answer_as_not():
