@@ -19,6 +19,10 @@ import pytest
 import yaml
 
 
+# a proxy set in the environment would answer for the local addresses below (a 502 is an answer)
+NO_PROXY = {"no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -28,7 +32,7 @@ def closed_port() -> int:
 def offline_env(tmp_path: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     env.update(HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}", HF_HUB_CACHE=str(tmp_path / "hub"),
-               TUNELAB_CACHE=str(tmp_path / "tunelab-cache"))
+               TUNELAB_CACHE=str(tmp_path / "tunelab-cache"), **NO_PROXY)
     return env
 
 
@@ -102,13 +106,16 @@ def test_a_cached_hub_dataset_reads_from_the_cache_and_an_uncached_one_is_refuse
                                "hf download acme/never-downloaded --repo-type dataset")
 
 
-def test_the_hub_probe_counts_any_answer_as_reachable_and_no_answer_as_not():
+def test_the_hub_probe_counts_any_answer_as_reachable_and_no_answer_as_not(monkeypatch):
     """What decides between the Hub and the cache: an endpoint that answers at all (here a local server's 404) is
     reachable; a port nothing listens on is not."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from tunelab.models import hub_reachable
+
+    for key, value in NO_PROXY.items():
+        monkeypatch.setenv(key, value)
 
     class NotFound(BaseHTTPRequestHandler):
         def do_HEAD(self):

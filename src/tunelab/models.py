@@ -109,7 +109,8 @@ def resolve_source(source: str, revision: str | None = None) -> str:
     return str(p) if p.exists() else hub_or_cache(source, revision)
 
 
-_hub_answers: dict[str, bool] = {}
+_hub_answers: dict[str, bool] = {}  # hub_reachable's answer per endpoint, asked once per process
+_noted_cached: set[str] = set()  # hub ids hub_or_cache has already said it loads from the cache
 
 
 def hub_endpoint() -> str:
@@ -167,9 +168,6 @@ def hub_or_cache(repo_id: str, revision: str | None = None, repo_type: str = "mo
         print(f"note: the Hub cannot be reached; {repo_id} loads from the Hugging Face cache ({path})",
               file=sys.stderr)
     return path
-
-
-_noted_cached: set[str] = set()
 
 
 # Weight files that unpickle (they can carry code that runs on load); safetensors files hold tensors only.
