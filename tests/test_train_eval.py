@@ -68,3 +68,17 @@ def test_eval_settings_are_checked_before_loading(tmp_path, tiny_model):
         run_training(_cfg(tmp_path, tiny_model, ["training.save_steps=6"]), show_progress=False)
     with pytest.raises(UserError, match="needs validation data"):
         run_training(_cfg(tmp_path, tiny_model, ["data.validation=null"]), show_progress=False)
+
+
+def test_eval_task_data_is_checked_before_the_run_directory(tmp_path, tiny_model):
+    """A task file that is missing or holds no GSM8K questions is refused before anything is written: otherwise the
+    run directory would exist and the corrected re-run would be refused as a different config (or, with chat rows,
+    every evaluation would score 0 as if the model had failed)."""
+    base = ["eval.task=gsm8k", "eval.early_stopping_patience=null", "eval.load_best=false"]
+    with pytest.raises(UserError, match=r"^eval\.task_data: .*nope\.jsonl"):
+        run_training(_cfg(tmp_path, tiny_model, [*base, f"eval.task_data={tmp_path / 'nope.jsonl'}"]),
+                     show_progress=False)
+    chat = tmp_path / "train.jsonl"  # written by _cfg: messages rows, no gold answer
+    with pytest.raises(UserError, match=r"train\.jsonl:1: eval\.task_data row has no gold number"):
+        run_training(_cfg(tmp_path, tiny_model, [*base, f"eval.task_data={chat}"]), show_progress=False)
+    assert not (tmp_path / "runs").exists()

@@ -31,6 +31,27 @@ def _question_gold(row) -> tuple[str, str | None]:
     raise UserError("a GSM8K row needs 'question' and 'answer' fields (GSM8K's own format)")
 
 
+def read_questions(spec: str, n: int | None = None, key: str = "--data") -> list[dict]:
+    """The first `n` rows of `spec` (all when n is None), checked before any model loads: each needs a question and
+    a gold number, without which every answer would score as wrong. `key` names the setting in a refusal."""
+    try:
+        rows = read_source(spec)
+    except UserError as e:
+        raise UserError(f"{key}: {e}") from None
+    if not rows:
+        raise UserError(f"{key} {spec}: no rows to evaluate")
+    rows = rows[:n] if n else rows
+    for row in rows:
+        try:
+            _, gold = _question_gold(row.data)
+        except UserError:
+            raise UserError(f"{row.origin}: {key} needs GSM8K rows (question, answer ending in '#### N'), not "
+                            f"{', '.join(sorted(row.data)) or 'an empty row'}") from None
+        if gold is None:
+            raise UserError(f"{row.origin}: {key} row has no gold number (GSM8K's answer ends in '#### N')")
+    return [r.data for r in rows]
+
+
 def shot_turns(shots: list) -> list[dict]:
     """Solved examples as alternating user/assistant messages."""
     turns: list[dict] = []

@@ -166,12 +166,9 @@ def task_data(task: str, args):
     if spec is None:
         raise UserError(f"--task {task} needs --data (a file the data layer reads, e.g. a DialogSum .jsonl)")
     if task == "gsm8k":
-        from tunelab.data.sources import read_source
+        from tunelab.evaluation.gsm8k import read_questions
 
-        rows = [r.data for r in read_source(spec)]
-        if not rows:
-            raise UserError(f"{spec}: no rows to evaluate")
-        return rows[: args.n] if args.n else rows
+        return read_questions(spec, args.n)
     return load_records(spec, getattr(args, "format", "auto") or "auto", args.n, columns(args))
 
 
