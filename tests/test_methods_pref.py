@@ -170,6 +170,18 @@ def test_kto_refusals_write_nothing(tmp_path, tiny_model, pref_data, kto_data):
     assert not (tmp_path / "runs").exists()  # refused before the run directory is written
 
 
+def test_validation_dropped_whole_is_refused_before_anything_is_written(tmp_path, tiny_model, pref_data):
+    """Every validation pair over data.max_length and dropped: one line naming data.validation, not the Trainer's
+    "didn't pass an eval_dataset" traceback after the model has loaded."""
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "Tell a story. " * 60, "chosen": "Once.", "rejected": "No."}) + "\n")
+    path = config(tmp_path, tiny_model, pref_data, {"name": "dpo"}, data={"validation": str(long), "overlong": "drop"},
+                  training={"eval_steps": 4, "save_steps": 4})
+    with pytest.raises(UserError, match=r"^data\.validation \(.*long\.jsonl\): no validation sample is left"):
+        run_training(load_config(path), show_progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_method_options_are_checked(tmp_path, tiny_model, pref_data):
     with pytest.raises(UserError, match="method.betta"):
         load_config(config(tmp_path, tiny_model, pref_data, {"name": "dpo", "betta": 0.1}))

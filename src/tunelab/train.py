@@ -166,14 +166,18 @@ def check_metric(cfg: RunConfig) -> None:
                         "eval.direction=max")
 
 
-def evaluation_callbacks(cfg: RunConfig, run: runs.Run, tokenizer) -> tuple[list, list]:
+def task_rows(cfg: RunConfig) -> list | None:
+    """The held-out questions of eval.task, read and checked before the run directory is written."""
+    if not (cfg.eval.task and cfg.eval_schedule() != "no"):
+        return None
+    from tunelab.evaluation.gsm8k import read_questions
+
+    return read_questions(cfg.eval.task_data, cfg.eval.task_samples, key="eval.task_data")
+
+
+def evaluation_callbacks(cfg: RunConfig, run: runs.Run, tokenizer, task_rows: list | None) -> tuple[list, list]:
     from tunelab.evaluation.callbacks import training_callbacks
 
-    task_rows = None
-    if cfg.eval.task and cfg.eval_schedule() != "no":
-        from tunelab.data.sources import read_source
-
-        task_rows = [r.data for r in read_source(cfg.eval.task_data)][: cfg.eval.task_samples]
     return training_callbacks(run.dir, task_rows=task_rows, tokenizer=tokenizer,
                               task_max_new_tokens=cfg.eval.task_max_new_tokens,
                               early_stopping_patience=cfg.eval.early_stopping_patience,
@@ -284,7 +288,12 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
                                       cfg.model.chat_template)
     with distributed.main_first():  # rank 0 fills the tokenized-data cache, the others read it
         data = prepare_data(cfg, method.data, tokenizer)
+    if not data.validation and cfg.eval_schedule() != "no":
+        where = f"data.validation ({cfg.data.validation})" if cfg.data.validation else "data.val_split"
+        raise UserError(f"{where}: no validation sample is left after filtering (over-long or unanswered rows "
+                        "dropped); raise data.max_length, use data.overlong=truncate, or give other validation data")
     method.check(cfg, opts, data)  # the method's own refusals, before the model loads or the run dir is written
+    questions = task_rows(cfg)
     warning = check_end_of_turn(data.stats, cfg.data.max_length, cfg.data.allow_truncated_eos)
     if warning:
         echo(f"warning: {warning}")
@@ -332,7 +341,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
         trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress line instead
         stop = runs.GracefulStop()
         # order matters: the task metric joins an evaluation's log entry before MetricsLog writes it to metrics.jsonl
-        before, after = evaluation_callbacks(cfg, run, tokenizer)
+        before, after = evaluation_callbacks(cfg, run, tokenizer, questions)
         for cb in (runs.AtomicCheckpoints(run, cfg.training.save_total_limit), stop, *before,
                    *([runs.MetricsLog(run, show_progress=show_progress), *after] if distributed.is_main() else []),
                    *callbacks):
