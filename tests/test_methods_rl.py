@@ -116,6 +116,12 @@ def test_grpo_refuses_bad_batch_and_reward(tmp_path, peaked_model, prompts):
         run_training(load_config(write_config(tmp_path, peaked_model, prompts, bad_rm, name="r4")),
                      show_progress=False)
     assert not (tmp_path / "runs").exists()
+    # these prompts carry no gold answer: every completion would score 0, a run that learns nothing
+    no_gold = {"name": "grpo", "num_generations": 4, "rewards": ["gsm8k_correct"]}
+    with pytest.raises(UserError, match=r"reward gsm8k_correct needs a usable 'answer' .* 16 of 16 have none"):
+        run_training(load_config(write_config(tmp_path, peaked_model, prompts, no_gold, name="r5")),
+                     show_progress=False)
+    assert not (tmp_path / "runs").exists()
     with pytest.raises(UserError, match="num_genrations"):
         load_config(write_config(tmp_path, peaked_model, prompts, {"name": "grpo", "num_genrations": 4}, name="r3"))
 

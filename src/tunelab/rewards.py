@@ -52,6 +52,10 @@ def gsm8k_correct(completions, answer=None, **kwargs) -> list[float]:
             for c, a in zip(completions, answer)]
 
 
+# the data columns a reward reads and how each value is parsed (None: unusable); check_specs looks at every row
+gsm8k_correct.needs = {"answer": _gold}
+
+
 # The reasoning format GRPO recipes teach: the whole completion is a reasoning block followed by an answer block.
 _TAGS_RE = re.compile(r"\A\s*<reasoning>(?:(?!</?reasoning>).)*?</reasoning>\s*<answer>(?:(?!</?answer>).)*?</answer>\s*\Z",
                       re.DOTALL)
@@ -218,9 +222,10 @@ def build_rewards(specs) -> tuple[list, list[float]]:
     return funcs, weights
 
 
-def check_specs(specs) -> None:
+def check_specs(specs, rows=()) -> None:
     """Resolve reward specs before anything loads (unknown names, missing files); a reward model is only looked for,
-    loaded later."""
+    loaded later. `rows`: the prompts rewarded (training and validation), each holding what its rewards read (a
+    reward's `needs`): a prompt without its gold answer would score 0 whatever the model says."""
     light = []
     for spec in specs:
         if isinstance(spec, dict) and spec.get("name") == "reward_model":
@@ -231,4 +236,11 @@ def check_specs(specs) -> None:
         else:
             light.append(spec)
     if light or not specs:
-        build_rewards(light)
+        for func in build_rewards(light)[0]:
+            for column, parse in getattr(func, "needs", {}).items():
+                unusable = [r for r in rows if parse(r.get(column)) is None]
+                if unusable:
+                    raise UserError(f"reward {func.__name__} needs a usable '{column}' in every prompt row, and "
+                                    f"{len(unusable)} of {len(rows)} have none (e.g. {unusable[0].get(column)!r} "
+                                    f"for {str(unusable[0].get('prompt'))[:60]!r}): add it to the data or drop "
+                                    "this reward")

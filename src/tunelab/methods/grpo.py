@@ -117,7 +117,7 @@ class GRPO(Method):
             if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():
                 raise UserError("grpo: method.use_vllm needs a CUDA GPU and vLLM installed (pip install vllm); "
                                 "set method.use_vllm=false to generate with transformers")
-        check_specs(opts.rewards)
+        check_specs(opts.rewards, [*data.train, *(data.validation or [])])
 
     def build(self, cfg, opts: Config, model, tokenizer, data, args: dict):
         from datasets import Dataset

@@ -106,7 +106,7 @@ class PPO(Method):
         if cfg.training.batch_size % opts.num_mini_batches:
             raise UserError(f"ppo: training.batch_size ({cfg.training.batch_size}) must be a multiple of "
                             f"method.num_mini_batches ({opts.num_mini_batches})")
-        check_specs(opts.rewards)
+        check_specs(opts.rewards, [*data.train, *(data.validation or [])])
 
     def build(self, cfg, opts: Config, model, tokenizer, data, args: dict):
         from datasets import Dataset
