@@ -39,12 +39,23 @@ def test_an_override_after_a_flag_reaches_the_config(tmp_path, tiny_model, tiny_
 @pytest.mark.parametrize("argv", [["sweep", "s.yaml", "--trials", "0"], ["sweep", "s.yaml", "--trials", "-1"],
                                   ["estimate", "t.yaml", "--nproc", "0"], ["train", "t.yaml", "--nproc", "-2"],
                                   ["estimate", "t.yaml", "--budget-gb", "-5"],
-                                  ["estimate", "t.yaml", "--budget-gb", "x"]])
+                                  ["estimate", "t.yaml", "--budget-gb", "x"],
+                                  ["data", "inspect", "--limit", "-1", "d.jsonl"],
+                                  ["eval", "--task", "gsm8k", "--n", "0"],
+                                  ["serve", "--max-tokens", "0"], ["chat", "--max-tokens", "-3"],
+                                  ["eval", "--task", "gsm8k", "--k-shot", "-1"]])
 def test_counts_and_budgets_must_be_above_zero(argv, capsys):
     with pytest.raises(SystemExit) as e:
         cli.parse(cli.build_parser(), argv)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and argv[2] in err and ("above 0" in err or "expected a float" in err), err
+    flag = next(a for a in argv if a.startswith("--"))
+    assert e.value.code == 2 and flag in err, err
+    assert "above 0" in err or "0 or more" in err or "expected a float" in err, err
+
+
+def test_zero_is_a_count_where_it_means_none():
+    args = cli.parse(cli.build_parser(), ["eval", "--task", "gsm8k", "--k-shot", "0"])
+    assert args.k_shot == 0
 
 
 def test_estimate_json_is_json_only(tmp_path, tiny_model, tiny_chat_data, capsys):

@@ -15,21 +15,22 @@ import sys
 A = lambda *flags, **kw: (flags, kw)  # noqa: E731  (an argument spec: flags + argparse kwargs)
 
 
-def _positive(kind):
-    """An argparse type: a number of `kind` above zero (a count of trials or processes, a memory budget)."""
+def _positive(kind, zero_ok: bool = False):
+    """An argparse type: a number of `kind` above zero (a count of trials or processes, a memory budget), or with
+    zero_ok at least zero (a count of examples or of waiting requests)."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        if value < 0 or not (zero_ok or value > 0):
+            raise argparse.ArgumentTypeError(f"must be {'0 or more' if zero_ok else 'above 0'}, got {text}")
         return value
-    parse.__name__ = f"positive {kind.__name__}"
+    parse.__name__ = f"{'non-negative' if zero_ok else 'positive'} {kind.__name__}"
     return parse
 
 
-positive_int, positive_float = _positive(int), _positive(float)
+positive_int, positive_float, count = _positive(int), _positive(float), _positive(int, zero_ok=True)
 
 OVERRIDES = A("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. training.learning_rate=1e-4")
 MODEL_ARGS = [
@@ -55,16 +56,16 @@ EVAL_ARGS = [
     A("--format", default="auto", help="data format when detection is not enough (see tunelab data inspect)"),
     A("--column", action="append", metavar="YOURS=EXPECTED",
       help="rename a data field (repeatable), e.g. --column summaries=references"),
-    A("--n", type=int, default=None, help="evaluate only the first N samples (default: all for eval, 50 for compare)"),
-    A("--k-shot", type=int, default=0, help="gsm8k: solved training examples shown as earlier chat turns"),
+    A("--n", type=positive_int, default=None, help="evaluate only the first N samples (default: all for eval, 50 for compare)"),
+    A("--k-shot", type=count, default=0, help="gsm8k: solved training examples shown as earlier chat turns"),
     A("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples"),
     A("--top-p", type=float, default=1.0, help="nucleus sampling when --temperature > 0"),
     A("--seed", type=int, default=None, help="seed for sampling"),
-    A("--max-new-tokens", type=int, default=256, help="longest generation per sample"),
-    A("--batch-size", type=int, default=16, help="samples generated (or scored) together"),
+    A("--max-new-tokens", type=positive_int, default=256, help="longest generation per sample"),
+    A("--batch-size", type=positive_int, default=16, help="samples generated (or scored) together"),
     A("--lm-eval-include", action="append", metavar="DIR",
       help="lm-eval tasks: a folder of task YAMLs whose tasks --task lm-eval:NAME can name (repeatable)"),
-    A("--lm-eval-fewshot", type=int, default=None, metavar="K",
+    A("--lm-eval-fewshot", type=count, default=None, metavar="K",
       help="lm-eval tasks: few-shot examples (default: each task's own)"),
     A("--lm-eval-chat-template", action="store_true",
       help="lm-eval tasks: render prompts with the model's chat template"),
@@ -105,7 +106,7 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
     "quickstart": ("tunelab.quickstart:main", "fine-tune the embedded model on bundled GSM8K and show before/after", [
         A("--config", default=None, help="config to use (default: configs/quickstart.yaml, or the packaged copy)"),
         OVERRIDES,
-        A("--eval-n", type=int, default=50, help="held-out questions scored before and after"),
+        A("--eval-n", type=positive_int, default=50, help="held-out questions scored before and after"),
         A("--overwrite", action="store_true", help="start the quickstart run over"),
     ]),
     "data": {"help": "look at a dataset the way training will see it", "commands": {
@@ -116,10 +117,10 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
             A("--json", action="store_true", help="print the report as JSON"),
             A("--format", default="auto", help="the data format (default: detect)"),
             A("--column", action="append", metavar="YOURS=EXPECTED", help="rename a field (repeatable)"),
-            A("--max-length", type=int, default=1024, help="count samples longer than this many tokens"),
+            A("--max-length", type=positive_int, default=1024, help="count samples longer than this many tokens"),
             A("--split", default=None, help="hub dataset split (default train)"),
             A("--name", default=None, help="hub dataset config name"),
-            A("--limit", type=int, default=None, help="measure token lengths on the first N samples only"),
+            A("--limit", type=positive_int, default=None, help="measure token lengths on the first N samples only"),
             A("--strict", action="store_true", help="stop at the first invalid row instead of counting them"),
         ]),
     }},
@@ -131,7 +132,7 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
         A("--persona", default=None, help="a built-in system prompt: assistant, tutor, pirate, storyteller"),
         A("--temperature", type=float, default=0.7, help="0 = greedy"),
         A("--top-p", type=float, default=0.9, help="nucleus sampling: keep the most likely tokens up to this mass"),
-        A("--max-tokens", type=int, default=256, help="longest reply, in tokens"),
+        A("--max-tokens", type=positive_int, default=256, help="longest reply, in tokens"),
         A("--seed", type=int, default=None, help="seed for sampling (default: a different reply each time)"),
     ]),
     "serve": ("tunelab.inference.server:main", "OpenAI-compatible API: one base, any number of adapters", [
@@ -142,12 +143,12 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
         A("--host", default="127.0.0.1", help="address to bind (default loopback only; 0.0.0.0 exposes it)"),
         A("--port", type=int, default=8000, help="port to listen on"),
         A("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $TUNELAB_API_KEY if set)"),
-        A("--max-concurrency", type=int, default=1, help="generations running at once"),
-        A("--max-queue", type=int, default=16, help="requests waiting beyond those; more get 429"),
-        A("--max-tokens", type=int, default=512, help="default and largest max_tokens per request"),
-        A("--max-choices", type=int, default=16,
+        A("--max-concurrency", type=positive_int, default=1, help="generations running at once"),
+        A("--max-queue", type=count, default=16, help="requests waiting beyond those; more get 429"),
+        A("--max-tokens", type=positive_int, default=512, help="default and largest max_tokens per request"),
+        A("--max-choices", type=positive_int, default=16,
           help="most completions one request may ask for: prompts x n (more get 400)"),
-        A("--max-body-bytes", type=int, default=4 * 1024 * 1024,
+        A("--max-body-bytes", type=positive_int, default=4 * 1024 * 1024,
           help="largest request body in bytes (default 4 MiB; larger get 413 before being read)"),
     ]),
     "ui": ("tunelab.inference.webui:main", "web UI (Gradio): Chatbot and Storymaker tabs", [
@@ -172,9 +173,9 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
         A("--gguf", required=True, help="the GGUF file"),
         A("--prompt", default=None, help="one prompt; without it, read prompts from stdin"),
         A("--system", default=None, help="system prompt"),
-        A("--max-new-tokens", type=int, default=256, help="longest reply, in tokens"),
-        A("--n-ctx", type=int, default=2048, help="context window in tokens"),
-        A("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's choice)"),
+        A("--max-new-tokens", type=positive_int, default=256, help="longest reply, in tokens"),
+        A("--n-ctx", type=positive_int, default=2048, help="context window in tokens"),
+        A("--threads", type=positive_int, default=None, help="CPU threads (default: llama.cpp's choice)"),
     ]),
     "eval": ("tunelab.evaluation.main:main", "evaluate a model, adapter or run on gsm8k, summarization, perplexity, "
              "a prompts file or lm-evaluation-harness tasks", [
