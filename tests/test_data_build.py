@@ -75,6 +75,27 @@ def test_sft_on_kto_and_prompt_only_data(tok):
     assert [p["answer"] for p in prompts] == ["42", "5"]
 
 
+def test_sft_on_kto_rows_all_undesirable_says_so(tok, tmp_path):
+    p = tmp_path / "kf.jsonl"
+    p.write_text("".join(json.dumps({"prompt": f"p{i}", "completion": "c", "label": False}) + "\n" for i in range(3)))
+    with pytest.raises(UserError) as e:
+        build.prepare_sft(DataConfig(train=str(p), cache=False), tok)
+    assert "every row of the training data is labelled undesirable (KTO label false)" in str(e.value)
+    assert "method kto" in str(e.value) and "over-long" not in str(e.value)
+
+
+def test_stats_carry_a_printable_line_on_skipped_rows(tok, tmp_path):
+    p = write_chat(tmp_path / "c.jsonl", 3)
+    with open(p, "a") as f:
+        f.write("{not json}\n")
+    _, _, stats = build.prepare_sft(DataConfig(train=p, on_invalid="skip", cache=False), tok)
+    assert stats["invalid_skipped"] == 1 and stats["invalid_examples"][0].startswith(f"{p}:4: malformed JSON")
+    assert stats["invalid_summary"].startswith(f"1 of 4 rows were invalid and skipped (data.on_invalid: skip); "
+                                               f"first: {p}:4: malformed JSON")
+    assert build.prepare_sft(DataConfig(train=write_chat(tmp_path / "ok.jsonl", 2), cache=False),
+                             tok)[2]["invalid_summary"] is None
+
+
 def test_sft_on_prompt_response_data_names_the_unread_field(tok, tmp_path):
     # {"prompt", "response"} fits no reply-carrying format, so it reads as prompt-only and `response` is unread
     p = tmp_path / "pr.jsonl"

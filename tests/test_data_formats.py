@@ -322,3 +322,54 @@ def test_tool_call_turns_are_refused_in_one_line(data):
     msg = str(e.value)
     assert msg.startswith("t.jsonl:3: ") and "[1] is a tool-call turn; tool calls are not supported" in msg
     assert "remove" in msg and "\n" not in msg
+
+
+# ------------------------------------------------------------------------------------------- values of the wrong kind
+
+def test_lone_surrogate_is_named_and_skippable(tmp_path):
+    p = tmp_path / "s.jsonl"
+    bad = r'{"messages":[{"role":"user","content":"hi \ud800 there"},{"role":"assistant","content":"hello"}]}'
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    p.write_text(bad + "\n" + good + "\n")
+    assert err(p).startswith(f"{p}:1: invalid unicode (a lone surrogate '\\ud800' after 'hi ')")
+    problems: list[str] = []
+    _, recs = formats.normalize_rows(read_source(str(p)), "auto", str(p), problems=problems)
+    assert [r["origin"] for r in recs] == [f"{p}:2"] and problems[0].startswith(f"{p}:1: invalid unicode")
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ({"question": "Capital of France?", "answer": {"aliases": "Paris"}}, "answer aliases must be a list of strings"),
+    ({"question": "Capital of France?", "answer": {"value": "Paris", "aliases": {"Paris": 1}}},
+     "answer aliases must be a list of strings, got dict"),
+    ({"question": "Capital of France?", "answer": float("nan")}, "'answer' is empty or not text (got float)"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]},
+                   {"role": "assistant", "content": "x"}]},
+     "messages[0] (user) content part 0: a text part's 'text' must be a string, got NoneType"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}], "system": 5},
+     "'system' must be text, got int"),
+    ({"prompt": "2+2?", "answer": False}, "'answer' must be text or a number, got bool"),
+])
+def test_wrong_typed_values_are_refused_not_turned_into_text(data, fragment):
+    with pytest.raises(UserError) as e:
+        formats.normalize_rows([Row(data, "v.jsonl:2")], "auto", "v.jsonl")
+    assert str(e.value).startswith("v.jsonl:2: ") and fragment in str(e.value)
+
+
+def test_hh_transcript_without_assistant_turn():
+    rows = [Row({"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi\n\nAssistant: yo"}, "hh.jsonl:1")]
+    with pytest.raises(UserError, match="hh.jsonl:1: the 'chosen' transcript has no Assistant turn"):
+        formats.normalize_rows(rows, "hh_rlhf", "hh.jsonl")
+    rows = [Row({"chosen": "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: and?", "rejected": "\n\nHuman: hi\n\nAssistant: "
+                 "no"}, "hh.jsonl:2")]
+    with pytest.raises(UserError, match="hh.jsonl:2: the 'chosen' transcript ends with a Human turn"):
+        formats.normalize_rows(rows, "hh_rlhf", "hh.jsonl")
+
+
+def test_columns_map_renames_all_at_once():
+    rows = [Row({"prompt": "Greet me.", "chosen": "go away", "rejected": "Hello!"}, "p.jsonl:1")]
+    _, (rec,) = formats.normalize_rows(rows, "auto", "p.jsonl", {"chosen": "rejected", "rejected": "chosen"})
+    assert rec["chosen"][0]["content"] == "Hello!" and rec["rejected"][0]["content"] == "go away"
+    rows = [Row({"ask": "Why?", "question": "What?", "answer": "Because."}, "q.jsonl:3")]
+    with pytest.raises(UserError, match=r"q.jsonl:3: data.columns gives field 'question' two values \(from fields "
+                                        r"'ask' and 'question'\)"):
+        formats.normalize_rows(rows, "auto", "q.jsonl", {"ask": "question"})

@@ -106,6 +106,19 @@ def test_inspect_bad_input_is_one_line_exit_2(capsys, argv, fragment):
     assert err.count("\n") == 1 and err.startswith("error: ")
 
 
+def test_inspect_refuses_unreadable_rows_in_one_line(capsys, tmp_path):
+    sur = tmp_path / "sur.jsonl"
+    sur.write_text(r'{"messages":[{"role":"user","content":"hi \ud800 there"},{"role":"assistant","content":"hello"}]}'
+                   "\n")
+    py = tmp_path / "py.jsonl"
+    py.write_text("{'instruction': 'a', 'output': 'b'}\n{'instruction': 'c', 'output': 'd'}\n")
+    for path, fragment in ((sur, f"{sur}:1: invalid unicode (a lone surrogate"),
+                           (py, f"{py}: no usable rows: all 2 rows are invalid; first: {py}:1: malformed JSON")):
+        code = main(["data", "inspect", str(path), "--model", str(TOKENIZER)])
+        err = capsys.readouterr().err
+        assert code == 2 and fragment in err and "Traceback" not in err and err.count("\n") == 1
+
+
 def test_inspect_help_lists_options(capsys):
     with pytest.raises(SystemExit):
         main(["data", "inspect", "--help"])

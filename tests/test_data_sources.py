@@ -199,12 +199,52 @@ def test_on_invalid_skip_counts_and_reports(tmp_path):
 def test_empty_after_filtering(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text(json.dumps({"question": "", "answer": "x"}) + "\n")
-    with pytest.raises(UserError, match=r"bad.jsonl: no usable rows \(1 invalid rows skipped; first: .*bad.jsonl:1"):
+    with pytest.raises(UserError, match=r"bad.jsonl: no usable rows: its one row is invalid; first: .*bad.jsonl:1"):
         build.load_records(str(p), DataConfig(train=str(p), on_invalid="skip"))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(UserError, match="empty.jsonl: no rows"):
         build.load_records(str(empty), DataConfig(train=str(empty)))
+
+
+def test_all_rows_unreadable_is_not_an_empty_dataset(tmp_path):
+    p = tmp_path / "py.jsonl"
+    p.write_text("{'instruction': 'a', 'output': 'b'}\n{'instruction': 'c', 'output': 'd'}\n")  # Python dicts
+    with pytest.raises(UserError) as e:
+        build.load_records(str(p), DataConfig(train=str(p), on_invalid="skip"))
+    assert str(e.value).startswith(f"{p}: no usable rows: all 2 rows are invalid; first: {p}:1: malformed JSON")
+
+
+def test_empty_json_reads_as_empty_like_other_files(tmp_path):
+    for name, text in [("e.json", ""), ("w.json", "  \n\n"), ("e.jsonl", ""), ("e.csv", ""), ("e.txt", "\n")]:
+        p = tmp_path / name
+        p.write_text(text)
+        with pytest.raises(UserError) as e:
+            build.load_records(str(p), DataConfig(train=str(p)))
+        assert str(e.value) == f"{p}: no rows (the dataset is empty)"
+
+
+def test_weight_that_leaves_a_source_no_rows_is_refused(tmp_path):
+    x = write_jsonl(tmp_path / "x.jsonl", qa_rows(3))
+    m = write_jsonl(tmp_path / "m.jsonl", qa_rows(5, start=10))
+    cfg = DataConfig(train=[{"path": x, "weight": 0.1}, m])
+    with pytest.raises(UserError) as e:
+        build.load_records(cfg.train, cfg)
+    assert str(e.value).startswith(f"data source '{x}': weight 0.1 leaves none of its 3 rows")
+    assert "at least 0.33" in str(e.value)
+    cfg = DataConfig(train=[{"path": x, "weight": 0.33}, m])  # the weight it suggests keeps one row
+    assert sum(r["origin"].startswith(x) for r in build.load_records(cfg.train, cfg)) == 1
+
+
+def test_mistyped_local_folder_is_not_read_as_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d" / "dir1").mkdir(parents=True)
+    with pytest.raises(UserError) as e:
+        resolve_files("d/dirr1")
+    assert str(e.value).startswith("data folder not found: d/dirr1 (d/ is a local folder;")
+    assert "hub:d/dirr1" in str(e.value)
+    assert resolve_files("someone/some-dataset") is None  # no local folder 'someone': still a hub id
+    assert resolve_files("hub:d/dirr1") is None  # the way to say it is the hub dataset
 
 
 def test_config_source_errors_are_one_line():
@@ -238,6 +278,14 @@ def test_val_split_never_holds_out_a_trained_row(tmp_path):
     assert len(train) + sum(3 if r["origin"].startswith(a) else 1 for r in val) >= 80  # the rest still trains
     subset, subset_val = build.train_val_records(DataConfig(train=cfg.train, val_split=0.2, subset=30, seed=3))
     assert len(subset_val) <= 6 and not {r["origin"] for r in subset_val} & {r["origin"] for r in subset}
+
+
+def test_val_split_holds_out_a_fraction_of_distinct_rows(tmp_path):
+    ten = write_jsonl(tmp_path / "ten.jsonl", qa_rows(10))
+    for split, held in ((0.1, 1), (0.3, 3)):
+        train, val = build.train_val_records(DataConfig(train=[{"path": ten, "weight": 10}], val_split=split))
+        assert len(val) == held and len(train) == 10 * (10 - held)  # the rest trains with all its repeats
+        assert len({r["origin"] for r in train}) == 10 - held
 
 
 # ----------------------------------------------------------------------------------------- JSON files, CSV, saved

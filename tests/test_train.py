@@ -214,6 +214,34 @@ def test_eos_never_trained_is_refused(tmp_path, tiny_model, tiny_chat_data):
     assert not (tmp_path / "runs" / "noeos" / "checkpoints").exists()
 
 
+def test_skipped_rows_and_template_refusals_name_their_rows(tmp_path, tiny_model, tiny_chat_data):
+    from tunelab.errors import UserError
+
+    good = Path(tiny_chat_data).read_text().splitlines()[:8]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(["{not json", *good]) + "\n")
+    lines = []
+    path = make_config(tmp_path, tiny_model, str(mixed), "skip", training={"max_steps": 1})
+    run_training(load_config(path, ["data.on_invalid=skip"]), echo=lines.append, show_progress=False)
+    # data.on_invalid=skip: the rows left out are said before any step, not only in summary.json
+    assert any(x.startswith("warning: 1 of 9 rows were invalid and skipped") and "mixed.jsonl:1:" in x
+               for x in lines), lines
+    # a template that refuses system messages (as Gemma's does): the row it met is named
+    template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                "supported') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (tmp_path / "t.jinja").write_text(template)
+    with_system = json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                           {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hi"}]})
+    (tmp_path / "sys.jsonl").write_text("\n".join([*good, with_system]) + "\n")
+    path = make_config(tmp_path, tiny_model, str(tmp_path / "sys.jsonl"), "sys",
+                       model={"chat_template": str(tmp_path / "t.jinja")})
+    with pytest.raises(UserError, match=r"sys\.jsonl:9: the chat template cannot render this conversation: System "
+                                        r"role not supported; .*model\.chat_template"):
+        run_training(load_config(path), show_progress=False)
+    assert not (tmp_path / "runs" / "sys").exists()
+
+
 def test_saved_artifacts_load_with_plain_libraries(tmp_path, tiny_model, tiny_chat_data):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

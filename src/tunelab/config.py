@@ -61,7 +61,8 @@ class DataConfig(Section):
                         "sharegpt, alpaca, dolly, prompt_completion, text, qa, dialogue_summary, preference, hh_rlhf, "
                         "kto (see tunelab data inspect)")
     columns: dict[str, str] = Field(default_factory=dict, description="rename map: your field -> expected field")
-    val_split: float = Field(0.0, ge=0, lt=1, description="fraction of train held out for validation")
+    val_split: float = Field(0.0, ge=0, lt=1, description="fraction of the distinct training rows held out for "
+                       "validation (a held-out row leaves training with all its weighted repeats)")
     subset: int | None = Field(None, gt=0, description="use only N randomly chosen training rows")
     shuffle: bool = Field(True, description="shuffle the (mixed) training rows before subset/split")
     seed: int = Field(42, description="seed for mixing, subset, split and shuffling")

@@ -294,9 +294,11 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
                         "dropped); raise data.max_length, use data.overlong=truncate, or give other validation data")
     method.check(cfg, opts, data)  # the method's own refusals, before the model loads or the run dir is written
     questions = task_rows(cfg)
-    warning = check_end_of_turn(data.stats, cfg.data.max_length, cfg.data.allow_truncated_eos)
-    if warning:
-        echo(f"warning: {warning}")
+    # rows data.on_invalid=skip left out, then samples whose end of turn max_length cut off: said before any step
+    for warning in (data.stats.get("invalid_summary"),
+                    check_end_of_turn(data.stats, cfg.data.max_length, cfg.data.allow_truncated_eos)):
+        if warning:
+            echo(f"warning: {warning}")
     # `auto` settings (gradient checkpointing, SFT's loss) chosen for this machine's free memory; the run directory
     # keeps the user's config, the run uses run_cfg
     # the token lengths the memory plan and the estimate count (every kind of data, tokenized here if TRL tokenizes)

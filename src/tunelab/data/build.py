@@ -58,6 +58,8 @@ def load_source(src, data_cfg, info: dict | None = None, shared_columns: bool = 
         columns, used = data_cfg.columns, info.setdefault("columns_used", set())
     else:
         columns, used = data_cfg.columns, None
+    if not rows and problems:  # every row was unreadable: that, not an empty dataset, is what to fix
+        raise UserError(_all_invalid(path, problems))
     name, records = formats.normalize_rows(rows, fmt, path, columns, problems, used)
     info["formats"][path] = name
     if rows:  # what the format leaves unread, for the hint when a fallback format (prompt, text) was a wrong guess
@@ -69,9 +71,14 @@ def load_source(src, data_cfg, info: dict | None = None, shared_columns: bool = 
         info["invalid_skipped"] += len(problems)
         info["problems"] += problems[: MAX_PROBLEMS_SHOWN - len(info["problems"])]
     if not records:
-        raise UserError(f"{path}: no usable rows" + (f" ({len(problems)} invalid rows skipped; first: {problems[0]})"
-                                                     if problems else ""))
+        raise UserError(_all_invalid(path, problems) if problems else f"{path}: no usable rows")
     return records
+
+
+def _all_invalid(path: str, problems: list[str]) -> str:
+    n = len(problems)
+    rows = "its one row is" if n == 1 else f"all {n} rows are"
+    return f"{path}: no usable rows: {rows} invalid; first: {problems[0]}"
 
 
 def _weighted(records: list[dict], weight: float, rng: random.Random) -> list[dict]:
@@ -114,7 +121,12 @@ def load_records(spec, data_cfg, info: dict | None = None) -> list[dict]:
             seen.add(key)
             kept.append(r)
         weight = 1.0 if isinstance(src, str) else src.weight
-        records += _weighted(kept, weight, rng) if weight != 1.0 else kept
+        mixed = _weighted(kept, weight, rng) if weight != 1.0 else kept
+        if kept and not mixed:  # a source listed in the mixture is meant to be in it
+            raise UserError(f"data source '{_src_path(src)}': weight {weight} leaves none of its {len(kept)} rows "
+                            f"({weight} x {len(kept)} rounds to 0); raise its weight to at least {1 / len(kept):.2g} "
+                            "or remove the source")
+        records += mixed
     unused = [k for k in data_cfg.columns if k not in info.get("columns_used", set())]
     if len(sources) > 1 and unused:
         raise UserError(f"data.columns: {', '.join(repr(k) for k in unused)} is not a field of "
@@ -137,19 +149,19 @@ def train_val_records(data_cfg, info: dict | None = None) -> tuple[list[dict], l
         train = [train[i] for i in sorted(rng.sample(range(len(train)), data_cfg.subset))]
     val = load_records(data_cfg.validation, data_cfg, info) if data_cfg.validation else []
     if data_cfg.val_split and not data_cfg.validation:
-        n_val = max(1, int(round(len(train) * data_cfg.val_split)))
-        if n_val >= len(train):
-            raise UserError(f"data.val_split={data_cfg.val_split} leaves no training rows out of {len(train)}; "
+        # A weighted source repeats the same record objects. The fraction is of distinct records, and a record held
+        # out for validation leaves training with all its repeats (otherwise validation would score rows the model
+        # trains on); counting repeats would hold out far more distinct rows than asked.
+        distinct = list({id(r): r for r in train}.values())
+        n_val = max(1, int(round(len(distinct) * data_cfg.val_split)))
+        if n_val >= len(distinct):
+            raise UserError(f"data.val_split={data_cfg.val_split} leaves no training rows out of {len(distinct)}; "
                             "lower it or add data")
-        idx = list(range(len(train)))
+        idx = list(range(len(distinct)))
         rng.shuffle(idx)
-        # A weighted source repeats the same record objects: the split takes whole records, so a row held out for
-        # validation leaves training with all its repeats (otherwise validation would score rows the model trains on)
-        held = {id(train[i]) for i in idx[:n_val]}
-        val = list({id(r): r for r in train if id(r) in held}.values())  # each held-out record once, in order
+        held = {id(distinct[i]) for i in idx[:n_val]}
+        val = [r for r in distinct if id(r) in held]
         train = [r for r in train if id(r) not in held]
-        if not train:
-            raise UserError(f"data.val_split={data_cfg.val_split} leaves no training rows; lower it or add data")
     return train, val
 
 
@@ -171,13 +183,20 @@ def encode_record(tok, rec: dict, max_length: int | None = None) -> render.Encod
         return encode_text(tok, rec["text"], max_length)
     # preference / KTO: the prompt (even its earlier assistant turns) is context; only the reply is a target
     train_from = len(rec["prompt"]) if "messages" not in rec and "prompt" in rec else 0
-    return render.encode_conversation(tok, formats.conversation(rec), max_length, train_from)
+    try:
+        return render.encode_conversation(tok, formats.conversation(rec), max_length, train_from)
+    except UserError as e:  # a template's refusal ("System role not supported") names the row it met
+        if rec.get("origin") and not str(e).startswith(rec["origin"]):
+            raise UserError(f"{rec['origin']}: {e}") from None
+        raise
 
 
-def encode_records(tok, records: list[dict], data_cfg, unused: dict | None = None) -> tuple[list[dict], dict]:
+def encode_records(tok, records: list[dict], data_cfg, unused: dict | None = None,
+                   part: str = "training") -> tuple[list[dict], dict]:
     """Token rows {input_ids, labels} and counts of what happened to over-long samples.
 
     `unused`: source -> fields its format left unread (see `load_source`), named when prompt-only data cannot train.
+    `part`: "training" or "validation", named when nothing is left to train or score.
     """
     rows, stats = [], {"samples": 0, "truncated": 0, "dropped": 0, "no_reply": 0, "eos_kept": 0, "eos_lost": 0,
                        "eos_missing": 0}
@@ -218,8 +237,18 @@ def encode_records(tok, records: list[dict], data_cfg, unused: dict | None = Non
         raise UserError(f"{records[0].get('origin', 'data')}: the data is prompts without replies; SFT needs "
                         f"conversations with assistant replies (prompt-only data is for GRPO/PPO){hint}")
     if not rows:
-        raise UserError("no trainable samples after filtering (all were dropped as over-long or had no assistant "
-                        "reply); check data.max_length and the data")
+        undesirable = stats.get("undesirable", 0)
+        if records and undesirable == len(records):
+            raise UserError(f"{records[0].get('origin', 'data')}: every row of the {part} data is labelled undesirable "
+                            "(KTO label false), and SFT only imitates desirable replies; train these rows with "
+                            "method kto, or add rows labelled true")
+        why = {"labelled undesirable (KTO label false)": undesirable,
+               f"longer than data.max_length={data_cfg.max_length} (data.overlong: drop)":
+                   stats["dropped"] - undesirable - stats["no_reply"],
+               "without an assistant reply to train on": stats["no_reply"]}
+        raise UserError(f"no trainable samples in the {part} data: of {len(records)}, "
+                        + ", ".join(f"{n} {what}" for what, n in why.items() if n)
+                        + "; check data.max_length and the data")
     return rows, stats
 
 
@@ -248,8 +277,13 @@ def check_end_of_turn(stats: dict, max_length: int, allow_lost: bool = False) ->
 
 
 def _report(info: dict) -> dict:
-    return {"formats": info["formats"], "rows_read": info["rows"], "invalid_skipped": info["invalid_skipped"],
-            "invalid_examples": info["problems"], "duplicates": info["duplicates"],
+    """The reading counts every prepare_* puts in its stats. `invalid_summary` is one printable line on the rows
+    `data.on_invalid: skip` left out (None when none were), `invalid_examples` the first few problems."""
+    n = info["invalid_skipped"]
+    summary = (f"{n} of {info['rows']} rows were invalid and skipped (data.on_invalid: skip); first: "
+               f"{info['problems'][0]}" if n else None)
+    return {"formats": info["formats"], "rows_read": info["rows"], "invalid_skipped": n,
+            "invalid_examples": info["problems"], "invalid_summary": summary, "duplicates": info["duplicates"],
             "duplicates_removed": info["duplicates_removed"]}
 
 
@@ -301,7 +335,7 @@ def _build_sft(data_cfg, tok) -> tuple[list[dict], list[dict], dict]:
     info = _new_info()
     train_rec, val_rec = train_val_records(data_cfg, info)
     train, stats = encode_records(tok, train_rec, data_cfg, info.get("unused_fields"))
-    val, val_stats = encode_records(tok, val_rec, data_cfg) if val_rec else ([], {})
+    val, val_stats = encode_records(tok, val_rec, data_cfg, part="validation") if val_rec else ([], {})
     stats["validation_samples"] = len(val)
     stats["validation_truncated"] = val_stats.get("truncated", 0)
     stats["validation_dropped"] = val_stats.get("dropped", 0)

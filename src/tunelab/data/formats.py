@@ -11,6 +11,7 @@ later row is checked against the chosen format, and every problem names the row'
 from __future__ import annotations
 
 import json
+import math
 import re
 
 from tunelab.data.sources import Row
@@ -36,6 +37,21 @@ def _text(data: dict, key: str, origin: str, optional: bool = False) -> str:
             return ""
         raise UserError(f"{origin}: '{key}' is empty")
     return v
+
+
+def _number_text(v):
+    """A numeric answer (42, 3.5) as text; any other value unchanged, for the caller's type check. A bool or a NaN
+    is not a number here: str() would turn them into the answers 'True' and 'nan'."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return str(v)
+    return v
+
+
+def _type_name(v) -> str:
+    """The type to name in an error: of a list's first item that is not a string, else of the value itself."""
+    if isinstance(v, list):
+        return "a list holding " + next(type(x).__name__ for x in v if not isinstance(x, str))
+    return type(v).__name__
 
 
 def _cell(v, cells: bool):
@@ -77,7 +93,11 @@ def _content(c, origin: str, where: str) -> str:
     if isinstance(c, list) and all(isinstance(p, dict) for p in c):
         if any(p.get("type", "text") != "text" for p in c):
             raise UserError(f"{origin}: {where} has non-text content parts; only text is supported")
-        c = "\n".join(str(p.get("text", "")) for p in c)
+        bad = next((i for i, p in enumerate(c) if not isinstance(p.get("text"), str)), None)
+        if bad is not None:
+            raise UserError(f"{origin}: {where} content part {bad}: a text part's 'text' must be a string, got "
+                            f"{type(c[bad].get('text')).__name__}")
+        c = "\n".join(p["text"] for p in c)
     if not isinstance(c, str):
         raise UserError(f"{origin}: {where} content must be text, got {type(c).__name__}")
     if not c.strip():
@@ -143,6 +163,10 @@ def _as_messages(v, role: str, origin: str, key: str, cells: bool = False) -> li
 
 def _split_shared_prompt(chosen: list[dict], rejected: list[dict], origin: str) -> tuple[list, list, list]:
     """Full conversations that share their opening -> (shared prompt turns, chosen reply, rejected reply)."""
+    for key, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if msgs[-1]["role"] != "assistant":
+            raise UserError(f"{origin}: '{key}' ends with a {msgs[-1]['role']} message; a full conversation in a "
+                            "preference pair ends with the assistant's reply")
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
@@ -186,6 +210,9 @@ def parse_hh(transcript, origin: str, key: str) -> list[dict]:
             raise UserError(f"{origin}: '{key}' has an empty {'Human' if role == 'user' else 'Assistant'} turn "
                             f"(turn {i // 2 + 1})")
         msgs.append({"role": role, "content": content})
+    if msgs[-1]["role"] != "assistant":  # the final Assistant turn is the reply a pair compares
+        where = "has no Assistant turn" if len(msgs) == 1 else "ends with a Human turn"
+        raise UserError(f"{origin}: the '{key}' transcript {where}; it must end with '\\n\\nAssistant: <reply>'")
     return _check_messages(msgs, origin, key)
 
 
@@ -227,10 +254,7 @@ class Messages(Format):
 
     def normalize(self, row):
         msgs = _check_messages(_cell(row.data["messages"], row.cells), row.origin, weights=True)
-        system = row.data.get("system")
-        if isinstance(system, str) and system.strip() and msgs[0]["role"] != "system":
-            msgs.insert(0, {"role": "system", "content": system})
-        return {"messages": msgs}
+        return {"messages": _with_system(msgs, row.data, row.origin)}
 
 
 class ShareGPT(Format):
@@ -258,10 +282,7 @@ class ShareGPT(Format):
             if role is None:
                 raise UserError(f"{row.origin}: conversations[{i}] has from='{t['from']}'; expected system/human/gpt")
             msgs.append({"role": role, "content": t["value"]})
-        system = row.data.get("system")
-        if isinstance(system, str) and system.strip() and msgs[0]["role"] != "system":
-            msgs.insert(0, {"role": "system", "content": system})
-        return {"messages": _check_messages(msgs, row.origin, "conversations")}
+        return {"messages": _check_messages(_with_system(msgs, row.data, row.origin), row.origin, "conversations")}
 
 
 def _instruction(d: dict, origin: str, extra_key: str, heading: str) -> str:
@@ -301,10 +322,10 @@ class Dolly(Format):
         return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": _text(d, "response", o)}]}
 
 
-def _with_system(msgs: list[dict], d: dict) -> list[dict]:
+def _with_system(msgs: list[dict], d: dict, origin: str) -> list[dict]:
     """Prepend a row-level `system` text to a conversation that has no system message of its own."""
-    system = d.get("system")
-    if isinstance(system, str) and system.strip() and msgs[0]["role"] != "system":
+    system = _text(d, "system", origin, optional=True)
+    if system and msgs[0]["role"] != "system":
         msgs.insert(0, {"role": "system", "content": system})
     return msgs
 
@@ -315,7 +336,7 @@ class PromptCompletion(Format):
 
     def normalize(self, row):
         d, o = row.data, row.origin
-        prompt = _with_system(_as_messages(d.get("prompt"), "user", o, "prompt", row.cells), d)
+        prompt = _with_system(_as_messages(d.get("prompt"), "user", o, "prompt", row.cells), d, o)
         completion = _as_messages(d.get("completion"), "assistant", o, "completion", row.cells)
         return {"messages": _check_messages(prompt + completion, o, "prompt + completion")}
 
@@ -346,15 +367,18 @@ class QuestionAnswer(Format):
         aliases = None
         if isinstance(a, dict):  # TriviaQA: {"value": "Paris", "aliases": ["Paris", "paris, france"], ...}
             aliases = a.get("aliases") or a.get("normalized_aliases") or []
+            # checked before use: a string here would be read letter by letter
+            if not isinstance(aliases, list) or not all(isinstance(x, str) for x in aliases):
+                raise UserError(f"{o}: answer aliases must be a list of strings, got {_type_name(aliases)}")
             a = a.get("value") if a.get("value") is not None else (aliases[0] if aliases else None)
         elif isinstance(a, list):  # a list of acceptable answers, the first one canonical
+            if not all(isinstance(x, str) for x in a):
+                raise UserError(f"{o}: a list 'answer' must hold strings (acceptable answers), got "
+                                f"{_type_name(a)}")
             aliases, a = a, (a[0] if a else None)
-        if isinstance(a, (int, float)) and not isinstance(a, bool):  # {"answer": 42}
-            a = str(a)
+        a = _number_text(a)  # {"answer": 42}
         if not isinstance(a, str) or not a.strip():
             raise UserError(f"{o}: 'answer' is empty or not text (got {type(a).__name__})")
-        if aliases is not None and not all(isinstance(x, str) for x in aliases):
-            raise UserError(f"{o}: answer aliases must all be text")
         a = _CALC.sub("", a)
         rec = {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
         gold = final_number(a)
@@ -382,15 +406,15 @@ class PromptOnly(Format):
 
     def normalize(self, row):
         d, o = row.data, row.origin
-        prompt = _with_system(_as_messages(d.get("prompt"), "user", o, "prompt", row.cells), d)
+        prompt = _with_system(_as_messages(d.get("prompt"), "user", o, "prompt", row.cells), d, o)
         if prompt[-1]["role"] != "user":
             raise UserError(f"{o}: 'prompt' must end with the user's turn")
         rec = {"prompt": prompt}
         gold = d.get("answer", d.get("solution"))
         if gold is not None:
-            if not isinstance(gold, (str, int, float)):
+            gold = _number_text(gold)
+            if not isinstance(gold, str):
                 raise UserError(f"{o}: 'answer' must be text or a number, got {type(gold).__name__}")
-            gold = str(gold)
             rec["answer"] = final_number(gold) or gold.strip()
         return rec
 
@@ -413,8 +437,8 @@ class Preference(Format):
             chosen = _as_messages(_cell(d.get("chosen"), cells), "user", o, "chosen")
             rejected = _as_messages(_cell(d.get("rejected"), cells), "user", o, "rejected")
             prompt, chosen, rejected = _split_shared_prompt(chosen, rejected, o)
-            return {"prompt": _with_system(prompt, d), "chosen": chosen, "rejected": rejected}
-        prompt = _with_system(_as_messages(d.get("prompt"), "user", o, "prompt", cells), d)
+            return {"prompt": _with_system(prompt, d, o), "chosen": chosen, "rejected": rejected}
+        prompt = _with_system(_as_messages(d.get("prompt"), "user", o, "prompt", cells), d, o)
         chosen = _as_messages(d.get("chosen"), "assistant", o, "chosen", cells)
         rejected = _as_messages(d.get("rejected"), "assistant", o, "rejected", cells)
         # some datasets repeat the prompt inside chosen/rejected (full conversations): keep only the replies
@@ -454,7 +478,7 @@ class KTO(Format):
 
     def normalize(self, row):
         d, o = row.data, row.origin
-        prompt = _with_system(_as_messages(d.get("prompt"), "user", o, "prompt", row.cells), d)
+        prompt = _with_system(_as_messages(d.get("prompt"), "user", o, "prompt", row.cells), d, o)
         completion = _as_messages(d.get("completion"), "assistant", o, "completion", row.cells)
         _check_messages(prompt + completion, o, "prompt + completion")
         return {"prompt": prompt, "completion": completion, "label": _label(d.get("label"), o)}
@@ -594,10 +618,35 @@ def rename_columns(rows: list[Row], columns: dict[str, str] | None, source: str,
                             f"(fields: {', '.join(sorted(rows[0].data))})")
     else:
         used |= found
+    # all at once, as `datasets`' rename_columns does: a swap {chosen: rejected, rejected: chosen} exchanges the two
     for r in rows:
-        for src, dst in columns.items():
-            if src in r.data:
-                r.data[dst] = r.data.pop(src)
+        moved = {src: dst for src, dst in columns.items() if src in r.data}
+        for dst in set(moved.values()):
+            givers = [s for s, d in moved.items() if d == dst] + [dst] * (dst in r.data and dst not in moved)
+            if len(givers) > 1:  # one value would silently overwrite the other
+                raise UserError(f"{r.origin}: data.columns gives field '{dst}' two values (from fields "
+                                f"{' and '.join(repr(g) for g in givers)}); map only one field to '{dst}'")
+        r.data.update({dst: r.data.pop(src) for src, dst in moved.items()})
+
+
+def _strings(v):
+    if isinstance(v, str):
+        yield v
+    elif isinstance(v, (list, dict)):
+        for x in v.values() if isinstance(v, dict) else v:
+            yield from _strings(x)
+
+
+def _check_unicode(rec: dict, origin: str) -> None:
+    """JSON can spell half of a surrogate pair (`\\ud800`); Python keeps it as a lone surrogate that is not valid
+    text, and the tokenizer refuses it with a traceback. Refuse the row here, where its origin is known."""
+    for text in _strings(rec):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserError(f"{origin}: invalid unicode (a lone surrogate {text[e.start]!r} after "
+                            f"{text[max(0, e.start - 20):e.start]!r}); \\ud800-\\udfff escapes come in pairs: fix "
+                            "the text or remove the row") from None
 
 
 def normalize_rows(rows: list[Row], fmt: str, source: str, columns: dict[str, str] | None = None,
@@ -623,6 +672,7 @@ def normalize_rows(rows: list[Row], fmt: str, source: str, columns: dict[str, st
             rec = f.normalize(row)
             if refs and "messages" in rec:  # evaluation scores against every reference; training uses the reply
                 rec[REFERENCES] = refs
+            _check_unicode(rec, r.origin)
         except UserError as e:
             if problems is None:
                 raise

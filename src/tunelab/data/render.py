@@ -37,7 +37,8 @@ def _render(tok, messages, add_generation_prompt=False) -> str:
     except Exception as e:  # noqa: BLE001 - templates raise their own errors (e.g. "roles must alternate")
         if isinstance(e, UserError):
             raise
-        raise UserError(f"the chat template cannot render this conversation: {str(e).splitlines()[0]}") from None
+        raise UserError(f"the chat template cannot render this conversation: {str(e).splitlines()[0]}; change the "
+                        "row or use a template that accepts it (model.chat_template)") from None
 
 
 render = _render

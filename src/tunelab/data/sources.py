@@ -110,16 +110,19 @@ def read_json(path: Path, problems: list[str] | None = None) -> list[Row]:
     name, read as such.
     """
     with _reading(path), _open_text(path) as fh:
-        try:
-            obj = json.load(fh)
-        except json.JSONDecodeError as e:
-            # "Extra data" after a complete first value is the mark of JSON Lines; any other error is a real syntax
-            # error of a JSON document, reported at its own line
-            if e.msg == "Extra data":
-                return read_jsonl(path, problems)
-            raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}); "
-                            "fix the file (a .json file holds one JSON value; JSON Lines hold one object per "
-                            "line)") from None
+        text = fh.read()
+    if not text.strip():  # no rows, as an empty file of any other type
+        return []
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        # "Extra data" after a complete first value is the mark of JSON Lines; any other error is a real syntax
+        # error of a JSON document, reported at its own line
+        if e.msg == "Extra data":
+            return read_jsonl(path, problems)
+        raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+                        "fix the file (a .json file holds one JSON value; JSON Lines hold one object per "
+                        "line)") from None
     if isinstance(obj, dict):
         # a wrapper holds its rows in one list of objects; lists of messages (or of plain values) belong to a sample
         row_lists = [v for v in obj.values() if isinstance(v, list) and v
@@ -275,6 +278,10 @@ def resolve_files(spec) -> list[Path] | None:
     # owner/name without a file suffix and not on disk: a hub dataset id
     if path.suffix or "/" not in path_s or path_s.startswith((".", "/", "~")):
         raise UserError(f"data file not found: {path_s}")
+    owner = path_s.split("/", 1)[0]
+    if Path(owner).is_dir():  # beside a local folder of that name, a mistyped path is likelier than a hub id
+        raise UserError(f"data folder not found: {path_s} ({owner}/ is a local folder; for the hub dataset "
+                        f"'{path_s}' write hub:{path_s})")
     return None
 
 
