@@ -119,6 +119,17 @@ def test_inspect_refuses_unreadable_rows_in_one_line(capsys, tmp_path):
         assert code == 2 and fragment in err and "Traceback" not in err and err.count("\n") == 1
 
 
+def test_inspect_renders_with_the_runs_template_and_system_prompt(capsys, tiny_model):
+    """--chat-template and --system-prompt show the data as a run with model.chat_template and data.system_prompt
+    trains on it, not as the model's own template would render it."""
+    rep = run_json(capsys, FMT / "qa_gsm8k.jsonl", "--model", tiny_model, "--chat-template", "alpaca",
+                   "--system-prompt", "Answer with a number.")
+    rendered = rep["first_sample"]["rendered"]
+    assert "### Instruction:" in rendered and "<|im_start|>" not in rendered
+    assert "Answer with a number." in rendered
+    assert not any("inserts its own system prompt" in w for w in rep["warnings"])
+
+
 def test_inspect_help_lists_options(capsys):
     with pytest.raises(SystemExit):
         main(["data", "inspect", "--help"])

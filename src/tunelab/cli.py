@@ -114,6 +114,9 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
                     "trained tokens highlighted, and warnings", [
             A("source", help="a file, directory, glob, bundled:NAME or hub dataset id"),
             A("--model", default="embedded:smollm2-135m-instruct", help="whose tokenizer and chat template to use"),
+            A("--chat-template", default=None, metavar="NAME|JINJA|FILE",
+              help="the template a run's model.chat_template gives (default: the model's own)"),
+            A("--system-prompt", default=None, help="as data.system_prompt: added to conversations that have none"),
             A("--json", action="store_true", help="print the report as JSON"),
             A("--format", default="auto", help="the data format (default: detect)"),
             A("--column", action="append", metavar="YOURS=EXPECTED", help="rename a field (repeatable)"),

@@ -197,13 +197,14 @@ def main(args) -> int:
     try:
         source = SourceConfig(path=args.source, split=args.split, name=args.name)
         data_cfg = DataConfig(train=[source], format=args.format, columns=columns, max_length=args.max_length,
-                              on_invalid="error" if args.strict else "skip", shuffle=False, cache=False)
+                              on_invalid="error" if args.strict else "skip", shuffle=False, cache=False,
+                              system_prompt=args.system_prompt)
     except ValueError as e:  # pydantic's ValidationError: a bad --max-length
         err = e.errors()[0] if hasattr(e, "errors") else {"msg": str(e), "loc": ()}
         flag = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "option"
         raise UserError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
     resolve_files(source)  # a missing file is reported before the tokenizer (and transformers) loads
-    tok = load_tokenizer(args.model)
+    tok = load_tokenizer(args.model, args.chat_template)
     report = inspect([source], tok, data_cfg, limit=args.limit)
     report["source"] = args.source
     report["model"] = args.model
