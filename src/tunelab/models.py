@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -407,6 +408,26 @@ def load_adapter(base, adapter_dir: str):
 
     from peft import PeftModel
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), adapter_fits(adapter_dir, base):
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         return PeftModel.from_pretrained(base, adapter_dir)
+
+
+@contextlib.contextmanager
+def adapter_fits(adapter_dir, base):
+    """Around loading an adapter: one that was trained on another base model (other sizes, or layers this model lacks)
+    is one line naming the base it was trained on, not PEFT's page of size mismatches."""
+    try:
+        yield
+    except (RuntimeError, ValueError) as e:
+        text = str(e)
+        if "size mismatch" not in text and "not found in the base model" not in text:
+            raise
+        try:
+            trained_on = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        except (OSError, ValueError, KeyError, TypeError):
+            trained_on = None
+        model = getattr(getattr(base, "config", None), "_name_or_path", "") or "this base model"
+        was = f"; it was trained on {trained_on}: load that as the base (--model)" if trained_on else ""
+        why = "its layers have other sizes" if "size mismatch" in text else "it targets layers this model lacks"
+        raise UserError(f"adapter {adapter_dir} does not fit {model} ({why}){was}") from None
