@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -98,6 +99,11 @@ def test_open_finished_run(tmp_path, tiny_model):
         runs.open_finished_run(run)
     (run / "final" / "config.json").write_text("{}")
     assert runs.open_finished_run(run).model_source == str(run / "final")
+    with pytest.raises(UserError, match=r"final is the final model of the run .*/r: pass the run itself"):
+        runs.open_finished_run(run / "final")  # a run's final/ given where the run is asked for
+    shutil.rmtree(run / "final")
+    with pytest.raises(UserError, match=r"no final model yet .* --adapter .*/r/checkpoints/checkpoint-N"):
+        runs.open_finished_run(run)
 
 
 # ------------------------------------------------------------------------------------- resume at the last step

@@ -202,6 +202,8 @@ def open_finished_run(spec, need_final: bool = True) -> FinishedRun:
     where final/ will be, `is_adapter` follows the config's adapter type and `base` may be None.
     """
     p = find_run(spec)
+    if p is None and Path(spec).name == "final" and find_run(Path(spec).parent):
+        raise UserError(f"{spec} is the final model of the run {Path(spec).parent}: pass the run itself")
     if p is None:
         also = "" if Path(spec).is_absolute() else f", nor as {RUNS_ROOT / str(spec)}"
         raise UserError(f"run {spec} does not exist (not found as a run directory{also}), so there is no final "
@@ -214,7 +216,8 @@ def open_finished_run(spec, need_final: bool = True) -> FinishedRun:
     cfg = cfg or {}
     if need_final and not final.is_dir():
         raise UserError(f"run {p} has no final model yet (train it to the end: re-running the same `tunelab train` "
-                        "resumes it; or pass a checkpoint as --adapter)")
+                        "resumes it; chat, serve and eval also take one of its checkpoints: "
+                        f"--adapter {p}/checkpoints/checkpoint-N)")
     if final.is_dir():
         is_adapter = (final / "adapter_config.json").is_file()
         if not is_adapter and not (final / "config.json").is_file():
