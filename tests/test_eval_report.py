@@ -136,6 +136,27 @@ def test_eval_says_where_the_outputs_it_does_not_print_are(tiny_run, tmp_path, c
     assert f"(2 more outputs not shown: all 5 are in {out})" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv", [["eval", "--run", "RUN", "--task", "perplexity", "--out", "FILE/x.json"],
+                                  ["eval", "--run", "RUN", "--task", "perplexity", "--out", "FILE"],
+                                  ["compare", "RUN", "--task", "perplexity", "--out", "FILE"],
+                                  ["compare", "RUN", "NOWHERE", "--task", "perplexity", "--out", "DIR"],
+                                  ["compare", "NOWHERE"]])
+def test_eval_and_compare_refuse_before_evaluating(tiny_run, tmp_path, capsys, monkeypatch, argv):
+    """An --out that cannot be written or a model that is not there is said before any model loads (the results of
+    minutes of evaluation were lost to a traceback at the end)."""
+    import tunelab.evaluation.main as evaluation
+
+    (tmp_path / "FILE").write_text("notes")
+    names = {"RUN": str(tiny_run), "FILE": str(tmp_path / "FILE"), "DIR": str(tmp_path / "report"),
+             "NOWHERE": str(tmp_path / "nowhere")}
+    argv = [names.get(a.split("/")[0], a.split("/")[0]) + a[len(a.split("/")[0]):] for a in argv]
+    monkeypatch.setattr(evaluation, "run_model", lambda *a, **k: pytest.fail("a model was evaluated"))
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ("--out" in err or "nowhere" in err), err
+    assert (tmp_path / "FILE").read_text() == "notes" and not (tmp_path / "report").exists()
+
+
 def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         cli(["eval", "--help"])

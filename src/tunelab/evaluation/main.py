@@ -11,6 +11,7 @@ Models are loaded one at a time and freed before the next, so comparing two 1B m
 from __future__ import annotations
 
 import gc
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -59,12 +60,16 @@ def model_specs(args) -> list[dict]:
         specs.append({"label": run.name, "model": None, "adapter": None, "run": str(run)})
     else:
         if len(items) < 2:
-            raise UserError("compare needs a run (its base vs the run) or two or more models/runs")
+            raise UserError(f"compare {items[0]}: not a run directory; compare needs a run (its base vs the run) or "
+                            "two or more models/runs")
+        from tunelab.models import check_source
+
         for it in items:
             if _is_run(it):
                 run = resolve_run(it)
                 specs.append({"label": run.name, "model": None, "adapter": None, "run": str(run)})
             else:
+                check_source(it)  # a missing local model is said before the first model is evaluated
                 specs.append({"label": it, "model": it, "adapter": None, "run": None})
     seen: dict[str, int] = {}
     for s in specs:  # the same run twice, or two runs with one name: keep labels apart
@@ -281,6 +286,25 @@ def evaluate(task: str, model: str | None = None, adapter: str | None = None, ru
     return next(iter(res.values())) if len(res) == 1 else {"tasks": res}
 
 
+def check_out(out: str | None) -> None:
+    """--out (FILE.json, or a directory for report.md/.html) is checked before anything is evaluated: a path that
+    cannot be written would lose the results after the work."""
+    if not out:
+        return
+    p = Path(out)
+    if out.endswith(".json") and p.is_dir():
+        raise UserError(f"--out {out} is a directory; name a file (FILE.json) or a directory without .json")
+    if not out.endswith(".json") and p.exists() and not p.is_dir():
+        raise UserError(f"--out {out} is a file; name a directory for report.md/report.html, or FILE.json")
+    parent = p.parent if out.endswith(".json") else p
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--out {out}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: cannot write in {parent}")
+
+
 def _file_name(tasks: list[str]) -> str:
     """RUN/eval/<this>.json: the task names, a harness task file by its stem, joined by '+'."""
     import re
@@ -298,6 +322,7 @@ def main(args) -> int:
     tasks = list(dict.fromkeys(args.task))
     _check(args)
     check_tasks(tasks, args)
+    check_out(args.out)
     if args.adapter and args.run:
         raise UserError("give --adapter or --run, not both (a run already names its adapter)")
     spec = {"label": "model", "model": args.model, "adapter": args.adapter,
@@ -384,6 +409,7 @@ def compare(args) -> int:
     from tunelab.evaluation.report import write_report
 
     _check(args)
+    check_out(args.out)
     specs = model_specs(args)
     four_bit = four_bit_models(args, specs)  # a mistyped name is refused before any data or model loads
     run_cfg = open_finished_run(next(s["run"] for s in specs if s["run"]), need_final=False).config \
