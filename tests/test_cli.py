@@ -41,9 +41,9 @@ def test_an_override_after_a_flag_reaches_the_config(tmp_path, tiny_model, tiny_
                                   ["estimate", "t.yaml", "--budget-gb", "-5"],
                                   ["estimate", "t.yaml", "--budget-gb", "x"],
                                   ["data", "inspect", "--limit", "-1", "d.jsonl"],
-                                  ["eval", "--task", "gsm8k", "--n", "0"],
+                                  ["quickstart", "--eval-n", "0"], ["infer", "--gguf", "m.gguf", "--n-ctx", "0"],
                                   ["serve", "--max-tokens", "0"], ["chat", "--max-tokens", "-3"],
-                                  ["eval", "--task", "gsm8k", "--k-shot", "-1"]])
+                                  ["serve", "--max-queue", "-1"]])
 def test_counts_and_budgets_must_be_above_zero(argv, capsys):
     with pytest.raises(SystemExit) as e:
         cli.parse(cli.build_parser(), argv)
@@ -54,8 +54,8 @@ def test_counts_and_budgets_must_be_above_zero(argv, capsys):
 
 
 def test_zero_is_a_count_where_it_means_none():
-    args = cli.parse(cli.build_parser(), ["eval", "--task", "gsm8k", "--k-shot", "0"])
-    assert args.k_shot == 0
+    args = cli.parse(cli.build_parser(), ["serve", "--max-queue", "0"])
+    assert args.max_queue == 0
 
 
 def test_estimate_json_is_json_only(tmp_path, tiny_model, tiny_chat_data, capsys):

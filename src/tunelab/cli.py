@@ -49,23 +49,24 @@ INFER_ARGS = [
       help="load the base in 4 bits (bitsandbytes NF4); adapters stay full precision"),
 ]
 
-# `tunelab eval` / `tunelab compare`: data, size and generation settings shared by both
+# `tunelab eval` / `tunelab compare`: data, size and generation settings shared by both (plain ints: their ranges
+# are checked by evaluation.main, which the Python API `evaluate` shares)
 EVAL_ARGS = [
     A("--data", default=None, help="evaluation data: a file the data layer reads or bundled:NAME "
       "(default for gsm8k and perplexity: bundled:gsm8k/test)"),
     A("--format", default="auto", help="data format when detection is not enough (see tunelab data inspect)"),
     A("--column", action="append", metavar="YOURS=EXPECTED",
       help="rename a data field (repeatable), e.g. --column summaries=references"),
-    A("--n", type=positive_int, default=None, help="evaluate only the first N samples (default: all for eval, 50 for compare)"),
-    A("--k-shot", type=count, default=0, help="gsm8k: solved training examples shown as earlier chat turns"),
+    A("--n", type=int, default=None, help="evaluate only the first N samples (default: all for eval, 50 for compare)"),
+    A("--k-shot", type=int, default=0, help="gsm8k: solved training examples shown as earlier chat turns"),
     A("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples"),
     A("--top-p", type=float, default=1.0, help="nucleus sampling when --temperature > 0"),
     A("--seed", type=int, default=None, help="seed for sampling"),
-    A("--max-new-tokens", type=positive_int, default=256, help="longest generation per sample"),
-    A("--batch-size", type=positive_int, default=16, help="samples generated (or scored) together"),
+    A("--max-new-tokens", type=int, default=256, help="longest generation per sample"),
+    A("--batch-size", type=int, default=16, help="samples generated (or scored) together"),
     A("--lm-eval-include", action="append", metavar="DIR",
       help="lm-eval tasks: a folder of task YAMLs whose tasks --task lm-eval:NAME can name (repeatable)"),
-    A("--lm-eval-fewshot", type=count, default=None, metavar="K",
+    A("--lm-eval-fewshot", type=int, default=None, metavar="K",
       help="lm-eval tasks: few-shot examples (default: each task's own)"),
     A("--lm-eval-chat-template", action="store_true",
       help="lm-eval tasks: render prompts with the model's chat template"),
