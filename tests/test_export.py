@@ -1,5 +1,6 @@
 """Export: merge parity against an independently computed W + scale·B·A, GGUF round trips through transformers,
-tokenizer round trip, refusals (unsupported architecture, K-quants without llama.cpp, existing output), Ollama
+tokenizer round trip, refusals (unsupported architecture, K-quants without llama.cpp, existing output, an
+--out that is not an earlier export or cannot be written, options the target does not read), Ollama
 Modelfile, Hub dry run. Tiny random models keep it fast on 2 CPU cores, over SmolLM2's tokenizer cut to 1,024 tokens
 (conftest.write_small_vocab_tokenizer: reading a GGUF back costs seconds per read with the full vocabulary)."""
 
@@ -159,6 +160,108 @@ def test_prompt_tuning_adapter_cannot_be_merged(small_vocab_model, tmp_path, cap
 def test_missing_run_is_a_user_error(tmp_path, capsys):
     assert cli.main(["export", str(tmp_path / "nope"), "--to", "gguf"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _one_line_refusal(capsys) -> str:
+    """The error a refused export printed: one line, and no model was loaded for it (no parity table)."""
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, captured.err
+    assert "vs adapter model" not in captured.out  # refused before the merge
+    return err
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_replaces_only_an_earlier_export(small_vocab_model, tmp_path, capsys):
+    """--overwrite replaces an export tunelab wrote, never a folder of the user's, a file that is not a GGUF, nor
+    the run itself, a folder holding it or its own files."""
+    run = make_run(tmp_path / "runs" / "r", small_vocab_model)  # its own run: a failure here must not spoil others
+    models = tmp_path / "mymodels"
+    (models / "llama").mkdir(parents=True)
+    (models / "llama" / "w.bin").write_text("x")
+    (models / "notes.md").write_text("notes")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a gguf")
+    before = _tree(tmp_path)
+    capsys.readouterr()
+    for to, out, says in [("merged", models, "is not a merged model"), ("gguf", notes, "is not a GGUF file"),
+                          ("ollama", notes, "is not an Ollama export"),
+                          ("merged", run, "is the run"), ("gguf", run, "among the run's own files"),
+                          ("merged", run.parent, "holds the run"), ("merged", run / "final", "among the run's own")]:
+        assert cli.main(["export", str(run), "--to", to, "--out", str(out), "--overwrite"]) == 2, (to, out)
+        assert says in _one_line_refusal(capsys), (to, out)
+    assert _tree(tmp_path) == before
+
+
+def test_gguf_out_directory_gets_the_file_inside(lora_run, tmp_path, capsys):
+    """A GGUF --out that is a directory (existing, or written with a trailing slash) receives the file under its
+    default name; here beside a merged model, whose files must not be read back in place of the GGUF's own."""
+    models = tmp_path / "models"
+    assert cli.main(["export", str(lora_run), "--to", "merged", "--out", str(models)]) == 0
+    (models / "notes.md").write_text("notes")
+    before = _tree(models)
+    assert cli.main(["export", str(lora_run), "--to", "gguf", "--type", "f32", "--out", str(models),
+                     "--overwrite"]) == 0, capsys.readouterr().err
+    assert (models / "tiny-lora-f32.gguf").read_bytes()[:4] == b"GGUF"
+    assert {k: v for k, v in _tree(models).items() if k != "tiny-lora-f32.gguf"} == before
+    assert cli.main(["export", str(lora_run), "--to", "gguf", "--type", "f32", "--out", f"{tmp_path / 'new'}/"]) == 0
+    assert (tmp_path / "new" / "tiny-lora-f32.gguf").is_file()
+
+
+def test_ollama_out_directory_gets_the_export_inside(lora_run, tmp_path, capsys):
+    """An existing directory that is not itself an Ollama export receives one under the default name, `ollama`."""
+    (tmp_path / "notes.md").write_text("notes")
+    assert cli.main(["export", str(lora_run), "--to", "ollama", "--type", "f32", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "ollama" / "Modelfile").is_file() and (tmp_path / "ollama" / "tiny-lora-f32.gguf").is_file()
+    assert (tmp_path / "notes.md").read_text() == "notes"
+    # and that export is one --overwrite replaces
+    assert cli.main(["export", str(lora_run), "--to", "ollama", "--type", "f32", "--out", str(tmp_path / "ollama"),
+                     "--overwrite"]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.md", "ollama"]
+
+
+def test_bad_out_is_refused_before_the_merge(lora_run, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for to in ("merged", "gguf", "ollama"):
+        assert cli.main(["export", str(lora_run), "--to", to, "--out", str(afile / "x.gguf")]) == 2
+        assert "afile is a file, not a directory" in _one_line_refusal(capsys)
+    if Path("/proc/self").is_dir():  # a place nobody can create anything in, root included
+        assert cli.main(["export", str(lora_run), "--to", "gguf", "--out", "/proc/nope/x.gguf"]) == 2
+        assert "cannot write in /proc" in _one_line_refusal(capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+@pytest.mark.parametrize("to,flags,says", [
+    ("merged", ["--type", "q4_0"], "--type does not apply to --to merged, only with --to gguf|ollama; "
+                                   "a merged model's precision is --dtype"),
+    ("gguf", ["--dtype", "fp16"], "--dtype does not apply to --to gguf, only with --to merged; "
+                                  "a GGUF's precision is --type"),
+    ("ollama", ["--dtype", "bf16"], "--dtype does not apply to --to ollama"),
+    ("merged", ["--verbose"], "--verbose does not apply to --to merged"),
+    ("gguf", ["--repo", "you/x"], "--repo does not apply to --to gguf, only with --to hub"),
+    ("hub", ["--dry-run", "--out", "x"], "--out does not apply to --to hub"),
+])
+def test_options_that_do_not_apply_to_the_target_are_refused(lora_run, tmp_path, capsys, to, flags, says):
+    out = ["--out", str(tmp_path / "out")] if to != "hub" else []
+    assert cli.main(["export", str(lora_run), "--to", to, *out, *flags]) == 2
+    assert says in _one_line_refusal(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unfinished_run_says_what_export_can_do(small_vocab_model, tmp_path, capsys):
+    """export takes a finished run, nothing else: its advice must not name a flag it does not have."""
+    run = tmp_path / "unfinished"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"source": small_vocab_model},
+                                                     "adapter": {"type": "lora"}}))
+    assert cli.main(["export", str(run), "--to", "merged"]) == 2
+    err = _one_line_refusal(capsys)
+    assert "has no final model yet" in err and "re-running the same `tunelab train` resumes it" in err
+    assert "--adapter" not in err
 
 
 # ---- GGUF ----------------------------------------------------------------------------------------------------------

@@ -164,8 +164,9 @@ COMMANDS: dict[str, tuple[str, str, list]] = {
     "export": ("tunelab.export:main", "export a run: merged model, verified GGUF, Ollama Modelfile, or Hub push", [
         A("run", help="a run directory (runs/NAME) or run name"),
         A("--to", required=True, choices=["merged", "gguf", "ollama", "hub"], help="what to produce"),
-        A("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="merged: weight dtype (default fp32)"),
-        A("--type", default="q8_0", help="gguf/ollama: f32 f16 bf16 q8_0 q4_0 (Python) or q4_k_m ... (llama.cpp)"),
+        A("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="merged: weight dtype (default fp32)"),
+        A("--type", default=None, help="gguf/ollama: f32 f16 bf16 q8_0 q4_0 (Python) or q4_k_m ... (llama.cpp); "
+          "default q8_0"),
         A("--out", default=None, help="output path (default: RUN/export/...)"),
         A("--repo", default=None, help="hub: repository id, e.g. you/my-model"),
         A("--private", action="store_true", help="hub: create the repository private"),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,24 +53,130 @@ class ParityError(Exception):
 
 def load_run(run: str) -> FinishedRun:
     """The finished run to export (a path, or NAME under runs/)."""
-    return open_finished_run(run)
+    r = open_finished_run(run, need_final=False)
+    if not r.final.is_dir():
+        # said here rather than by open_finished_run: its advice is for the commands that also take a checkpoint,
+        # and export takes only a finished run
+        raise UserError(f"run {r.path} has no final model yet, and export writes a run's final model: train it to "
+                        "the end first (re-running the same `tunelab train` resumes it from its last checkpoint)")
+    return r
 
 
-def check_target(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
+# What an earlier export looks like, per target: --overwrite replaces only such a path, so that a mistaken --out (a
+# folder of notes, a folder holding other models) is refused instead of deleted. A merged model is recognized by
+# holding only what save_pretrained writes for a model and its tokenizer: no marker file is added to the model.
+MERGED_FILES = re.compile(r"(config|generation_config|model\.safetensors\.index|tokenizer|tokenizer_config|"
+                          r"special_tokens_map|added_tokens|vocab|chat_template)\.json|"
+                          r"model(-\d+-of-\d+)?\.safetensors|chat_template\.jinja|merges\.txt|vocab\.txt|"
+                          r"tokenizer\.model")
+
+
+def is_gguf_file(path: Path) -> bool:
+    """A file that starts with the GGUF magic."""
+    try:
+        with open(path, "rb") as f:
+            return path.is_file() and f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def is_merged_model(path: Path) -> bool:
+    """A directory as export --to merged writes it: config.json, safetensors weights, tokenizer files, nothing else."""
+    if not path.is_dir():
+        return False
+    entries = list(path.iterdir())
+    names = {p.name for p in entries}
+    return ("config.json" in names and any(n.endswith(".safetensors") for n in names)
+            and all(p.is_file() and MERGED_FILES.fullmatch(p.name) for p in entries))
+
+
+def is_ollama_export(path: Path) -> bool:
+    """A directory as export --to ollama writes it: a Modelfile and its GGUF, nothing else."""
+    if not path.is_dir():
+        return False
+    entries = list(path.iterdir())
+    return (any(p.name == "Modelfile" for p in entries)
+            and all((p.name == "Modelfile" and p.is_file()) or is_gguf_file(p) for p in entries))
+
+
+OUTPUTS = {"merged": ("a merged model (only config.json, *.safetensors and tokenizer files)", is_merged_model),
+           "gguf": ("a GGUF file", is_gguf_file),
+           "ollama": ("an Ollama export (only a Modelfile and its GGUF)", is_ollama_export)}
+
+
+def check_target(path: Path, overwrite: bool, kind: str) -> None:
+    """Refuse an existing `path` unless it is an earlier `kind` export (merged | gguf | ollama) and --overwrite is
+    given: whatever else is there is the user's, and replacing it would delete it."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    what, is_export = OUTPUTS[kind]
+    if not is_export(path):
+        raise UserError(f"{path} already exists and is not {what}, so export will not replace it, even with "
+                        "--overwrite; pass --out a path that does not exist yet")
+    if not overwrite:
         raise UserError(f"{path} already exists; pass --overwrite to replace it (or --out to write elsewhere)")
 
 
+def output_path(run: Run, to: str, out, qtype: str, overwrite: bool) -> Path:
+    """Where `export --to {merged,gguf,ollama}` writes, checked before any model is loaded: the default under
+    RUN/export/, or --out. Refuses a path that is, holds or is part of the run, a place that cannot be written, and an
+    existing path that is not an earlier export of the same kind (check_target)."""
+    name = {"merged": "merged", "gguf": f"{run.name}-{qtype}.gguf", "ollama": "ollama"}[to]
+    if out is None:
+        target = run.path / "export" / name
+    else:
+        target = Path(out)
+        # A GGUF is one file: a directory (existing, or written with a trailing slash) is where to put it, under the
+        # default name. An Ollama export is itself a directory, so only an existing directory that is not one gets
+        # the export inside it.
+        if to == "gguf" and (str(out).endswith(("/", os.sep)) or target.is_dir()):
+            target = target / name
+        elif to == "ollama" and target.is_dir() and not is_ollama_export(target):
+            target = target / name
+    _check_outside_run(run, target)
+    _check_writable(target)
+    check_target(target, overwrite, to)
+    return target
+
+
+def _check_outside_run(run: Run, target: Path) -> None:
+    """Refuse an output that would replace the run or sit among its own files (final/, checkpoints/, ...): exports of
+    a run belong under RUN/export/ or outside the run."""
+    r, t = run.path.resolve(), target.resolve()
+    exports = r / "export"
+    if t == r or t in r.parents:
+        raise UserError(f"--out {target} {'is' if t == r else 'holds'} the run {run.path}, which export never "
+                        f"replaces; leave --out out (exports go to {run.path / 'export'}) or pass a path outside it")
+    if r in t.parents and t != exports and exports not in t.parents:
+        raise UserError(f"--out {target} is among the run's own files in {run.path}; leave --out out (exports go to "
+                        f"{run.path / 'export'}) or pass a path outside the run")
+
+
+def _check_writable(target: Path) -> None:
+    """Refuse an --out that cannot be written now, rather than after minutes of merging and converting: the nearest
+    existing folder above it must be a directory in which something can be created (tried, then removed: permission
+    bits say nothing for root or on read-only and virtual filesystems)."""
+    existing = next(p for p in [target.parent, *target.parent.parents] if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        raise UserError(f"--out {target}: {existing} is a file, not a directory; pass --out a path in a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".tunelab-write-check-", dir=existing))
+    except OSError as e:
+        raise UserError(f"--out {target}: cannot write in {existing} ({e.strerror}); pass --out a path in a "
+                        "directory you can write to") from None
+
+
 @contextlib.contextmanager
-def atomic_path(target: Path, overwrite: bool, is_dir: bool, suffix: str = ".partial"):
-    """Yield a temporary sibling of `target`; on success it is renamed into place, on failure removed
-    (tunelab.rundir.atomic_path), once `target` is checked free or --overwrite given.
+def atomic_path(target: Path, overwrite: bool, kind: str, suffix: str = ".partial"):
+    """Yield a temporary sibling of `target` (a file for a GGUF, else a directory); on success it is renamed into
+    place, on failure removed (tunelab.rundir.atomic_path), once `target` is checked free or an earlier `kind` export
+    that --overwrite may replace (check_target).
 
     A crash or a failed parity check therefore never leaves a half-written export under the final name, and an
     existing export is only replaced (with --overwrite) once the new one is complete.
     """
-    check_target(Path(target), overwrite)
-    with rundir_atomic_path(target, is_dir=is_dir, suffix=suffix) as tmp:
+    check_target(Path(target), overwrite, kind)
+    with rundir_atomic_path(target, is_dir=kind != "gguf", suffix=suffix) as tmp:
         yield tmp
         _usual_modes(tmp)
 

@@ -468,27 +468,34 @@ def verify_gguf(path: Path, model, tok, qtype: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    d, f = str(path.parent), path.name
-    gtok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    rope_ok = True
-    gap = _readback_gap(model.config)
-    if gap:
-        print(f"note: transformers cannot rebuild this model's config from the GGUF ({gap}): the weights are read "
-              "back under the source config")
-        gmodel = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, config=model.config, dtype=torch.float32)
-    elif _rope_type(model.config) == "llama3":
-        # transformers' GGUF loader does not read llama.cpp's rope_freqs, so the weights are read back under the
-        # source config and the stored frequency divisors are checked on their own.
-        import gguf
-        import numpy as np
+    # transformers takes the tokenizer and config files lying beside a GGUF over the file's own metadata (a merged
+    # model exported to the same folder would be checked instead of the file): read the file alone, through a link
+    with tempfile.TemporaryDirectory(prefix="tunelab-gguf-") as d:
+        f = path.name
+        (Path(d) / f).symlink_to(path.resolve())
+        gtok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+        rope_ok = True
+        gap = _readback_gap(model.config)
+        if gap:
+            print(f"note: transformers cannot rebuild this model's config from the GGUF ({gap}): the weights are "
+                  "read back under the source config")
+            gmodel = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, config=model.config,
+                                                          dtype=torch.float32)
+        elif _rope_type(model.config) == "llama3":
+            # transformers' GGUF loader does not read llama.cpp's rope_freqs, so the weights are read back under
+            # the source config and the stored frequency divisors are checked on their own.
+            import gguf
+            import numpy as np
 
-        stored = next((t for t in gguf.GGUFReader(path).tensors if t.name == "rope_freqs.weight"), None)
-        rope_ok = stored is not None and np.allclose(np.asarray(stored.data), _llama3_rope_factors(model.config))
-        print(f"llama3 rope scaling: rope_freqs.weight {'matches' if rope_ok else 'DOES NOT match'} the source's "
-              "frequencies (transformers reads the weights back under the source config)")
-        gmodel = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, config=model.config, dtype=torch.float32)
-    else:
-        gmodel = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+            stored = next((t for t in gguf.GGUFReader(path).tensors if t.name == "rope_freqs.weight"), None)
+            rope_ok = stored is not None and np.allclose(np.asarray(stored.data),
+                                                         _llama3_rope_factors(model.config))
+            print(f"llama3 rope scaling: rope_freqs.weight {'matches' if rope_ok else 'DOES NOT match'} the "
+                  "source's frequencies (transformers reads the weights back under the source config)")
+            gmodel = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, config=model.config,
+                                                          dtype=torch.float32)
+        else:
+            gmodel = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
     gmodel.eval()
 
     tok_rows = check_tokenizer(tok, gtok)
@@ -529,12 +536,12 @@ def export_gguf(model, tok, out: Path, qtype: str = "q8_0", overwrite: bool = Fa
     qtype = qtype.lower()
     if qtype not in TYPES:
         raise UserError(f"--type {qtype} is not a GGUF type tunelab writes; choose one of {', '.join(TYPES)}")
-    check_target(out, overwrite)
+    check_target(out, overwrite, "gguf")
     _check_supported(model.config)
     if qtype in LLAMACPP_TYPES:
         require_llamacpp(qtype)
     # the temporary file keeps a .gguf suffix: transformers and llama.cpp read it back under that name for the check
-    with atomic_path(out, overwrite, is_dir=False, suffix=".gguf") as tmp:
+    with atomic_path(out, overwrite, "gguf", suffix=".gguf") as tmp:
         if qtype in LLAMACPP_TYPES:
             with tempfile.TemporaryDirectory(dir=out.parent) as td:
                 f32 = Path(td) / "f32.gguf"  # quantize from full precision, not from an already rounded file

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tunelab.adapters import ADAPTERS
 from tunelab.errors import UserError
-from tunelab.export.common import (ParityError, Run, all_logits, atomic_path, compare_logits, logit_table, prompt_ids,
-                                   run_tokenizer)
+from tunelab.export.common import (ParityError, Run, all_logits, atomic_path, check_target, compare_logits,
+                                   logit_table, prompt_ids, run_tokenizer)
 
 DTYPES = ("fp32", "fp16", "bf16")
 # Relative logit error allowed between the adapter model (float32) and the merged model read back from disk:
@@ -78,12 +78,10 @@ def export_merged(run: Run, out: Path, dtype: str = "fp32", overwrite: bool = Fa
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype} is not supported for merging; choose one of {', '.join(DTYPES)}")
-    from tunelab.export.common import check_target
-
-    check_target(out, overwrite)  # fail before the slow part
+    check_target(out, overwrite, "merged")  # fail before the slow part
     model, tok, ref = merged_model(run)
     model = model.to(torch_dtype(dtype))
-    with atomic_path(out, overwrite, is_dir=True) as tmp:
+    with atomic_path(out, overwrite, "merged") as tmp:
         model.save_pretrained(tmp)  # safetensors (transformers' default)
         tok.save_pretrained(tmp)
         if ref is not None:

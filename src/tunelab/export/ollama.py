@@ -284,12 +284,12 @@ def export_ollama(run: Run, out: Path, qtype: str = "q8_0", overwrite: bool = Fa
 
     from tunelab.export.gguf import check_exportable
 
-    check_target(out, overwrite)
+    check_target(out, overwrite, "ollama")
     check_exportable(run)  # before the merge: an architecture GGUF export cannot write is refused at once
     model, tok, _ = merged_model(run)
     name = run.name.lower()
     gguf_name = f"{name}-{qtype}.gguf"
-    with atomic_path(out, overwrite, is_dir=True) as tmp:
+    with atomic_path(out, overwrite, "ollama") as tmp:
         if not _reuse_gguf(run.path / "export" / gguf_name, tmp / gguf_name, model, tok, qtype):
             export_gguf(model, tok, tmp / gguf_name, qtype, name=run.name)
         text, fmt = modelfile(tok, gguf_name)
