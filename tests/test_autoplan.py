@@ -51,6 +51,19 @@ def test_prompt_learning_plans_with_trls_loss(tiny_model):
     assert "chunked (fused) loss: the fastest settings fit" in p.reason
 
 
+def test_prefix_tuning_never_gets_checkpointing(tiny_model):
+    """Prefix tuning fails under gradient checkpointing: `auto` keeps it off however tight the budget (saying the
+    run does not fit), and `true` is refused before anything loads."""
+    from tunelab.errors import UserError
+
+    cfg, method, opts = setup(tiny_model, "adapter.type=prefix")
+    p = plan(cfg, method, opts, STATS, device="cpu", budget_mb=1.0)
+    assert p.gradient_checkpointing is False and "does NOT fit" in p.reason
+    with pytest.raises(UserError, match=r"^training\.gradient_checkpointing=true does not run with adapter\.type="
+                                        r"prefix"):
+        setup(tiny_model, "adapter.type=prefix", "training.gradient_checkpointing=true")
+
+
 def test_settings_the_config_fixes_are_kept(tiny_model):
     cfg, method, opts = setup(tiny_model, "training.gradient_checkpointing=false", "method.loss=lean")
     p = plan(cfg, method, opts, STATS, device="cpu", budget_mb=1.0)

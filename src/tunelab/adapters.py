@@ -34,6 +34,8 @@ class Adapter:
     cpu_step_factor: float = 1.0
     # tokens it puts in front of every sequence, through every layer (prompt tuning, P-tuning): AdapterConfig -> int
     virtual_inputs: Callable = lambda a: 0
+    # transformers' gradient checkpointing runs with it (training.gradient_checkpointing may be on)
+    checkpointing: bool = True
 
 
 def _none(a, task_type, tokenizer_path):
@@ -117,7 +119,10 @@ ADAPTERS: dict[str, Adapter] = {a.name: a for a in (
             identity_at_start=True, mergeable=True),
     # Prompt learning's CPU step: no adapter layers to run, so its body (TRL's loss head apart, counted by the
     # estimate) took ~0.8x a LoRA step's time per FLOP (configs/qa/prompt.yaml against configs/qa/lora.yaml, py-spy)
-    Adapter("prefix", _prefix, params=_virtual_token_params, prompt_learning=True, cpu_step_factor=0.8),
+    # prefix tuning under gradient checkpointing fails at the first step: the recomputed layer sees its attention mask
+    # without the prefix's past keys ("size of tensor a (40) must match b (60)"), transformers 5 / PEFT 0.18
+    Adapter("prefix", _prefix, params=_virtual_token_params, prompt_learning=True, cpu_step_factor=0.8,
+            checkpointing=False),
     # prefix tuning adds keys and values only; prompt tuning and P-tuning prepend embeddings the whole model runs on
     Adapter("prompt", _prompt, params=_virtual_token_params, prompt_learning=True, cpu_step_factor=0.8,
             virtual_inputs=lambda a: a.num_virtual_tokens),

@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass
 
 from tunelab import distributed
+from tunelab.adapters import ADAPTERS
 from tunelab.estimate import MB, estimate, lean_loss_possible, local_device, per_process
 
 # Share of the free memory the estimate may fill: the estimate's own error (within ~20% of the measured peak,
@@ -72,7 +73,7 @@ def plan(cfg, method, opts, stats: dict, device: str | None = None, budget_mb: f
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device == "cpu" else 1
         budget_mb = free * HEADROOM / local if free is not None else None
     gc = cfg.training.gradient_checkpointing
-    gc_choices = (False, True) if gc == "auto" else (gc,)
+    gc_choices = ((False, True) if ADAPTERS[cfg.adapter.type].checkpointing else (False,)) if gc == "auto" else (gc,)
     loss_choices = tuple(dict.fromkeys(lean and lean_loss_possible(cfg) for lean in method.loss_choices(opts)))
     off = cfg.training.activation_offloading
     if off == "auto":  # only where there is a faster memory to offload from, and a trainer that can

@@ -20,6 +20,9 @@ def check_config(cfg):
     from tunelab.models import check_source
 
     methods.options(cfg)
+    if cfg.training.gradient_checkpointing is True and not ADAPTERS[cfg.adapter.type].checkpointing:
+        raise UserError(f"training.gradient_checkpointing=true does not run with adapter.type={cfg.adapter.type} "
+                        "(the first step fails); set training.gradient_checkpointing=auto or false")
     check_data_formats(cfg.data)
     try:
         check_source(cfg.model.source)
