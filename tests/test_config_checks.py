@@ -46,6 +46,10 @@ REFUSALS = {
     # a local path that is not there (the hub would only have refused the id's form), or is not a model directory
     "model_path": (["model.source=/nonexistent/model"], ["config key 'model.source'", "/nonexistent/model not found"]),
     "model_dir": (["model.source=."], ["config key 'model.source'", "has no config.json"]),
+    # 0 trained one step and reported the run complete
+    "max_steps_0": (["training.max_steps=0"], ["config key 'training.max_steps'", "-1 to train for training.epochs"]),
+    "prefix_checkpointing": (["adapter.type=prefix", "training.gradient_checkpointing=true"],
+                             ["training.gradient_checkpointing=true does not run with adapter.type=prefix"]),
 }
 
 

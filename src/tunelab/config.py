@@ -186,6 +186,15 @@ SCHEDULER_EXAMPLE = {"cosine_with_min_lr": "training.scheduler_kwargs={min_lr_ra
 class TrainingConfig(Section):
     epochs: float = Field(1.0, gt=0, description="passes over the training data (ignored when max_steps > 0)")
     max_steps: int = Field(-1, description="optimizer steps; -1 = use epochs")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_epochs(cls, v: int) -> int:
+        # 0 trained one step and called the run complete (the Trainer reads 0 as "use epochs", then stops after a step)
+        if v == 0 or v < -1:
+            raise ValueError("must be a number of steps above 0, or -1 to train for training.epochs")
+        return v
+
     learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
                        "polynomial", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay"] = Field(
