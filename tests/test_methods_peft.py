@@ -105,3 +105,30 @@ def test_prefix_with_best_checkpoint_ends_with_the_best_adapter(tmp_path, tiny_m
     tok = AutoTokenizer.from_pretrained(final)
     with torch.no_grad():
         assert torch.isfinite(reloaded(input_ids=torch.tensor([tok("2+2=")["input_ids"]])).logits).all()
+
+
+@pytest.mark.parametrize("name", ["prefix", "ptuning"])
+def test_prompt_encoder_resumes_exactly(tmp_path, tiny_model, tiny_chat_data, name):
+    """A prompt-learning adapter with an encoder (prefix projection, P-tuning's MLP) saves the virtual tokens the
+    encoder computes, not the encoder: a resume from its checkpoint failed on the shapes (prefix) or silently trained
+    on from another model (P-tuning). Stopped at step 3 and resumed, the run follows the uninterrupted one."""
+    from conftest import StopAt
+
+    def config(run):
+        cfg = {"model": {"source": tiny_model}, "data": {"train": tiny_chat_data, "max_length": 64},
+               "adapter": ADAPTERS[name],
+               "training": {"max_steps": 6, "batch_size": 4, "learning_rate": LEARNING_RATES[name], "save_steps": 3,
+                            "precision": "fp32"},
+               "output": {"dir": str(tmp_path / "runs"), "name": run}}
+        path = tmp_path / f"{run}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return load_config(path)
+
+    full = run_training(config("full"), show_progress=False)
+    run_training(config("split"), callbacks=[StopAt(3)], show_progress=False)
+    split = tmp_path / "runs" / "split"
+    (split / "summary.json").unlink()
+    second = run_training(config("split"), show_progress=False)
+    assert second["resumed_from"].endswith("checkpoint-3")
+    a, b = losses(Path(full["run"])), losses(split)
+    assert len(a) == len(b) == 6 and all(abs(x - y) <= 1e-6 for x, y in zip(a, b)), (a, b)

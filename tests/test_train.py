@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,6 +106,28 @@ def test_resume_is_exact(tmp_path, tiny_model, tiny_chat_data, precision):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+
+
+def test_resume_in_a_later_epoch_keeps_the_length_grouped_order(tmp_path, tiny_model):
+    """training.group_by_length (the default) orders each epoch from the RNG; a run stopped in its second epoch and
+    resumed must see the batches the uninterrupted run saw. One sample per step, 56 rows of many lengths: more than
+    one of the sampler's megabatches (50 batches), so the epoch's draw decides which rows come first."""
+    rows = tmp_path / "varied.jsonl"
+    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Count to {i}."}, {
+        "role": "assistant", "content": " ".join(str(k) for k in range(i * 7 % 23 + 1))}]}) + "\n" for i in range(56)))
+    sections = dict(training={"max_steps": 60, "batch_size": 1, "save_steps": 29, "group_by_length": True})
+    full = run_training(load_config(make_config(tmp_path, tiny_model, str(rows), "full", **sections)),
+                        show_progress=False)
+    cfg_path = make_config(tmp_path, tiny_model, str(rows), "split", **sections)
+    run_training(load_config(cfg_path), callbacks=[StopAt(58)], show_progress=False)  # 2 steps into epoch 2
+    run_dir = Path(full["run"]).parent / "split"
+    (run_dir / "summary.json").unlink()
+    shutil.rmtree(run_dir / "final")
+    second = run_training(load_config(cfg_path), show_progress=False)
+    assert second["resumed_from"].endswith("checkpoint-58")
+    a, b = losses(Path(full["run"])), losses(run_dir)
+    for step in (59, 60):
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
 
 
 def _run_cli(args, timeout=300, **kw):

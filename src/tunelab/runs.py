@@ -273,12 +273,24 @@ def peak_memory_mb() -> float:
 
 
 class AtomicCheckpoints(TrainerCallback):
-    """Move each finished checkpoint from .staging/ into checkpoints/ with one rename; keep the last K (+ best)."""
+    """Move each finished checkpoint from .staging/ into checkpoints/ with one rename; keep the last K (+ best).
 
-    def __init__(self, run: Run, keep: int | None):
-        self.run, self.keep = run, keep
+    trainable_weights: also write the trainable weights as model.safetensors, for adapters whose saved form is not
+    what trains. A prompt-learning adapter saves the virtual tokens its encoder computes (prefix projection, P-tuning's
+    MLP), not the encoder: resumed from those, training would continue another model (P-tuning) or fail on the shapes
+    (prefix projection). On resume the Trainer loads model.safetensors before any adapter file, non-strict, so the
+    trainable weights come back as they were and the frozen base stays as loaded."""
 
-    def on_save(self, args, state, control, **kw):
+    def __init__(self, run: Run, keep: int | None, trainable_weights: bool = False):
+        self.run, self.keep, self.trainable_weights = run, keep, trainable_weights
+
+    def on_save(self, args, state, control, model=None, **kw):
+        staged = self.run.staging / f"checkpoint-{state.global_step}"
+        if self.trainable_weights and model is not None and distributed.is_main() and staged.is_dir():
+            from safetensors.torch import save_file
+
+            save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                      str(staged / "model.safetensors"))
         # several processes: every rank has written its part (its RNG state, a shard) before rank 0 renames
         distributed.barrier()
         if distributed.is_main():
@@ -327,6 +339,28 @@ class AtomicCheckpoints(TrainerCallback):
             real = self.run.checkpoints / Path(state.best_model_checkpoint).name
             if real.is_dir():
                 state.best_model_checkpoint = str(real)
+
+
+class EpochSeededLengthGroups(TrainerCallback):
+    """Draw each epoch's length-grouped order from its own seed (training.seed + epoch).
+
+    transformers' LengthGroupedSampler draws the order from the global RNG when an epoch starts. A run resumed in the
+    middle of epoch 2 or later starts that epoch from the RNG as setup left it, not as epoch 1's steps left it, so the
+    resumed epoch would see other batches (epoch 1 alone happened to match). The Trainer builds the sampler without a
+    generator; the sampler reads its `generator` attribute on each pass, set here before the pass starts."""
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kw):
+        import torch
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        sampler, seen = train_dataloader, 0
+        while sampler is not None and not isinstance(sampler, LengthGroupedSampler) and seen < 4:
+            # accelerate's DataLoaderShard -> (BatchSamplerShard ->) BatchSampler -> sampler
+            sampler = getattr(sampler, "batch_sampler", None) or getattr(sampler, "sampler", None)
+            seen += 1
+        if isinstance(sampler, LengthGroupedSampler):
+            epoch = int((state.epoch or 0) + 1e-6)  # a resumed state's epoch is fractional: the epoch it resumes
+            sampler.generator = torch.Generator().manual_seed(args.seed + epoch)
 
 
 class GracefulStop(TrainerCallback):

@@ -344,7 +344,9 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
         stop = runs.GracefulStop()
         # order matters: the task metric joins an evaluation's log entry before MetricsLog writes it to metrics.jsonl
         before, after = evaluation_callbacks(cfg, run, tokenizer, questions)
-        for cb in (runs.AtomicCheckpoints(run, cfg.training.save_total_limit), stop, *before,
+        checkpoints = runs.AtomicCheckpoints(run, cfg.training.save_total_limit,
+                                             trainable_weights=ADAPTERS[cfg.adapter.type].prompt_learning)
+        for cb in (checkpoints, runs.EpochSeededLengthGroups(), stop, *before,
                    *([runs.MetricsLog(run, show_progress=show_progress), *after] if distributed.is_main() else []),
                    *callbacks):
             trainer.add_callback(cb)
