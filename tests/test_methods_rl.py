@@ -169,6 +169,36 @@ def test_ppo_resume_is_exact(tmp_path, peaked_model, prompts):
         assert a[step] == pytest.approx(b[step], abs=1e-5), (step, a[step], b[step])
 
 
+def test_grpo_resume_from_a_checkpoint_continues_the_uninterrupted_run(tmp_path, peaked_model, prompts):
+    """Stopped after step 1 and resumed, GRPO logs the rewards, losses and grad norms of an uninterrupted run. Run in
+    bf16, where CPU rollouts sample from a bf16 copy of the merged policy built at the process's first rollout: in a
+    resumed run that comes after the Trainer restored the sampling RNG. The loss of a single-iteration GRPO step is
+    about 0 whatever was sampled, so the grad norm carries the check along with the reward."""
+    from conftest import StopAt
+
+    method = {"name": "grpo", "rewards": [REWARD], "num_generations": 2, "max_completion_length": 8}
+
+    def cfg(name):
+        return load_config(write_config(tmp_path, peaked_model, prompts, method, name=name, max_steps=3,
+                                        batch_size=4, save_steps=1, precision="bf16"))
+
+    full = run_training(cfg("full"), show_progress=False)
+    first = run_training(cfg("split"), callbacks=[StopAt(1)], show_progress=False)
+    run_dir = Path(first["run"])
+    (run_dir / "final").rename(run_dir / "final-half")  # as if the process had been interrupted
+    (run_dir / "summary.json").unlink()
+    second = run_training(cfg("split"), show_progress=False)
+    assert second["resumed_from"].endswith("checkpoint-1")
+
+    def steps(summary):
+        return {r["step"]: (r["reward"], r["loss"], r["grad_norm"]) for r in metrics(summary) if "loss" in r}
+
+    a, b = steps(full), steps(second)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-6), (step, a[step], b[step])
+
+
 def test_ppo_evaluates_by_reward_and_keeps_the_best(tmp_path, peaked_model, prompts):
     """With validation prompts and eval_steps, PPO logs the mean reward of greedy completions (eval_reward), the
     training entries keep their own metrics, and the best checkpoint follows eval_reward."""

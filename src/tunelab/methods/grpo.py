@@ -240,7 +240,12 @@ def bf16_sampler(trainer, model):
     if sampler is None:
         # left with requires_grad set (it only ever runs under no_grad): frozen weights sampled at 1.33x TRL's
         # rate instead of 1.74x on the CPU this was measured on (benchmarks/grpo_generation.py)
-        sampler = AutoModelForCausalLM.from_config(base.config, dtype=torch.bfloat16).eval()
+        # from_config draws random initial weights (overwritten below) from the global generator that sampling
+        # draws from too: a run resumed from a checkpoint builds the copy at its first rollout after the Trainer
+        # restored that generator, an uninterrupted run at its very first, so those draws would shift the resumed
+        # run's samples off the uninterrupted run's
+        with torch.random.fork_rng(devices=[]):
+            sampler = AutoModelForCausalLM.from_config(base.config, dtype=torch.bfloat16).eval()
         sampler.generation_config = base.generation_config
         trainer._tunelab_sampler = sampler
     if set(weights) - set(sampler.state_dict()):  # e.g. modules_to_save copies: sample from the policy itself
