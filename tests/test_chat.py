@@ -109,7 +109,9 @@ def test_merged_adapter_answers_like_the_adapter(tiny_model, adapter, host):
     (["--persona", "pirat"], "unknown persona 'pirat' (did you mean 'pirate'?)"),
     (["--adapter", "{adapter}", "--merge", "--load-in-4bit"], "--merge folds the adapter into full-precision"),
     (["--adapter", "/nonexistent/lora"], "not a PEFT adapter directory"),
-    (["--temperature", "-1"], "--temperature >= 0"),
+    (["--temperature", "-1"], "--temperature must be >= 0 and finite, got -1.0"),
+    (["--top-p", "7"], "--top-p must be in (0, 1], got 7.0"),
+    (["--seed", str(2**64)], "--seed must be a 64-bit integer"),
     (["--system", "@/nonexistent/prompt.txt"], "no such file"),
 ])
 def test_cli_chat_user_errors_are_one_line(argv, message, tiny_model, adapter, capsys):
@@ -118,3 +120,77 @@ def test_cli_chat_user_errors_are_one_line(argv, message, tiny_model, adapter, c
     assert main(["chat", "--model", tiny_model, *[a.format(adapter=adapter) for a in argv]]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_set_refuses_what_the_flags_refuse_and_the_chat_goes_on(host):
+    """/set takes only values its CLI flag would: a refused one leaves the setting as it was, so the next message
+    is answered (max_tokens 0 used to be taken, and the next reply crashed with a traceback)."""
+    s = ChatSession(host, params=GenParams(max_new_tokens=4, temperature=0.7, top_p=0.9))
+    for line, message in [("/set max_tokens 0", "[max_tokens must be >= 1, got 0; unchanged]"),
+                          ("/set top_p 7", "[top_p must be in (0, 1], got 7; unchanged]"),
+                          ("/set top_p 0", "[top_p must be in (0, 1], got 0; unchanged]"),
+                          ("/set temperature -3", "[temperature must be >= 0 and finite, got -3; unchanged]"),
+                          ("/set temperature nan", "[temperature must be >= 0 and finite, got nan; unchanged]"),
+                          ("/set seed 99999999999999999999999", "[seed must be a 64-bit integer, got "
+                                                                 "99999999999999999999999; unchanged]")]:
+        assert s.command(line) == message
+    assert (s.params.max_new_tokens, s.params.temperature, s.params.top_p, s.params.seed) == (4, 0.7, 0.9, None)
+    assert "".join(s.reply("Hi")) and len(s.history) == 2
+
+
+def test_message_longer_than_the_context_is_refused_and_the_chat_goes_on(host):
+    """A message whose prompt alone fills the context gets one line and no reply; the conversation stays as it was
+    and the next message is answered."""
+    import io
+
+    out = io.StringIO()
+    s = ChatSession(host, params=GenParams(max_new_tokens=3))
+    assert repl(s, io.StringIO("Hi\n" + "hello " * 3000 + "\nAgain\n"), out) == 0
+    lines = out.getvalue().splitlines()
+    refusal = [ln for ln in lines if ln.startswith("[message too long")]
+    assert len(refusal) == 1 and f"context holds {host.context_length}" in refusal[0], lines
+    assert [m["content"] for m in s.history if m["role"] == "user"] == ["Hi", "Again"]
+
+
+def test_reply_stops_where_the_context_ends(host):
+    """A reply longer than the room the prompt leaves is cut at the end of the context, not generated past it."""
+    from tunelab.inference.engine import count_tokens, stop_token_ids
+
+    s = ChatSession(host, params=GenParams(max_new_tokens=200, logit_bias={t: -100 for t in
+                                                                           stop_token_ids(host.tok, host.model)}))
+    user = "hello " * 460  # a prompt of some 470 tokens: less than 200 left for the reply
+    _, prompt = host.fit_messages(s.messages(user), 1)
+    room = host.context_length - count_tokens(host.tok, prompt)
+    assert 0 < room < 200
+    positions = []
+    hook = host.model.get_base_model().register_forward_pre_hook(
+        lambda m, a, kw: positions.append(int(kw["position_ids"].max())), with_kwargs=True)
+    try:
+        "".join(s.reply(user))
+    finally:
+        hook.remove()
+    # the last step feeds every token but the one it writes (positions from 0): the sequence ends at the context's end
+    assert max(positions) == host.context_length - 2
+
+
+def test_chat_with_a_run_named_like_its_base(tiny_model, adapter, tmp_path, monkeypatch, capsys):
+    """runs/tiny over models/tiny: chat needs no names and answers; serve and the UI name the base apart."""
+    import io
+    import shutil
+    from pathlib import Path
+
+    from tunelab.cli import main
+    from tunelab.errors import UserError
+    from tunelab.inference.host import Host
+
+    name = Path(tiny_model).name
+    run = tmp_path / name
+    (run / "final").parent.mkdir()
+    shutil.copytree(adapter, run / "final")
+    (run / "config.yaml").write_text(f"model:\n  source: {tiny_model}\nadapter:\n  type: lora\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n"))
+    assert main(["chat", "--run", str(run), "--max-tokens", "3"]) == 0, capsys.readouterr().err
+    host = Host.load(runs=[str(run)])
+    assert host.names == [f"{name}-base", name] and host.default_name == name
+    with pytest.raises(UserError, match="--served-model-name"):
+        Host.load(runs=[str(run)], served_name=name)

@@ -207,6 +207,72 @@ def test_chat_refuses_fields_it_cannot_honour(client):
     assert r.choices[0].message.content and r.choices[0].message.tool_calls is None
 
 
+def test_sampling_fields_it_cannot_honour_are_refused(client):
+    """OpenAI's presence/frequency penalties and best_of are refused with a 400 naming the field unless they ask for
+    nothing (0, best_of 1, null): transformers has no such penalties (its repetition penalty is another setting) and
+    best_of ranks by log probabilities, which the server does not compute. The neutral values tools send work."""
+    msgs = [{"role": "user", "content": "Hi"}]
+    for field, value in (("presence_penalty", 0.5), ("frequency_penalty", -1), ("best_of", 2)):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, extra_body={field: value})
+        assert e.value.body["param"] == field and "not supported" in e.value.body["message"], field
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="tiny", prompt="Hi", max_tokens=2, extra_body={field: value})
+        assert e.value.body["param"] == field and "not supported" in e.value.body["message"], field
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, presence_penalty=0,
+                                       frequency_penalty=0.0)
+    assert r.choices[0].message.content
+    r = client.completions.create(model="tiny", prompt="Hi", max_tokens=2, presence_penalty=0.0, frequency_penalty=0,
+                                  best_of=1, extra_body={"logit_bias": None})
+    assert r.choices[0].text
+
+
+def test_logit_bias_is_added_to_the_logits(client, host):
+    """logit_bias (ids of the model's tokenizer, as with vLLM) is honoured: +100 makes a token the greedy choice
+    every step, -100 bans the one greedy decoding would pick; an id outside the vocabulary is a 400."""
+    token = host.tok.convert_tokens_to_ids("Ġcat")
+    r = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=4, temperature=0,
+                                  logit_bias={str(token): 100})
+    assert r.choices[0].text == " cat" * 4
+    streamed = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=3, temperature=0, logit_bias={str(token): 100}, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == " cat" * 3
+    plain = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=1, temperature=0)
+    first = host.tok(plain.choices[0].text, add_special_tokens=False)["input_ids"][0]
+    banned = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=1, temperature=0,
+                                       logit_bias={str(first): -100})
+    assert banned.choices[0].text != plain.choices[0].text
+    for bias, param in (({str(len(host.tok))}, "logit_bias"), ({"cat": 1}, "logit_bias.cat")):
+        body = {str(len(host.tok)): 5} if isinstance(bias, set) else bias
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="tiny", prompt="Hi", max_tokens=1, logit_bias=body)
+        assert e.value.body["param"] == param, e.value.body
+
+
+def test_token_id_prompts(client, host):
+    """/v1/completions takes token-id prompts (OpenAI's and vLLM's API; lm-eval's local-completions sends them):
+    fed as given, answering as the text that tokenizes to them; echo gives their text back."""
+    texts = ["Once upon a time", "The capital of France is"]
+    ids = [host.tok(t)["input_ids"] for t in texts]  # as the server tokenizes a text prompt
+    want = client.completions.create(model="alpha", prompt=texts, max_tokens=5, temperature=0)
+    one = client.completions.create(model="alpha", prompt=ids[0], max_tokens=5, temperature=0)
+    assert one.choices[0].text == want.choices[0].text and one.usage.prompt_tokens == len(ids[0])
+    both = client.completions.create(model="alpha", prompt=ids, max_tokens=5, temperature=0)
+    assert [c.text for c in both.choices] == [c.text for c in want.choices]
+    assert both.usage == want.usage
+    streamed = client.completions.create(model="alpha", prompt=ids[1], max_tokens=5, temperature=0, stream=True,
+                                         echo=True)
+    assert "".join(c.choices[0].text for c in streamed) == texts[1] + want.choices[1].text
+    for prompt, param in (([len(host.tok)], "prompt"), ([[1, 2], [-1]], "prompt.1.0"), ([[]], "prompt.0"),
+                          ([1, "a"], "prompt.1")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="alpha", prompt=prompt, max_tokens=1)
+        assert e.value.body["param"] == param, (prompt, e.value.body)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="alpha", prompt=[1] * 600, max_tokens=1)
+    assert e.value.code == "context_length_exceeded"
+
+
 def test_explicit_null_means_the_default(server):
     """n, stream, echo and stream_options.include_usage may be null, as with OpenAI (clients that send every field
     do): the answer is the default's."""
@@ -374,6 +440,26 @@ def test_cli_serve_binds_loopback(tiny_model, adapters, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("where, message", [
+    (["--port", "99999"], "--port 99999: a TCP port is 1 to 65535"),
+    (["--port", "{busy}"], "--port {busy}: already in use on 127.0.0.1"),
+    (["--host", "nonexistent.invalid"], "--host nonexistent.invalid: not an address or a name this machine"),
+])
+def test_cli_serve_checks_where_it_listens_before_loading(where, message, tmp_path, capsys):
+    """A bad port or address is one line and exit 2 before the model loads (the model here does not exist: had it
+    been loaded first, its error would show instead)."""
+    from tunelab.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        argv = [a.format(busy=port) for a in where]
+        assert main(["serve", "--model", str(tmp_path / "no-such-model"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: " + message.format(busy=port)) and err.count("\n") == 1, err
 
 
 def test_cli_serve_user_errors(tiny_model, tmp_path):

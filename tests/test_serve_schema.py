@@ -29,17 +29,24 @@ def api_schema(tiny_model):
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
-def within_cross_field_rules(body) -> bool:
-    """Rules JSON Schema cannot state (the fields' descriptions do): prompts x n <= --max-choices, one with stream."""
+def within_cross_field_rules(body, vocab: int) -> bool:
+    """Rules JSON Schema cannot state (the fields' descriptions do): prompts x n <= --max-choices, one with stream;
+    token ids (of a token prompt, logit_bias keys) inside the model's vocabulary."""
     prompts = body.get("prompt", "")
-    choices = (1 if isinstance(prompts, str) else len(prompts)) * (body.get("n") or 1)  # null n: the default, 1
-    return choices <= MAX_CHOICES and not (body.get("stream") and choices > 1)
+    if isinstance(prompts, str) or (prompts and not isinstance(prompts[0], (str, list))):
+        prompts = [prompts]  # one text, or one prompt of token ids
+    choices = len(prompts) * (body.get("n") or 1)  # null n: the default, 1
+    ids = [t for p in prompts if isinstance(p, list) for t in p] + [int(k) for k in body.get("logit_bias") or {}]
+    return choices <= MAX_CHOICES and not (body.get("stream") and choices > 1) and all(t < vocab for t in ids)
 
 
 # Each operation's requests are drawn with Hypothesis directly (schemathesis' own pytest integration,
 # `schemathesis.pytest.from_fixture`, does not run under pytest 9).
 @pytest.mark.parametrize("mode", ["positive", "negative"])
-def test_server_conforms_to_its_schema(api_schema, mode):
+def test_server_conforms_to_its_schema(api_schema, mode, tiny_model):
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(tiny_model))
     operations = [r.ok() for r in api_schema.get_all_operations()]
     assert len(operations) == 5  # health, models, model, chat completions, completions
 
@@ -57,7 +64,7 @@ def test_server_conforms_to_its_schema(api_schema, mode):
                 if served and isinstance(case.body.get("model"), str):
                     case.body["model"] = "tiny"  # a random name only ever reaches the 404
                 if mode == "positive":
-                    assume(within_cross_field_rules(case.body))
+                    assume(within_cross_field_rules(case.body, vocab))
             case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"})
 
         conforms()

@@ -43,6 +43,40 @@ def app_url(tiny_model):
         demo.close()
 
 
+def test_message_longer_than_the_context_is_refused_in_the_page(app_url, tiny_model):
+    """A message whose prompt fills the model's context is refused with a clear error shown in the page (not
+    generated past the context); the next message is answered as before."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    c = Client(app_url, verbose=False)
+    settings = (Path(tiny_model).name, "You are brief.", 1.0, 1.0, 8)  # model, system, temperature, top-p, tokens
+    with pytest.raises(AppError, match="message too long: .* context holds 512"):
+        c.predict("hello " * 3000, *settings, api_name="/chat_fn")
+    assert c.predict("Hello", *settings, api_name="/chat_fn")
+
+
+@pytest.mark.parametrize("where, message", [
+    (["--port", "99999"], "--port 99999: a TCP port is 1 to 65535"),
+    (["--port", "{busy}"], "--port {busy}: already in use on 127.0.0.1"),
+    (["--host", "nonexistent.invalid"], "--host nonexistent.invalid: not an address or a name this machine"),
+])
+def test_cli_ui_checks_where_it_listens_before_loading(where, message, tmp_path, capsys):
+    """A bad port or address is one line and exit 2 before the model loads (the model here does not exist: had it
+    been loaded first, its error would show instead), not Gradio's traceback."""
+    pytest.importorskip("gradio")
+    from tunelab.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        argv = [a.format(busy=port) for a in where]
+        assert main(["ui", "--model", str(tmp_path / "no-such-model"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: " + message.format(busy=port)) and err.count("\n") == 1, err
+
+
 @pytest.fixture(scope="module")
 def browser():
     pytest.importorskip("selenium")

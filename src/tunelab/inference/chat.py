@@ -7,11 +7,13 @@ Input may be piped: one message per line.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 from tunelab.errors import UserError
 from tunelab.inference.engine import GenParams
+from tunelab.inference.host import Host, PromptTooLong
 
 PERSONAS = {
     "assistant": "You are a helpful, concise assistant.",
@@ -22,8 +24,21 @@ PERSONAS = {
 
 HELP = """commands: /reset  /system [TEXT]  /set temperature|top_p|max_tokens|seed VALUE  /help  /quit"""
 
-_SETTINGS = {"temperature": ("temperature", float), "top_p": ("top_p", float),
-             "max_tokens": ("max_new_tokens", int), "seed": ("seed", int)}
+# /set NAME -> (GenParams field, type, valid?, the rule). The same rules check the CLI flags, so a value /set takes
+# is one the flag takes: anything else would only fail (or sample nonsense) at the next message.
+_SETTINGS = {
+    "temperature": ("temperature", float, lambda v: 0 <= v < math.inf, ">= 0 and finite"),
+    "top_p": ("top_p", float, lambda v: 0 < v <= 1, "in (0, 1]"),
+    "max_tokens": ("max_new_tokens", int, lambda v: v >= 1, ">= 1"),
+    # torch.manual_seed's range
+    "seed": ("seed", int, lambda v: -2**63 <= v < 2**64, "a 64-bit integer"),
+}
+
+
+def _setting_error(key: str, value) -> str | None:
+    """What is wrong with `value` for the setting `key`, or None."""
+    _, _, valid, rule = _SETTINGS[key]
+    return None if valid(value) else f"must be {rule}"
 
 
 def system_prompt(system: str | None, persona: str | None) -> str | None:
@@ -90,11 +105,15 @@ class ChatSession:
             key, _, value = arg.partition(" ")
             if key not in _SETTINGS:
                 return f"[unknown setting '{key}'; one of {', '.join(_SETTINGS)}]"
-            attr, cast = _SETTINGS[key]
+            attr, cast, _, _ = _SETTINGS[key]
             try:
-                setattr(self.params, attr, cast(value))
+                v = cast(value)
             except ValueError:
                 return f"[{key} needs a {cast.__name__}, got '{value}']"
+            problem = _setting_error(key, v)
+            if problem:
+                return f"[{key} {problem}, got {value}; unchanged]"
+            setattr(self.params, attr, v)
             return f"[{key} = {value}]"
         if cmd == "help":
             return f"[{HELP}]"
@@ -131,16 +150,19 @@ def repl(session: ChatSession, inp=None, out=None) -> int:
         except KeyboardInterrupt:  # stop this reply, keep the chat
             gen.close()
             out.write(" [stopped]")
+        except PromptTooLong as e:  # raised before anything was generated: the conversation is as it was
+            out.write(f"[{e}]")
         out.write("\n")
         out.flush()
 
 
 def main(args) -> int:
-    from tunelab.inference.host import Host
-
     system = system_prompt(args.system, args.persona)
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_tokens < 1:
-        raise UserError("need --temperature >= 0, 0 < --top-p <= 1 and --max-tokens >= 1")
+    for key in _SETTINGS:
+        value = getattr(args, key)
+        problem = None if value is None else _setting_error(key, value)  # --seed may be left out
+        if problem:
+            raise UserError(f"--{key.replace('_', '-')} {problem}, got {value}")
     adapters = [args.adapter] if args.adapter else []
     if len(adapters) + len(args.run) > 1:
         raise UserError("chat uses one adapter: pass a single --adapter or --run (`tunelab serve` hosts several)")

@@ -26,6 +26,8 @@ class GenParams:
     # torch's global RNG: reproducible when one generation runs at a time (the terminal chat, eval, the UI).
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # token id -> bias added to its logit before sampling (OpenAI's logit_bias; -100 all but bans a token)
+    logit_bias: dict[int, float] = field(default_factory=dict)
     # Batch evaluation only (`evaluation_model`): "auto" generates with a bf16 copy of the model, adapters merged, on
     # a CPU with native bf16 (greedy text can then differ from float32 in a few samples); "model" uses the model as
     # it was loaded. Chat, the server and the UI always use the model as loaded.
@@ -59,9 +61,20 @@ def context_length(model, tok) -> int:
     return int(n or 2048)
 
 
-def count_tokens(tok, text: str, add_special_tokens: bool = False) -> int:
+# A prompt is text, or token ids fed as they are (an API client's pre-tokenized prompt: nothing is added or decoded).
+Prompt = str | list[int]
+
+
+def encode(tok, prompts: list[Prompt], add_special_tokens: bool = False) -> list[list[int]]:
+    """Token ids of each prompt: text tokenized (all in one call), token ids kept as they are."""
+    texts = [p for p in prompts if isinstance(p, str)]
+    tokenized = iter(tok(texts, add_special_tokens=add_special_tokens)["input_ids"] if texts else [])
+    return [next(tokenized) if isinstance(p, str) else list(p) for p in prompts]
+
+
+def count_tokens(tok, text: Prompt, add_special_tokens: bool = False) -> int:
     """Tokens of `text` as the engine feeds it: `add_special_tokens` as given to `complete` / `TextStream`."""
-    return len(tok(text, add_special_tokens=add_special_tokens)["input_ids"])
+    return len(encode(tok, [text], add_special_tokens)[0])
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -119,6 +132,9 @@ def _gen_kwargs(tok, model, params: GenParams) -> dict:
     else:
         # Greedy: clear the sampling knobs a checkpoint's generation_config may carry, or transformers warns.
         kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if params.logit_bias:
+        # transformers' own processor: with one-token sequences it adds each bias to that token's logit, every step
+        kw["sequence_bias"] = [[[t], float(b)] for t, b in params.logit_bias.items()]
     return kw
 
 
@@ -211,12 +227,13 @@ def _generate_rows(model, tok, ids: list[list[int]], kw: dict, max_new: int, eos
     return new
 
 
-def complete(model, tok, prompts: list[str], params: GenParams | None = None, batch_size: int = 16,
+def complete(model, tok, prompts: list[Prompt], params: GenParams | None = None, batch_size: int = 16,
              cancel: threading.Event | None = None, add_special_tokens: bool = False) -> list[Completion]:
-    """Completions with usage and finish reason for prompt strings, in input order.
+    """Completions with usage and finish reason for prompt strings (or token ids), in input order.
 
     `add_special_tokens` False is for chat-templated prompts, whose template writes BOS itself; True tokenizes raw
     text as the tokenizer does by default (BOS first where the model has one), as text was tokenized for training.
+    It does not apply to token ids, which are fed as given.
     Setting `cancel` (from another thread) stops generating at the next token and raises `Cancelled`: the server
     uses it for a request whose client has disconnected.
     """
@@ -226,7 +243,7 @@ def complete(model, tok, prompts: list[str], params: GenParams | None = None, ba
     if params.seed is not None:
         torch.manual_seed(params.seed)
     outs: list[Completion | None] = [None] * len(prompts)
-    ids = tok(list(prompts), add_special_tokens=add_special_tokens)["input_ids"] if prompts else []
+    ids = encode(tok, list(prompts), add_special_tokens)
     # Longest prompts first (in tokens): batches of similar length waste less compute on padding.
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
     kw = _gen_kwargs(tok, model, params)
@@ -299,7 +316,7 @@ class TextStream:
     next piece shows whether it does.
     """
 
-    def __init__(self, model, tok, prompt: str, params: GenParams | None = None, add_special_tokens: bool = False):
+    def __init__(self, model, tok, prompt: Prompt, params: GenParams | None = None, add_special_tokens: bool = False):
         import torch
         from transformers import TextIteratorStreamer
 
@@ -307,8 +324,9 @@ class TextStream:
         self._stops = _stops(self.params)
         self._cancel = threading.Event()
         # add_special_tokens: as in `complete` (False for a chat-templated prompt, True for raw text)
-        enc = tok(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(model.device)
-        self.prompt_tokens = int(enc["input_ids"].shape[1])
+        input_ids = torch.tensor(encode(tok, [prompt], add_special_tokens), device=model.device)
+        enc = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        self.prompt_tokens = int(input_ids.shape[1])
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.error: BaseException | None = None

@@ -10,12 +10,17 @@ switches only when the model is idle.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from pathlib import Path
 
 from tunelab.errors import UserError
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class PromptTooLong(UserError):
+    """A prompt that leaves no room in the model's context for a reply: chat and the UI say so and carry on."""
 
 
 def run_artifact(run: str) -> tuple[str, str | None]:
@@ -96,9 +101,15 @@ class Host:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise UserError(f"two adapters are named {dupes[0]}: name them with --adapter NAME=PATH")
-        served_name = served_name or labels.get(base) or _default_name(base)
         if served_name in names:
-            raise UserError(f"adapter name {served_name} is also the base model's name: rename it with NAME=PATH")
+            raise UserError(f"--served-model-name {served_name} is also an adapter's name: pick another, or name "
+                            "the adapter with --adapter NAME=PATH")
+        if not served_name:
+            served_name = labels.get(base) or _default_name(base)
+            # A run is often named after its base (runs/tiny over models/tiny): the name goes to the run's adapter,
+            # what the user asked for, and the base gets a distinct one (listed by serve, offered by the UI).
+            while served_name in names:
+                served_name += "-base"
         if merge and len(named) != 1:
             raise UserError("--merge needs exactly one adapter (--adapter or --run)")
         if merge and load_in_4bit:
@@ -138,7 +149,19 @@ class Host:
         self._active = name
 
     def stream(self, name: str, prompt: str, params):
-        """Text pieces of one completion as `name`; holds `lock` until the generation has ended or been closed."""
+        """Text pieces of one completion as `name` (an iterator that holds `lock` until the generation has ended or
+        been closed). The reply is cut where the context ends; a prompt that leaves no room for one raises
+        PromptTooLong here, before anything is generated."""
+        from tunelab.inference.engine import count_tokens
+
+        n = count_tokens(self.tok, prompt)
+        room = self.context_length - n
+        if room < 1:
+            raise PromptTooLong(f"message too long: its prompt (system prompt included) is {n} tokens and the "
+                                f"model's context holds {self.context_length}; send a shorter message")
+        return self._stream(name, prompt, dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, room)))
+
+    def _stream(self, name: str, prompt: str, params):
         from tunelab.inference.engine import TextStream
 
         with self.lock:

@@ -85,6 +85,12 @@ TokenCount = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
 # JSON's interoperable integers (RFC 7493: beyond 2^53 a JSON number loses digits in many parsers); well inside
 # torch.manual_seed's range, outside which generation would fail.
 Seed = Annotated[int, Field(ge=-(2**53 - 1), le=2**53 - 1), BeforeValidator(_integral)]
+# A token id; its upper bound is the served model's vocabulary, checked in create_app (check_tokens).
+TokenId = Annotated[int, Field(ge=0), BeforeValidator(_integral)]
+# JSON object keys are strings: logit_bias names tokens by their ids in decimal. Nine digits is beyond any vocabulary;
+# additionalProperties makes the schema say that other keys are refused.
+LogitBias = Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]],
+                      Field(json_schema_extra={"additionalProperties": False})]
 
 
 def _unsupported(v):
@@ -97,15 +103,24 @@ def _unsupported(v):
 Unsupported = Annotated[None, BeforeValidator(_unsupported)]
 
 
+def _same(v, a) -> bool:
+    # By type as well as value: False == 0 in Python, but not in JSON; 0.0 is JSON's 0 (one number type).
+    return v == a and (type(v) is type(a) or {type(v), type(a)} <= {int, float})
+
+
 def _only(*allowed):
     """A validator that lets through null and the `allowed` values of a field whose other values this server cannot
-    honour (they change what the answer must contain: log probabilities, JSON, tool calls), and refuses the rest
-    with a message naming what it accepts; the field's type puts the same values in the schema."""
+    honour (they change what the answer must contain: log probabilities, JSON, tool calls; or how it is sampled),
+    and refuses the rest with a message naming what it accepts; the field's type puts the same values in the
+    schema."""
     def check(v):
-        if v is not None and not any(type(v) is type(a) and v == a for a in allowed):
-            raise ValueError(f"not supported by this server (send {' or '.join(map(json.dumps, allowed))}, null "
-                             "or leave it out)")
-        return v
+        if v is None:
+            return v
+        for a in allowed:
+            if _same(v, a):
+                return a
+        raise ValueError(f"not supported by this server (send {' or '.join(map(json.dumps, allowed))}, null "
+                         "or leave it out)")
     return BeforeValidator(check)
 
 
@@ -141,13 +156,24 @@ class _Request(BaseModel):
     seed: Annotated[Seed | None, Field(description="reproducible sampling when the server runs one generation at a "
                                                    "time (--max-concurrency 1, the default)")] = None
     stream_options: StreamOptions | None = None
+    # Added to the logits before sampling, as OpenAI does (transformers' sequence_bias); keys are ids of this
+    # model's tokenizer, as with vLLM (create_app checks them against its vocabulary).
+    logit_bias: Annotated[LogitBias | None, Field(description="token id (of this model's tokenizer) -> bias added "
+                                                              "to its logit, -100 to 100")] = None
+    # OpenAI's penalties count a token's earlier occurrences in the reply; transformers' repetition penalty scales
+    # logits instead, so it would be a different setting under OpenAI's name: only "no penalty" is accepted.
+    presence_penalty: Annotated[Literal[0] | None, _only(0)] = None
+    frequency_penalty: Annotated[Literal[0] | None, _only(0)] = None
+    # best_of > 1 ranks candidates by log probability, which this server does not compute.
+    best_of: Annotated[Literal[1] | None, _only(1)] = None
 
     def gen_params(self, max_new_tokens: int) -> GenParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         # OpenAI's default temperature is 1 (sampling); temperature 0 means greedy here.
         temperature = 1.0 if self.temperature is None else self.temperature
         return GenParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed, stop=stop)
+                         top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed, stop=stop,
+                         logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()})
 
 
 class _TextPart(BaseModel):
@@ -190,13 +216,24 @@ class ChatRequest(_Request):
     function_call: Annotated[Literal["none"] | None, _only("none")] = None
 
 
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+
+
 class CompletionRequest(_Request):
     # Every prompt needs at least one token to continue from: an empty one has nothing for the model to attend to.
-    prompt: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)] = Field(
-        description="a prompt or a list of them; stream=true takes one")
+    # Token ids are what OpenAI's API and vLLM also accept (lm-eval's local-completions sends them): fed as given.
+    prompt: (NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)] | TokenIds
+             | Annotated[list[TokenIds], Field(min_length=1)]) = Field(
+        description="a prompt, a list of them, or token ids: a list of ids (one prompt) or a list of such lists; "
+                    "stream=true takes one prompt")
     echo: Annotated[bool | None, _default(False)] = False
     logprobs: Unsupported = None
     suffix: Unsupported = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts, each text or token ids."""
+        p = self.prompt
+        return [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
 
 
 # --- scheduling ---
@@ -274,8 +311,9 @@ def _validation_error(exc) -> ApiError:
     A value that fits no member of a union (`prompt: str | list[str]`) gets one error per member, each located under
     the member's label ('str', 'list[...]', 'function-after[...]'), which is no field of the request. The label is
     dropped by following the location through the request body, and the error that got deepest into the value, or
-    failing that one that is not a plain type mismatch, is the one reported ("prompt.0: String should have at least
-    1 character" rather than "Input should be a valid string").
+    failing that one that is not a plain type mismatch, then the one furthest along a list, is the one reported
+    ("prompt.0: String should have at least 1 character" rather than "Input should be a valid string"; for [1, "a"],
+    "prompt.1: Input should be a valid integer").
     """
     errors = exc.errors()
     if not errors:
@@ -295,7 +333,8 @@ def _validation_error(exc) -> ApiError:
             out.append(str(key))
         return out
 
-    err = min(errors, key=lambda e: (-len(path(e)), e["type"].endswith("_type")))
+    err = min(errors, key=lambda e: (-len(path(e)), e["type"].endswith("_type"),
+                                     [-int(k) if k.isdigit() else 0 for k in path(e)]))
     where = ".".join(path(err))
     msg = err["msg"].removeprefix("Value error, ")
     return ApiError(400, f"{where}: {msg}" if where else msg, param=where or None)
@@ -452,6 +491,14 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
                                 f"generates at most {max_choices} per request (--max-choices)",
                            param="n" if prompts == 1 else "prompt")
 
+    def check_tokens(ids, param: str) -> None:
+        """Token ids (of a token prompt, or logit_bias keys) must be in the model's vocabulary."""
+        vocab = len(host.tok)
+        bad = next((int(t) for t in ids if int(t) >= vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"{param}: token id {bad} is not in the model's vocabulary (ids 0-{vocab - 1})",
+                           param=param)
+
     def budget(prompt_tokens: int, requested: int | None, param: str) -> int:
         """max_tokens for a request: what it asked (or the server default), capped by the server and the context."""
         room = host.context_length - prompt_tokens
@@ -525,10 +572,11 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
                 return
             yield piece
 
-    async def stream(request: Request, name: str, prompt: str, params: GenParams, chunk, final, include_usage: bool,
-                     raw: bool = False):
+    async def stream(request: Request, name: str, prompt: str | list[int], params: GenParams, chunk, final,
+                     include_usage: bool, raw: bool = False):
         """Queue (leaving the queue if the client does), then answer with the generation as server-sent events.
-        `raw`: the prompt is plain text, not chat-templated (tokenized with the tokenizer's special tokens)."""
+        `raw`: the prompt is plain text, not chat-templated (tokenized with the tokenizer's special tokens), or
+        token ids."""
         await while_connected(request, admit(name))
         try:
             gen = TextStream(host.model, host.tok, prompt, params, add_special_tokens=raw)
@@ -552,7 +600,8 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
 
         return SlotStream(events(), gen)
 
-    async def batch(request: Request, name: str, prompts: list[str], params: GenParams, raw: bool = False):
+    async def batch(request: Request, name: str, prompts: list[str | list[int]], params: GenParams,
+                    raw: bool = False):
         """Queue, generate and return the completions; abandoned as soon as the client disconnects. `raw`: as in
         `stream`."""
         cancel = threading.Event()
@@ -587,6 +636,7 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
         if req.stream and req.n > 1:
             raise ApiError(400, "n > 1 is not supported with stream=true", param="n")
         check_choices(1, req.n)
+        check_tokens(req.logit_bias or {}, "logit_bias")
 
         def render() -> tuple[str, int]:
             try:
@@ -622,13 +672,17 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
     @app.post("/v1/completions", dependencies=[Depends(auth)], responses=_GENERATION_RESPONSES)
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        prompts = req.prompts()
         if req.stream and (req.n > 1 or len(prompts) > 1):
             raise ApiError(400, "stream=true takes one prompt and n=1", param="prompt")
         check_choices(len(prompts), req.n)
+        check_tokens((t for p in prompts if not isinstance(p, str) for t in p), "prompt")
+        check_tokens(req.logit_bias or {}, "logit_bias")
+        # echo gives a token prompt back as its text, as vLLM does
+        echoed = [p if isinstance(p, str) else host.tok.decode(p) for p in prompts] if req.echo else None
         # On a worker thread, as in chat_completions. A raw prompt is tokenized with the tokenizer's special tokens
         # (BOS first, for models that have one), as vLLM does and as text is tokenized for training: without its BOS
-        # such a model continues a prompt unlike anything it was trained on.
+        # such a model continues a prompt unlike anything it was trained on. Token ids are fed as given.
         counts = await run_in_threadpool(lambda: [count_tokens(host.tok, p, add_special_tokens=True) for p in prompts])
         # A prompt of only characters the tokenizer drops (e.g. "\x06") has nothing to continue from; as OpenAI does
         # for an empty prompt, the model then starts as at the beginning of a document (its BOS/EOS token).
@@ -643,7 +697,7 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
 
             def chunk(piece):
                 if piece is None:  # the opening chunk: the echoed prompt, if asked
-                    return {**head, "choices": [{"index": 0, "text": prompts[0], "finish_reason": None}]} \
+                    return {**head, "choices": [{"index": 0, "text": echoed[0], "finish_reason": None}]} \
                         if req.echo else None
                 return {**head, "choices": [{"index": 0, "text": piece, "finish_reason": None}]}
 
@@ -653,7 +707,7 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
             return await stream(request, req.model, inputs[0], params, chunk, final,
                                 bool(req.stream_options and req.stream_options.include_usage), raw=True)
         outs = await batch(request, req.model, [p for p in inputs for _ in range(req.n)], params, raw=True)
-        choices = [{"index": i, "text": (prompts[i // req.n] if req.echo else "") + c.text, "logprobs": None,
+        choices = [{"index": i, "text": (echoed[i // req.n] if req.echo else "") + c.text, "logprobs": None,
                     "finish_reason": c.finish_reason} for i, c in enumerate(outs)]
         return {"id": cid, "object": "text_completion", "created": now, "model": req.model, "choices": choices,
                 "usage": usage(sum(c.prompt_tokens for c in outs[::req.n]), sum(c.completion_tokens for c in outs))}
@@ -675,16 +729,26 @@ def main(args) -> int:
         raise UserError("tunelab serve needs the serve extra: pip install 'tunelab[serve]'") from None
 
     from tunelab.inference.host import Host
+    from tunelab.inference.listen import bind
 
+    _check_limits(args.max_tokens, args.max_body_bytes, args.max_choices)  # before the slow model load
+    # Bound before the model loads, and handed to uvicorn: a port in use or a bad address is one line at once, and
+    # nothing can take the port while the model loads.
+    sock = bind(args.host, args.port)
     api_key = args.api_key or os.environ.get("TUNELAB_API_KEY") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this port can use it",
               file=sys.stderr)
-    _check_limits(args.max_tokens, args.max_body_bytes, args.max_choices)  # before the slow model load
-    host = Host.load(args.model, adapters=args.adapter, runs=args.run, dtype=args.dtype,
-                     load_in_4bit=args.load_in_4bit, served_name=args.served_model_name)
-    app = create_app(host, api_key=api_key, max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-                     max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, max_choices=args.max_choices)
-    print(f"serving {', '.join(host.names)} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
+    with sock:
+        host = Host.load(args.model, adapters=args.adapter, runs=args.run, dtype=args.dtype,
+                         load_in_4bit=args.load_in_4bit, served_name=args.served_model_name)
+        app = create_app(host, api_key=api_key, max_concurrency=args.max_concurrency, max_queue=args.max_queue,
+                         max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes, max_choices=args.max_choices)
+        print(f"serving {', '.join(host.names)} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down cleanly and re-raised it (as uvicorn.run, exit 0)
+            pass
+    # as uvicorn.run: 3 when the server did not start (e.g. the app failed at start-up)
+    return 0 if server.started else 3

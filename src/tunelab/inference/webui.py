@@ -13,6 +13,7 @@ import sys
 
 from tunelab.errors import UserError
 from tunelab.inference.engine import GenParams
+from tunelab.inference.host import PromptTooLong
 
 STORY_SYSTEM = (
     'You are the narrator of an interactive choose-your-own-adventure story titled "{title}". You tell it to the '
@@ -58,7 +59,11 @@ def build_app(host, defaults: GenParams | None = None):
 
     def reply(name, prompt, params, text=""):
         """The growing text of one streamed reply, starting from `text`."""
-        for piece in host.stream(name, prompt, params):
+        try:
+            pieces = host.stream(name, prompt, params)
+        except PromptTooLong as e:  # shown in the page (a user mistake: no console traceback); the chat goes on
+            raise gr.Error(str(e), print_exception=False) from None
+        for piece in pieces:
             text += piece
             yield text
 
@@ -101,16 +106,16 @@ def build_app(host, defaults: GenParams | None = None):
     def story_begin(title, name, temperature, top_p, max_tokens):
         title = title.strip()
         if not title:
-            raise gr.Error("Give your story a title first.")
+            raise gr.Error("Give your story a title first.", print_exception=False)
         state = {"messages": [{"role": "system", "content": STORY_SYSTEM.format(title=title)}], "shown": []}
         yield from story_turn(state, STORY_START, name, temperature, top_p, max_tokens)
 
     def story_choose(state, choice, own, name, temperature, top_p, max_tokens):
         action = (own or "").strip() or choice
         if not state or not state.get("messages"):
-            raise gr.Error("Start a story first: pick a title and press Begin.")
+            raise gr.Error("Start a story first: pick a title and press Begin.", print_exception=False)
         if not action:
-            raise gr.Error("Pick one of the choices, or write what you do.")
+            raise gr.Error("Pick one of the choices, or write what you do.", print_exception=False)
         yield from story_turn(state, action, name, temperature, top_p, max_tokens)
 
     with gr.Blocks(title="tunelab", analytics_enabled=False) as demo:
@@ -177,7 +182,11 @@ def main(args) -> int:
     except ImportError:
         raise UserError("tunelab ui needs the ui extra: pip install 'tunelab[ui]'") from None
     from tunelab.inference.host import Host
+    from tunelab.inference.listen import bind
 
+    # Before the model loads: a port in use or a bad address is one line at once. Gradio binds the port itself (its
+    # launch takes no socket), so the check's socket is closed again.
+    bind(args.host, args.port).close()
     host = Host.load(args.model, adapters=args.adapter, runs=args.run, dtype=args.dtype,
                      load_in_4bit=args.load_in_4bit)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
