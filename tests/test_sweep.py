@@ -35,7 +35,11 @@ def write_sweep(tmp_path, tiny_model, data, search, name="s", **extra) -> Path:
     return path
 
 
-def test_grid_runs_every_trial_writes_table_plots_best_config_and_rerun_skips(tmp_path, tiny_model, tiny_chat_data):
+def test_grid_runs_every_trial_writes_table_plots_best_config_and_rerun_skips(tmp_path, tiny_model, tiny_chat_data,
+                                                                             capsys):
+    from tunelab.cli import main
+    from tunelab.sweep import describe
+
     path = write_sweep(tmp_path, tiny_model, tiny_chat_data, subset=16, overrides={"training.epochs": 2,
                                                                                     "training.max_steps": -1},
                        search={"strategy": "grid", "objective": "last_epoch_train_loss",
@@ -43,9 +47,13 @@ def test_grid_runs_every_trial_writes_table_plots_best_config_and_rerun_skips(tm
                                          "training.scheduler": ["linear", "cosine"]}})
     sweep = load_sweep(path)
     assert sweep.trials == 4 and sweep.objective == "last_epoch_train_loss"
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    listed = [line.strip() for line in capsys.readouterr().out.splitlines() if line.startswith("  trial-")]
     out = run_sweep(sweep, show_progress=False)
     rows = out["results"]
     assert [r["status"] for r in rows] == ["complete"] * 4
+    # --dry-run names each trial as the run does, though Optuna's grid sampler visits the points shuffled
+    assert listed == [f"{r['trial']}  {describe({k: r[k] for k in sweep.search.space})}" for r in rows]
     assert {(r["training.learning_rate"], r["training.scheduler"]) for r in rows} == \
         {(lr, s) for lr in (1e-3, 1e-2) for s in ("linear", "cosine")}
     sdir = tmp_path / "sweeps" / "s"

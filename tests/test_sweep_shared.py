@@ -196,3 +196,43 @@ def test_workers_opening_a_fresh_database_at_once_all_get_the_study(postgres_url
     assert not errors and len(opened) == 4
     study = optuna.create_study(study_name="s", storage=opened[0])
     assert optuna.load_study(study_name="s", storage=opened[3])._study_id == study._study_id
+
+
+def test_a_rerun_after_its_own_kill_resumes_the_killed_trial_at_once(tmp_path, tiny_model, tiny_chat_data):
+    """One worker, SIGKILLed mid-trial, then the same command again right away (well inside the heartbeat's grace):
+    the killed trial resumes from its checkpoint in its own run directory; nothing trains twice, no row is left
+    running or queued."""
+    from tunelab.sweep import load_sweep, run_sweep
+
+    spec = {"name": "grid", "out_dir": str(tmp_path / "sweeps"),
+            "config": {"model": {"source": tiny_model}, "data": {"train": tiny_chat_data, "max_length": 64},
+                       "adapter": {"type": "lora", "r": 4, "alpha": 8},
+                       "training": {"max_steps": 8, "batch_size": 4, "precision": "fp32", "save_steps": 1,
+                                    "logging_steps": 1}},
+            "search": {"strategy": "grid", "objective": "train_loss",
+                       "space": {"training.learning_rate": [1e-3, 1e-2]}}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    sdir = tmp_path / "sweeps" / "grid"
+    a = worker(path)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and a.poll() is None and not glob.glob(f"{sdir}/trial-*/checkpoints/checkpoint-2"):
+            time.sleep(0.05)
+        assert a.poll() is None, "the worker finished before it could be killed: " + a.communicate()[0][-2000:]
+        os.kill(a.pid, signal.SIGKILL)
+        a.wait(timeout=60)
+    finally:
+        if a.poll() is None:
+            a.kill()
+    killed = Path(glob.glob(f"{sdir}/trial-*/checkpoints/checkpoint-2")[0]).parents[1]
+
+    lines = []
+    out = run_sweep(load_sweep(path), show_progress=False, echo=lines.append)
+    assert f"continuing {killed.name}" in lines[0], lines[0]
+    assert [r["status"] for r in out["results"]] == ["complete"] * 2, out["results"]
+    assert sorted(p.name for p in sdir.glob("trial-*")) == sorted(r["trial"] for r in out["results"])
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["resumed_from"] and summary["global_step"] == 8
+    steps = [r["step"] for r in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == list(range(1, 9))  # resumed from its checkpoint, each step logged once

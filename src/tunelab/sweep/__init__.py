@@ -18,8 +18,9 @@ Optuna does the searching for all three strategies (GridSampler, RandomSampler, 
 database: SQLite at sweeps/<name>/study.db by default, or any database URL or an Optuna journal file (`storage:` or
 `--storage`: postgresql://..., journal:PATH), so several machines can work on one study, each running the same
 command. Re-running the command continues the study: finished trials are not run again; a trial that was stopped
-(Ctrl-C, or a machine that died: its heartbeat goes stale) is queued again with the same parameters and resumes from
-its run's last checkpoint, because it trains into the same run directory. Runs are resumed and skipped by train.py
+(Ctrl-C; a killed process of this machine, found at once; another machine that died, once its heartbeat goes
+stale) is queued again with the same parameters and resumes from its run's last checkpoint, because it trains into
+the same run directory. Runs are resumed and skipped by train.py
 itself (`run_training` continues an unfinished run of the same config and skips a complete one).
 
 Outputs in sweeps/<name>/: results.csv and results.md (trial, params, objective, time, status), plots/ (average
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 from tunelab.sweep.report import describe, plot_sweep, result_rows, results_markdown, write_best_config, write_outputs
 from tunelab.sweep.spec import OBJECTIVES, Pruning, Range, Search, Sweep, SweepSpec, load_sweep, sample_points
-from tunelab.sweep.study import safe_url
+from tunelab.sweep.study import grid_run_names, safe_url
 
 __all__ = ["OBJECTIVES", "Pruning", "Range", "ReportToTrial", "Search", "Sweep", "SweepInterrupted", "SweepSpec",
            "TrialFailed", "load_sweep", "main", "objective_value", "plot_sweep", "result_rows", "results_markdown",
@@ -63,12 +64,15 @@ def main(args) -> int:
 
     sweep = load_sweep(args.sweep, trials=args.trials, storage=args.storage)
     if args.dry_run:
-        pts = sample_points(sweep.search.space, sweep.search.strategy)
         print(f"sweep {sweep.name}: {sweep.search.strategy}, {sweep.trials} trials, objective {sweep.objective} "
               f"({sweep.direction}), trials in {sweep.dir}/, study {safe_url(sweep.storage)}")
         if sweep.search.strategy == "grid":
-            for i, p in enumerate(pts[: sweep.trials]):
-                print(f"  {i:3d}  {describe(p)}")
+            # each point with the run directory it trains in; Optuna's grid sampler picks only the order
+            points = grid_run_names(sweep)
+            if sweep.trials < len(points):
+                print(f"  the budget runs {sweep.trials} of these {len(points)} points, picked by Optuna's sampler")
+            for name, p in points:
+                print(f"  {name}  {describe(p)}")
         else:  # random / optuna draw their points as they go: show the space instead
             for k, dom in sweep.search.space.items():
                 print(f"  {k}: {dom if isinstance(dom, list) else dom.model_dump()}")

@@ -20,8 +20,9 @@ from tunelab import runs
 from tunelab.errors import UserError
 from tunelab.sweep.report import describe, epoch_rows, write_outputs
 from tunelab.sweep.spec import Sweep
-from tunelab.sweep.study import (finished_trials, import_optuna, make_sampler, open_storage, open_study,
-                                 requeue_unfinished, run_name_for, safe_url, storage_file, suggest_value)
+from tunelab.sweep.study import (claim, fail_dead_local_trials, finished_trials, import_optuna, make_sampler,
+                                 open_storage, open_study, requeue_unfinished, run_name_for, running_trials, safe_url,
+                                 storage_file, suggest_value)
 
 
 class TrialFailed(RuntimeError):
@@ -125,22 +126,30 @@ def run_sweep(sweep: Sweep, callbacks=(), echo=print, show_progress: bool = True
                 pass
     storage = open_storage(sweep, optuna)
     study = open_study(sweep, storage, optuna)
-    # trials of a worker that died (silent past the heartbeat's grace) are failed and queued again now, not only
-    # when this worker starts its next trial
+    # trials of a worker that died are failed and queued again now, not only when this worker starts its next
+    # trial: at once for a process of this machine that is gone, after the heartbeat's grace for other machines
+    fail_dead_local_trials(study, storage, optuna)
     optuna.storages.fail_stale_trials(study)
     queued = requeue_unfinished(study, sweep, optuna)
     study.sampler = make_sampler(sweep, optuna, len(study.trials))
     done = len(finished_trials(study, optuna))
-    todo = max(0, sweep.trials - done)
+    # a trial running in another worker counts against the budget: starting one more in its place would train
+    # its parameters twice, and leave its retry queued with no budget left if that worker dies
+    elsewhere = [t.user_attrs.get("run", f"trial {t.number}") for t in running_trials(study, optuna)]
+    todo = max(0, sweep.trials - done - len(elsewhere))
     continuing = f"; continuing {', '.join(queued)}" if queued else ""
+    if elsewhere:
+        continuing += (f"; running in another worker: {', '.join(elsewhere)} (a re-run resumes it once its heartbeat "
+                       f"is {4 * sweep.search.heartbeat}s old)")
     echo(f"sweep {sweep.name}: {sweep.search.strategy} search, objective {sweep.objective} ({sweep.direction}), "
          f"{done}/{sweep.trials} trials finished, {todo} to run{continuing}; study in {safe_url(sweep.storage)}")
     logs = sweep.dir / "logs"
     first = [True]
 
     def objective(trial):
+        claim(trial)
         params = {k: suggest_value(trial, k, dom) for k, dom in sweep.search.space.items()}
-        run_name = run_name_for(study, trial, optuna)
+        run_name = run_name_for(study, trial, optuna, sweep, params)
         trial.set_user_attr("run", run_name)
         cfg = sweep.trial_config(params, run_name)
         run_dir = sweep.dir / run_name
@@ -186,8 +195,9 @@ def run_sweep(sweep: Sweep, callbacks=(), echo=print, show_progress: bool = True
         return float(value)
 
     def stop_when_spent(study, trial):
-        # the budget counts trials finished by every worker on this study, not only this process's
-        if len(finished_trials(study, optuna)) >= sweep.trials:
+        # the budget counts trials finished or running in every worker on this study, not only this process's
+        # (this one's trial has just finished)
+        if len(finished_trials(study, optuna)) + len(running_trials(study, optuna)) >= sweep.trials:
             study.stop()
 
     interrupted = None

@@ -9,13 +9,15 @@ as an argument rather than importing it themselves, so that check happens once.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 from tunelab.errors import UserError
-from tunelab.sweep.spec import Range, Sweep
+from tunelab.sweep.spec import Range, Sweep, sample_points
 
 
 def import_optuna():
@@ -249,12 +251,70 @@ def requeue_unfinished(study, sweep: Sweep, optuna) -> list[str]:
     return queued
 
 
-def run_name_for(study, trial, optuna) -> str:
-    """The run directory of a trial: a re-queued trial keeps its run; parameters identical to a complete trial's
-    reuse that run (run_training skips it: the value is read back, nothing trains); else trial-<number>."""
+def grid_run_names(sweep: Sweep) -> list[tuple[str, dict]]:
+    """Every grid point with its run directory: trial-<its index in the grid's fixed order>. GridSampler visits the
+    points in a shuffled order and a retried trial gets a new number, so naming by trial number would not match
+    what --dry-run lists; naming by grid point does, whatever the order and however often a point is retried."""
+    return [(f"trial-{i:03d}", p) for i, p in enumerate(sample_points(sweep.search.space, "grid"))]
+
+
+def run_name_for(study, trial, optuna, sweep: Sweep, params: dict) -> str:
+    """The run directory of a trial: a re-queued trial keeps its run; a grid point has its own (grid_run_names);
+    parameters identical to a complete trial's reuse that run (run_training skips it: the value is read back,
+    nothing trains); else trial-<number>."""
     if trial.user_attrs.get("run"):
         return trial.user_attrs["run"]
+    if sweep.search.strategy == "grid":
+        return next(name for name, p in grid_run_names(sweep) if p == params)
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         if t.params == trial.params and t.user_attrs.get("run"):
             return t.user_attrs["run"]
     return f"trial-{trial.number:03d}"
+
+
+# ---------------------------------------------------------------------------------------------------------- workers
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def claim(trial) -> None:
+    """Record which process runs this trial (machine, boot, pid, trial number), so a re-run on the same machine can
+    tell that the process is gone. The trial number is part of it because a retry copies its user attributes: a
+    copied claim names another trial and is ignored."""
+    trial.set_user_attr("worker", [socket.gethostname(), _boot_id(), os.getpid(), trial.number])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def fail_dead_local_trials(study, storage, optuna) -> None:
+    """Fail the RUNNING trials claimed by a process of this machine that no longer exists (a SIGKILL, a crash), so
+    requeue_unfinished queues them again now. The heartbeat would find them only after its grace period, and in
+    the meantime the sweep would count them as running elsewhere. Trials of other machines are left to it."""
+    me = [socket.gethostname(), _boot_id()]
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker")
+        if not worker or worker[:2] != me or worker[3] != t.number:
+            continue  # another machine's (its heartbeat tells), or not claimed yet
+        if worker[2] != os.getpid() and _alive(worker[2]):  # our own pid: reused, this process runs no trial yet
+            continue
+        try:
+            storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another process on this machine got there first
+
+
+def running_trials(study, optuna) -> list:
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
