@@ -160,3 +160,46 @@ def test_the_report_is_written_by_the_first_process_only(tmp_path, tiny_model):
                                                                       "distill_report.md"]
     assert [p.name for p in (tmp_path / "rank1").iterdir()] == [".staging"]
     assert json.loads((tmp_path / "rank0" / "distill_report.json").read_text())["after"]["held_out_rows"] == 1
+
+
+def test_student_with_adapter_is_saved_as_the_merged_student(tmp_path, tiny_model, tiny_chat_data):
+    """student_layers with LoRA: the 1-layer student exists only in the run, so final/ is the student with its adapter
+    merged in, not an adapter over the 2-layer teacher. Plain transformers and `tunelab chat/eval --run`
+    (load_for_inference) get the trained student's logits back; prefix tuning, which cannot merge, is refused."""
+    import torch
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    from tunelab.methods.distill import keep_layers
+    from tunelab.models import load_for_inference
+
+    ids = torch.tensor([[1, 5, 9, 42, 7, 100, 3]])
+
+    class Logits(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kw):
+            with torch.no_grad():
+                self.logits = model(input_ids=ids).logits
+
+    def with_adapter(adapter, name):
+        path = write_config(tmp_path, tiny_model, tiny_chat_data, {"student_layers": 1}, name=name, max_steps=4)
+        cfg = yaml.safe_load(path.read_text())
+        cfg["adapter"] = adapter
+        path.write_text(yaml.safe_dump(cfg))
+        return load_config(path)
+
+    captured = Logits()
+    summary = run_training(with_adapter({"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0}, "lora"),
+                           callbacks=[captured], show_progress=False)
+    final = Path(summary["final"])
+    assert not (final / "adapter_config.json").exists()
+    saved = AutoModelForCausalLM.from_pretrained(final).eval()
+    assert saved.config.num_hidden_layers == 1
+    with torch.no_grad():
+        torch.testing.assert_close(saved(input_ids=ids).logits, captured.logits, atol=1e-4, rtol=1e-4)
+        served, _ = load_for_inference(run=summary["run"])
+        torch.testing.assert_close(served(input_ids=ids).logits, captured.logits, atol=1e-4, rtol=1e-4)
+        untrained = keep_layers(AutoModelForCausalLM.from_pretrained(tiny_model), 1).eval()
+        assert (untrained(input_ids=ids).logits - captured.logits).abs().max() > 1e-3  # the adapter was trained
+
+    with pytest.raises(UserError, match="student_layers with adapter.type 'prefix'"):
+        run_training(with_adapter({"type": "prefix"}, "prefix"), show_progress=False)
+    assert not (tmp_path / "runs" / "prefix").exists()

@@ -291,3 +291,60 @@ def test_dpo_resume_continues_the_same_curve(tmp_path, tiny_model, pref_data):
     a, b = metric(full["run"], "loss"), metric(second["run"], "loss")
     assert len(a) == len(b) == 6
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+
+
+class Scores(TrainerCallback):
+    """The trained reward model's scores of a few texts at the end of training, as the run computed them."""
+
+    def __init__(self, tokenizer, texts):
+        self.tok, self.texts = tokenizer, texts
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        with torch.no_grad():
+            self.scores = model(**self.tok(self.texts, return_tensors="pt", padding=True)).logits[:, 0].float()
+
+
+def test_qlora_reward_model_final_scores_as_trained(tmp_path, tiny_model, pref_data):
+    """A QLoRA reward model's final/ is the adapter merged into the de-quantized, full-precision base: plain
+    transformers scores with it as the run scored in training (an adapter merged into the 4-bit weights and
+    re-quantized moves these scores by 0.02-0.06, past the tolerance), and it serves as a reward."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tunelab.rewards import reward_model
+
+    texts = ["Hello, nice to meet you!", "It is 5.", "No, it is roughly a sphere."]
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    captured = Scores(tok, texts)
+    path = config(tmp_path, tiny_model, pref_data, {"name": "reward"}, quantization={"bits": 4})
+    summary = run_training(load_config(path), callbacks=[captured], show_progress=False)
+    final = Path(summary["final"])
+    assert "quantization_config" not in json.loads((final / "config.json").read_text())
+    saved = AutoModelForSequenceClassification.from_pretrained(final).eval()
+    with torch.no_grad():
+        scores = saved(**tok(texts, return_tensors="pt", padding=True)).logits[:, 0].float()
+    print("in training:", captured.scores.tolist(), "final/:", scores.tolist())
+    torch.testing.assert_close(scores, captured.scores, atol=5e-3, rtol=0)
+    assert len(reward_model(str(final))([r["chosen"] for r in as_rows(PAIRS)],
+                                        prompts=[r["prompt"] for r in as_rows(PAIRS)])) == len(PAIRS)
+
+
+def test_reward_model_that_cannot_score_is_refused_before_the_run(tmp_path, tiny_model):
+    """A reward model that loads but fails in its forward (a 4-bit model computing in float32 with a bfloat16 head)
+    is one line before a GRPO run directory is written, not a traceback at
+    step 1."""
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    rm = tmp_path / "rm"
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, num_labels=1, dtype=torch.float32,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
+    model.score.to(torch.bfloat16)
+    model.save_pretrained(rm)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(rm)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": p}]}) + "\n" for p, _, _ in PAIRS))
+    path = config(tmp_path, tiny_model, str(prompts), {"name": "grpo", "num_generations": 4,
+                                                       "rewards": [{"name": "reward_model", "path": str(rm)}]})
+    with pytest.raises(UserError, match=r"^reward_model: .*rm loads but cannot score a sample"):
+        run_training(load_config(path), show_progress=False)
+    assert not (tmp_path / "runs").exists()

@@ -141,6 +141,16 @@ def reward_model(path: str, batch_size: int = 8, max_length: int = 1024, device:
         return scores
 
     score.__name__ = "reward_model"
+    # one sample scored now, while the method builds its trainer (before the run directory is written): a model
+    # that loads but cannot score (e.g. a head saved in another dtype than its body) would otherwise fail at the
+    # first training step, as a traceback, with the run directory already written
+    try:
+        score(["Hello."], prompts=["Say hello."])
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"reward_model: {path} loads but cannot score a sample ({type(e).__name__}: {why}); point it "
+                        "at a model that AutoModelForSequenceClassification loads and runs, e.g. retrain it with "
+                        "method.name=reward") from None
     return score
 
 

@@ -216,6 +216,8 @@ def _save_final(trainer, tokenizer, run: runs.Run, merge_adapter: bool = False,
                 adapter_from: Path | None = None) -> Path:
     """Write final/ atomically: the trained model, or (adapter_from) the adapter files of a checkpoint. With several
     processes every one calls the Trainer's save (a sharded state is gathered there); rank 0 writes the files."""
+    from tunelab.methods.standalone import standalone_model
+
     final, tmp = run.dir / "final", run.dir / ".final.tmp"
     main = distributed.is_main()
     if main:
@@ -227,8 +229,8 @@ def _save_final(trainer, tokenizer, run: runs.Run, merge_adapter: bool = False,
             for f in Path(adapter_from).glob("adapter_*"):
                 shutil.copy2(f, tmp / f.name)
     elif merge_adapter and hasattr(trainer.model, "merge_and_unload"):
-        if main:  # a standalone model, loadable without PEFT
-            trainer.model.merge_and_unload().save_pretrained(str(tmp))
+        if main:  # a standalone model, loadable without PEFT (over a 4-bit base: merged into its de-quantized weights)
+            standalone_model(trainer.model).save_pretrained(str(tmp))
     else:
         trainer.save_model(str(tmp))
     if main:
@@ -398,7 +400,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
         return summary
     # a method whose artifact is read by plain transformers (reward: AutoModelForSequenceClassification) merges it
     best = trainer.state.best_model_checkpoint if eval_args.get("metric_for_best_model") else None
-    final = _save_final(trainer, tokenizer, run, merge_adapter=method.merge_final,
+    final = _save_final(trainer, tokenizer, run, merge_adapter=method.merges_final(opts),
                         adapter_from=best if best and ADAPTERS[cfg.adapter.type].prompt_learning else None)
     summary["status"] = "complete"
     if best:

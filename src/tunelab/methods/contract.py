@@ -109,6 +109,10 @@ class Method:
         return ("eval_loss",)
 
     # -- models ------------------------------------------------------------------------------------------------------
+    def merges_final(self, opts) -> bool:
+        """Whether final/ is the adapter merged into its base (merge_final; a method may decide per options)."""
+        return self.merge_final
+
     def prepare_model(self, cfg, opts, model):
         """Reshape the loaded model before the adapter attaches (distill: a smaller student)."""
         return model

@@ -24,6 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunelab.adapters import ADAPTERS
 from tunelab.errors import UserError
 from tunelab.methods.contract import EstimateContext, Method
 from tunelab.methods.distill_report import report_callback
@@ -110,6 +111,18 @@ class Distill(Method):
         if opts.student_layers is None and opts.teacher is None:
             raise UserError("distill: set method.teacher (the model to learn from) or method.student_layers (a "
                             "smaller student made from model.source, which is then the teacher)")
+        a = ADAPTERS[cfg.adapter.type]
+        if opts.student_layers and not (a.trains_base or a.mergeable):
+            # the student exists only in this run: final/ is the student with its adapter merged (standalone.py),
+            # never an adapter over model.source, which is the whole teacher
+            raise UserError(f"distill: method.student_layers with adapter.type '{cfg.adapter.type}' cannot be saved "
+                            "as a loadable student (the adapter cannot be merged into it); use adapter.type "
+                            f"{' or '.join(n for n in self.adapters if ADAPTERS[n].mergeable)} or none")
+
+    def merges_final(self, opts: Config) -> bool:
+        # a student cut from the teacher's layers has no base on disk that an adapter could be loaded over: final/ is
+        # the student itself, its adapter merged in (checkpoints keep the adapter, for resuming)
+        return opts.student_layers is not None
 
     def prepare_model(self, cfg, opts: Config, model):
         """Shrink the loaded model into the student (before adapters attach) when `student_layers` is set."""

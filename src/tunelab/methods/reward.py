@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunelab.adapters import ADAPTERS
 from tunelab.methods.preference import PreferenceMethod, pair_trainer
+from tunelab.methods.standalone import restore_head_dtype
 
 
 class Config(BaseModel):
@@ -70,6 +71,7 @@ class Reward(PreferenceMethod):
         reward_args = RewardConfig(**args, max_length=cfg.data.max_length,
                                    center_rewards_coefficient=opts.center_rewards_coefficient)
         trainer = pair_trainer(RewardTrainer, model, reward_args, data, tokenizer)
+        restore_head_dtype(trainer.model)  # TRL cast a quantized model's score head to bfloat16 (see there)
         if data.validation and opts.evaluate_at_end:
             trainer.add_callback(final_evaluation())
         return trainer
