@@ -145,23 +145,30 @@ def test_ppo_raises_toy_reward_with_bounded_kl(tmp_path, peaked_model, prompts, 
     assert (Path(summary["run"]) / "checkpoints" / "checkpoint-8" / "value_head.safetensors").is_file()
 
 
+def stopped_and_resumed(cfg, step: int) -> tuple[dict, dict]:
+    """(summary of an uninterrupted run, summary of the same run stopped after `step` and resumed): `cfg(name)` gives
+    each run's config."""
+    from conftest import StopAt
+
+    full = run_training(cfg("full"), show_progress=False)
+    first = run_training(cfg("split"), callbacks=[StopAt(step)], show_progress=False)
+    run_dir = Path(first["run"])
+    (run_dir / "final").rename(run_dir / "final-half")  # as if the process had been interrupted
+    (run_dir / "summary.json").unlink()
+    second = run_training(cfg("split"), show_progress=False)
+    assert second["resumed_from"].endswith(f"checkpoint-{step}")
+    return full, second
+
+
 def test_ppo_resume_is_exact(tmp_path, peaked_model, prompts):
     """Stopped at step 2 and resumed, PPO continues exactly: policy, value head, optimizer and sampling RNG."""
-    from test_train import StopAt
-
     method = {"name": "ppo", "rewards": [REWARD], "max_completion_length": 8, "ppo_epochs": 2, "num_mini_batches": 2}
 
     def cfg(name):
         return load_config(write_config(tmp_path, peaked_model, prompts, method, name=name, learning_rate=2e-3,
                                         max_steps=4, save_steps=2))
 
-    full = run_training(cfg("full"), show_progress=False)
-    first = run_training(cfg("split"), callbacks=[StopAt(2)], show_progress=False)
-    run_dir = Path(first["run"])
-    (run_dir / "final").rename(run_dir / "final-half")  # as if the process had been interrupted
-    (run_dir / "summary.json").unlink()
-    second = run_training(cfg("split"), show_progress=False)
-    assert second["resumed_from"].endswith("checkpoint-2")
+    full, second = stopped_and_resumed(cfg, 2)
     a = {r["step"]: (r["loss"], r["reward"]) for r in metrics(full) if "loss" in r}
     b = {r["step"]: (r["loss"], r["reward"]) for r in metrics(second) if "loss" in r}
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
@@ -174,21 +181,13 @@ def test_grpo_resume_from_a_checkpoint_continues_the_uninterrupted_run(tmp_path,
     bf16, where CPU rollouts sample from a bf16 copy of the merged policy built at the process's first rollout: in a
     resumed run that comes after the Trainer restored the sampling RNG. The loss of a single-iteration GRPO step is
     about 0 whatever was sampled, so the grad norm carries the check along with the reward."""
-    from conftest import StopAt
-
     method = {"name": "grpo", "rewards": [REWARD], "num_generations": 2, "max_completion_length": 8}
 
     def cfg(name):
         return load_config(write_config(tmp_path, peaked_model, prompts, method, name=name, max_steps=3,
                                         batch_size=4, save_steps=1, precision="bf16"))
 
-    full = run_training(cfg("full"), show_progress=False)
-    first = run_training(cfg("split"), callbacks=[StopAt(1)], show_progress=False)
-    run_dir = Path(first["run"])
-    (run_dir / "final").rename(run_dir / "final-half")  # as if the process had been interrupted
-    (run_dir / "summary.json").unlink()
-    second = run_training(cfg("split"), show_progress=False)
-    assert second["resumed_from"].endswith("checkpoint-1")
+    full, second = stopped_and_resumed(cfg, 1)
 
     def steps(summary):
         return {r["step"]: (r["reward"], r["loss"], r["grad_norm"]) for r in metrics(summary) if "loss" in r}

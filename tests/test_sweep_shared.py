@@ -103,6 +103,21 @@ def worker(path, *args) -> subprocess.Popen:
     return subprocess.Popen([*CLI, str(path), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def killed_once(path, ready) -> None:
+    """A worker on the sweep `path`, SIGKILLed as soon as `ready()` holds (e.g. a trial's checkpoint exists)."""
+    a = worker(path)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and a.poll() is None and not ready():
+            time.sleep(0.05)
+        assert a.poll() is None, "the worker finished before it could be killed: " + a.communicate()[0][-2000:]
+        os.kill(a.pid, signal.SIGKILL)
+        a.wait(timeout=60)
+    finally:
+        if a.poll() is None:
+            a.kill()
+
+
 def load(storage: str, study: str):
     from tunelab.sweep.study import JOURNAL, _journal_storage, database_url
 
@@ -137,17 +152,7 @@ def test_a_killed_workers_trial_is_resumed_by_another(tmp_path, tiny_model, tiny
     study_name = f"kill-{tmp_path.name}"
     path = write_sweep(tmp_path, tiny_model, tiny_chat_data, storage, study_name, trials=2, max_steps=8, heartbeat=1)
     first = tmp_path / "sweeps" / "shared" / "trial-000"
-    a = worker(path)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and a.poll() is None and not (first / "checkpoints" / "checkpoint-2").is_dir():
-            time.sleep(0.05)
-        assert a.poll() is None, "the worker finished before it could be killed: " + a.communicate()[0][-2000:]
-        os.kill(a.pid, signal.SIGKILL)
-        a.wait(timeout=60)
-    finally:
-        if a.poll() is None:
-            a.kill()
+    killed_once(path, lambda: (first / "checkpoints" / "checkpoint-2").is_dir())
     time.sleep(5)  # past the grace period (4 heartbeats of 1 s): the trial is stale
     b = worker(path)
     out = b.communicate(timeout=600)[0]
@@ -214,17 +219,7 @@ def test_a_rerun_after_its_own_kill_resumes_the_killed_trial_at_once(tmp_path, t
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(spec))
     sdir = tmp_path / "sweeps" / "grid"
-    a = worker(path)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and a.poll() is None and not glob.glob(f"{sdir}/trial-*/checkpoints/checkpoint-2"):
-            time.sleep(0.05)
-        assert a.poll() is None, "the worker finished before it could be killed: " + a.communicate()[0][-2000:]
-        os.kill(a.pid, signal.SIGKILL)
-        a.wait(timeout=60)
-    finally:
-        if a.poll() is None:
-            a.kill()
+    killed_once(path, lambda: glob.glob(f"{sdir}/trial-*/checkpoints/checkpoint-2"))
     killed = Path(glob.glob(f"{sdir}/trial-*/checkpoints/checkpoint-2")[0]).parents[1]
 
     lines = []
