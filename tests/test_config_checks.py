@@ -48,6 +48,7 @@ REFUSALS = {
     "model_dir": (["model.source=."], ["config key 'model.source'", "has no config.json"]),
     # 0 trained one step and reported the run complete
     "max_steps_0": (["training.max_steps=0"], ["config key 'training.max_steps'", "-1 to train for training.epochs"]),
+    "epochs_inf": (["training.max_steps=-1", "training.epochs=inf"], ["config key 'training.epochs'", "finite"]),
     "prefix_checkpointing": (["adapter.type=prefix", "training.gradient_checkpointing=true"],
                              ["training.gradient_checkpointing=true does not run with adapter.type=prefix"]),
 }

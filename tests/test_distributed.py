@@ -176,6 +176,57 @@ def kill_rank_once(path: Path, checkpoint: Path, env: dict) -> None:
             job.kill()
 
 
+def test_a_strategy_in_one_process_is_noted(tmp_path, tiny_model, tiny_chat_data):
+    """distributed.strategy names how several processes share the work; one process trains without it, and says so
+    rather than recording fsdp in config.yaml as if it had applied."""
+    from tunelab import load_config
+    from tunelab.train import run_training
+
+    path = write_config(tmp_path, tiny_model, tiny_chat_data, "one", batch_size=4, max_steps=1,
+                        distributed={"strategy": "fsdp"})
+    lines = []
+    run_training(load_config(path), echo=lines.append, show_progress=False)
+    assert any(x.startswith("note: distributed.strategy=fsdp applies when several processes train") for x in lines)
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie waiting for its reaper does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_a_killed_launcher_takes_its_processes_with_it(tmp_path, tiny_model, tiny_chat_data):
+    """SIGKILL of `tunelab train --nproc 2` itself, which cannot forward it: torchrun starts its processes in sessions
+    of their own, and they trained on beside a re-run of the same command. They end with the launcher."""
+    path = write_config(tmp_path, tiny_model, tiny_chat_data, "orphans", batch_size=4, max_steps=500,
+                        training={"save_steps": 1000})
+    env = {**os.environ, "TUNELAB_TEST_JOB": str(tmp_path)}
+    metrics = tmp_path / "runs" / "orphans" / "metrics.jsonl"
+    job = subprocess.Popen([*CLI, str(path), "--nproc", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env=env)
+    ranks = []
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and job.poll() is None and not (metrics.is_file() and metrics.stat().st_size):
+            time.sleep(0.1)
+        ranks = [_rank_pid(str(tmp_path), r) for r in (0, 1)]
+        assert job.poll() is None and None not in ranks, "the job ended before its launcher could be killed"
+        job.kill()
+        job.wait(timeout=60)
+        deadline = time.time() + 30
+        while time.time() < deadline and any(_running(pid) for pid in ranks):
+            time.sleep(0.2)
+        assert not any(_running(pid) for pid in ranks), "a process trains on after its launcher was killed"
+    finally:
+        for pid in [job.pid, *(r for r in ranks if r)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 @pytest.mark.slow  # two 2-process jobs and a SIGKILL: ~45 s
 def test_a_killed_rank_stops_the_job_and_the_same_command_resumes_exactly(tmp_path, tiny_model, tiny_chat_data,
                                                                           one_process):

@@ -24,7 +24,8 @@ EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no setting means infinity or NaN (training.epochs=inf passed gt=0, then failed inside the Trainer)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):

@@ -184,6 +184,37 @@ def record_refusal(message: str) -> bool:
     return True
 
 
+LAUNCHER_ENV = "TUNELAB_LAUNCHER_PID"
+
+
+def exit_with_launcher() -> None:
+    """In a process `launch` started: end it as soon as the launcher is gone. torchrun starts each process in a
+    session of its own and can forward no SIGKILL, so a killed launcher left its processes training on: the same
+    command re-run at once then met checkpoints they rotated away under it. Written by hand: torch's launcher has no
+    such option. A watch of the parent's pid rather than a parent-death signal, which would fire when the launcher
+    thread that started the process ends, not the launcher."""
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if not launcher or world_size() == 1:
+        return
+    import threading
+    import time
+
+    def watch():
+        while os.getppid() == int(launcher):
+            time.sleep(0.5)
+        os._exit(137)  # as killed: the job's checkpoints are atomic, a resume continues from the last complete one
+
+    threading.Thread(target=watch, name="tunelab-launcher-watch", daemon=True).start()
+
+
+def unused_strategy(dcfg) -> str | None:
+    """A note when the config names a strategy that a single process does not use (it applies across processes)."""
+    if world_size() == 1 and dcfg.strategy != "ddp":
+        return (f"note: distributed.strategy={dcfg.strategy} applies when several processes train (--nproc N, "
+                "torchrun, accelerate launch); this single process trains without it")
+    return None
+
+
 def launch(argv: list[str], nproc: int) -> int:
     """Run `tunelab <argv>` in `nproc` processes on this machine with torch's launcher; its exit code.
 
@@ -211,6 +242,7 @@ def launch(argv: list[str], nproc: int) -> int:
     threads = None if "OMP_NUM_THREADS" in os.environ else str(max(1, cores // nproc))
     with tempfile.TemporaryDirectory(prefix="tunelab-launch-") as refusals:
         os.environ[REFUSALS_ENV] = refusals
+        os.environ[LAUNCHER_ENV] = str(os.getpid())  # the processes end with this one (exit_with_launcher)
         if threads:
             os.environ["OMP_NUM_THREADS"] = threads
         try:
@@ -229,6 +261,7 @@ def launch(argv: list[str], nproc: int) -> int:
             return 128 + int(e.sigval)
         finally:
             os.environ.pop(REFUSALS_ENV, None)
+            os.environ.pop(LAUNCHER_ENV, None)
             if threads:
                 os.environ.pop("OMP_NUM_THREADS", None)
 

@@ -374,7 +374,8 @@ class GracefulStop(TrainerCallback):
         if self.requested:  # a second Ctrl-C means: stop now
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstopping after this step: saving a checkpoint (Ctrl-C again to abort without saving)", flush=True)
+        if distributed.is_main():  # every process gets the signal; the job says it once
+            print("\nstopping after this step: saving a checkpoint (Ctrl-C again to abort without saving)", flush=True)
 
     def on_train_begin(self, args, state, control, **kw):
         for sig in (signal.SIGINT, signal.SIGTERM):

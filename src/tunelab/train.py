@@ -278,6 +278,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
     from tunelab.data.build import check_end_of_turn
 
     echo = distributed.quiet_unless_main(echo)  # several processes: rank 0 prints and writes
+    if distributed.unused_strategy(cfg.distributed):
+        echo(distributed.unused_strategy(cfg.distributed))
     run = runs.open_run(cfg, overwrite=overwrite)
     if run.complete:
         echo(f"run {run.dir} is already complete (final model in {run.dir / 'final'}); --overwrite retrains it")
@@ -459,5 +461,6 @@ def main(args) -> int:
         check_training(cfg)
         argv = ["train", args.config, *args.overrides, *(["--overwrite"] if args.overwrite else [])]
         return distributed.launch(argv, args.nproc)
+    distributed.exit_with_launcher()
     summary = run_training(cfg, overwrite=args.overwrite, quiet=True)
     return 0 if summary.get("status") in ("complete", "interrupted") else 1
