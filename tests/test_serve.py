@@ -359,6 +359,61 @@ def test_adapters_answer_differently_from_each_other_and_the_base(client):
     assert greedy_chat(client, "tiny") == answers["tiny"]
 
 
+PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                  "{% if add_generation_prompt %}assistant:{% endif %}")
+TAGGED_TEMPLATE = ("{% for m in messages %}<<turn role={{ m['role'] }}>> {{ m['content'] }} <</turn>>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<<turn role=assistant>>{% endif %}")
+
+
+def adapter_with_template(base: str, path: Path, seed: int, template: str, **tok_kw) -> str:
+    """An adapter directory as a run leaves it: the adapter and the tokenizer it was trained with, template included."""
+    from transformers import AutoTokenizer
+
+    make_adapter(base, path, seed)
+    tok = AutoTokenizer.from_pretrained(base, **tok_kw)
+    tok.chat_template = template
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_each_route_is_prompted_with_its_own_chat_template(tiny_model, tmp_path):
+    """Two runs over one base trained with different chat templates: each route renders (and stops) as its run was
+    trained, and the base route as the base model's own template, whichever adapter is listed first."""
+    from transformers import AutoTokenizer
+
+    from tunelab.errors import UserError
+    from tunelab.inference.engine import stop_token_ids
+    from tunelab.inference.host import Host
+    from tunelab.inference.server import create_app
+
+    plain = adapter_with_template(tiny_model, tmp_path / "plain", 1, PLAIN_TEMPLATE)
+    # this run also ended its turns on <|endoftext|> rather than the base's <|im_end|>
+    tagged = adapter_with_template(tiny_model, tmp_path / "tagged", 2, TAGGED_TEMPLATE, eos_token="<|endoftext|>")
+    host = Host.load(tiny_model, adapters=[f"plain={plain}", f"tagged={tagged}"], served_name="base")
+    msgs = [{"role": "user", "content": "Name a color."}]
+    base_tok = AutoTokenizer.from_pretrained(tiny_model)
+    expected = {"plain": "user: Name a color.\nassistant:",
+                "tagged": "<<turn role=user>> Name a color. <</turn>>\n<<turn role=assistant>>",
+                "base": base_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)}
+    assert "<|im_start|>" in expected["base"]
+    with LiveServer(create_app(host)) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        for name, prompt in expected.items():
+            r = c.chat.completions.create(model=name, messages=msgs, max_tokens=1, temperature=0)
+            assert r.usage.prompt_tokens == len(base_tok(prompt, add_special_tokens=False)["input_ids"]), name
+    for name, prompt in expected.items():  # what chat and the web UI send
+        assert host.fit_messages(msgs, 1, name)[1] == prompt, name
+    endoftext = base_tok.convert_tokens_to_ids("<|endoftext|>")
+    assert endoftext in stop_token_ids(host.tokenizer("tagged"), host.model)
+    assert endoftext not in stop_token_ids(host.tokenizer("plain"), host.model)
+
+    # A run whose tokenizer gained a token cannot share the model's embeddings with the others.
+    grown = adapter_with_template(tiny_model, tmp_path / "grown", 3, PLAIN_TEMPLATE,
+                                  additional_special_tokens=["<|new|>"])
+    with pytest.raises(UserError, match=r"adapters plain .* and grown .* different tokenizers"):
+        Host.load(tiny_model, adapters=[f"plain={plain}", f"grown={grown}"])
+
+
 def test_client_gone_mid_stream_frees_the_slot(server):
     body = {"model": "alpha", "prompt": "Once", "max_tokens": 64, "temperature": 0, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body,

@@ -76,7 +76,7 @@ class ChatSession:
 
     def reply(self, user: str):
         """Yield the reply to `user` piece by piece; the exchange joins the history when the reply ends or stops."""
-        msgs, prompt = self.host.fit_messages(self.messages(user), self.params.max_new_tokens)
+        msgs, prompt = self.host.fit_messages(self.messages(user), self.params.max_new_tokens, self.name)
         text = ""
         pieces = self.host.stream(self.name, prompt, self.params)
         try:

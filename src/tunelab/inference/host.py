@@ -2,6 +2,9 @@
 
 Adapters share the base's weights (PEFT multi-adapter: `load_adapter` for each, `set_adapter` to pick one,
 `disable_adapter` for the plain base), so N fine-tunes of one model cost one model's memory plus N small adapters.
+Each route keeps its own tokenizer: a run saves the tokenizer it trained with, chat template included, next to its
+adapter, and two runs over one base may have used different templates (and so end their turns on different tokens).
+The vocabularies must agree, since the routes share one embedding matrix.
 Which adapter is active is one setting of the whole model, so callers must not generate with two different names at
 once: the terminal chat and the UI take `lock`; the server's scheduler lets same-name requests run together and
 switches only when the model is idle.
@@ -47,12 +50,37 @@ def _parse_adapter(spec: str) -> tuple[str, str]:
     return name, path
 
 
+def _adapter_tokenizer(path: str, base_tok):
+    """The tokenizer a run saved beside its adapter (the one it trained with), else the base's."""
+    if not (Path(path) / "tokenizer_config.json").is_file():
+        return base_tok
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _same_vocab(toks: dict[str, tuple[str, object]]) -> None:
+    """Refuse adapters trained with different tokenizers: the routes share one model, so one vocabulary."""
+    (first, (first_path, first_tok)), *rest = toks.items()
+    for name, (path, tok) in rest:
+        if tok is not first_tok and tok.get_vocab() != first_tok.get_vocab():
+            raise UserError(f"adapters {first} ({first_path}, {len(first_tok)} tokens) and {name} ({path}, "
+                            f"{len(tok)} tokens) were trained with different tokenizers: serve each in its own process")
+
+
 class Host:
-    def __init__(self, model, tok, base_name: str, adapters: dict[str, str] | None = None):
+    def __init__(self, model, tok, base_name: str, adapters: dict[str, str] | None = None,
+                 tokenizers: dict[str, object] | None = None):
+        """`tok` is the base's tokenizer; `tokenizers` maps a served name to the tokenizer it renders prompts and
+        stops with (a route not in it uses `tok`)."""
         self.model, self.tok = model, tok
         self.base_name = base_name
         # served name -> PEFT adapter name inside the model (None: the base, adapters disabled)
         self.routes: dict[str, str | None] = {base_name: None, **(adapters or {})}
+        self._toks = {name: (tokenizers or {}).get(name, tok) for name in self.routes}
         self.lock = threading.Lock()
         self._base_ctx: contextlib.ExitStack | None = None
         self._active: str | None = None
@@ -65,6 +93,10 @@ class Host:
     @property
     def names(self) -> list[str]:
         return list(self.routes)
+
+    def tokenizer(self, name: str):
+        """The tokenizer `name` was trained with: its chat template and end-of-turn token are the ones it answers to."""
+        return self._toks[name]
 
     @property
     def default_name(self) -> str:
@@ -81,7 +113,7 @@ class Host:
         the run; a run with a full model is the base). `merge` folds a single adapter into the base weights (faster
         generation, no adapter switching).
         """
-        from tunelab.models import load_for_inference
+        from tunelab.models import load_for_inference, load_tokenizer
 
         named = [_parse_adapter(a) for a in adapters]
         bases = [model] if model else []
@@ -119,6 +151,12 @@ class Host:
                                     load_in_4bit=load_in_4bit)
         if merge:
             return cls(m.merge_and_unload(), tok, f"{served_name}+{named[0][0]}")
+        # load_for_inference hands back the first adapter's tokenizer; the base route is prompted with the base's
+        # own template (or tunelab's default for a base without one), as training would have rendered it.
+        base_tok = load_tokenizer(base) if named else tok
+        toks = {name: (path, _adapter_tokenizer(path, base_tok)) for name, path in named}
+        if len(toks) > 1:
+            _same_vocab(toks)
         routes = {}
         for i, (name, path) in enumerate(named):
             # load_for_inference loads the first adapter under PEFT's name "default"; the rest get their own.
@@ -126,7 +164,7 @@ class Host:
             if i:
                 m.load_adapter(path, adapter_name=internal)
             routes[name] = internal
-        return cls(m, tok, served_name, routes)
+        return cls(m, base_tok, served_name, routes, {name: t for name, (_, t) in toks.items()})
 
     def activate(self, name: str) -> None:
         """Make the model answer as `name` (an adapter, or the base). Only call while no generation is running."""
@@ -154,7 +192,7 @@ class Host:
         PromptTooLong here, before anything is generated."""
         from tunelab.inference.engine import count_tokens
 
-        n = count_tokens(self.tok, prompt)
+        n = count_tokens(self.tokenizer(name), prompt)
         room = self.context_length - n
         if room < 1:
             raise PromptTooLong(f"message too long: its prompt (system prompt included) is {n} tokens and the "
@@ -166,23 +204,25 @@ class Host:
 
         with self.lock:
             self.activate(name)
-            s = TextStream(self.model, self.tok, prompt, params)
+            s = TextStream(self.model, self.tokenizer(name), prompt, params)
             try:
                 yield from s
             finally:
                 s.close()
 
-    def fit_messages(self, messages: list[dict], max_new_tokens: int) -> tuple[list[dict], str]:
+    def fit_messages(self, messages: list[dict], max_new_tokens: int,
+                     name: str | None = None) -> tuple[list[dict], str]:
         """Drop the oldest turns (keeping system prompts and the last message) until prompt + reply fit the context.
 
-        Returns the kept messages and their rendered prompt.
+        Returns the kept messages and their prompt, rendered with the chat template of `name` (default_name if None).
         """
         from tunelab.inference.engine import chat_prompts, count_tokens
 
+        tok = self.tokenizer(name or self.default_name)
         msgs = list(messages)
         while True:
-            prompt = chat_prompts(self.tok, [msgs])[0]
-            if count_tokens(self.tok, prompt) + max_new_tokens <= self.context_length:
+            prompt = chat_prompts(tok, [msgs])[0]
+            if count_tokens(tok, prompt) + max_new_tokens <= self.context_length:
                 return msgs, prompt
             droppable = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
             if not droppable:

@@ -579,7 +579,7 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
         token ids."""
         await while_connected(request, admit(name))
         try:
-            gen = TextStream(host.model, host.tok, prompt, params, add_special_tokens=raw)
+            gen = TextStream(host.model, host.tokenizer(name), prompt, params, add_special_tokens=raw)
         except BaseException:
             sched.release()
             raise
@@ -609,8 +609,8 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
         async def work():
             await admit(name)
             try:
-                return await run_in_threadpool(complete, host.model, host.tok, prompts, params, cancel=cancel,
-                                               add_special_tokens=raw)
+                return await run_in_threadpool(complete, host.model, host.tokenizer(name), prompts, params,
+                                               cancel=cancel, add_special_tokens=raw)
             finally:
                 sched.release()  # after the generation thread has returned: the model is free
 
@@ -638,13 +638,15 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
         check_choices(1, req.n)
         check_tokens(req.logit_bias or {}, "logit_bias")
 
+        tok = host.tokenizer(req.model)  # the route's own chat template and end-of-turn token
+
         def render() -> tuple[str, int]:
             try:
-                prompt = chat_prompts(host.tok, [[m.as_dict() for m in req.messages]])[0]
+                prompt = chat_prompts(tok, [[m.as_dict() for m in req.messages]])[0]
             except Exception as e:  # the chat template rejects the conversation (e.g. roles out of order)
                 raise ApiError(400, f"messages: the model's chat template rejected them: {e}",
                                param="messages") from None
-            return prompt, count_tokens(host.tok, prompt)
+            return prompt, count_tokens(tok, prompt)
 
         # Templating and tokenizing take time in proportion to the body: on a worker thread, so that the event loop
         # keeps serving everyone else (/health included) meanwhile.
@@ -678,15 +680,16 @@ def create_app(host, api_key: str | None = None, max_concurrency: int = 1, max_q
         check_choices(len(prompts), req.n)
         check_tokens((t for p in prompts if not isinstance(p, str) for t in p), "prompt")
         check_tokens(req.logit_bias or {}, "logit_bias")
+        tok = host.tokenizer(req.model)
         # echo gives a token prompt back as its text, as vLLM does
-        echoed = [p if isinstance(p, str) else host.tok.decode(p) for p in prompts] if req.echo else None
+        echoed = [p if isinstance(p, str) else tok.decode(p) for p in prompts] if req.echo else None
         # On a worker thread, as in chat_completions. A raw prompt is tokenized with the tokenizer's special tokens
         # (BOS first, for models that have one), as vLLM does and as text is tokenized for training: without its BOS
         # such a model continues a prompt unlike anything it was trained on. Token ids are fed as given.
-        counts = await run_in_threadpool(lambda: [count_tokens(host.tok, p, add_special_tokens=True) for p in prompts])
+        counts = await run_in_threadpool(lambda: [count_tokens(tok, p, add_special_tokens=True) for p in prompts])
         # A prompt of only characters the tokenizer drops (e.g. "\x06") has nothing to continue from; as OpenAI does
         # for an empty prompt, the model then starts as at the beginning of a document (its BOS/EOS token).
-        start = host.tok.bos_token or host.tok.eos_token
+        start = tok.bos_token or tok.eos_token
         if min(counts) == 0 and not start:
             raise ApiError(400, "prompt: a prompt must have at least one token to continue from", param="prompt")
         inputs = [p if c else start for p, c in zip(prompts, counts)]

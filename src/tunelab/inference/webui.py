@@ -72,7 +72,7 @@ def build_app(host, defaults: GenParams | None = None):
         messages += [{"role": m["role"], "content": _text(m["content"])} for m in history]
         messages.append({"role": "user", "content": _text(message)})
         params = gen_params(temperature, top_p, max_tokens)
-        yield from reply(name, host.fit_messages(messages, params.max_new_tokens)[1], params)
+        yield from reply(name, host.fit_messages(messages, params.max_new_tokens, name)[1], params)
 
     def story_turn(state, action, name, temperature, top_p, max_tokens):
         """Stream one narrator turn after `action`; yields (chatbot, state, choices)."""
@@ -81,7 +81,7 @@ def build_app(host, defaults: GenParams | None = None):
         if action != STORY_START:
             shown.append({"role": "user", "content": action})
         params = gen_params(temperature, top_p, max_tokens)
-        messages, prompt = host.fit_messages(messages, params.max_new_tokens + CHOICE_TOKENS)
+        messages, prompt = host.fit_messages(messages, params.max_new_tokens + CHOICE_TOKENS, name)
         text = ""
         for text in reply(name, prompt, params):
             yield shown + [{"role": "assistant", "content": text}], state, gr.skip()
