@@ -359,3 +359,50 @@ def test_gguf_of_configs_transformers_cannot_rebuild_is_checked_under_the_source
     key, want = {"qwen3": ("qwen3.attention.key_length", 32), "gpt2": ("gpt2.context_length", 256),
                  "phi3": ("phi3.rope.dimension_count", 8)}[arch]  # Phi-3: head_dim 16, half rotated
     assert int(fields[key].parts[fields[key].data[0]][0]) == want
+
+
+# ---- what the run trained to stop on, and the BOS it saw, carried into the exports --------------------------------
+
+def test_exports_of_a_chatml_run_over_a_base_stop_on_im_end(tokenizers, models_root, tiny_chat_data, tmp_path,
+                                                            capsys):
+    """A base whose EOS is <|endoftext|> trained with chatml learned to end each reply with <|im_end|>: the merged
+    model's generation config lists it beside the EOS (transformers' generate and vLLM stop on that list) and the GGUF
+    names it as its end-of-turn id (llama.cpp and Ollama stop on it), the EOS itself unchanged."""
+    import gguf
+    from transformers import GenerationConfig
+
+    run, _ = train("qwen3", tokenizers, models_root, tiny_chat_data, tmp_path / "runs", steps=1)
+    tok = AutoTokenizer.from_pretrained(run / "final")
+    eos, im_end = tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token == "<|endoftext|>" and im_end not in (eos, tok.unk_token_id)
+
+    merged = tmp_path / "merged"
+    assert cli.main(["export", str(run), "--to", "merged", "--out", str(merged)]) == 0
+    assert GenerationConfig.from_pretrained(merged).eos_token_id == [eos, im_end]
+    assert AutoTokenizer.from_pretrained(merged).eos_token == "<|endoftext|>"
+
+    out = tmp_path / "qwen3.gguf"
+    assert cli.main(["export", str(run), "--to", "gguf", "--type", "f16", "--out", str(out)]) == 0
+    fields = gguf.GGUFReader(out).fields
+
+    def value(key):
+        return int(fields[key].parts[fields[key].data[0]][0])
+
+    assert (value("tokenizer.ggml.eos_token_id"), value("tokenizer.ggml.eot_token_id")) == (eos, im_end)
+
+
+@pytest.mark.parametrize("name", ["gemma", "llama3", "mistral"])
+def test_ollama_template_writes_the_bos_training_saw_where_the_gguf_adds_none(name, tokenizers, go_render):
+    """gemma, llama3 and mistral start a training prompt with BOS; a GPT-2-style tokenizer adds none, so neither does
+    llama.cpp (add_bos_token False): the Modelfile's TEMPLATE writes it, and renders exactly the Jinja text."""
+    from tunelab.export.ollama import modelfile
+
+    tok = AutoTokenizer.from_pretrained(tokenizers["base"])
+    tok.chat_template = templates.text(name, tok)
+    assert tok("a").input_ids[0] != tok.bos_token_id
+    text, fmt = modelfile(tok, "m.gguf")
+    go = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    assert fmt == name and go.startswith(tok.bos_token)
+    cases, wants = ollama_cases(tok, go, None)
+    assert all(w.startswith(tok.bos_token) for w in wants)
+    assert go_render(cases) == wants

@@ -558,3 +558,70 @@ def test_gguf_sentencepiece_llama_tokenizer_round_trip(sp_tokenizer, tmp_path):
     for rank in (0, 5, len(merges) - 1):
         a, b = merges[rank].split(" ", 1) if isinstance(merges[rank], str) else merges[rank]
         assert scores[vocab[a + b]] == -rank
+
+
+# ---- what the run trained: its end of turn and its BOS, in the exports --------------------------------------------
+
+@pytest.fixture
+def base_tokenizer(small_vocab_tokenizer):
+    """SmolLM2's 1,024-token vocabulary laid out like a GPT-2 base: BOS = EOS = <|endoftext|>, no chat template,
+    <|im_end|> still a token of it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(small_vocab_tokenizer)
+    tok.chat_template = None
+    tok.bos_token = tok.eos_token = "<|endoftext|>"
+    return tok
+
+
+@pytest.mark.parametrize("template,ends_with_im_end", [("chatml", True), ("alpaca", False), ("llama3", False)])
+def test_stop_ids_add_the_trained_end_of_turn_to_the_eos(base_tokenizer, template, ends_with_im_end):
+    """chatml over the base trains <|im_end|> as the end of a reply: generation must stop there as well as on the
+    model's EOS; alpaca (and llama3, whose <|eot_id|> this vocabulary lacks) end replies with EOS itself."""
+    from types import SimpleNamespace
+
+    from tunelab.data import templates
+    from tunelab.export.common import end_of_turn_id, stop_token_ids
+
+    tok = base_tokenizer
+    templates.apply(tok, template)
+    eos, im_end = tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=eos))
+    if ends_with_im_end:
+        assert end_of_turn_id(tok) == im_end and stop_token_ids(tok, model) == [eos, im_end]
+    else:
+        assert end_of_turn_id(tok) is None and stop_token_ids(tok, model) == [eos]
+
+
+def test_merged_model_of_a_run_whose_eos_ends_turns_keeps_its_generation_eos(lora_run, tmp_path):
+    """SmolLM2's EOS is its end of turn (<|im_end|>): nothing to add, the generation config is written as it was."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    out = tmp_path / "merged"
+    assert cli.main(["export", str(lora_run), "--to", "merged", "--out", str(out)]) == 0
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.eos_token == "<|im_end|>"
+    assert GenerationConfig.from_pretrained(out).eos_token_id in (tok.eos_token_id, [tok.eos_token_id])
+
+
+def test_modelfile_writes_bos_only_where_the_template_does_and_llama_cpp_does_not(base_tokenizer):
+    """The BOS the llama3 template renders goes into the Go TEMPLATE where the tokenizer (hence the GGUF's
+    add_bos_token) adds none, and stays out where llama.cpp adds it, which would make two; chatml writes none."""
+    from tunelab.data import templates
+    from tunelab.export.ollama import go_template, modelfile
+
+    tok = base_tokenizer
+
+    def adds_bos() -> bool:
+        return tok("a").input_ids[0] == tok.bos_token_id
+
+    def template_of() -> str:
+        return modelfile(tok, "m.gguf")[0].split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+
+    tok.chat_template = templates.text("llama3", tok)
+    assert not adds_bos() and template_of() == "<|endoftext|>" + go_template("llama3", "<|endoftext|>")
+    tok.chat_template = templates.text("chatml", tok)
+    assert template_of() == go_template("chatml", "<|im_end|>")
+    tok.add_bos_token = True  # a tokenizer that puts BOS before every text, as Llama 3's does
+    tok.chat_template = templates.text("llama3", tok)
+    assert adds_bos() and template_of() == go_template("llama3", "<|endoftext|>")

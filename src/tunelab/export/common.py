@@ -219,6 +219,29 @@ def run_tokenizer(run: Run):
     return tok
 
 
+def end_of_turn_id(tok) -> int | None:
+    """The token the run's chat template ends assistant turns with, when it is not the tokenizer's EOS (chatml's
+    <|im_end|> over a base whose EOS is <|endoftext|>); None when turns end with EOS. Taken from the data layer,
+    which knows what was trained."""
+    from tunelab.data.render import end_of_turn_ids
+
+    others = end_of_turn_ids(tok) - {tok.eos_token_id}
+    return min(others) if others else None
+
+
+def stop_token_ids(tok, model) -> list[int]:
+    """The ids generation must stop on: the model's generation EOS (or the tokenizer's) first, then every other
+    end-of-turn id the run trained. transformers' `generate` and vLLM stop on generation_config.eos_token_id, so a
+    trained end of turn missing from it lets the exported model talk past its own reply."""
+    from tunelab.data.render import end_of_turn_ids
+
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    first = [gen] if isinstance(gen, int) else list(gen or [])
+    if not first and tok.eos_token_id is not None:
+        first = [tok.eos_token_id]
+    return first + sorted(end_of_turn_ids(tok, model) - set(first))
+
+
 # Texts whose tokenization must be identical between the source tokenizer and the one rebuilt from the GGUF (by
 # transformers and by llama.cpp).
 TOKENIZER_TEXTS = [

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from tunelab.errors import UserError
 from tunelab.export.common import (EXACT_TOLERANCE, LLAMACPP_TYPES, PYTHON_TYPES, TOKENIZER_TEXTS, TOLERANCE, TYPES,
-                                   ParityError, all_logits, atomic_path, check_target, print_table, prompt_ids)
+                                   ParityError, all_logits, atomic_path, check_target, end_of_turn_id, print_table,
+                                   prompt_ids)
 
 # HF model_type -> GGUF architecture, for every architecture whose file transformers reads back (the round-trip check
 # needs that): transformers.integrations.ggml.GGUF_CONFIG_MAPPING. llama.cpp runs Mistral (without sliding-window use)
@@ -264,14 +265,28 @@ def _add_tokenizer(writer, tok, config, n_vocab: int) -> None:
         else:
             raise UserError(f"tokenizer model '{model.get('type')}' is not supported for GGUF export yet "
                             "(byte-level BPE and sentencepiece-style BPE are)")
-        # Whether BOS/EOS get added is taken from what the tokenizer actually does, not from config flags that
-        # may be absent: llama.cpp's defaults differ by vocabulary type and a wrong BOS shifts every logit.
-        probe = tok("a").input_ids
-        special.add_special_token["bos"] = tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id]
-        special.add_special_token["eos"] = tok.eos_token_id is not None and probe[-1:] == [tok.eos_token_id]
+        special.add_special_token["bos"], special.add_special_token["eos"] = adds_bos(tok), adds_eos(tok)
         if tok.chat_template and not special.chat_template:
             special.chat_template = tok.chat_template
         special.add_to_gguf(writer, quiet=True)
+        # llama.cpp (and Ollama through it) stops on the end-of-turn id besides EOS. A run whose template ends turns
+        # with its own token over a base with another EOS (chatml's <|im_end|> on a Qwen or GPT-2-style base) learned
+        # to stop there, and the file must say so; transformers' GGUF reader ignores this key.
+        eot = end_of_turn_id(tok)
+        if eot is not None:
+            writer.add_eot_token_id(eot)
+
+
+# Whether BOS/EOS get added is taken from what the tokenizer actually does, not from config flags that may be absent:
+# llama.cpp's defaults differ by vocabulary type and a wrong BOS shifts every logit. The GGUF's add_bos_token is
+# adds_bos, and the Ollama template writes BOS itself where it is False (ollama.modelfile).
+def adds_bos(tok) -> bool:
+    """True when the tokenizer puts BOS before a text it encodes (what llama.cpp will do with the GGUF)."""
+    return tok.bos_token_id is not None and tok("a").input_ids[:1] == [tok.bos_token_id]
+
+
+def adds_eos(tok) -> bool:
+    return tok.eos_token_id is not None and tok("a").input_ids[-1:] == [tok.eos_token_id]
 
 
 def _tensor_plan(model, arch: str, qtype: str):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import UserError
-from tunelab.export.common import LLAMACPP_TYPES, TOLERANCE
+from tunelab.export.common import LLAMACPP_TYPES, TOLERANCE, end_of_turn_id, stop_token_ids
 
 INSTALL_HINT = ("llama-cpp-python is not installed; install it with: pip install -e '.[llamacpp]' "
                 "(or pip install llama-cpp-python; it compiles llama.cpp, several minutes)")
@@ -231,15 +231,14 @@ def verify(path: Path, model, tok, qtype: str) -> bool:
             same, result = True, "leading space only (llama.cpp's sentencepiece prefix); the rest agrees"
         ok &= same
         rows.append([f"tokenize {text[:30]!r}", result])
-    # The end-of-turn token (EOS: the token a trained assistant turn ends with) must end generation in llama.cpp too,
-    # or every chat through llama.cpp or Ollama runs on to the token limit.
-    stop_ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    stop_ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tok.eos_token_id is not None:
-        stops = is_stop(llm, tok.eos_token_id)
+    # The end-of-turn token (the token a trained assistant turn ends with: EOS, or the template's own such as chatml's
+    # <|im_end|> over a base whose EOS is <|endoftext|>) must end generation in llama.cpp too, or every chat through
+    # llama.cpp or Ollama runs on to the token limit.
+    stop_ids = set(stop_token_ids(tok, model))
+    for tid in dict.fromkeys(t for t in (tok.eos_token_id, end_of_turn_id(tok)) if t is not None):
+        stops = is_stop(llm, tid)
         ok &= stops
-        rows.append([f"end of turn {tok.eos_token!r} ends generation", "yes" if stops else "NO"])
+        rows.append([f"end of turn {tok.convert_ids_to_tokens(tid)!r} ends generation", "yes" if stops else "NO"])
     # Greedy agreement over the same span on both sides (up to and including the stop token): the first token must
     # match for 8-bit and wider types (4-bit types only report it); see compare_greedy for what else is gated.
     gated = qtype in ("f32", "f16", "bf16", "q8_0")

@@ -6,7 +6,9 @@ formats: ChatML, Llama 3, and every other built-in template of tunelab.data.temp
 Alpaca-style instruction/response, plain completion), each with its own end-of-turn token or the tokenizer's EOS
 (what a built-in template ends turns with when the tokenizer lacks the format's token). When one matches exactly, its
 Go equivalent is written with that end-of-turn token, the token is a stop parameter, and a system prompt the template
-inserts on its own (SmolLM2 does) becomes the Modelfile's SYSTEM. An unrecognized template gets no TEMPLATE line and a
+inserts on its own (SmolLM2 does) becomes the Modelfile's SYSTEM. A BOS the Jinja template writes before the format
+is written into the Go template too unless the GGUF has llama.cpp add it (add_bos_token), so the prompt Ollama
+tokenizes is the one training saw. An unrecognized template gets no TEMPLATE line and a
 warning: Ollama then falls back to its own detection from the chat template stored in the GGUF.
 
 In the Go templates `@END@` stands for the end-of-turn token. As in Ollama's own templates, the last assistant turn is
@@ -187,13 +189,19 @@ _PROBE = [{"role": "system", "content": "SYS-1"}, {"role": "user", "content": "U
 
 def _detect(tok) -> tuple[str | None, str | None, str | None]:
     """(format name, default system prompt, end-of-turn token); (None, None, None) when unrecognized."""
+    return _match(tok)[:3]
+
+
+def _match(tok) -> tuple[str | None, str | None, str | None, bool]:
+    """_detect's answer, plus whether the template writes BOS before the format's own text (the built-in gemma,
+    llama3 and mistral templates start with {{ bos_token }})."""
     if not tok.chat_template:
-        return None, None, None
+        return None, None, None, False
 
     def renders(msgs) -> list[str]:
         text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        # A template that writes BOS itself (Llama 3) renders it as text, while llama.cpp adds BOS on its own; but
-        # a BOS that is also part of the format (SmolLM2's BOS is <|im_start|>) must stay: try both readings.
+        # A template may write BOS as text before the format (Llama 3), but a BOS that is also part of the format
+        # must stay (SmolLM2's BOS is <|im_start|>): try both readings, the text as rendered first.
         if tok.bos_token and text.startswith(tok.bos_token):
             return [text, text[len(tok.bos_token):]]
         return [text]
@@ -201,22 +209,24 @@ def _detect(tok) -> tuple[str | None, str | None, str | None]:
     try:
         fulls, bares = renders(_PROBE), renders(_PROBE[1:2])
     except Exception:  # a template that rejects the probe (e.g. one that allows no system message)
-        return None, None, None
+        return None, None, None, False
     for name, f in FORMATS.items():
         for end in dict.fromkeys(e for e in (f.native_end, tok.eos_token) if e):
-            if f.render(_PROBE, True, end) not in fulls:
+            full = f.render(_PROBE, True, end)
+            if full not in fulls:
                 continue
+            writes_bos = fulls.index(full) == 1
             for bare in bares:
                 if bare == f.render(_PROBE[1:2], True, end):
-                    return name, None, end
+                    return name, None, end, writes_bos
                 if f.system:  # a system prompt the template adds when the conversation has none
                     sys_open, sys_close = f.system
                     close = end + sys_close
                     if bare.startswith(sys_open) and close in bare:
                         default = bare[len(sys_open):bare.index(close)]
                         if bare == f.render([{"role": "system", "content": default}] + _PROBE[1:2], True, end):
-                            return name, default, end
-    return None, None, None
+                            return name, default, end, writes_bos
+    return None, None, None, False
 
 
 def detect_template(tok) -> tuple[str | None, str | None]:
@@ -238,11 +248,19 @@ def _quote(text: str) -> str:
 
 def modelfile(tok, gguf_name: str) -> tuple[str, str | None]:
     """(Modelfile text, detected template format or None)."""
-    fmt, default_system, end = _detect(tok)
+    from tunelab.export.gguf import adds_bos
+
+    fmt, default_system, end, writes_bos = _match(tok)
     lines = [f"FROM ./{gguf_name}"]
     stops: list[str] = []
     if fmt:
-        lines.append(f"TEMPLATE {_quote(go_template(fmt, end))}")
+        template = go_template(fmt, end)
+        if writes_bos and not adds_bos(tok):
+            # Training saw the BOS the Jinja template writes. llama.cpp adds BOS on its own only where the GGUF says
+            # add_bos_token, which follows the tokenizer (a GPT-2-style one adds none): the prompt Ollama renders
+            # then needs the BOS as text, which it tokenizes as the special token.
+            template = tok.bos_token + template
+        lines.append(f"TEMPLATE {_quote(template)}")
         if default_system:
             lines.append(f"SYSTEM {_quote(default_system)}")
         stops += [*FORMATS[fmt].markers, end]
