@@ -157,6 +157,20 @@ def test_eval_and_compare_refuse_before_evaluating(tiny_run, tmp_path, capsys, m
     assert (tmp_path / "FILE").read_text() == "notes" and not (tmp_path / "report").exists()
 
 
+def test_report_settings_record_what_changes_lm_eval_numbers():
+    """lm-eval tasks generate with their own lengths and take few-shot and chat-template settings: the report records
+    those, not a max_new_tokens they did not use."""
+    from types import SimpleNamespace
+
+    from tunelab.evaluation.main import SETTINGS, _settings
+
+    args = SimpleNamespace(**{**SETTINGS, "lm_eval_fewshot": 1, "lm_eval_chat_template": True})
+    lm = _settings(args, ["lm-eval:task.yaml"])
+    assert (lm["lm_eval_fewshot"], lm["lm_eval_chat_template"], lm["max_new_tokens"]) == (1, True, None)
+    own = _settings(args, ["gsm8k"])
+    assert (own["lm_eval_fewshot"], own["lm_eval_chat_template"], own["max_new_tokens"]) == (None, None, 256)
+
+
 def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         cli(["eval", "--help"])

@@ -17,6 +17,7 @@ import torch
 from transformers import TrainerCallback
 
 from tunelab import cli, load_config
+from tunelab.errors import UserError
 from tunelab.train import run_training
 
 CLI = [sys.executable, "-m", "tunelab"]
@@ -396,3 +397,9 @@ def test_quickstart_prints_the_time_of_each_phase(tmp_path, tiny_model, capsys):
     assert list(report["phase_seconds"]) == ["1/3 score the base model", "2/3 fine-tune",
                                              "3/3 score the fine-tuned model"]
     assert all(v > 0 for v in report["phase_seconds"].values())
+    # the same run name under other settings: refused before the base model is scored again (minutes), not after
+    capsys.readouterr()
+    with pytest.raises(UserError, match="exists with a different config"):
+        quickstart.main(Namespace(config=None, overrides=[*overrides[:-2], "training.max_steps=3",
+                                                          "training.precision=fp32"], eval_n=2, overwrite=False))
+    assert "scoring the base model" not in capsys.readouterr().out

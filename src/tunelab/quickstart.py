@@ -33,7 +33,8 @@ def main(args) -> int:
 
     from tunelab.api import load_config
     from tunelab.data.sources import read_source
-    from tunelab.train import quiet_libraries, run_training
+    from tunelab import runs
+    from tunelab.train import check_run_config, quiet_libraries, run_training
 
     quiet_libraries()
     console = Console(soft_wrap=True)
@@ -45,6 +46,9 @@ def main(args) -> int:
     if not Path(config).is_file():
         raise UserError(f"quickstart config not found: {config} (run from the repository root or pass --config)")
     cfg = load_config(config, args.overrides)
+    # a config mistake, or another config's run under the same name, is said before minutes of scoring
+    check_run_config(cfg)
+    runs.open_run(cfg, overwrite=args.overwrite)
     rows = [r.data for r in read_source("bundled:gsm8k/test")][: args.eval_n]
 
     console.print(f"[bold]1/3[/] scoring the base model ({cfg.model.source}) on {len(rows)} held-out GSM8K questions")

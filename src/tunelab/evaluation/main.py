@@ -246,7 +246,12 @@ def _settings(args, tasks) -> dict:
     return {"tasks": ",".join(tasks), "data": args.data, "n": args.n,
             "k_shot": args.k_shot if "gsm8k" in tasks else None, "temperature": args.temperature,
             "top_p": args.top_p if args.temperature > 0 else None, "seed": args.seed,
-            "max_new_tokens": args.max_new_tokens, "load_in_4bit": getattr(args, "load_in_4bit", None) or None}
+            "max_new_tokens": args.max_new_tokens if any(not is_lmeval(t) for t in tasks) else None,
+            "load_in_4bit": getattr(args, "load_in_4bit", None) or None,
+            # lm-eval tasks generate with their own lengths; these change their numbers
+            "lm_eval_fewshot": getattr(args, "lm_eval_fewshot", None) if any(map(is_lmeval, tasks)) else None,
+            "lm_eval_chat_template": (getattr(args, "lm_eval_chat_template", False) or None)
+            if any(map(is_lmeval, tasks)) else None}
 
 
 def _free_memory() -> None:
