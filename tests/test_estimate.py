@@ -749,3 +749,21 @@ def test_estimate_cli_prints_cost_and_json(tmp_path, tiny_model, tiny_chat_data,
     assert "cost at $0.35 per hour (default for t4" in capsys.readouterr().out
     assert cli.main(["estimate", str(path), "--price-per-hour", "-3"]) == 2
     assert "--price-per-hour -3.0" in capsys.readouterr().err
+
+
+def test_several_processes_split_the_steps_and_pay_for_every_device(tmp_path, tiny_model, tiny_chat_data, capsys):
+    """`estimate --nproc 4`: each process takes a quarter of the rows (a quarter of the steps), and a step costs four
+    devices' time; the run's total cost is the same work."""
+    from tunelab import cli
+
+    path = make_config(tmp_path, tiny_model, tiny_chat_data, training={"max_steps": -1, "epochs": 1,
+                                                                       "batch_size": 4})
+    runs = {}
+    for n in (1, 4):
+        capsys.readouterr()
+        cli.main(["estimate", str(path), "--device", "h100", "--nproc", str(n), "--json"])
+        runs[n] = json.loads(capsys.readouterr().out)
+    assert (runs[1]["steps"], runs[4]["steps"]) == (8, 2)  # 32 rows in batches of 4, split 4 ways
+    assert runs[4]["devices"] == 4
+    assert runs[4]["cost_per_step"] == pytest.approx(4 * runs[1]["cost_per_step"])
+    assert runs[4]["cost_total"] == pytest.approx(runs[1]["cost_total"])

@@ -168,6 +168,7 @@ class Estimate:
     budget_gb: float | None = None
     layers: int = 0  # transformer blocks: the unit FSDP and ZeRO-3 gather whole (per_process)
     price_per_hour: float = 0.0  # USD per device-hour
+    devices: int = 1  # the devices a step runs on (one per data-parallel process), each paid for
     price_is_default: bool = True  # the device's default price (DEVICES), not one the user gave
     peak_flops: float = 0.0  # FLOP/s the step time is computed from (before the device's utilization share)
     peak_source: str = ""  # where peak_flops comes from: "<device> data sheet", "CPU bf16 matmul measured", "given"
@@ -178,8 +179,8 @@ class Estimate:
 
     @property
     def cost_per_step(self) -> float:
-        """USD for one optimizer step at price_per_hour."""
-        return self.seconds_per_step / 3600 * self.price_per_hour
+        """USD for one optimizer step at price_per_hour, on every device the step runs on."""
+        return self.seconds_per_step / 3600 * self.price_per_hour * self.devices
 
     @property
     def cost_total(self) -> float | None:
@@ -221,6 +222,7 @@ class Estimate:
                   if self.generation_seconds_per_step else "") +
                  (f", ~{_duration(self.steps * self.seconds_per_step)} for {self.steps} steps" if self.steps else ""),
                  f"  cost at ${self.price_per_hour:g} per hour" +
+                 (f" x {self.devices} devices" if self.devices > 1 else "") +
                  (f" (default for {self.device}, a typical on-demand price; set yours with --price-per-hour)"
                   if self.price_is_default else "") +
                  f": {_money(self.cost_per_step)} per step" +
@@ -517,8 +519,9 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
                     run_growth=1.0 if gpu else cpu_run_growth(glibc) if here else glibc)
 
 
-def per_process(est: Estimate, dcfg, nproc: int) -> Estimate:
-    """`est` (one process training alone) for one of `nproc` data-parallel processes under `dcfg.strategy`.
+def per_process(est: Estimate, dcfg, nproc: int, steps: int | None = None) -> Estimate:
+    """`est` (one process training alone) for one of `nproc` data-parallel processes under `dcfg.strategy`; `steps`:
+    the run's steps with the rows split between the processes (training_steps with world_size), where known.
 
     Each process keeps its own activations and loss (its share of the global batch is `training.batch_size`); what
     the strategy shards is divided by `nproc`:
@@ -554,7 +557,9 @@ def per_process(est: Estimate, dcfg, nproc: int) -> Estimate:
         if weights_sharded:  # the wrapped layer being computed is all-gathered whole
             m["gathered"] = est.memory_mb["weights"] / max(est.layers, 1)
     label = s if s != "deepspeed" else f"deepspeed ZeRO-{dcfg.zero_stage}"
-    out = Estimate(**{**asdict(est), "memory_mb": m})
+    # each process takes its share of the rows: fewer steps, each paid for on every device
+    out = Estimate(**{**asdict(est), "memory_mb": m, "devices": nproc,
+                      "steps": est.steps if steps is None else steps})
     out.device = f"{est.device}, each of {nproc} processes, {label}"
     return out
 
@@ -591,7 +596,8 @@ def for_run(cfg, stats: dict, echo=print, lean_loss: bool | None = None):
     run."""
     try:
         est = per_process(estimate(cfg, local_device(), lean_loss=lean_loss, **stats), cfg.distributed,
-                          distributed.world_size())
+                          distributed.world_size(),
+                          training_steps(cfg, stats.get("num_samples"), distributed.world_size()))
     except Exception as e:  # noqa: BLE001  (any failure to model an architecture must not block training)
         echo(f"estimate: not available for this model ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
         return None
@@ -691,6 +697,6 @@ def main(args) -> int:
         # on stderr: stdout carries only the estimate, so that --json output parses
         print(f"note: token lengths not measured ({e}); using data.max_length", file=sys.stderr)
     est = per_process(estimate(cfg, args.device, args.budget_gb, price_per_hour=args.price_per_hour, **stats),
-                      cfg.distributed, args.nproc)
+                      cfg.distributed, args.nproc, training_steps(cfg, stats.get("num_samples"), args.nproc))
     print(json.dumps(est.to_dict(), indent=2) if args.json else est.report())
     return 0 if est.fits is not False else 1
