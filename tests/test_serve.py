@@ -502,17 +502,21 @@ def test_cli_serve_binds_loopback(tiny_model, adapters, tmp_path):
     (["--port", "{busy}"], "--port {busy}: already in use on 127.0.0.1"),
     (["--host", "nonexistent.invalid"], "--host nonexistent.invalid: not an address or a name this machine"),
 ])
-def test_cli_serve_checks_where_it_listens_before_loading(where, message, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["serve", "ui"])
+def test_cli_serve_and_ui_check_where_they_listen_before_loading(command, where, message, tmp_path, capsys):
     """A bad port or address is one line and exit 2 before the model loads (the model here does not exist: had it
-    been loaded first, its error would show instead)."""
+    been loaded first, its error would show instead), not uvicorn's exit code 3 or Gradio's traceback."""
     from tunelab.cli import main
+
+    if command == "ui":
+        pytest.importorskip("gradio")
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = str(busy.getsockname()[1])
         argv = [a.format(busy=port) for a in where]
-        assert main(["serve", "--model", str(tmp_path / "no-such-model"), *argv]) == 2
+        assert main([command, "--model", str(tmp_path / "no-such-model"), *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: " + message.format(busy=port)) and err.count("\n") == 1, err
 

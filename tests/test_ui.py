@@ -56,27 +56,6 @@ def test_message_longer_than_the_context_is_refused_in_the_page(app_url, tiny_mo
     assert c.predict("Hello", *settings, api_name="/chat_fn")
 
 
-@pytest.mark.parametrize("where, message", [
-    (["--port", "99999"], "--port 99999: a TCP port is 1 to 65535"),
-    (["--port", "{busy}"], "--port {busy}: already in use on 127.0.0.1"),
-    (["--host", "nonexistent.invalid"], "--host nonexistent.invalid: not an address or a name this machine"),
-])
-def test_cli_ui_checks_where_it_listens_before_loading(where, message, tmp_path, capsys):
-    """A bad port or address is one line and exit 2 before the model loads (the model here does not exist: had it
-    been loaded first, its error would show instead), not Gradio's traceback."""
-    pytest.importorskip("gradio")
-    from tunelab.cli import main
-
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = str(busy.getsockname()[1])
-        argv = [a.format(busy=port) for a in where]
-        assert main(["ui", "--model", str(tmp_path / "no-such-model"), *argv]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: " + message.format(busy=port)) and err.count("\n") == 1, err
-
-
 @pytest.fixture(scope="module")
 def browser():
     pytest.importorskip("selenium")
