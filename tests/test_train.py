@@ -137,19 +137,24 @@ def _run_cli(args, timeout=300, **kw):
 
 
 def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path, tiny_model, tiny_chat_data):
+    from tunelab.runs import complete_checkpoints
+
     path = make_config(tmp_path, tiny_model, tiny_chat_data, "killed",
-                       training={"max_steps": 400, "save_steps": 3, "save_total_limit": 2})
+                       training={"max_steps": 4000, "save_steps": 3, "save_total_limit": 2})
     run_dir = tmp_path / "runs" / "killed"
     log = tmp_path / "train.log"  # the run's own progress lines and errors, shown if no checkpoint appears
+
+    def past_step_6() -> bool:  # a checkpoint from step 6 on (rotation removes each one six steps later)
+        return any(int(p.name.split("-")[1]) >= 6 for p in complete_checkpoints(run_dir / "checkpoints"))
+
     with log.open("w") as out:
         proc = subprocess.Popen([*CLI, "train", str(path)], stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.time() + 180
-        while (time.time() < deadline and proc.poll() is None
-               and not (run_dir / "checkpoints" / "checkpoint-6").is_dir()):
+        while time.time() < deadline and proc.poll() is None and not past_step_6():
             time.sleep(0.2)
-        assert (run_dir / "checkpoints" / "checkpoint-6").is_dir(), (
+        assert past_step_6() and proc.poll() is None, (
             f"no checkpoint appeared (exit code {proc.poll()}); the run's output ends:\n"
             + "\n".join(log.read_text(errors="replace").splitlines()[-25:]))
     finally:
@@ -158,12 +163,10 @@ def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path, tiny_model, tin
     # a half-written checkpoint: left in staging by a save that was cut off, and a bogus dir without trainer state
     (run_dir / ".staging" / "checkpoint-999").mkdir(parents=True, exist_ok=True)
     (run_dir / "checkpoints" / "checkpoint-998").mkdir()
-    from tunelab.runs import complete_checkpoints
-
     last = complete_checkpoints(run_dir / "checkpoints")[-1]
     assert len(complete_checkpoints(run_dir / "checkpoints")) <= 2  # save_total_limit
     step = int(last.name.split("-")[1])
-    # resume, but stop soon: a new run of the same config would take 400 steps, so check the resume point only
+    # resume, but stop soon: a new run of the same config would take 4000 steps, so check the resume point only
     cfg = load_config(path)
     resumed = run_training(cfg, callbacks=[StopAt(step + 1)], show_progress=False)
     assert resumed["resumed_from"] == str(last)
