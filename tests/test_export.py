@@ -581,16 +581,16 @@ def test_stop_ids_add_the_trained_end_of_turn_to_the_eos(base_tokenizer, templat
     from types import SimpleNamespace
 
     from tunelab.data import templates
-    from tunelab.export.common import end_of_turn_id, stop_token_ids
+    from tunelab.export.common import trained_end_of_turn, trained_stop_ids
 
     tok = base_tokenizer
     templates.apply(tok, template)
     eos, im_end = tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=eos))
     if ends_with_im_end:
-        assert end_of_turn_id(tok) == im_end and stop_token_ids(tok, model) == [eos, im_end]
+        assert trained_end_of_turn(tok) == im_end and trained_stop_ids(tok, model) == [eos, im_end]
     else:
-        assert end_of_turn_id(tok) is None and stop_token_ids(tok, model) == [eos]
+        assert trained_end_of_turn(tok) is None and trained_stop_ids(tok, model) == [eos]
 
 
 def test_merged_model_of_a_run_whose_eos_ends_turns_keeps_its_generation_eos(lora_run, tmp_path):

@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,21 @@ def _create_temp(target: Path, is_dir: bool, suffix: str) -> Path:
         except FileExistsError:
             continue
     raise FileExistsError(f"no free temporary name next to {target}")
+
+
+def check_writable(directory: Path, flag: str, target) -> None:
+    """Refuse an output (`flag` `target`) whose nearest existing folder at or above `directory` cannot take it, now
+    rather than after minutes of work: it must be a directory in which something can be created (tried, then removed:
+    permission bits say nothing for root or on read-only and virtual filesystems)."""
+    directory = Path(directory)
+    existing = next(p for p in [directory, *directory.parents] if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        raise UserError(f"{flag} {target}: {existing} is a file, not a directory; pass {flag} a path in a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".tunelab-write-check-", dir=existing))
+    except OSError as e:
+        raise UserError(f"{flag} {target}: cannot write in {existing} ({e.strerror}); pass {flag} a path in a "
+                        "directory you can write to") from None
 
 
 def write_text_atomic(path, text: str) -> Path:

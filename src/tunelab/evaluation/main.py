@@ -11,7 +11,6 @@ Models are loaded one at a time and freed before the next, so comparing two 1B m
 from __future__ import annotations
 
 import gc
-import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +18,7 @@ from types import SimpleNamespace
 from tunelab.errors import UserError
 from tunelab.evaluation.lmeval import is_lmeval
 from tunelab.evaluation.report import format_duration
-from tunelab.rundir import open_finished_run
+from tunelab.rundir import check_writable, open_finished_run
 
 TASKS = ("gsm8k", "summarization", "perplexity", "prompts")
 DEFAULT_DATA = {"gsm8k": "bundled:gsm8k/test", "perplexity": "bundled:gsm8k/test"}
@@ -301,13 +300,7 @@ def check_out(out: str | None) -> None:
         raise UserError(f"--out {out} is a directory; name a file (FILE.json) or a directory without .json")
     if not out.endswith(".json") and p.exists() and not p.is_dir():
         raise UserError(f"--out {out} is a file; name a directory for report.md/report.html, or FILE.json")
-    parent = p.parent if out.endswith(".json") else p
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"--out {out}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: cannot write in {parent}")
+    check_writable(p.parent if out.endswith(".json") else p, "--out", out)
 
 
 def _file_name(tasks: list[str]) -> str:

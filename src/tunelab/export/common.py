@@ -10,12 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import UserError
-from tunelab.rundir import FinishedRun, open_finished_run
+from tunelab.rundir import FinishedRun, check_writable, open_finished_run
 from tunelab.rundir import atomic_path as rundir_atomic_path
 
 Run = FinishedRun  # a finished run as the exporters take it (path, config, final, is_adapter, base, summary)
@@ -134,7 +133,7 @@ def output_path(run: Run, to: str, out, qtype: str, overwrite: bool) -> Path:
         elif to == "ollama" and target.is_dir() and not is_ollama_export(target):
             target = target / name
     _check_outside_run(run, target)
-    _check_writable(target)
+    check_writable(target.parent, "--out", target)
     check_target(target, overwrite, to)
     return target
 
@@ -150,20 +149,6 @@ def _check_outside_run(run: Run, target: Path) -> None:
     if r in t.parents and t != exports and exports not in t.parents:
         raise UserError(f"--out {target} is among the run's own files in {run.path}; leave --out out (exports go to "
                         f"{run.path / 'export'}) or pass a path outside the run")
-
-
-def _check_writable(target: Path) -> None:
-    """Refuse an --out that cannot be written now, rather than after minutes of merging and converting: the nearest
-    existing folder above it must be a directory in which something can be created (tried, then removed: permission
-    bits say nothing for root or on read-only and virtual filesystems)."""
-    existing = next(p for p in [target.parent, *target.parent.parents] if p.exists() or p.is_symlink())
-    if not existing.is_dir():
-        raise UserError(f"--out {target}: {existing} is a file, not a directory; pass --out a path in a directory")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".tunelab-write-check-", dir=existing))
-    except OSError as e:
-        raise UserError(f"--out {target}: cannot write in {existing} ({e.strerror}); pass --out a path in a "
-                        "directory you can write to") from None
 
 
 @contextlib.contextmanager
@@ -219,7 +204,7 @@ def run_tokenizer(run: Run):
     return tok
 
 
-def end_of_turn_id(tok) -> int | None:
+def trained_end_of_turn(tok) -> int | None:
     """The token the run's chat template ends assistant turns with, when it is not the tokenizer's EOS (chatml's
     <|im_end|> over a base whose EOS is <|endoftext|>); None when turns end with EOS. Taken from the data layer,
     which knows what was trained."""
@@ -229,10 +214,12 @@ def end_of_turn_id(tok) -> int | None:
     return min(others) if others else None
 
 
-def stop_token_ids(tok, model) -> list[int]:
+def trained_stop_ids(tok, model) -> list[int]:
     """The ids generation must stop on: the model's generation EOS (or the tokenizer's) first, then every other
     end-of-turn id the run trained. transformers' `generate` and vLLM stop on generation_config.eos_token_id, so a
-    trained end of turn missing from it lets the exported model talk past its own reply."""
+    trained end of turn missing from it lets the exported model talk past its own reply. Narrower than
+    rollout.stop_token_ids, which tunelab's own generation stops on (any known end-of-turn token in the vocabulary):
+    what is written into a shipped model's metadata is what the run trained, nothing more."""
     from tunelab.data.render import end_of_turn_ids
 
     gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from tunelab.errors import UserError
 from tunelab.export.common import (EXACT_TOLERANCE, LLAMACPP_TYPES, PYTHON_TYPES, TOKENIZER_TEXTS, TOLERANCE, TYPES,
-                                   ParityError, all_logits, atomic_path, check_target, end_of_turn_id, print_table,
-                                   prompt_ids)
+                                   ParityError, all_logits, atomic_path, check_target, print_table, prompt_ids,
+                                   trained_end_of_turn)
 
 # HF model_type -> GGUF architecture, for every architecture whose file transformers reads back (the round-trip check
 # needs that): transformers.integrations.ggml.GGUF_CONFIG_MAPPING. llama.cpp runs Mistral (without sliding-window use)
@@ -272,7 +272,7 @@ def _add_tokenizer(writer, tok, config, n_vocab: int) -> None:
         # llama.cpp (and Ollama through it) stops on the end-of-turn id besides EOS. A run whose template ends turns
         # with its own token over a base with another EOS (chatml's <|im_end|> on a Qwen or GPT-2-style base) learned
         # to stop there, and the file must say so; transformers' GGUF reader ignores this key.
-        eot = end_of_turn_id(tok)
+        eot = trained_end_of_turn(tok)
         if eot is not None:
             writer.add_eot_token_id(eot)
 

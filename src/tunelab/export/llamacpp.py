@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import UserError
-from tunelab.export.common import LLAMACPP_TYPES, TOLERANCE, end_of_turn_id, stop_token_ids
+from tunelab.export.common import LLAMACPP_TYPES, TOLERANCE, trained_end_of_turn, trained_stop_ids
 
 INSTALL_HINT = ("llama-cpp-python is not installed; install it with: pip install -e '.[llamacpp]' "
                 "(or pip install llama-cpp-python; it compiles llama.cpp, several minutes)")
@@ -234,8 +234,8 @@ def verify(path: Path, model, tok, qtype: str) -> bool:
     # The end-of-turn token (the token a trained assistant turn ends with: EOS, or the template's own such as chatml's
     # <|im_end|> over a base whose EOS is <|endoftext|>) must end generation in llama.cpp too, or every chat through
     # llama.cpp or Ollama runs on to the token limit.
-    stop_ids = set(stop_token_ids(tok, model))
-    for tid in dict.fromkeys(t for t in (tok.eos_token_id, end_of_turn_id(tok)) if t is not None):
+    stop_ids = set(trained_stop_ids(tok, model))
+    for tid in dict.fromkeys(t for t in (tok.eos_token_id, trained_end_of_turn(tok)) if t is not None):
         stops = is_stop(llm, tid)
         ok &= stops
         rows.append([f"end of turn {tok.convert_ids_to_tokens(tid)!r} ends generation", "yes" if stops else "NO"])

@@ -13,7 +13,7 @@ from pathlib import Path
 from tunelab.adapters import ADAPTERS
 from tunelab.errors import UserError
 from tunelab.export.common import (ParityError, Run, all_logits, atomic_path, check_target, compare_logits,
-                                   logit_table, prompt_ids, run_tokenizer, stop_token_ids)
+                                   logit_table, prompt_ids, run_tokenizer, trained_stop_ids)
 
 DTYPES = ("fp32", "fp16", "bf16")
 # Relative logit error allowed between the adapter model (float32) and the merged model read back from disk:
@@ -48,7 +48,7 @@ def _stop_on_trained_end_of_turn(model, tok) -> None:
     """List the trained end-of-turn ids beside the EOS in the model's generation config (a base's says only its EOS,
     e.g. <|endoftext|> while a chatml run ended turns with <|im_end|>): the merged model's generation_config.json
     then stops where the run learned to, and the GGUF checks generate with the same stops."""
-    ids = stop_token_ids(tok, model)
+    ids = trained_stop_ids(tok, model)
     if getattr(model, "generation_config", None) is not None and len(ids) > 1:
         model.generation_config.eos_token_id = ids
 
