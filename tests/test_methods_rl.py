@@ -122,6 +122,12 @@ def test_grpo_refuses_bad_batch_and_reward(tmp_path, peaked_model, prompts):
         run_training(load_config(write_config(tmp_path, peaked_model, prompts, no_gold, name="r5")),
                      show_progress=False)
     assert not (tmp_path / "runs").exists()
+    # a batch is reused num_iterations steps, and a checkpoint inside that window could not resume exactly
+    reused = {"name": "grpo", "num_generations": 4, "rewards": [REWARD], "num_iterations": 2}
+    with pytest.raises(UserError, match=r"num_iterations=2 .* training.save_steps to a multiple of 2 \(e.g. 4\)"):
+        run_training(load_config(write_config(tmp_path, peaked_model, prompts, reused, name="r6", save_steps=3)),
+                     show_progress=False)
+    assert not (tmp_path / "runs").exists()
     with pytest.raises(UserError, match="num_genrations"):
         load_config(write_config(tmp_path, peaked_model, prompts, {"name": "grpo", "num_genrations": 4}, name="r3"))
 
@@ -196,6 +202,37 @@ def test_grpo_resume_from_a_checkpoint_continues_the_uninterrupted_run(tmp_path,
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:
         assert a[step] == pytest.approx(b[step], abs=1e-6), (step, a[step], b[step])
+
+
+def test_grpo_reusing_batches_resumes_exactly_at_the_end_of_a_group(tmp_path, peaked_model, prompts):
+    """num_iterations=2: each generated batch trains two steps. Checkpoints fall at the ends of those groups (save_steps
+    a multiple, a Ctrl-C waits for the group's last step), where a resume samples the batch the uninterrupted run
+    sampled next."""
+    method = {"name": "grpo", "rewards": [REWARD], "num_generations": 2, "max_completion_length": 8,
+              "num_iterations": 2}
+
+    def cfg(name):
+        return load_config(write_config(tmp_path, peaked_model, prompts, method, name=name, max_steps=4,
+                                        batch_size=4, save_steps=2))
+
+    full, second = stopped_and_resumed(cfg, 2)
+    # TRL logs the reward of a batch at the step that samples it (1 and 3)
+    a = {r["step"]: (r.get("reward"), r["loss"], r["grad_norm"]) for r in metrics(full) if "loss" in r}
+    b = {r["step"]: (r.get("reward"), r["loss"], r["grad_norm"]) for r in metrics(second) if "loss" in r}
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4] and a[3][0] is not None
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-6), (step, a[step], b[step])
+    # a stop asked for in the middle of a group (step 3) waits for its end (step 4)
+    from types import SimpleNamespace
+
+    from tunelab.runs import GracefulStop
+
+    stop, control = GracefulStop(every=2), SimpleNamespace(should_save=False, should_training_stop=False)
+    stop.requested = True
+    stop.on_step_end(None, SimpleNamespace(global_step=3), control)
+    assert not control.should_save and not control.should_training_stop
+    stop.on_step_end(None, SimpleNamespace(global_step=4), control)
+    assert control.should_save and control.should_training_stop
 
 
 def test_ppo_evaluates_by_reward_and_keeps_the_best(tmp_path, peaked_model, prompts):

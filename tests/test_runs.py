@@ -316,3 +316,26 @@ def test_a_run_killed_before_its_config_was_written_may_be_started_over(tmp_path
     with pytest.raises(UserError, match="config.yaml was never written .* pass --overwrite"):
         runs.open_run(load_config(path))
     assert runs.open_run(load_config(path), overwrite=True).overwrite
+
+
+def test_one_job_per_run_directory(tmp_path, tiny_model, tiny_chat_data):
+    """A run directory is locked by the job that trains it: a second job is refused (resume or --overwrite alike),
+    and a job that found no run but meets one another job created while it was checked does not start it over."""
+    cfg = load_config(make_config(tmp_path, tiny_model, tiny_chat_data, "locked", training={"max_steps": 1}))
+    first = runs.open_run(cfg)
+    runs.start_run(first, cfg)  # a new run: locked once created
+    assert first.lock.held
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="is in use: another tunelab process is training it"):
+            runs.open_run(cfg, overwrite=overwrite).claim()
+    first.lock.release()
+    runs.open_run(cfg).claim()  # free again: the job has ended
+    # both found no run; the first created it, so the second must not rewrite its config and log
+    cfg2 = load_config(make_config(tmp_path, tiny_model, tiny_chat_data, "raced", training={"max_steps": 1}))
+    a, b = runs.open_run(cfg2), runs.open_run(cfg2)
+    runs.start_run(a, cfg2)
+    (a.dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    a.lock.release()
+    with pytest.raises(UserError, match="was started by another tunelab process meanwhile"):
+        runs.start_run(b, cfg2)
+    assert (a.dir / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'

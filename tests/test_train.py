@@ -157,6 +157,10 @@ def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path, tiny_model, tin
         assert past_step_6() and proc.poll() is None, (
             f"no checkpoint appeared (exit code {proc.poll()}); the run's output ends:\n"
             + "\n".join(log.read_text(errors="replace").splitlines()[-25:]))
+        # the same command again while the run trains: refused in one line, not a second writer of the run
+        second = _run_cli(["train", str(path)])
+        assert second.returncode == 2 and "in use" in second.stderr, second.stderr[-2000:]
+        assert len(second.stderr.strip().splitlines()) == 1 and proc.poll() is None
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -10,6 +10,7 @@ Light on purpose (no transformers import): `tunelab --help`, report writing and 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -66,6 +67,50 @@ def _create_temp(target: Path, is_dir: bool, suffix: str) -> Path:
         except FileExistsError:
             continue
     raise FileExistsError(f"no free temporary name next to {target}")
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held by the one process that trains it (rank 0) while it trains.
+
+    Two jobs on one run directory (the same command run twice, a second `--nproc` job) would both resume from the
+    same checkpoint and rotate, rename and append over each other's checkpoints and metrics. flock on the directory
+    itself writes nothing into it, and the kernel drops it with the process (SIGKILL too), so a killed run never
+    leaves a stale lock behind. Neither the Trainer nor accelerate locks its output_dir; written here."""
+
+    def __init__(self):
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, directory: Path) -> None:
+        if self._fd is not None or not directory.is_dir():
+            return
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"run {directory} is in use: another tunelab process is training it; wait for that job "
+                            "to end (or stop it), or set output.name to a new name") from None
+        except OSError:  # a filesystem without flock (some network mounts): train unlocked rather than not at all
+            os.close(fd)
+            return
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+    __del__ = release  # a Run dropped without release (Python API use) does not keep its directory locked
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def check_writable(directory: Path, flag: str, target) -> None:

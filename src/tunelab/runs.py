@@ -27,14 +27,14 @@ import resource
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from tunelab import distributed
 from tunelab.errors import UserError
-from tunelab.rundir import (FinishedRun, find_run, open_finished_run, parse_metrics, read_json,  # noqa: F401
+from tunelab.rundir import (FinishedRun, RunLock, find_run, open_finished_run, parse_metrics, read_json,  # noqa: F401
                             read_metrics, read_run_config, train_loss, train_seconds, write_json_atomic,
                             write_text_atomic)  # the run directory's readers and writers live there, used via runs.*
 
@@ -55,6 +55,13 @@ class Run:
     overwrite: bool = False
     config_text: str | None = None  # the resolved config (start_run), copied into each checkpoint
     notice: str | None = None  # one line for the user about a repair open_run decided on
+    lock: RunLock = field(default_factory=RunLock)  # held by the process that trains the run (see claim)
+
+    def claim(self) -> None:
+        """Lock the run directory for this job (rank 0 holds it for all processes), or refuse in one line while
+        another job trains it. A run directory that does not exist yet is locked by start_run once created."""
+        if distributed.is_main():
+            self.lock.acquire(self.dir)
 
     @property
     def checkpoints(self) -> Path:
@@ -207,8 +214,15 @@ def is_run_dir(path: Path) -> bool:
 def start_run(run: Run, cfg) -> None:
     """Create (or, with overwrite, recreate) the run directory once every check has passed."""
     if run.overwrite and run.dir.exists():
+        run.lock.release()  # the lock is the directory's: the new one is locked below
         shutil.rmtree(run.dir)
+    fresh = not run.lock.held  # open_run found no run directory to lock: none existed
     run.dir.mkdir(parents=True, exist_ok=True)
+    run.lock.acquire(run.dir)
+    if fresh and (complete_checkpoints(run.checkpoints) or (run.dir / "config.yaml").exists()):
+        # another job created the same run while this one was being checked: starting it over would wipe its log
+        raise UserError(f"run {run.dir} was started by another tunelab process meanwhile; re-run the command to "
+                        "resume it once that job ends, or set output.name to a new name")
     shutil.rmtree(run.staging, ignore_errors=True)  # leftovers of a save that was cut off
     run.config_text = cfg.to_yaml()
     write_text_atomic(run.dir / "config.yaml", run.config_text)  # rewritten at every start: never half of it
@@ -364,10 +378,14 @@ class EpochSeededLengthGroups(TrainerCallback):
 
 
 class GracefulStop(TrainerCallback):
-    """Ctrl-C (SIGINT) or SIGTERM: finish the current step, save a checkpoint, stop; the run resumes later."""
+    """Ctrl-C (SIGINT) or SIGTERM: finish the current step, save a checkpoint, stop; the run resumes later.
 
-    def __init__(self):
+    every: the method's resume interval (Method.resume_interval): the stop waits for the next step that is a
+    multiple of it, where a checkpoint resumes exactly."""
+
+    def __init__(self, every: int = 1):
         self.requested = False
+        self.every = every
         self._old = {}
 
     def _handler(self, signum, frame):
@@ -375,7 +393,8 @@ class GracefulStop(TrainerCallback):
             raise KeyboardInterrupt
         self.requested = True
         if distributed.is_main():  # every process gets the signal; the job says it once
-            print("\nstopping after this step: saving a checkpoint (Ctrl-C again to abort without saving)", flush=True)
+            when = "this step" if self.every == 1 else f"the step that ends this group of {self.every}"
+            print(f"\nstopping after {when}: saving a checkpoint (Ctrl-C again to abort without saving)", flush=True)
 
     def on_train_begin(self, args, state, control, **kw):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -385,7 +404,7 @@ class GracefulStop(TrainerCallback):
                 pass
 
     def on_step_end(self, args, state, control, **kw):
-        if self.requested:
+        if self.requested and state.global_step % self.every == 0:
             control.should_save = True
             control.should_training_stop = True
 

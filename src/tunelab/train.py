@@ -270,6 +270,20 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
         quiet_libraries()
     check_training(cfg)  # optimizer, scheduler, attention: checked against transformers' own tables
 
+    from tunelab import runs
+
+    echo = distributed.quiet_unless_main(echo)  # several processes: rank 0 prints and writes
+    if distributed.unused_strategy(cfg.distributed):
+        echo(distributed.unused_strategy(cfg.distributed))
+    run = runs.open_run(cfg, overwrite=overwrite)
+    with run.lock:  # released when training ends, however it ends
+        with distributed.main_first():  # rank 0 locks; a run in use stops every process with its one line
+            run.claim()
+        return _train(cfg, run, method, opts, eval_args, callbacks, echo, show_progress)
+
+
+def _train(cfg: RunConfig, run: runs.Run, method, opts, eval_args: dict, callbacks, echo, show_progress) -> dict:
+    """run_training's work once the run directory is decided on and locked."""
     import torch
     from transformers import PrinterCallback, set_seed
 
@@ -277,10 +291,6 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
     from tunelab.checks import check_arguments, check_target_modules, resume_point
     from tunelab.data.build import check_end_of_turn
 
-    echo = distributed.quiet_unless_main(echo)  # several processes: rank 0 prints and writes
-    if distributed.unused_strategy(cfg.distributed):
-        echo(distributed.unused_strategy(cfg.distributed))
-    run = runs.open_run(cfg, overwrite=overwrite)
     if run.complete:
         echo(f"run {run.dir} is already complete (final model in {run.dir / 'final'}); --overwrite retrains it")
         return json.loads((run.dir / "summary.json").read_text())
@@ -337,15 +347,15 @@ def run_training(cfg: RunConfig, overwrite: bool = False, callbacks=(), echo=pri
                 shutil.rmtree(run.dir, ignore_errors=True)
             raise
         distributed.barrier()  # every process has looked at the run directory (open_run) before rank 0 writes it
-        if distributed.is_main():
-            runs.start_run(run, cfg)  # every check has passed: only now is the run directory written
-        else:
-            run.config_text = cfg.to_yaml()
-        distributed.barrier()
+        with distributed.main_first():  # a refusal while rank 0 writes it stops every process with its one line
+            if distributed.is_main():
+                runs.start_run(run, cfg)  # every check has passed: only now is the run directory written
+            else:
+                run.config_text = cfg.to_yaml()
         if started_from is not None:
             run.resume_from = started_from
         trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress line instead
-        stop = runs.GracefulStop()
+        stop = runs.GracefulStop(every=method.resume_interval(opts))
         # order matters: the task metric joins an evaluation's log entry before MetricsLog writes it to metrics.jsonl
         before, after = evaluation_callbacks(cfg, run, tokenizer, questions)
         checkpoints = runs.AtomicCheckpoints(run, cfg.training.save_total_limit,

@@ -102,6 +102,12 @@ class Method:
     def check(self, cfg, opts, data) -> None:
         """Refusals that need the config and the prepared data (UserError, one line)."""
 
+    def resume_interval(self, opts) -> int:
+        """Optimizer steps between the points a checkpoint resumes exactly from: checkpoints (save_steps, a graceful
+        stop) fall on its multiples. 1 but where a step trains on data an earlier step made and checkpoints do not
+        keep (GRPO reusing a generated batch)."""
+        return 1
+
     def eval_metrics(self, opts) -> tuple[str, ...]:
         """What its evaluation during training reports, which `eval.metric` and a sweep's objective may name (checked
         before anything loads): metric names, and prefixes ending in "/" for families (eval_rewards/ covers

@@ -94,6 +94,11 @@ class GRPO(Method):
                           weight_bytes=ctx.arch["params"] * 2 if _bf16_sampler(cfg, opts, ctx) else None,
                           scoring_forwards=int(opts.num_iterations > 1) + int(opts.beta > 0))
 
+    def resume_interval(self, opts: Config) -> int:
+        """TRL trains num_iterations steps on each generated batch and keeps no copy of it in checkpoints: a resume
+        inside that window would sample a new batch where the uninterrupted run reused the old one."""
+        return opts.num_iterations
+
     def eval_metrics(self, opts: Config) -> tuple[str, ...]:
         # TRL's GRPOTrainer samples completions of the validation prompts and reports what it logs in training
         return ("eval_reward", "eval_reward_std", "eval_loss", "eval_frac_reward_zero_std", "eval_entropy",
@@ -109,6 +114,11 @@ class GRPO(Method):
             raise UserError(f"grpo: training.batch_size x training.grad_accum ({per_step}) completions per step "
                             f"must be a multiple of method.num_generations ({opts.num_generations}); e.g. set "
                             f"training.batch_size={opts.num_generations * max(1, per_step // opts.num_generations)}")
+        n = opts.num_iterations  # an epoch's steps are a multiple of it already (TRL's RepeatSampler)
+        if n > 1 and cfg.training.save_strategy == "steps" and cfg.training.save_steps % n:
+            raise UserError(f"grpo: method.num_iterations={n} trains {n} steps on each generated batch, which "
+                            f"checkpoints do not keep, so a checkpoint resumes exactly only after such a group; set "
+                            f"training.save_steps to a multiple of {n} (e.g. {n * -(-cfg.training.save_steps // n)})")
         if opts.use_vllm:
             import importlib.util
 
