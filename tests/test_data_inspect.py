@@ -27,7 +27,8 @@ def test_inspect_json_report(capsys, tiny_model, tmp_path):
     p.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[1:]))  # one duplicate
     rep = run_json(capsys, p, "--model", tiny_model, "--max-length", 40)
     assert rep["format"] == "messages" and rep["kinds"] == {"conversation": 3}
-    assert rep["template"] == "the tokenizer's own (or model.chat_template Jinja)"
+    assert rep["template"] == ("the tokenizer's own (or model.chat_template Jinja); "
+                               "assistant turns end with '<|im_end|>'")
     assert rep["rows"] == {"read": 3, "valid": 3, "invalid": 0, "duplicates": 1}
     t = rep["tokens"]
     assert t["measured"] == 3 and t["min"] <= t["median"] <= t["p95"] <= t["max"]
@@ -83,6 +84,8 @@ def test_inspect_warns_of_fields_a_fallback_format_leaves_unread(capsys, tmp_pat
     p.write_text(json.dumps({"prompt": "What is 2+2?", "response": "4"}) + "\n")
     rep = run_json(capsys, p, "--model", TOKENIZER)
     assert rep["format"] == "prompt"
+    # a prompt is shown as GRPO/PPO's rollout renders it: ending where the sampled reply begins
+    assert rep["first_sample"]["rendered"].endswith("What is 2+2?<|im_end|>\n<|im_start|>assistant\n")
     assert any("leaves field(s) response" in w and "data.columns: {response: completion}" in w
                for w in rep["warnings"])
 

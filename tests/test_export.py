@@ -574,17 +574,24 @@ def base_tokenizer(small_vocab_tokenizer):
     return tok
 
 
-@pytest.mark.parametrize("template,ends_with_im_end", [("chatml", True), ("alpaca", False), ("llama3", False)])
-def test_stop_ids_add_the_trained_end_of_turn_to_the_eos(base_tokenizer, template, ends_with_im_end):
+@pytest.mark.parametrize("template,ends_with_im_end", [("chatml", True), ("alpaca", False), ("llama3", False),
+                                                      ("own-chatml", True)])
+def test_stop_ids_add_the_trained_end_of_turn_to_the_eos(base_tokenizer, small_vocab_tokenizer, template,
+                                                         ends_with_im_end):
     """chatml over the base trains <|im_end|> as the end of a reply: generation must stop there as well as on the
-    model's EOS; alpaca (and llama3, whose <|eot_id|> this vocabulary lacks) end replies with EOS itself."""
+    model's EOS; alpaca (and llama3, whose <|eot_id|> this vocabulary lacks) end replies with EOS itself. A chatml
+    template that is not the built-in one (SmolLM2's own Jinja, as a base shipping its own template) likewise."""
     from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
 
     from tunelab.data import templates
     from tunelab.export.common import trained_end_of_turn, trained_stop_ids
 
     tok = base_tokenizer
-    templates.apply(tok, template)
+    own = AutoTokenizer.from_pretrained(small_vocab_tokenizer).chat_template
+    templates.apply(tok, own if template == "own-chatml" else template)
+    assert (templates.identify(tok) is None) == (template == "own-chatml")
     eos, im_end = tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=eos))
     if ends_with_im_end:

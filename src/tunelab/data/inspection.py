@@ -50,6 +50,12 @@ def histogram(lengths: list[int], bins: int = 10) -> list[dict]:
     return out
 
 
+def _prompt_encoding(tok, r: dict) -> render.Encoded:
+    """A prompt-only row (GRPO/PPO) as the rollout renders it: up to where the reply begins, nothing trained."""
+    ids = tok(render.render(tok, r["prompt"], add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    return render.Encoded(ids, [render.IGNORE] * len(ids), length=len(ids))
+
+
 def inspect(source, tok, data_cfg, limit: int | None = None) -> dict:
     """The report as a JSON-ready dict (what `--json` prints)."""
     info = build._new_info()
@@ -62,7 +68,7 @@ def inspect(source, tok, data_cfg, limit: int | None = None) -> dict:
     lengths, no_reply, eos_missing, overlong = [], 0, 0, 0
     first = None
     for r in sample:
-        enc = build.encode_record(tok, r)
+        enc = _prompt_encoding(tok, r) if formats.kind_of(r) == "prompt" else build.encode_record(tok, r)
         n = len(enc.input_ids)
         if "rejected" in r:  # a preference pair is as long as its longer side
             n = max(n, len(render.encode_conversation(tok, r["prompt"] + r["rejected"]).input_ids))

@@ -110,11 +110,12 @@ def encode_conversation(tok, messages: list[dict], max_length: int | None = None
 
 
 def end_of_turn_ids(tok, model_config=None) -> set[int]:
-    """Token ids that end a reply: the tokenizer's EOS, the end-of-turn token of the built-in template in use (e.g.
-    llama3's <|eot_id|>, which a base Llama 3's EOS is not) and the model's generation EOS ids."""
+    """Token ids that end a reply: the tokenizer's EOS, the end-of-turn token of the template in use (e.g. llama3's
+    <|eot_id|>, which a base Llama 3's EOS is not; for a template not built in, the one its render shows) and the
+    model's generation EOS ids."""
     ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     name = templates.identify(tok)
-    end = templates.end_token(tok, name) if name else None
+    end = templates.end_token(tok, name) if name else templates.own_end_token(tok)
     if end is not None and templates.single_token(tok, end) is not None:
         ids.add(templates.single_token(tok, end))
     gen_eos = getattr(getattr(model_config, "generation_config", None), "eos_token_id", None) if model_config else None

@@ -176,6 +176,24 @@ def identify(tok) -> str | None:
     return next((name for name in TEMPLATES if current == text(name, tok)), None)
 
 
+def own_end_token(tok) -> str | None:
+    """The special token that ends an assistant turn under a template that is not built in (the tokenizer's own, or
+    the user's Jinja): found by rendering one reply and reading the first token after its text, which must be one of
+    the tokenizer's special tokens (chatml's <|im_end|>, Gemma's <end_of_turn>). None when the template ends turns
+    with plain text or nothing, or cannot render a bare user/assistant exchange."""
+    probe = "tunelab reply probe"
+    try:
+        rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
+                                           tokenize=False)
+    except Exception:  # a template that refuses this exchange (the data layer names such a template's own error)
+        return None
+    if not isinstance(rendered, str) or probe not in rendered:
+        return None
+    after = tok(rendered.split(probe, 1)[1].lstrip(" "), add_special_tokens=False)["input_ids"]
+    special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    return tok.convert_ids_to_tokens(after[0]) if after and after[0] in special else None
+
+
 def describe(tok) -> str:
     """One line naming the template in use and its end-of-turn token: what inspect and the pre-flight show."""
     current = getattr(tok, "chat_template", None)
@@ -183,7 +201,9 @@ def describe(tok) -> str:
         return f"none (rendered with the default '{DEFAULT}', assistant turns ending with EOS {tok.eos_token!r})"
     name = identify(tok)
     if name is None:
-        return "the tokenizer's own (or model.chat_template Jinja)"
+        end = own_end_token(tok)
+        return "the tokenizer's own (or model.chat_template Jinja)" + (
+            f"; assistant turns end with {end!r}" if end else "")
     t, end = TEMPLATES[name], end_token(tok, name)
     line = f"{name}: {t.about}; assistant turns end with {end!r}"
     if t.end is not None and end != t.end:
