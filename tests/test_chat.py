@@ -84,6 +84,14 @@ def test_long_history_is_trimmed_to_fit_the_context(host):
     assert msgs[0]["role"] == "system" and msgs[-1]["content"] == "final question"
     assert len(msgs) < len(s.messages("final question"))
     assert len(host.tok(prompt)["input_ids"]) + 100 <= host.context_length
+    # whole exchanges are dropped: after the system prompt the history still opens on a user turn and alternates
+    # (templates such as Llama 2's, Mistral's and Gemma's refuse anything else)
+    roles = [m["role"] for m in msgs[1:]]
+    assert roles == ["user", "assistant"] * (len(roles) // 2) + ["user"], roles
+    s.history = [{"role": "user", "content": "word " * host.context_length}, {"role": "assistant", "content": "ok"},
+                 {"role": "user", "content": "and?"}, {"role": "assistant", "content": "done"}]
+    msgs, _ = host.fit_messages(s.messages("final question"), 100)  # the long question goes, and its answer with it
+    assert [m["content"] for m in msgs] == ["sys", "and?", "done", "final question"]
 
 
 def test_repl_reads_until_eof(host):

@@ -72,6 +72,15 @@ def test_chat_template_accepts_name_jinja_or_file(tok, tmp_path):
     with pytest.raises(UserError, match=r"^model.chat_template: 'chatm' is neither a built-in template \(chatml, "
                                         r"llama3, .*did you mean 'chatml'\?"):
         templates.resolve("chatm", tok)
+    # a syntax error is the template's, named as such (not blamed on the first data row it cannot render)
+    with pytest.raises(UserError, match=r"^model.chat_template: Jinja syntax error on line 1 of the template: "
+                                        r"unexpected '}'"):
+        templates.resolve("{% for m in messages %}{{ m.content }", tok)
+    f.write_text("{% for m in messages %}\n{% generation %}{{ m.content }}{% endgeneration %}")
+    with pytest.raises(UserError, match=rf"^model.chat_template \({f}\): Jinja syntax error on line 2 .*'endfor'"):
+        templates.resolve(str(f), tok)
+    f.write_text("{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}")
+    assert "generation" in templates.resolve(str(f), tok)  # transformers' assistant-mask markers parse
 
 
 def test_model_template_kept_unless_one_is_chosen(tiny_model):

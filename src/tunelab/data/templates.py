@@ -150,14 +150,32 @@ def resolve(choice: str, tok) -> str:
     if choice in TEMPLATES:
         return text(choice, tok)
     if "{{" in choice or "{%" in choice:  # Jinja text (checked first: a long template is no valid file name)
-        return choice
+        return _compiles(choice, "model.chat_template")
     p = Path(choice).expanduser()
     if p.is_file():
-        return p.read_text()
+        return _compiles(p.read_text(), f"model.chat_template ({p})")
     close = difflib.get_close_matches(choice, TEMPLATES, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     raise UserError(f"model.chat_template: '{choice}' is neither a built-in template ({', '.join(TEMPLATES)}), "
                     f"a file, nor Jinja text; {hint}see `tunelab data inspect`")
+
+
+def _compiles(jinja: str, where: str) -> str:
+    """`jinja` once it parses as transformers parses chat templates (a sandbox with loop controls): a syntax error is
+    the template's, said once here, not blamed on the first data row it fails to render. The {% generation %} markers
+    transformers adds a tag for (assistant masks) are taken out first: they change no syntax around them."""
+    import re
+
+    from jinja2 import TemplateSyntaxError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        bare = re.sub(r"{%-?\s*(end)?generation\s*-?%}", "", jinja)
+        ImmutableSandboxedEnvironment(extensions=[loopcontrols]).parse(bare)
+    except TemplateSyntaxError as e:
+        raise UserError(f"{where}: Jinja syntax error on line {e.lineno} of the template: {e.message}") from None
+    return jinja
 
 
 def apply(tok, choice: str | None = None) -> None:

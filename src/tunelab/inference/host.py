@@ -227,4 +227,9 @@ class Host:
             droppable = [i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"]
             if not droppable:
                 return msgs, prompt
-            del msgs[droppable[0]]
+            first = droppable[0]
+            del msgs[first]
+            # the replies to a dropped message go with it: a history opening on an assistant turn breaks templates
+            # that require user/assistant alternation (Llama 2's, Mistral's, Gemma's)
+            while first < len(msgs) - 1 and msgs[first]["role"] not in ("user", "system"):
+                del msgs[first]
