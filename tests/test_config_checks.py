@@ -158,6 +158,7 @@ LIGHT_REFUSALS = {
     "run_name": ["output.name=.."],
     "model_path": ["model.source=./nonexistent"],
     "tracker": ["training.report_to=wandbx"],
+    "neftune": ["method.neftune_noise_alpha=-1"],  # else the first step's noise crashes
     "method_adapter": ["method.name=ppo", "adapter.type=prefix"],
     "eval_metric": ["data.val_split=0.25", "training.eval_steps=5", "eval.load_best=true", "eval.metric=eval_bogus"],
     "best_needs_same_strategy": ["data.val_split=0.25", "training.eval_strategy=epoch"],

@@ -66,6 +66,13 @@ def test_text_keys_keep_the_text_as_typed(tmp_path):
     cfg = read_config(path, ["output.name='a b'", "model.chat_template=null", "training.report_to=tensorboard,wandb"])
     assert cfg.output.name == "a b" and cfg.model.chat_template is None
     assert cfg.training.report_to == ["tensorboard", "wandb"]
+    # transformers' `none`, and a tracker named twice, as training scripts pass them
+    for given in ("none", "[none]", "tensorboard,tensorboard"):
+        assert read_config(path, [f"training.report_to={given}"]).training.report_to == (
+            [] if "none" in given else ["tensorboard"])
+    # YAML reads a bare `no` as false: the strategy the README documents is still `no`
+    assert read_config(path, ["training.eval_strategy=no"]).training.eval_strategy == "no"
+    assert read_config(write(tmp_path, "training: {eval_strategy: no}")).training.eval_strategy == "no"
     # not YAML, for a key that is not text: kept as typed and checked as usual
     assert apply_overrides({}, ["method.x={% a"]) == {"method": {"x": "{% a"}}
 

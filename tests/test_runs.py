@@ -339,3 +339,14 @@ def test_one_job_per_run_directory(tmp_path, tiny_model, tiny_chat_data):
     with pytest.raises(UserError, match="was started by another tunelab process meanwhile"):
         runs.start_run(b, cfg2)
     assert (a.dir / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+
+
+def test_trackers_are_not_part_of_what_a_run_is(tmp_path, tiny_model, tiny_chat_data):
+    """Adding a tracker when resuming (or spelling none as []) resumes the run; changing what trains is refused."""
+    path = make_config(tmp_path, tiny_model, tiny_chat_data, "tracked", training={"max_steps": 1})
+    cfg = load_config(path, ["training.report_to=none"])
+    runs.start_run(runs.open_run(cfg), cfg)
+    runs.open_run(load_config(path, ["training.report_to=tensorboard"]))
+    runs.open_run(load_config(path))
+    with pytest.raises(UserError, match="different config"):
+        runs.open_run(load_config(path, ["training.seed=7"]))

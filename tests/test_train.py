@@ -410,3 +410,21 @@ def test_quickstart_prints_the_time_of_each_phase(tmp_path, tiny_model, capsys):
         quickstart.main(Namespace(config=None, overrides=[*overrides[:-2], "training.max_steps=3",
                                                           "training.precision=fp32"], eval_n=2, overwrite=False))
     assert "scoring the base model" not in capsys.readouterr().out
+
+
+def test_tokens_without_embedding_rows_are_refused_before_the_run(tmp_path, tiny_model, tiny_chat_data):
+    """Special tokens added to the tokenizer alone (embeddings never resized) crashed the first forward pass that met
+    one (an index error) after the run directory was written; refused in one line before it."""
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "added"
+    shutil.copytree(tiny_model, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    rows = json.loads((model / "config.json").read_text())["vocab_size"]  # may exceed len(tok): padded rows
+    tok.add_special_tokens({"additional_special_tokens": [f"<|extra_{i}|>" for i in range(len(tok), rows + 2)]})
+    tok.save_pretrained(model)
+    cfg = load_config(make_config(tmp_path, str(model), tiny_chat_data, "added"))
+    with pytest.raises(UserError, match=rf"tokenizer has {rows + 2} tokens but the model's embeddings have {rows} "
+                                        r"rows: '<\|extra_"):
+        run_training(cfg, show_progress=False)
+    assert not (tmp_path / "runs").exists()

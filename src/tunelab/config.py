@@ -257,13 +257,22 @@ class TrainingConfig(Section):
             return {}
         return {k: exp_float(x) for k, x in v.items()} if isinstance(v, dict) else v
 
+    @field_validator("eval_strategy", mode="before")
+    @classmethod
+    def _no_is_a_word(cls, v):
+        # YAML reads a bare `no` (eval_strategy: no, training.eval_strategy=no) as false
+        return "no" if v is False else v
+
     @field_validator("report_to", mode="before")
     @classmethod
     def _tracker_list(cls, v):
-        # one tracker, or a comma string as training scripts pass --report_to
+        # one tracker, or a comma string as training scripts pass --report_to; `none` (transformers' word for no
+        # tracker) is the empty list, and a tracker named twice is one
         if isinstance(v, str):
-            return [x.strip() for x in v.split(",") if x.strip()]
-        return [] if v is None else v
+            v = [x.strip() for x in v.split(",") if x.strip()]
+        if v is None:
+            return []
+        return list(dict.fromkeys(x for x in v if x != "none")) if isinstance(v, list) else v
 
     @field_validator("scheduler_kwargs")
     @classmethod

@@ -413,6 +413,21 @@ def load_adapter(base, adapter_dir: str):
         return PeftModel.from_pretrained(base, adapter_dir)
 
 
+def check_vocabulary(tok, model) -> None:
+    """A tokenizer with more tokens than the model has embedding rows (special tokens added to the tokenizer, the
+    embeddings never resized) crashes the first forward pass that meets one with an index error, after the run
+    directory is written: refused in one line instead. tunelab does not resize on its own: a new row starts
+    untrained, and an adapter that leaves the embeddings frozen would never train it."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tok) > rows:
+        extra = tok.convert_ids_to_tokens(list(range(rows, min(len(tok), rows + 3))))
+        more = ", ..." if len(tok) > rows + 3 else ""
+        raise UserError(f"the tokenizer has {len(tok)} tokens but the model's embeddings have {rows} rows: "
+                        f"{', '.join(map(repr, extra))}{more} have none; resize the model to the tokenizer "
+                        "(model.resize_token_embeddings(len(tokenizer)), then save_pretrained) and train them "
+                        "(adapter.type=none), or use the model's own tokenizer")
+
+
 @contextlib.contextmanager
 def adapter_fits(adapter_dir, base):
     """Around loading an adapter: one that was trained on another base model (other sizes, or layers this model lacks)

@@ -103,10 +103,12 @@ def _config_dict(cfg) -> dict:
 
 
 def _drop_start_settings(d: dict) -> None:
-    # how to treat an existing run, and the checkpoint it started from (output.resume_from, used only until the run
-    # has checkpoints of its own), are not part of what the run is: changing them must not refuse a resume
+    # how to treat an existing run, the checkpoint it started from (output.resume_from, used only until the run has
+    # checkpoints of its own) and where it reports its metrics besides metrics.jsonl (training.report_to) are not
+    # part of what the run is: changing them must not refuse a resume
     for key in ("resume", "resume_from"):
         d.get("output", {}).pop(key, None)
+    d.get("training", {}).pop("report_to", None)
 
 
 def _saved_config(path: Path) -> dict | None:

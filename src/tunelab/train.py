@@ -321,6 +321,7 @@ def _train(cfg: RunConfig, run: runs.Run, method, opts, eval_args: dict, callbac
     # before the weights load; compared with the peak in summary.json
     est = estimate.for_run(run_cfg, stats, echo, lean_loss=plan.lean_loss)
     model = models.load_model(cfg, precision=precision, task=method.task, float32_base=method.float32_base)
+    models.check_vocabulary(tokenizer, model)
     model = method.prepare_model(cfg, opts, model)  # e.g. distill: a smaller student
     # models a method needs besides the trained one (distill: the teacher), passed to build() by keyword
     extra = method.extra_models(cfg, opts, precision)

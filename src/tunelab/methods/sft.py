@@ -27,7 +27,8 @@ class Config(BaseModel):
     """Options of `method: {name: sft, ...}`."""
 
     model_config = ConfigDict(extra="forbid")
-    neftune_noise_alpha: float | None = Field(None, description="NEFTune embedding noise (off by default)")
+    neftune_noise_alpha: float | None = Field(None, ge=0, description="NEFTune embedding noise (off by default; "
+                                              "the paper used 5 to 15)")
     use_liger_kernel: bool | Literal["auto"] = Field(
         "auto", description="Liger's fused kernels (RMSNorm, RoPE, SwiGLU; Triton, GPU only); auto: on where a CUDA "
         "device is visible and liger-kernel is installed (pip install 'tunelab[gpu]')")
