@@ -82,6 +82,13 @@ def test_eval_cli_writes_results(tiny_run, tmp_path, capsys):
     res = json.loads((tiny_run / "eval" / "gsm8k.json").read_text())
     assert res["results"][0]["tasks"]["gsm8k"]["n"] == 2 and res["settings"]["k_shot"] == 1
     assert "gsm8k: n=2  accuracy=" in capsys.readouterr().out
+    first = (tiny_run / "eval" / "gsm8k.json").read_bytes()
+    # a second scoring (other settings) is kept beside the first, never over it
+    assert cli(["eval", "--run", str(tiny_run), "--task", "gsm8k", "--n", "1", "--max-new-tokens", "4"]) == 0
+    assert (tiny_run / "eval" / "gsm8k.json").read_bytes() == first
+    second = json.loads((tiny_run / "eval" / "gsm8k-2.json").read_text())
+    assert second["results"][0]["tasks"]["gsm8k"]["n"] == 1
+    assert f"results: {tiny_run / 'eval' / 'gsm8k-2.json'} (earlier results kept beside it)" in capsys.readouterr().out
     prompts = tmp_path / "p.txt"
     prompts.write_text("Hello?\n")
     assert cli(["eval", "--model", str(Path(tiny_run / "config.yaml").read_text().split()[-1]), "--task", "prompts",
@@ -155,6 +162,35 @@ def test_eval_and_compare_refuse_before_evaluating(tiny_run, tmp_path, capsys, m
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and ("--out" in err or "nowhere" in err), err
     assert (tmp_path / "FILE").read_text() == "notes" and not (tmp_path / "report").exists()
+
+
+def test_models_given_under_the_wrong_flag_are_named_before_evaluating(tiny_run, tiny_model, tmp_path, capsys,
+                                                                       monkeypatch):
+    """An adapter passed as --model, a merged export passed as --run, a run without final/ among compare's models,
+    and a task without data are each said in one line with the flag that takes them, before any model is scored."""
+    import tunelab.evaluation.main as evaluation
+
+    merged = tiny_run / "export" / "merged"
+    shutil.copytree(tiny_model, merged, dirs_exist_ok=True)
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text((tiny_run / "config.yaml").read_text())
+    final = tiny_run / "final"
+    monkeypatch.setattr(evaluation, "run_model", lambda *a, **k: pytest.fail("a model was evaluated"))
+    cases = [
+        (["eval", "--model", str(final), "--task", "perplexity"], f"--run {tiny_run}, or --adapter {final} with --model"),
+        (["eval", "--run", str(merged), "--task", "perplexity"], f"model directory (a merged export?), not a run (of "
+                                                                  f"the run {tiny_run}; "),
+        (["eval", "--run", str(final), "--task", "perplexity"], "pass the run itself"),
+        (["compare", str(tiny_model), str(unfinished), "--task", "perplexity"], "has no final model yet"),
+        (["compare", str(tiny_model), str(final), "--task", "perplexity"], f"pass the run itself: {tiny_run}"),
+        (["eval", "--task", "prompts"], "needs --data (a .txt file with one prompt per line"),
+    ]
+    for argv, msg in cases:
+        assert cli(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err
+    shutil.rmtree(tiny_run / "export")
 
 
 def test_report_settings_record_what_changes_lm_eval_numbers():

@@ -22,15 +22,64 @@ from tunelab.rundir import check_writable, open_finished_run
 
 TASKS = ("gsm8k", "summarization", "perplexity", "prompts")
 DEFAULT_DATA = {"gsm8k": "bundled:gsm8k/test", "perplexity": "bundled:gsm8k/test"}
+# what --data takes for a task without a default, said when it is missing
+DATA_HINT = {"summarization": "e.g. a DialogSum .jsonl, or conversations whose last reply is the reference",
+             "prompts": "a .txt file with one prompt per line, or a .jsonl of prompts or conversations"}
 
 
 # --------------------------------------------------------------------------------------------------- model specs
 
-def resolve_run(run: str) -> Path:
-    """A run directory, given as a path or as a name under runs/ (its config read and checked: tunelab.rundir)."""
-    from tunelab.rundir import open_finished_run
+def resolve_run(run: str, flag: str = "--run ") -> Path:
+    """A run directory with its final model, given as a path or as a name under runs/ (its config read and checked:
+    tunelab.rundir), before any data or model loads: a run still training is said at once, not after the models
+    before it have been scored. A model or adapter directory given as a run is said to be one (`flag`: how the user
+    gave it, for the message)."""
+    from tunelab.rundir import find_run, open_finished_run
 
-    return open_finished_run(run, need_final=False).path
+    if find_run(run) is None and not (Path(run).name == "final" and find_run(Path(run).parent)):
+        _not_a_run(run, flag)  # rundir says "does not exist" of anything but a run, which misleads for these
+    return open_finished_run(run).path
+
+
+def _not_a_run(path: str, flag: str) -> None:
+    """UserError for an existing model or adapter directory given where a run was expected."""
+    p = Path(path)
+    owner = next((str(a) for a in p.parents if a != Path(".") and _is_run(str(a))), None)
+    of_run = f" (of the run {owner}; --run {owner} evaluates the run's final model)" if owner else ""
+    if (p / "config.json").is_file():
+        raise UserError(f"{flag}{path} is a model directory (a merged export?), not a run{of_run}: pass it with "
+                        f"--model {path}")
+    if (p / "adapter_config.json").is_file():
+        raise UserError(f"{flag}{path} is a PEFT adapter, not a run{of_run}: pass it with --adapter {path} "
+                        f"--model {_adapter_base(p) or 'BASE'}")
+
+
+def _adapter_base(adapter: Path) -> str | None:
+    """The base model an adapter directory names (adapter_config.json's base_model_name_or_path), if readable."""
+    import json
+
+    try:
+        return json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_model(model: str, where: str) -> None:
+    """A model given by path is a transformers model directory; a PEFT adapter given as a model is said to be one,
+    with the flag (or run) that takes it, before anything loads (the loader would only say "no config.json")."""
+    from tunelab.models import check_source
+
+    p = Path(model).expanduser()
+    if p.is_dir() and not (p / "config.json").is_file() and (p / "adapter_config.json").is_file():
+        owner = str(p.parent) if p.name == "final" and _is_run(str(p.parent)) else None
+        if where == "compare":
+            how = (f"pass the run itself: {owner}" if owner else "compare takes models and runs; score the adapter "
+                   f"with `tunelab eval --model {_adapter_base(p) or 'BASE'} --adapter {model}`")
+            raise UserError(f"compare {model}: a PEFT adapter, not a model: {how}")
+        how = f"--run {owner}, or --adapter {model}" if owner else f"--adapter {model}"
+        raise UserError(f"--model {model} is a PEFT adapter, not a model: pass {how} with --model "
+                        f"{_adapter_base(p) or 'BASE'} (its base)")
+    check_source(model)
 
 
 def run_base_model(run_dir: Path) -> str:
@@ -54,21 +103,19 @@ def model_specs(args) -> list[dict]:
     items = list(args.models)
     specs = []
     if len(items) == 1 and _is_run(items[0]):  # one run: its base vs the run
-        run = resolve_run(items[0])
+        run = resolve_run(items[0], "compare ")
         specs.append({"label": "base", "model": run_base_model(run), "adapter": None, "run": None})
         specs.append({"label": run.name, "model": None, "adapter": None, "run": str(run)})
     else:
         if len(items) < 2:
             raise UserError(f"compare {items[0]}: not a run directory; compare needs a run (its base vs the run) or "
                             "two or more models/runs")
-        from tunelab.models import check_source
-
         for it in items:
             if _is_run(it):
-                run = resolve_run(it)
+                run = resolve_run(it, "compare ")
                 specs.append({"label": run.name, "model": None, "adapter": None, "run": str(run)})
             else:
-                check_source(it)  # a missing local model is said before the first model is evaluated
+                check_model(it, "compare")  # a missing local model is said before the first model is evaluated
                 specs.append({"label": it, "model": it, "adapter": None, "run": None})
     seen: dict[str, int] = {}
     for s in specs:  # the same run twice, or two runs with one name: keep labels apart
@@ -168,7 +215,7 @@ def task_data(task: str, args):
 
     spec = args.data or DEFAULT_DATA.get(task)
     if spec is None:
-        raise UserError(f"--task {task} needs --data (a file the data layer reads, e.g. a DialogSum .jsonl)")
+        raise UserError(f"--task {task} needs --data ({DATA_HINT.get(task, 'a file the data layer reads')})")
     if task == "gsm8k":
         from tunelab.evaluation.gsm8k import read_questions
 
@@ -282,10 +329,12 @@ def evaluate(task: str, model: str | None = None, adapter: str | None = None, ru
     check_tasks([task], args)
     if adapter and run:
         raise UserError("give --adapter or --run, not both (a run already names its adapter)")
-    data = {} if is_lmeval(task) else {task: task_data(task, args)}
-    harness = harness_tasks([task], args)
+    if model:
+        check_model(model, "eval")
     spec = {"label": "model", "model": model if model or run else "embedded:smollm2-135m-instruct",
             "adapter": adapter, "run": str(resolve_run(run)) if run else None}
+    data = {} if is_lmeval(task) else {task: task_data(task, args)}
+    harness = harness_tasks([task], args)
     res = run_model(spec, [task], data, harness, args, load_in_4bit=bool(args.load_in_4bit))
     return next(iter(res.values())) if len(res) == 1 else {"tasks": res}
 
@@ -315,6 +364,18 @@ def _file_name(tasks: list[str]) -> str:
     return "+".join(one(t) for t in tasks)
 
 
+def run_result_path(run: Path, tasks: list[str]) -> Path:
+    """Where `eval --run` saves: RUN/eval/TASKS.json, or TASKS-2.json, -3, ... beside earlier results. An earlier
+    result is never replaced: it may have been scored on other data, samples or precision (the name does not say; the
+    file's "settings" do), and a run's results are as much its record as its checkpoints."""
+    d, name = run / "eval", _file_name(tasks)
+    p, i = d / f"{name}.json", 1
+    while p.exists():
+        i += 1
+        p = d / f"{name}-{i}.json"
+    return p
+
+
 def main(args) -> int:
     """tunelab eval: one model on one or more tasks; prints the metrics and a few examples, writes results if asked."""
     tasks = list(dict.fromkeys(args.task))
@@ -323,13 +384,15 @@ def main(args) -> int:
     check_out(args.out)
     if args.adapter and args.run:
         raise UserError("give --adapter or --run, not both (a run already names its adapter)")
+    if args.model:
+        check_model(args.model, "eval")
     spec = {"label": "model", "model": args.model, "adapter": args.adapter,
             "run": str(resolve_run(args.run)) if args.run else None}
     data = {t: task_data(t, args) for t in tasks if not is_lmeval(t)}
     harness = harness_tasks(tasks, args)
     all_res = run_model(spec, tasks, data, harness, args)
     print(f"{describe(spec)}")
-    out = args.out or (str(Path(spec["run"]) / "eval" / f"{_file_name(tasks)}.json") if spec["run"] else None)
+    out = args.out or (str(run_result_path(Path(spec["run"]), tasks)) if spec["run"] else None)
     for task, res in all_res.items():
         print(summary_line(task, res) + f"  ({format_duration(res['seconds'])})")
         examples = res.get("examples", [])
@@ -349,7 +412,8 @@ def main(args) -> int:
             from tunelab.rundir import write_json_atomic
 
             p = write_json_atomic(out, {"settings": _settings(args, tasks), "results": results}, indent=1)
-            print(f"results: {p}")
+            kept = not args.out and Path(out).name != f"{_file_name(tasks)}.json"
+            print(f"results: {p}" + (" (earlier results kept beside it)" if kept else ""))
         else:
             from tunelab.evaluation.report import write_report
 
