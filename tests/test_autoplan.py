@@ -164,3 +164,17 @@ def test_offloading_asked_for_where_it_cannot_work_is_refused(tiny_model):
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA device is visible"):
             check_training(cfg)
+
+
+def test_a_batch_larger_than_the_data_is_planned_as_the_data(tiny_model, monkeypatch):
+    """training.batch_size=100000 over 64 rows trains batches of 64 rows: the plan is that of batch 64 (it once said
+    "does NOT fit even so" for a run that then trained in a few MB); under WORLD_SIZE processes, of each one's share."""
+    big, method, opts = setup(tiny_model, "training.batch_size=100000")
+    rows, _, _ = setup(tiny_model, "training.batch_size=64")
+    half, _, _ = setup(tiny_model, "training.batch_size=32")
+    need = plan(rows, method, opts, STATS, device="cpu", budget_mb=1e9).estimate_mb
+    p = plan(big, method, opts, STATS, device="cpu", budget_mb=need + 1)
+    assert p.estimate_mb == pytest.approx(need) and "the fastest settings fit" in p.reason
+    monkeypatch.setenv("WORLD_SIZE", "2")  # two processes of 32 rows each
+    assert plan(big, method, opts, STATS, device="cpu", budget_mb=1e9).estimate_mb == pytest.approx(
+        plan(half, method, opts, STATS, device="cpu", budget_mb=1e9).estimate_mb)

@@ -767,3 +767,42 @@ def test_several_processes_split_the_steps_and_pay_for_every_device(tmp_path, ti
     assert runs[4]["devices"] == 4
     assert runs[4]["cost_per_step"] == pytest.approx(4 * runs[1]["cost_per_step"])
     assert runs[4]["cost_total"] == pytest.approx(runs[1]["cost_total"])
+
+
+def test_a_batch_holds_at_most_the_rows_there_are(tmp_path, tiny_model):
+    """A batch_size above the dataset's rows takes all of them, not batch_size rows: 24 rows of at most 50 tokens are
+    a batch of 1,200 tokens, memory and time alike (batch_size 100,000 once claimed 5,000,000 tokens and ~500 GB).
+    Under N processes each takes its share (the distributed sampler's ceil(rows / N)), and a step accumulating more
+    batches than the rows fill runs as many micro-batches as they do."""
+    kw = dict(mean_tokens=50, max_tokens=50, baseline_mb=0, peak_flops=1.0e12, num_samples=24)
+
+    def est(batch, accum=1, **more):
+        return estimate(_cfg(tmp_path, tiny_model, training={"batch_size": batch, "grad_accum": accum}), "cpu",
+                        **{**kw, **more})
+
+    huge, exact = est(100_000), est(24)
+    assert huge.peak_tokens == exact.peak_tokens == 24 * 50
+    assert huge.tokens_per_step == exact.tokens_per_step == 24 * 50
+    assert huge.memory_mb == exact.memory_mb and huge.seconds_per_step == pytest.approx(exact.seconds_per_step)
+    shared = est(100_000, world_size=4)  # 6 rows a process
+    assert shared.peak_tokens == shared.tokens_per_step == 6 * 50
+    assert est(4, world_size=4).peak_tokens == 4 * 50  # a batch smaller than the share is the batch
+    # batches of 8 accumulated 10 times: the 24 rows are 3 micro-batches, not 10 of 8 rows
+    accumulated = est(8, accum=10)
+    assert accumulated.tokens_per_step == 24 * 50 and accumulated.peak_tokens == 8 * 50
+    assert accumulated.seconds_per_step == pytest.approx(
+        (accumulated.flops_per_step + 3 * PASS + CPU_OPTIMIZER_FLOPS * accumulated.trainable) / (1.0e12 * MFU))
+    assert est(4, num_samples=None).peak_tokens == 4 * 50  # rows unknown: the batch as configured
+
+
+def test_estimate_cli_caps_the_batch_at_each_processes_rows(tmp_path, tiny_model, tiny_chat_data, capsys):
+    """`tunelab estimate` passes the measured row count and --nproc through: a batch_size far above the rows fits."""
+    from tunelab import cli
+
+    path = make_config(tmp_path, tiny_model, tiny_chat_data, training={"batch_size": 100_000})
+    tokens = {}
+    for n in (1, 2):
+        capsys.readouterr()
+        assert cli.main(["estimate", str(path), "--nproc", str(n), "--budget-gb", "16", "--json"]) == 0
+        tokens[n] = json.loads(capsys.readouterr().out)["peak_tokens"]
+    assert 0 < tokens[2] < tokens[1] <= 32 * 128  # 32 rows (16 a process) of at most data.max_length tokens

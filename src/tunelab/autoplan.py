@@ -87,7 +87,8 @@ def plan(cfg, method, opts, stats: dict, device: str | None = None, budget_mb: f
     for g, lean, o in candidates:
         # per process: what the strategy shards across the job's processes is divided among them
         total = per_process(estimate(cfg, device, gradient_checkpointing=g, lean_loss=lean, activation_offloading=o,
-                                     **stats), cfg.distributed, distributed.world_size()).run_peak_mb
+                                     world_size=distributed.world_size(), **stats),
+                            cfg.distributed, distributed.world_size()).run_peak_mb
         sizes.append(total)
         if budget_mb is None or total <= budget_mb:
             break

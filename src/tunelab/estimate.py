@@ -53,6 +53,7 @@ calibrated against measured steps by benchmarks/estimate_accuracy.py.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field, replace
@@ -320,13 +321,15 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
              max_tokens: int | None = None, trained_fraction: float = 0.5, num_samples: int | None = None,
              baseline_mb: float | None = None, arch: dict | None = None, lean_loss: bool | None = None,
              gradient_checkpointing: bool | None = None, activation_offloading: bool | None = None,
-             peak_flops: float | None = None) -> Estimate:
+             peak_flops: float | None = None, world_size: int = 1) -> Estimate:
     """Predict peak memory (MB, by part) and step time of `cfg` on `device`.
 
     mean_tokens / max_tokens: token length statistics of the training samples (default: data.max_length);
     trained_fraction: share of tokens with a loss; baseline_mb: the runtime's own memory (CPU; default: this process).
     lean_loss / gradient_checkpointing / activation_offloading: the settings to estimate (default: the config's;
     `auto` counts as off).
+    num_samples: the training rows, where known; a batch (and a step) holds at most a process' share of them, its
+    ceil(num_samples / world_size) of `world_size` data-parallel processes, however large training.batch_size is.
     price_per_hour: USD per device-hour for the cost (default: the device's typical on-demand price, DEVICES).
     peak_flops: the device's peak FLOP/s to compute the time from. Default: a GPU's data sheet figure (DEVICES); for
     device "cpu" on a machine without a GPU, this CPU's matmul throughput in the run's compute dtype, measured once
@@ -395,8 +398,15 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
     gen = method.generation(cfg, opts, ctx)
     if gen:
         max_len += gen.new_tokens
+    # A batch holds at most the rows there are: a batch_size above a small dataset's rows (or above one process'
+    # share of them, as the distributed sampler splits them: training_steps) takes them all, and a step can take no
+    # more than that however many batches it accumulates.
+    share = math.ceil(num_samples / max(world_size, 1)) if num_samples else None
+    batch = min(t.batch_size, share) if share else t.batch_size
+    step_rows = min(t.batch_size * t.grad_accum, share) if share else t.batch_size * t.grad_accum
+    passes = math.ceil(step_rows / batch)  # micro-batches a step runs (grad_accum, unless the rows run out first)
     # the sequences one forward+backward holds (PPO splits its rollout batch into num_mini_batches)
-    peak_sequences = t.batch_size // method.micro_batches(opts) * rows
+    peak_sequences = max(batch // method.micro_batches(opts), 1) * rows
     peak_tokens = peak_sequences * max_len
     autocast = not gpu and wdtype == "float32" and precision in ("bf16", "fp16")
     # bf16 on a GPU: 5 B per element (H100, Llama-3.2-1B shape, LoRA, batch 16: 4.9 measured from the allocator peak)
@@ -456,7 +466,7 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
     bwd = 2 * fwd if full else (2 * dense + 2 * attn + 4 * trainable)
     if gradient_checkpointing:
         bwd += fwd
-    tokens_per_step = t.batch_size * t.grad_accum * seq * rows
+    tokens_per_step = step_rows * seq * rows
     # every training pass (PPO: ppo_epochs) runs forward and backward; forward-only passes (a reference model; KTO's
     # KL baseline) score as many tokens again each
     flops = tokens_per_step * (method.training_passes(opts) * (fwd + bwd) + method.forward_only_passes(opts) * fwd)
@@ -482,7 +492,7 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
             cpu_flops += gen.sequences * seq * per_position * gen.scoring_forwards
         # and each pass over a micro-batch a fixed cost per layer, whatever its tokens (a forward a third of it)
         forward_layers = method.forward_only_passes(opts) * L + sum(a["layers"] for a in frozen)
-        cpu_flops += estimate_time.CPU_LAYER_PASS_FLOPS * t.grad_accum * (
+        cpu_flops += estimate_time.CPU_LAYER_PASS_FLOPS * passes * (
             method.training_passes(opts) * method.micro_batches(opts) * L + forward_layers / 3)
         if gen:
             cpu_flops += estimate_time.CPU_LAYER_PASS_FLOPS * gen.scoring_forwards * L / 3 * gen.sequences / gen.batch
@@ -505,7 +515,7 @@ def estimate(cfg, device: str = "cpu", budget_gb: float | None = None, *, price_
             bandwidth, estimate_time.DECODE_LAYER_SECONDS["gpu" if gpu else "cpu"])
     seconds = (flops * step_slow + frozen_flops * frozen_slow + cpu_flops) / (peak * mfu) + generation
     flops += frozen_flops
-    steps = training_steps(cfg, num_samples)
+    steps = training_steps(cfg, num_samples, world_size)
     glibc = method.cpu_run_growth or CPU_RUN_GROWTH  # the whole run's growth on CPU, on glibc's heap
     if budget_gb is None and dev["memory_gb"]:
         budget_gb = dev["memory_gb"]
@@ -595,7 +605,8 @@ def for_run(cfg, stats: dict, echo=print, lean_loss: bool | None = None):
     (with a note) when the architecture cannot be built on the meta device: the estimate is advice and never stops a
     run."""
     try:
-        est = per_process(estimate(cfg, local_device(), lean_loss=lean_loss, **stats), cfg.distributed,
+        est = per_process(estimate(cfg, local_device(), lean_loss=lean_loss, world_size=distributed.world_size(),
+                                   **stats), cfg.distributed,
                           distributed.world_size(),
                           training_steps(cfg, stats.get("num_samples"), distributed.world_size()))
     except Exception as e:  # noqa: BLE001  (any failure to model an architecture must not block training)
@@ -696,7 +707,8 @@ def main(args) -> int:
     except UserError as e:
         # on stderr: stdout carries only the estimate, so that --json output parses
         print(f"note: token lengths not measured ({e}); using data.max_length", file=sys.stderr)
-    est = per_process(estimate(cfg, args.device, args.budget_gb, price_per_hour=args.price_per_hour, **stats),
+    est = per_process(estimate(cfg, args.device, args.budget_gb, price_per_hour=args.price_per_hour,
+                               world_size=args.nproc, **stats),
                       cfg.distributed, args.nproc, training_steps(cfg, stats.get("num_samples"), args.nproc))
     print(json.dumps(est.to_dict(), indent=2) if args.json else est.report())
     return 0 if est.fits is not False else 1
