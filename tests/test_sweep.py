@@ -178,6 +178,20 @@ def test_stopped_trial_resumes_from_its_checkpoint(tmp_path, tiny_model, tiny_ch
      "did you mean 'adamw_torch'"),
     ({"strategy": "grid", "space": {"training.scheduler_kwargs": [{}, {"power": "abc"}]}},
      {"overrides": {"training.scheduler": "polynomial"}}, "power is text"),
+    # what Optuna would refuse only once the study runs, or a trial only once it is built
+    ({"strategy": "optuna", "trials": 2, "space": {"training.learning_rate": {"low": 1e-5, "high": 1e-3,
+                                                                              "log": True, "step": 1e-5}}}, {},
+     "step cannot be combined with log"),
+    ({"strategy": "random", "trials": 2, "space": {"training.batch_size": {"low": 2, "high": 8, "step": 2.5}}}, {},
+     r"from search.space.training.batch_size.step: 2.5"),
+    ({"strategy": "random", "trials": 2, "space": {"training.batch_size": {"low": 2, "high": 8, "step": 0}}}, {},
+     "step must be above 0"),
+    ({"strategy": "grid", "space": {"training.learning_rate": [1e-4, 2e-4, 0.0001]}}, {}, "lists 0.0001 twice"),
+    ({"strategy": "random", "trials": 2, "spaces": {"training.learning_rate": [1e-4]}}, {},
+     "unknown sweep key 'search.spaces'.*did you mean 'space'"),
+    ({"strategy": "random", "trials": 2, "space": {"training.learning_rate": {"low": 1e-5, "high": 1e-3,
+                                                                              "dist": "log"}}}, {},
+     "search.space.training.learning_rate: unknown key 'dist'"),
 ])
 def test_bad_sweep_files_are_refused_with_one_line(tmp_path, tiny_model, tiny_chat_data, search, extra, message):
     path = write_sweep(tmp_path, tiny_model, tiny_chat_data, search=search, **extra)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import ValidationError as CoreValidationError
 
 from tunelab.checks import check_config
 from tunelab.config import (RunConfig, config_keys, deep_merge, exp_float, explain_validation_error, folder_name,
@@ -102,7 +103,24 @@ class Search(_Spec):
                 raise ValueError(f"'{key}': low ({dom.low}) is above high ({dom.high})")
             if isinstance(dom, Range) and dom.log and dom.low <= 0:
                 raise ValueError(f"'{key}': a log range needs low > 0")
+            if isinstance(dom, Range) and dom.step is not None:
+                if dom.step <= 0:
+                    raise ValueError(f"'{key}': step must be above 0 (got {dom.step})")
+                # Optuna samples a log range continuously (an integer one with step 1 only) and would refuse it
+                # only once the study runs
+                if dom.log and not (dom.is_int and dom.step == 1):
+                    raise ValueError(f"'{key}': step cannot be combined with log: true; drop one of them")
+            if isinstance(dom, list):
+                # a value listed twice is the same trial twice (grid), or a choice drawn twice as often (optuna)
+                for i, x in enumerate(dom):
+                    if any(_same(x, y) for y in dom[:i]):
+                        raise ValueError(f"'{key}' lists {x!r} twice; give each value once")
         return v
+
+
+def _same(a, b) -> bool:
+    # 1 == 1.0 is one trial, but True == 1 is not (a flag and a number)
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
 
 
 class SweepSpec(_Spec):
@@ -204,9 +222,36 @@ def sample_points(space: dict[str, list | Range], strategy: str) -> list[dict]:
     first = {k: (v[0] if isinstance(v, list) else v.low) for k, v in space.items()}
     points = [first]
     for k, dom in space.items():
-        for v in (dom[1:] if isinstance(dom, list) else [dom.high]):
+        # a range's step is checked too: 2.5 on an integer key would otherwise first fail as trial {key: 4.5}
+        ends = [dom.high, *([dom.low + dom.step] if dom.step and dom.low + dom.step < dom.high else [])] \
+            if isinstance(dom, Range) else dom[1:]
+        for v in ends:
             points.append({**first, k: int(v) if isinstance(dom, Range) and dom.is_int else v})
     return points
+
+
+def explain_spec_error(err: ValidationError) -> str:
+    """One line for a bad sweep file, through the run config's explain_validation_error, naming the user's typo.
+
+    Pydantic lists every failure, and the first is not always the telling one: a misspelt key (`spaces:`) also
+    leaves the key it was meant to be missing, and a range with a bad key fails `list | Range` as a list as well."""
+    errors = err.errors()
+    # search.space.KEY given as a mapping that failed inside Range: it was meant as a range, not a list
+    ranges = {e["loc"][:3] for e in errors if e["loc"][:2] == ("search", "space") and len(e["loc"]) > 4
+              and e["loc"][3] == "Range"}
+    errors = [e for e in errors if not (e["loc"][:3] in ranges and e["loc"][3] != "Range")]
+    errors.sort(key=lambda e: e["type"] != "extra_forbidden")  # the typo first
+    first = errors[0]
+    if first["loc"][:3] in ranges and first["type"] == "extra_forbidden":
+        leaf = str(first["loc"][-1])
+        return (f"search.space.{first['loc'][2]}: unknown key '{leaf}'{suggest(leaf, Range.model_fields)}; a range "
+                f"takes {', '.join(Range.model_fields)} (e.g. {{low: 1e-5, high: 1e-3, log: true}})")
+    # drop the union member's name (Range) from the key; the rest is the run config's own explanation
+    errors = [{**e, "loc": tuple(x for i, x in enumerate(e["loc"]) if not (i == 3 and e["loc"][:3] in ranges))}
+              for e in errors]
+    line_errors = [{k: e[k] for k in ("type", "loc", "input", "ctx") if k in e} for e in errors]
+    err = CoreValidationError.from_exception_data(err.title, line_errors)
+    return explain_validation_error(err, model=SweepSpec).replace("config key", "sweep key")
 
 
 def load_sweep(path: str | Path, trials: int | None = None, storage: str | None = None) -> Sweep:
@@ -220,8 +265,7 @@ def load_sweep(path: str | Path, trials: int | None = None, storage: str | None 
     try:
         spec = SweepSpec(**data)
     except ValidationError as e:
-        message = explain_validation_error(e, model=SweepSpec).replace("config key", "sweep key")
-        raise UserError(f"{path}: {message}") from None
+        raise UserError(f"{path}: {explain_spec_error(e)}") from None
     s = spec.search
     if spec.base is None and not spec.config:
         raise UserError(f"{path}: give a base config (base: ../quickstart.yaml) or an inline `config:`")
@@ -239,7 +283,17 @@ def load_sweep(path: str | Path, trials: int | None = None, storage: str | None 
     sweep_dir = Path(spec.out_dir) / name
     probe = Sweep(spec, path, name, sweep_dir, raw, "", "min", 0)
     points = sample_points(s.space, s.strategy)
-    cfgs = [probe.trial_config(p, "probe") for p in points]
+    cfgs = []
+    for p in points:
+        try:
+            cfgs.append(probe.trial_config(p, "probe"))
+        except UserError as e:
+            # a value no one wrote (low + step) needs its origin named
+            stepped = [k for k, d in s.space.items() if isinstance(d, Range) and p[k] not in (d.low, d.high)]
+            if not stepped:
+                raise
+            raise UserError(f"{e}; it comes from search.space.{stepped[0]}.step: {s.space[stepped[0]].step}") \
+                from None
     grid_size = len(points) if s.strategy == "grid" else None
 
     # the objective, and what producing it needs (heavy imports from here on: only once the file itself is known
