@@ -162,6 +162,14 @@ def test_missing_run_is_a_user_error(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_a_model_directory_is_refused_as_not_a_run_rather_than_missing(small_vocab_model, capsys):
+    """A model directory exists: export says what it is and what to pass, not that the run does not exist."""
+    assert cli.main(["export", small_vocab_model, "--to", "merged"]) == 2
+    err = _one_line_refusal(capsys)
+    assert "is a model directory, not a tunelab run" in err and "does not exist" not in err
+    assert "tunelab train" in err
+
+
 def _one_line_refusal(capsys) -> str:
     """The error a refused export printed: one line, and no model was loaded for it (no parity table)."""
     captured = capsys.readouterr()
@@ -389,7 +397,10 @@ def test_infer_without_llamacpp_says_how_to_install(tmp_path, capsys):
 def test_ollama_export_writes_gguf_and_modelfile(lora_run, tmp_path, capsys):
     out = tmp_path / "ollama"
     assert cli.main(["export", str(lora_run), "--to", "ollama", "--type", "f16", "--out", str(out)]) == 0
-    assert "recognized as chatml" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "recognized as chatml" in printed
+    # the GGUF is named where it ends up, not in the staging folder that is renamed into place
+    assert f"written to {out / 'tiny-lora-f16.gguf'}\n" in printed and ".ollama." not in printed
     assert (out / "tiny-lora-f16.gguf").is_file()
     mf = (out / "Modelfile").read_text()
     assert mf.startswith("FROM ./tiny-lora-f16.gguf\n")
@@ -632,3 +643,29 @@ def test_modelfile_writes_bos_only_where_the_template_does_and_llama_cpp_does_no
     tok.add_bos_token = True  # a tokenizer that puts BOS before every text, as Llama 3's does
     tok.chat_template = templates.text("llama3", tok)
     assert adds_bos() and template_of() == go_template("llama3", "<|endoftext|>")
+
+
+@pytest.mark.parametrize("template,add_bos", [("chatml", False), ("llama3", True), (None, True)])
+def test_gguf_adds_bos_only_where_training_saw_one(base_tokenizer, small_vocab_model, tmp_path, template, add_bos):
+    """A tokenizer that puts BOS before every text (Llama 2 / Mistral style): a chat was trained with a BOS only
+    where its template writes one (chatml writes none, llama3 does), plain text with the tokenizer's (no template).
+    The GGUF's add_bos_token, which llama.cpp and Ollama apply to every prompt, chats included, follows that."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.data import templates
+    from tunelab.export.gguf import export_gguf
+    from tunelab.export.ollama import go_template, modelfile
+
+    tok = base_tokenizer
+    tok.add_bos_token = True
+    if template:
+        templates.apply(tok, template)
+    assert tok("a").input_ids[0] == tok.bos_token_id
+    model = AutoModelForCausalLM.from_pretrained(small_vocab_model, dtype=torch.float32).eval()
+    report = export_gguf(model, tok, tmp_path / "m.gguf", "f32")
+    assert report["ok"]
+    assert bool(gguf.GGUFReader(report["path"]).fields["tokenizer.ggml.add_bos_token"].contents()) is add_bos
+    if template:  # one BOS in Ollama's prompt where the template writes one, none where it writes none
+        go = modelfile(tok, "m.gguf")[0].split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+        assert go == go_template(template, "<|im_end|>" if template == "chatml" else "<|endoftext|>")

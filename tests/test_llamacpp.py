@@ -153,6 +153,43 @@ def test_gguf_that_stops_on_its_end_of_turn_token_passes_and_one_that_never_stop
     assert f"llama.cpp does not stop on '{END}'" in out and f"end of turn '{END}' ends generation  NO" in out
 
 
+@pytest.mark.llamacpp
+@needs_llamacpp
+@pytest.mark.parametrize("template", ["chatml", "llama3"])
+def test_chats_reach_llamacpp_with_the_bos_training_saw(template, small_vocab_tokenizer, small_vocab_model,
+                                                        tmp_path, monkeypatch, capsys):
+    """Over a tokenizer that adds BOS to every text, `tunelab infer` hands llama.cpp a rendered chat as training
+    tokenized it: llama3's own BOS once (not twice), chatml with none; the export's llama.cpp check agrees."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.data import templates
+    from tunelab.export import llamacpp
+    from tunelab.export.gguf import write_gguf
+
+    tok = AutoTokenizer.from_pretrained(small_vocab_tokenizer)
+    tok.bos_token = tok.eos_token = "<|endoftext|>"
+    tok.add_bos_token = True
+    templates.apply(tok, template)
+    model = AutoModelForCausalLM.from_pretrained(small_vocab_model, dtype=torch.float32).eval()
+    path = tmp_path / "m.gguf"
+    write_gguf(model, tok, path, "f32")
+    with llamacpp.quiet():
+        assert llamacpp.verify(path, model, tok, "f32") is True
+    assert re.search(r"tokenize a rendered chat +yes", capsys.readouterr().out)
+
+    seen = []
+    monkeypatch.setattr(llamacpp, "generate", lambda llm, ids, n, stream=None: (seen.append(ids), ([], True))[1])
+    args = SimpleNamespace(gguf=str(path), n_ctx=256, threads=1, system=None, prompt="Hi", max_new_tokens=4)
+    with llamacpp.quiet():
+        assert llamacpp.infer(args) == 0
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert seen == [tok.encode(text, add_special_tokens=False)]
+    assert seen[0][:1] == ([tok.bos_token_id] if template == "llama3" else [tok.convert_tokens_to_ids("<|im_start|>")])
+
+
 LLAMACPP_LOG = re.compile(r"llama_model_quantize|llama_model_loader|llm_load|load_tensors|ggml_")
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import UserError
-from tunelab.rundir import FinishedRun, check_writable, open_finished_run
+from tunelab.rundir import FinishedRun, check_writable, find_run, open_finished_run
 from tunelab.rundir import atomic_path as rundir_atomic_path
 
 Run = FinishedRun  # a finished run as the exporters take it (path, config, final, is_adapter, base, summary)
@@ -52,6 +52,12 @@ class ParityError(Exception):
 
 def load_run(run: str) -> FinishedRun:
     """The finished run to export (a path, or NAME under runs/)."""
+    p = Path(run)
+    if p.is_dir() and find_run(run) is None and any((p / f).is_file() for f in ("config.json", "adapter_config.json")):
+        # a model directory (a base, or an earlier --to merged) exists, so "does not exist" would mislead: export
+        # reads the run's config.yaml and final/, which a model directory lacks
+        raise UserError(f"{run} is a model directory, not a tunelab run: export takes a run directory written by "
+                        f"`tunelab train` (e.g. runs/NAME), such as one trained with model.source={run}")
     r = open_finished_run(run, need_final=False)
     if not r.final.is_dir():
         # said here rather than by open_finished_run: its advice is for the commands that also take a checkpoint,
@@ -286,8 +292,8 @@ def compare_logits(ref: list, other: list) -> list[LogitRow]:
 def logit_table(title: str, rows: list[LogitRow], tol: float) -> bool:
     """Print the comparison; True when every prompt is within `tol`."""
     print_table(title, ["prompt", "tokens", "max|diff|", "rel err", "top-1 agree", f"ok (rel <= {tol:g})"],
-                [[r.prompt, r.tokens, f"{r.max_abs:.3g}", f"{r.rel:.3g}", f"{r.top1:.0%}", "yes" if r.rel <= tol else "NO"]
-                 for r in rows])
+                [[r.prompt, r.tokens, f"{r.max_abs:.3g}", f"{r.rel:.3g}", f"{r.top1:.0%}",
+                  "yes" if r.rel <= tol else "NO"] for r in rows])
     return all(r.rel <= tol for r in rows)
 
 

@@ -21,9 +21,9 @@ import tempfile
 from pathlib import Path
 
 from tunelab.errors import UserError
-from tunelab.export.common import (EXACT_TOLERANCE, LLAMACPP_TYPES, PYTHON_TYPES, TOKENIZER_TEXTS, TOLERANCE, TYPES,
-                                   ParityError, all_logits, atomic_path, check_target, print_table, prompt_ids,
-                                   trained_end_of_turn)
+from tunelab.export.common import (CHAT_PROMPTS, EXACT_TOLERANCE, LLAMACPP_TYPES, PYTHON_TYPES, TOKENIZER_TEXTS,
+                                   TOLERANCE, TYPES, ParityError, all_logits, atomic_path, check_target, print_table,
+                                   prompt_ids, trained_end_of_turn)
 
 # HF model_type -> GGUF architecture, for every architecture whose file transformers reads back (the round-trip check
 # needs that): transformers.integrations.ggml.GGUF_CONFIG_MAPPING. llama.cpp runs Mistral (without sliding-window use)
@@ -278,11 +278,48 @@ def _add_tokenizer(writer, tok, config, n_vocab: int) -> None:
 
 
 # Whether BOS/EOS get added is taken from what the tokenizer actually does, not from config flags that may be absent:
-# llama.cpp's defaults differ by vocabulary type and a wrong BOS shifts every logit. The GGUF's add_bos_token is
-# adds_bos, and the Ollama template writes BOS itself where it is False (ollama.modelfile).
-def adds_bos(tok) -> bool:
-    """True when the tokenizer puts BOS before a text it encodes (what llama.cpp will do with the GGUF)."""
+# llama.cpp's defaults differ by vocabulary type and a wrong BOS shifts every logit.
+def tokenizer_adds_bos(tok) -> bool:
+    """True when the tokenizer puts BOS before a text it encodes with its special tokens."""
     return tok.bos_token_id is not None and tok("a").input_ids[:1] == [tok.bos_token_id]
+
+
+def adds_bos(tok) -> bool:
+    """The GGUF's add_bos_token: whether llama.cpp (and Ollama) put BOS before every prompt they tokenize.
+
+    Training encodes a plain `text` sample with the tokenizer's special tokens (data.build.encode_text: a BOS where the
+    tokenizer adds one) but a conversation without them (data.render.encode_conversation: a BOS only where the chat
+    template writes one). llama.cpp has one switch for both and applies it to chats too: Ollama adds its BOS before
+    the TEMPLATE's text, llama-server before the rendered Jinja (dropping a BOS that text starts with). So it is on
+    only where a chat was also trained with a BOS first, one that the template writes before its format (an Ollama
+    TEMPLATE can then leave it out: ollama.modelfile), or where there is no chat template to use. A template that
+    writes none over a tokenizer that adds one gets none: chats then match training, plain text lacks its BOS
+    (export_gguf says so)."""
+    if not tokenizer_adds_bos(tok):
+        return False
+    return not tok.chat_template or template_writes_bos(tok)
+
+
+def template_writes_bos(tok) -> bool:
+    """True when the chat template renders BOS before the conversation's own text: before the format for a format
+    ollama recognizes (SmolLM2's chatml, whose BOS is <|im_start|>, writes none), else any leading BOS."""
+    from tunelab.export.ollama import _match
+
+    name, _, _, writes = _match(tok)
+    if name is not None:
+        return writes
+    try:
+        text = tok.apply_chat_template(CHAT_PROMPTS[0], tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template that rejects the probe: nothing to reproduce
+        return False
+    return bool(tok.bos_token) and text.startswith(tok.bos_token)
+
+
+def llamacpp_ids(tok, text: str) -> list[int]:
+    """The ids llama.cpp should make of `text` with its special tokens added (llama_tokenize's add_special), under
+    the GGUF's add_bos_token / add_eos_token: the source's tokens, BOS and EOS as adds_bos / adds_eos say."""
+    ids = tok.encode(text, add_special_tokens=False)
+    return [tok.bos_token_id] * adds_bos(tok) + ids + [tok.eos_token_id] * adds_eos(tok)
 
 
 def adds_eos(tok) -> bool:
@@ -463,14 +500,18 @@ def llamacpp_quantize(src: Path, dst: Path, qtype: str) -> None:
 
 
 def check_tokenizer(tok, gguf_tok) -> list[list]:
-    """Rows (text, same?, source ids, gguf ids) for plain text, specials and a rendered chat."""
-    texts = list(TOKENIZER_TEXTS)
-    if tok.chat_template:
-        texts.append(tok.apply_chat_template([{"role": "user", "content": "Hi! 2+2?"},
-                                              {"role": "assistant", "content": "4."}], tokenize=False))
+    """Rows (text, same?, expected ids, gguf ids) for plain text, specials and a rendered chat.
+
+    Plain text is expected as llama.cpp should tokenize it under the file's add_bos_token (llamacpp_ids); the chat
+    as training tokenized it, without added special tokens on either side (its template writes them)."""
     rows = []
-    for t in texts:
-        a, b = tok.encode(t), gguf_tok.encode(t)
+    for t in TOKENIZER_TEXTS:
+        a, b = llamacpp_ids(tok, t), gguf_tok.encode(t)
+        rows.append([t, a == b and gguf_tok.decode(b) == tok.decode(a), a, b])
+    if tok.chat_template:
+        t = tok.apply_chat_template([{"role": "user", "content": "Hi! 2+2?"}, {"role": "assistant", "content": "4."}],
+                                    tokenize=False)
+        a, b = tok.encode(t, add_special_tokens=False), gguf_tok.encode(t, add_special_tokens=False)
         rows.append([t, a == b and gguf_tok.decode(b) == tok.decode(a), a, b])
     return rows
 
@@ -543,11 +584,15 @@ def verify_gguf(path: Path, model, tok, qtype: str) -> dict:
     print_table(f"logits, GGUF {qtype} read back by transformers (allowed: rel <= {EXACT_TOLERANCE:g} vs the source "
                 f"with the file's rounding applied, rel <= {tol:g} vs the float32 source):", header, table)
     logits_ok = all(r.rel <= tol for r in rows) and all(e.rel <= EXACT_TOLERANCE for e in exact or [])
-    return {"ok": tok_ok and logits_ok and rope_ok, "tokenizer": tok_rows, "logits": rows, "exact": exact, "tolerance": tol}
+    return {"ok": tok_ok and logits_ok and rope_ok, "tokenizer": tok_rows, "logits": rows, "exact": exact,
+            "tolerance": tol}
 
 
-def export_gguf(model, tok, out: Path, qtype: str = "q8_0", overwrite: bool = False, name: str = "model") -> dict:
-    """Write, verify, and only then move the GGUF into place. Returns verify_gguf's report plus "path"."""
+def export_gguf(model, tok, out: Path, qtype: str = "q8_0", overwrite: bool = False, name: str = "model",
+                shown: Path | None = None) -> dict:
+    """Write, verify, and only then move the GGUF into place. Returns verify_gguf's report plus "path".
+
+    `shown`: the path to name in the message, where `out` is itself staged and renamed later (the Ollama export)."""
     qtype = qtype.lower()
     if qtype not in TYPES:
         raise UserError(f"--type {qtype} is not a GGUF type tunelab writes; choose one of {', '.join(TYPES)}")
@@ -572,6 +617,10 @@ def export_gguf(model, tok, out: Path, qtype: str = "q8_0", overwrite: bool = Fa
             raise ParityError(f"GGUF {qtype} export does not reproduce the source model (see the tables above); "
                               "nothing was written")
     size = out.stat().st_size / 2**20
-    print(f"GGUF ({qtype}, {size:.1f} MiB) written to {out}")
+    print(f"GGUF ({qtype}, {size:.1f} MiB) written to {shown or out}")
+    if tokenizer_adds_bos(tok) and not adds_bos(tok):
+        print(f"note: the chat template writes no BOS, so llama.cpp is told to add none (add_bos_token false), as "
+              f"chats were trained; plain text trained with the tokenizer's {tok.bos_token} first: put it before a "
+              "raw completion prompt yourself")
     report["path"] = out
     return report

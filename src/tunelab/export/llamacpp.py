@@ -5,7 +5,8 @@ every GGUF export: llama.cpp's own tokenizer and a greedy generation compared wi
 
 Chat prompts are always rendered with the chat template stored in the GGUF (through transformers' tokenizer rebuilt
 from the file, the same Jinja renderer the training data went through) and handed to llama.cpp as text with special
-tokens, so what llama.cpp sees is exactly what the model was trained on.
+tokens, and without a BOS of llama.cpp's own (training added none to a rendered chat: its template writes the BOS
+where it has one), so what llama.cpp sees is exactly what the model was trained on.
 
 llama.cpp logs every step of loading and quantizing a model (hundreds of lines for a K-quant); `quiet()` collects that
 log instead and shows it only when asked or when the work fails.
@@ -215,22 +216,28 @@ def verify(path: Path, model, tok, qtype: str) -> bool:
         return True
     import torch
 
-    from tunelab.export.common import TOKENIZER_TEXTS, print_table, prompt_ids
+    from tunelab.export.common import CHAT_PROMPTS, TOKENIZER_TEXTS, print_table, prompt_ids
+    from tunelab.export.gguf import llamacpp_ids
 
     llm = load(path, n_ctx=512)
     rows, ok = [], True
     spm = _vocab_type(llm) == "spm"
-    for text in TOKENIZER_TEXTS:
-        same = llm.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text)
+    for text in TOKENIZER_TEXTS:  # with the BOS / EOS the file tells llama.cpp to add (gguf.adds_bos)
+        same = llm.tokenize(text.encode(), add_bos=True, special=True) == llamacpp_ids(tok, text)
         result = "yes" if same else "NO"
         if not same and spm and text[:1].isspace() and \
-                llm.tokenize(text.lstrip().encode(), add_bos=True, special=True) == tok.encode(text.lstrip()):
+                llm.tokenize(text.lstrip().encode(), add_bos=True, special=True) == llamacpp_ids(tok, text.lstrip()):
             # llama.cpp's sentencepiece tokenizer puts its "▁" prefix before a leading space, where sentencepiece and
             # transformers let the space be the prefix: a Llama 2 / Mistral vocabulary always differs there, in
             # llama.cpp's own conversions too. Reported; the rest of the text must agree.
             same, result = True, "leading space only (llama.cpp's sentencepiece prefix); the rest agrees"
         ok &= same
         rows.append([f"tokenize {text[:30]!r}", result])
+    if tok.chat_template:  # a rendered chat as `infer` hands it over: the ids training made of it
+        text = tok.apply_chat_template(CHAT_PROMPTS[0], tokenize=False, add_generation_prompt=True)
+        same = chat_ids(llm, text) == tok.encode(text, add_special_tokens=False)
+        ok &= same
+        rows.append(["tokenize a rendered chat", "yes" if same else "NO"])
     # The end-of-turn token (the token a trained assistant turn ends with: EOS, or the template's own such as chatml's
     # <|im_end|> over a base whose EOS is <|endoftext|>) must end generation in llama.cpp too, or every chat through
     # llama.cpp or Ollama runs on to the token limit.
@@ -261,6 +268,12 @@ def verify(path: Path, model, tok, qtype: str) -> bool:
     return ok
 
 
+def chat_ids(llm, text: str) -> list[int]:
+    """llama.cpp's ids of a rendered chat, as training tokenized it: the template writes BOS where it has one, so
+    none is added (llama.cpp's own BOS would make a second, or one training never saw)."""
+    return llm.tokenize(text.encode(), add_bos=False, special=True)
+
+
 def infer(args) -> int:
     """`tunelab infer --gguf FILE [--prompt TEXT]`: chat with a GGUF on the CPU through llama.cpp."""
     from transformers import AutoTokenizer
@@ -274,10 +287,9 @@ def infer(args) -> int:
     def answer(user: str) -> str:
         history.append({"role": "user", "content": user})
         if tok.chat_template:
-            text = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-        else:
-            text = user
-        ids = llm.tokenize(text.encode(), add_bos=True, special=True)
+            ids = chat_ids(llm, tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True))
+        else:  # plain text, with the BOS the file asks for (training put the tokenizer's before a `text` sample)
+            ids = llm.tokenize(user.encode(), add_bos=True, special=True)
         pieces: list[str] = []
 
         def show(piece: str) -> None:

@@ -257,8 +257,8 @@ def modelfile(tok, gguf_name: str) -> tuple[str, str | None]:
         template = go_template(fmt, end)
         if writes_bos and not adds_bos(tok):
             # Training saw the BOS the Jinja template writes. llama.cpp adds BOS on its own only where the GGUF says
-            # add_bos_token, which follows the tokenizer (a GPT-2-style one adds none): the prompt Ollama renders
-            # then needs the BOS as text, which it tokenizes as the special token.
+            # add_bos_token, which needs a tokenizer that adds one too (gguf.adds_bos; a GPT-2-style one adds none):
+            # the prompt Ollama renders then needs the BOS as text, which it tokenizes as the special token.
             template = tok.bos_token + template
         lines.append(f"TEMPLATE {_quote(template)}")
         if default_system:
@@ -309,7 +309,7 @@ def export_ollama(run: Run, out: Path, qtype: str = "q8_0", overwrite: bool = Fa
     gguf_name = f"{name}-{qtype}.gguf"
     with atomic_path(out, overwrite, "ollama") as tmp:
         if not _reuse_gguf(run.path / "export" / gguf_name, tmp / gguf_name, model, tok, qtype):
-            export_gguf(model, tok, tmp / gguf_name, qtype, name=run.name)
+            export_gguf(model, tok, tmp / gguf_name, qtype, name=run.name, shown=out / gguf_name)
         text, fmt = modelfile(tok, gguf_name)
         (tmp / "Modelfile").write_text(text)
     if fmt:
