@@ -7,6 +7,8 @@ Modelfile, Hub dry run. Tiny random models keep it fast on 2 CPU cores, over Smo
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -396,8 +398,13 @@ def test_infer_without_llamacpp_says_how_to_install(tmp_path, capsys):
 
 def test_ollama_export_writes_gguf_and_modelfile(lora_run, tmp_path, capsys):
     out = tmp_path / "ollama"
+    killed = tmp_path / ".ollama.0123abcd"  # the staging folder of an export that was SIGKILLed an hour ago
+    (killed / "sub").mkdir(parents=True)
+    (killed / "tiny-lora-f16.gguf").write_bytes(b"GGUF half")
+    os.utime(killed, (time.time() - 3600,) * 2)
     assert cli.main(["export", str(lora_run), "--to", "ollama", "--type", "f16", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    printed, err = capsys.readouterr()
+    assert not killed.exists() and f"removed {killed}: a partial write of {out}" in err
     assert "recognized as chatml" in printed
     # the GGUF is named where it ends up, not in the staging folder that is renamed into place
     assert f"written to {out / 'tiny-lora-f16.gguf'}\n" in printed and ".ollama." not in printed

@@ -65,6 +65,52 @@ def _unfinish(run_dir: Path, status: str | None = None) -> None:
 
 # ------------------------------------------------------------------------------------------------ rundir unit tests
 
+def test_a_killed_writers_partial_output_is_removed_by_the_next_writer(tmp_path, capsys):
+    """atomic_path(reclaim=True), as exports use it: the hidden temporary a SIGKILLed writer leaves is removed by the
+    next write of the same target; one that a live writer holds, a young one and any other file are left alone."""
+    import subprocess
+    import sys
+
+    from tunelab import rundir
+
+    target = tmp_path / "model.gguf"
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+from tunelab.rundir import atomic_path
+with atomic_path({str(target)!r}, suffix=".partial", reclaim=True) as tmp:
+    tmp.write_bytes(b"half a model")
+    print(tmp, flush=True)
+    time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    abandoned = Path(writer.stdout.readline().strip())
+    writer.kill()
+    writer.wait()
+    live = subprocess.Popen([sys.executable, "-c", f"""
+import time
+from tunelab.rundir import atomic_path
+with atomic_path({str(target)!r}, suffix=".partial", reclaim=True) as tmp:
+    print(tmp, flush=True)
+    time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        busy = Path(live.stdout.readline().strip())
+        young = tmp_path / ".model.gguf.0badc0de.partial"
+        young.write_bytes(b"")
+        other = tmp_path / ".model.gguf.notes"
+        other.write_text("mine")
+        old = time.time() - 2 * rundir.ABANDONED_AFTER_S
+        for p in (abandoned, busy, other):
+            os.utime(p, (old, old))
+        with rundir.atomic_path(target, suffix=".partial", reclaim=True) as tmp:
+            tmp.write_bytes(b"a model")
+        assert target.read_bytes() == b"a model" and not abandoned.exists()
+        assert busy.exists() and young.exists() and other.read_text() == "mine"
+        assert f"removed {abandoned}: a partial write of {target}" in capsys.readouterr().err
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_read_metrics_drops_a_cut_off_line_and_writes_are_atomic(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n{"step": 3, "lo')
     assert runs.read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]

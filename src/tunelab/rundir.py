@@ -27,13 +27,20 @@ RUNS_ROOT = Path("runs")  # where `tunelab train` puts runs by default: `NAME` a
 # --------------------------------------------------------------------------------------------------- atomic writes
 
 @contextlib.contextmanager
-def atomic_path(target, is_dir: bool = False, suffix: str = ".tmp"):
+def atomic_path(target, is_dir: bool = False, suffix: str = ".tmp", reclaim: bool = False):
     """Yield a temporary sibling of `target` (an empty directory, or a file path) to write into; on success it is
     renamed into place (replacing what was there), on failure removed. A reader or a crash therefore sees the old
-    `target` or the new one, never half of one. Creates the parent directory."""
+    `target` or the new one, never half of one. Creates the parent directory.
+
+    reclaim=True (large outputs: exports): the temporary is locked while it is written, and the temporaries of
+    earlier writes of `target` that a killed process left behind (unlocked) are removed first, so a SIGKILLed export
+    does not keep gigabytes under a hidden name. Every writer of such a target must pass it."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    if reclaim:
+        _remove_abandoned(target, is_dir, suffix)
     tmp = _create_temp(target, is_dir, suffix)
+    held = _lock_temp(tmp) if reclaim else None
     try:
         yield tmp
         # os.replace puts a file over a file (atomically) but nothing over a directory, nor a directory over a link
@@ -47,6 +54,46 @@ def atomic_path(target, is_dir: bool = False, suffix: str = ".tmp"):
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        if held is not None:
+            os.close(held)
+
+
+def _lock_temp(tmp: Path) -> int:
+    """An open descriptor holding an exclusive flock on `tmp` (a file or a directory) until closed: the kernel drops
+    it when the process dies however it dies, which is what marks a temporary as abandoned (_remove_abandoned)."""
+    fd = os.open(tmp, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+# a temporary made in the same second by another writer may not hold its lock yet: younger ones are left alone
+ABANDONED_AFTER_S = 30
+
+
+def _remove_abandoned(target: Path, is_dir: bool, suffix: str) -> None:
+    """Remove the temporaries of `target` (_create_temp's names) that no live process holds locked."""
+    import re
+    import sys
+    import time
+
+    name = re.compile(rf"\.{re.escape(target.name)}\.[0-9a-f]{{8}}{'' if is_dir else re.escape(suffix)}")
+    for p in target.parent.iterdir():
+        if not name.fullmatch(p.name) or p.is_symlink() or p.is_dir() != is_dir:
+            continue
+        try:
+            if time.time() - p.stat().st_mtime < ABANDONED_AFTER_S:
+                continue
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue  # gone meanwhile, or not ours to open
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # being written by a live process
+        finally:
+            os.close(fd)
+        shutil.rmtree(p, ignore_errors=True) if is_dir else p.unlink(missing_ok=True)
+        print(f"removed {p}: a partial write of {target} left by a process that was stopped", file=sys.stderr)
 
 
 def _create_temp(target: Path, is_dir: bool, suffix: str) -> Path:

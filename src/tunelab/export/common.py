@@ -164,10 +164,11 @@ def atomic_path(target: Path, overwrite: bool, kind: str, suffix: str = ".partia
     that --overwrite may replace (check_target).
 
     A crash or a failed parity check therefore never leaves a half-written export under the final name, and an
-    existing export is only replaced (with --overwrite) once the new one is complete.
+    existing export is only replaced (with --overwrite) once the new one is complete; the hidden partial one that a
+    killed export leaves is removed by the next export to that target.
     """
     check_target(Path(target), overwrite, kind)
-    with rundir_atomic_path(target, is_dir=kind != "gguf", suffix=suffix) as tmp:
+    with rundir_atomic_path(target, is_dir=kind != "gguf", suffix=suffix, reclaim=True) as tmp:
         yield tmp
         _usual_modes(tmp)
 
