@@ -521,6 +521,33 @@ def test_cli_serve_and_ui_check_where_they_listen_before_loading(command, where,
     assert err.startswith("error: " + message.format(busy=port)) and err.count("\n") == 1, err
 
 
+def test_ui_port_taken_while_the_model_loads_is_one_line(tiny_model, capsys, monkeypatch):
+    """The port is free when checked, then taken by another program while the model loads: one line, exit 2."""
+    pytest.importorskip("gradio")
+    from tunelab.cli import main
+    from tunelab.inference.host import Host
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    thief = socket.socket()
+    load = Host.load
+
+    def load_while_another_takes_the_port(*args, **kwargs):
+        thief.bind(("127.0.0.1", port))
+        thief.listen()
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(Host, "load", load_while_another_takes_the_port)
+    try:
+        assert main(["ui", "--model", tiny_model, "--port", str(port)]) == 2
+    finally:
+        thief.close()
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(f"error: --port {port}: taken on 127.0.0.1 while the model loaded"), err
+    assert not any("Traceback" in line for line in err)
+
+
 def test_cli_serve_user_errors(tiny_model, tmp_path):
     r = subprocess.run([sys.executable, "-m", "tunelab", "serve", "--model", tiny_model, "--adapter", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)

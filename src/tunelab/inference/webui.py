@@ -191,6 +191,12 @@ def main(args) -> int:
                      load_in_4bit=args.load_in_4bit)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: the UI on {args.host} is open to anyone who can reach this port", file=sys.stderr)
+    demo = build_app(host)
     print(f"tunelab ui: http://{args.host}:{args.port}", file=sys.stderr, flush=True)
-    launch(build_app(host), args.host, args.port)
+    try:
+        launch(demo, args.host, args.port)
+    except OSError as e:
+        # taken while the model loaded: Gradio says so in a traceback ("Cannot find empty port in range")
+        raise UserError(f"--port {args.port}: taken on {args.host} while the model loaded "
+                        f"({str(e).splitlines()[0][:120]}); pick another --port") from None
     return 0
