@@ -154,8 +154,13 @@ def check(cfg, method=None, nproc: int | None = None) -> None:
 def training_arguments(dcfg) -> dict:
     """TrainingArguments for the strategy when this process is one of several (accelerate builds its plugin from
     them); nothing in a single process."""
-    if world_size() == 1 or dcfg.strategy == "ddp":
+    if world_size() == 1:
         return {}
+    if dcfg.strategy == "ddp":
+        # Every trainable weight of every method gets a gradient in every step (a frozen base's do not count), so
+        # DDP need not search the graph for unused ones: the Trainer's default for a PEFT model (True) costs a
+        # traversal of the autograd graph per step and warns each process that none was found.
+        return {"ddp_find_unused_parameters": False}
     if dcfg.strategy == "fsdp":
         return {"fsdp": f"{dcfg.fsdp_sharding} auto_wrap" + (" offload" if dcfg.fsdp_cpu_offload else ""),
                 "fsdp_config": {"version": 2, "activation_checkpointing": dcfg.fsdp_activation_checkpointing}}
