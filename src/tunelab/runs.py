@@ -43,7 +43,7 @@ CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 # what a run directory holds (the layout above), for telling a run from another folder before --overwrite deletes it
 RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "summary.json", "epochs.json", "loss.png", "loss_epoch.png",
                "checkpoints", "final", STAGING, ".final.tmp", "eval", "export", "tensorboard", "mlruns", "wandb",
-               "distill_report.md", "distill_report.json"}
+               "trackers.json", "distill_report.md", "distill_report.json"}
 CONFIG_COPY = "run_config.yaml"  # the run's resolved config inside each checkpoint: what those weights trained with
 
 

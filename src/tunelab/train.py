@@ -65,7 +65,7 @@ def training_arguments(cfg: RunConfig, run: runs.Run, precision: str) -> dict:
         data_seed=t.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        report_to=t.report_to or "none",
+        report_to=tracking.report_to_argument(t.report_to),  # tensorboard: tracking.callbacks
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,  # runs.MetricsLog shows progress with tokens/s
         dataloader_num_workers=0,
@@ -338,7 +338,7 @@ def _train(cfg: RunConfig, run: runs.Run, method, opts, eval_args: dict, callbac
     args = {**training_arguments(run_cfg, run, precision), **eval_args}
     check_arguments(args)
     # trackers (tensorboard / wandb / mlflow) write offline into the run directory, not into .staging/
-    with tracking.environment(cfg, run.dir):
+    with tracking.environment(cfg, run.dir, same_run=not run.overwrite):
         # the trainer is built before the run directory is written, so a mistake it finds leaves nothing on disk
         new_dir = not run.dir.exists()
         try:
@@ -361,7 +361,8 @@ def _train(cfg: RunConfig, run: runs.Run, method, opts, eval_args: dict, callbac
         before, after = evaluation_callbacks(cfg, run, tokenizer, questions)
         checkpoints = runs.AtomicCheckpoints(run, cfg.training.save_total_limit,
                                              trainable_weights=ADAPTERS[cfg.adapter.type].prompt_learning)
-        for cb in (checkpoints, runs.EpochSeededLengthGroups(), stop, *before,
+        for cb in (*tracking.callbacks(cfg.training.report_to, run.dir, run.resume_from, main=distributed.is_main()),
+                   checkpoints, runs.EpochSeededLengthGroups(), stop, *before,
                    *([runs.MetricsLog(run, show_progress=show_progress), *after] if distributed.is_main() else []),
                    *callbacks):
             trainer.add_callback(cb)
