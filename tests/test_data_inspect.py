@@ -36,8 +36,13 @@ def test_inspect_json_report(capsys, tiny_model, tmp_path):
     assert sum(b["count"] for b in rep["histogram"]) == 3
     first = rep["first_sample"]
     assert first["origin"].endswith("dup.jsonl:1")
-    assert "[[Paris.<|im_end|>\n]]" in first["rendered"] and "[[Rome.<|im_end|>\n]]" in first["rendered"]
+    # the two-turn conversation, over max_length: shown as training cuts it, its second reply gone
+    assert "[[Paris.<|im_end|>\n]]" in first["rendered"] and "Rome" not in first["rendered"]
+    assert first["tokens"] == 40 and first["overlong"] == (f"cut at data.max_length=40 of its {t['max']} tokens, "
+                                                           "as training cuts it")
     assert first["rendered"].startswith("<|im_start|>system\nYou are terse.")
+    whole = run_json(capsys, p, "--model", tiny_model)["first_sample"]
+    assert "[[Rome.<|im_end|>\n]]" in whole["rendered"] and "overlong" not in whole
     warnings = " ".join(rep["warnings"])
     assert "1 exact duplicate" in warnings and "longer than max_length=40" in warnings
     # the one conversation without a system message gets SmolLM2's own

@@ -99,8 +99,20 @@ def inspect(source, tok, data_cfg, limit: int | None = None) -> dict:
     }
     if first is not None:
         r, enc = first
+        note = None
+        if len(enc.input_ids) > data_cfg.max_length:
+            # shown as training will see it: cut where data.overlong: truncate cuts (or said to be dropped/refused)
+            note = {"truncate": f"cut at data.max_length={data_cfg.max_length} of its {len(enc.input_ids)} tokens, "
+                                "as training cuts it",
+                    "drop": f"{len(enc.input_ids)} tokens, over data.max_length={data_cfg.max_length}: training "
+                            "drops it (data.overlong: drop)",
+                    "error": f"{len(enc.input_ids)} tokens, over data.max_length={data_cfg.max_length}: training "
+                             "refuses it (data.overlong: error)"}[data_cfg.overlong]
+            if data_cfg.overlong == "truncate" and formats.kind_of(r) != "prompt":
+                enc = build.encode_record(tok, r, data_cfg.max_length)
         report["first_sample"] = {
             "origin": r.get("origin"),
+            **({"overlong": note} if note else {}),
             "tokens": len(enc.input_ids),
             "trained_tokens": sum(lab != render.IGNORE for lab in enc.labels),
             "rendered": render.show_mask(tok, enc, width=100_000),
@@ -172,7 +184,8 @@ def _print(report: dict) -> None:
     first = report.get("first_sample")
     if first:
         con.print(Text.assemble(("\nfirst sample", "bold"), f" ({first['origin']}; {first['trained_tokens']} of "
-                                f"{first['tokens']} tokens trained, highlighted):"))
+                                f"{first['tokens']} tokens trained, highlighted"
+                                + (f"; {first['overlong']}" if first.get("overlong") else "") + "):"))
         if con.is_terminal:
             con.print(Text.assemble(*((t, "black on green") if trained else (t, "") for t, trained in first["segments"])))
         else:  # piped or redirected: colours are lost, so mark the trained text the way the pre-flight does
