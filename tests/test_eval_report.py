@@ -178,7 +178,8 @@ def test_models_given_under_the_wrong_flag_are_named_before_evaluating(tiny_run,
     final = tiny_run / "final"
     monkeypatch.setattr(evaluation, "run_model", lambda *a, **k: pytest.fail("a model was evaluated"))
     cases = [
-        (["eval", "--model", str(final), "--task", "perplexity"], f"--run {tiny_run}, or --adapter {final} with --model"),
+        (["eval", "--model", str(final), "--task", "perplexity"],
+         f"--run {tiny_run}, or --adapter {final} with --model"),
         (["eval", "--run", str(merged), "--task", "perplexity"], f"model directory (a merged export?), not a run (of "
                                                                   f"the run {tiny_run}; "),
         (["eval", "--run", str(final), "--task", "perplexity"], "pass the run itself"),
