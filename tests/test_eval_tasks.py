@@ -66,6 +66,24 @@ def test_perplexity_matches_the_models_own_loss(tiny, tiny_chat_data):
     assert res["loss"] == pytest.approx(nll / tokens, rel=1e-4)
 
 
+def test_perplexity_scores_within_the_models_positions_and_says_what_it_left_out(tiny, tiny_chat_data):
+    """A sample longer than the model's 512 positions is cut there (it crashed a model with learned positions), and
+    the samples left with nothing to score are counted in the result and its summary line, not dropped silently."""
+    from tunelab.evaluation.main import summary_line
+
+    model, tok = tiny
+    records = load_records(tiny_chat_data, n=4)
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 700}, {"role": "assistant", "content": "ok"}]}
+    long_reply = {"messages": [{"role": "user", "content": "Say it."}, {"role": "assistant", "content": "word " * 700}]}
+    unanswered = {"messages": [{"role": "user", "content": "Hello?"}]}
+    res = perplexity.evaluate(model, tok, records + [long_prompt, long_reply, unanswered], batch_size=3)
+    assert res["n"] == 5 and res["max_length"] == 512  # the long reply is scored up to position 512
+    assert res["skipped"] == {"no_reply": 1, "reply_past_max_length": 1}
+    assert summary_line("perplexity", res).endswith(
+        "(not scored: 1 without an assistant reply, 1 with the reply past 512 tokens)")
+    assert "skipped" not in perplexity.evaluate(model, tok, records, batch_size=3)
+
+
 def test_prompts_file(tiny, tmp_path):
     p = tmp_path / "prompts.txt"
     p.write_text("Tell me a joke.\nWhat is 2+2?\n")

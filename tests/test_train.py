@@ -412,6 +412,28 @@ def test_quickstart_prints_the_time_of_each_phase(tmp_path, tiny_model, capsys):
     assert "scoring the base model" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("where", ["train", "validation"])
+def test_samples_longer_than_the_models_positions_are_refused_before_the_run(tmp_path, tiny_model, tiny_chat_data,
+                                                                              where):
+    """A GPT-2-style model (learned positions) failed the first batch holding a sample longer than its positions with
+    an index error, after the run directory was written; the tiny Llama has 512 positions too: refused in one line
+    that names the fix. Cut at the model's positions by data.max_length, the same data trains."""
+    long = tmp_path / "long.jsonl"
+    rows = [json.loads(x) for x in Path(tiny_chat_data).read_text().splitlines()]
+    rows[0] = {"messages": [{"role": "user", "content": "word " * 700}, {"role": "assistant", "content": "ok"}]}
+    long.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train = str(long) if where == "train" else tiny_chat_data
+    path = make_config(tmp_path, tiny_model, train, "long", training={"max_steps": 1})
+    over = ["data.max_length=1024"] + (["data.validation=" + str(long)] if where == "validation" else [])
+    cfg = load_config(path, over)
+    with pytest.raises(UserError, match=r"^data.max_length: the longest training sample has 7\d\d tokens, more than "
+                                        r"the 512 positions of .*; set data.max_length: 512 or less"):
+        run_training(cfg, show_progress=False)
+    assert not (tmp_path / "runs").exists()
+    cfg = load_config(path, [*over, "data.max_length=512"])
+    assert run_training(cfg, show_progress=False)["status"] == "complete"
+
+
 def test_tokens_without_embedding_rows_are_refused_before_the_run(tmp_path, tiny_model, tiny_chat_data):
     """Special tokens added to the tokenizer alone (embeddings never resized) crashed the first forward pass that met
     one (an index error) after the run directory was written; refused in one line before it."""

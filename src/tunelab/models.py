@@ -413,6 +413,27 @@ def load_adapter(base, adapter_dir: str):
         return PeftModel.from_pretrained(base, adapter_dir)
 
 
+def context_length(config) -> int | None:
+    """The positions a model was built for (max_position_embeddings; GPT-2's n_positions), None where it names none."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_context(cfg, longest: int | None, model) -> None:
+    """A training sample longer than the model's positions is refused before the run directory is written: learned
+    positions (GPT-2) fail the first batch holding it with an index error, rotary ones (Llama) train past what the
+    model ever saw. data.max_length caps every sample, so it is the fix."""
+    ctx = context_length(model.config)
+    if ctx and longest and longest > ctx:
+        raise UserError(f"data.max_length: the longest training sample has {longest} tokens, more than the {ctx} "
+                        f"positions of {cfg.model.source}; set data.max_length: {ctx} or less (longer samples are "
+                        "then cut or dropped as data.overlong says)")
+
+
 def check_vocabulary(tok, model) -> None:
     """A tokenizer with more tokens than the model has embedding rows (special tokens added to the tokenizer, the
     embeddings never resized) crashes the first forward pass that meets one with an index error, after the run

@@ -322,6 +322,9 @@ def _train(cfg: RunConfig, run: runs.Run, method, opts, eval_args: dict, callbac
     est = estimate.for_run(run_cfg, stats, echo, lean_loss=plan.lean_loss)
     model = models.load_model(cfg, precision=precision, task=method.task, float32_base=method.float32_base)
     models.check_vocabulary(tokenizer, model)
+    longest = max([stats.get("max_tokens", 0), *(len(r["input_ids"]) for r in data.validation or []
+                                                  if "input_ids" in r)])
+    models.check_context(cfg, longest, model)
     model = method.prepare_model(cfg, opts, model)  # e.g. distill: a smaller student
     # models a method needs besides the trained one (distill: the teacher), passed to build() by keyword
     extra = method.extra_models(cfg, opts, precision)

@@ -285,7 +285,11 @@ def summary_line(task: str, res: dict) -> str:
     from tunelab.evaluation.report import fmt, task_metrics
 
     keys = [k for k, _ in task_metrics(task, [res])]
-    return f"{task}: n={res['n']}" + "".join(f"  {k}={fmt(res[k])}" for k in keys if k in res)
+    skipped = res.get("skipped") or {}
+    why = {"no_reply": "without an assistant reply", "reply_past_max_length":
+           f"with the reply past {res.get('max_length')} tokens"}
+    note = ("  (not scored: " + ", ".join(f"{n} {why.get(k, k)}" for k, n in skipped.items()) + ")") if skipped else ""
+    return f"{task}: n={res['n']}" + "".join(f"  {k}={fmt(res[k])}" for k in keys if k in res) + note
 
 
 def _settings(args, tasks) -> dict:

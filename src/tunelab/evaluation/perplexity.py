@@ -21,13 +21,22 @@ def evaluate(model, tok, records: list[dict], *, batch_size: int = 8, max_length
     from tunelab.data.render import IGNORE
     from tunelab.evaluation.common import progress
 
-    rows = []
+    from tunelab.models import context_length
+
+    # no longer than the model's positions: learned ones (GPT-2) fail past them, rotary ones score what they never saw
+    max_length = min(max_length, context_length(model.config) or max_length)
+    rows, no_reply, cut = [], 0, 0
     for rec in records:
         enc = encode_record(tok, rec, max_length)
         if any(lab != IGNORE for lab in enc.labels[1:]):
             rows.append(enc)
+        elif enc.truncated:
+            cut += 1  # its reply lies past max_length
+        else:
+            no_reply += 1
     if not rows:
-        raise UserError("perplexity: no sample has tokens to score (conversations need an assistant reply)")
+        raise UserError("perplexity: no sample has tokens to score (conversations need an assistant reply"
+                        + (f"; {cut} had theirs past {max_length} tokens" if cut else "") + ")")
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     device = next(model.parameters()).device
     was_training = model.training
@@ -61,5 +70,7 @@ def evaluate(model, tok, records: list[dict], *, batch_size: int = 8, max_length
             if was_training:
                 model.train()
     loss = total_nll / total_tokens
+    skipped = {k: v for k, v in (("no_reply", no_reply), ("reply_past_max_length", cut)) if v}
     return {"n": len(rows), "tokens": total_tokens, "loss": loss,
-            "perplexity": math.exp(loss) if loss < 700 else float("inf")}
+            "perplexity": math.exp(loss) if loss < 700 else float("inf"), **({"skipped": skipped} if skipped else {}),
+            "max_length": max_length}
