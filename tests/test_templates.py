@@ -81,6 +81,20 @@ def test_chat_template_accepts_name_jinja_or_file(tok, tmp_path):
         templates.resolve(str(f), tok)
     f.write_text("{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}")
     assert "generation" in templates.resolve(str(f), tok)  # transformers' assistant-mask markers parse
+    # a misspelt field renders as nothing: every turn would train empty; an empty file would fall back to alpaca
+    f.write_text("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.contnt }}<|im_end|>\n{% endfor %}")
+    with pytest.raises(UserError, match=rf"^model.chat_template \({f}\): a user/assistant exchange renders without "
+                                        r"the text of its user and assistant message; .*message\['content'\]"):
+        templates.resolve(str(f), tok)
+    with pytest.raises(UserError, match=r"without the text of its assistant message"):
+        templates.resolve("{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}",
+                          tok)
+    f.write_text("\n")
+    with pytest.raises(UserError, match=rf"^model.chat_template \({f}\): the file is empty"):
+        templates.resolve(str(f), tok)
+    # a template that refuses the exchange itself is left to the data layer, which names the row
+    refusing = "{{ raise_exception('System message required') }}"
+    assert templates.resolve(refusing, tok) == refusing
 
 
 def test_model_template_kept_unless_one_is_chosen(tiny_model):

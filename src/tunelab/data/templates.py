@@ -150,10 +150,15 @@ def resolve(choice: str, tok) -> str:
     if choice in TEMPLATES:
         return text(choice, tok)
     if "{{" in choice or "{%" in choice:  # Jinja text (checked first: a long template is no valid file name)
-        return _compiles(choice, "model.chat_template")
+        return _prints_messages(_compiles(choice, "model.chat_template"), "model.chat_template", tok)
     p = Path(choice).expanduser()
     if p.is_file():
-        return _compiles(p.read_text(), f"model.chat_template ({p})")
+        where = f"model.chat_template ({p})"
+        jinja = p.read_text()
+        if not jinja.strip():  # an empty template renders nothing: the tokenizer would fall back to the default
+            raise UserError(f"{where}: the file is empty; put a Jinja chat template in it, or name a built-in "
+                            f"template ({', '.join(TEMPLATES)})")
+        return _prints_messages(_compiles(jinja, where), where, tok)
     close = difflib.get_close_matches(choice, TEMPLATES, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     raise UserError(f"model.chat_template: '{choice}' is neither a built-in template ({', '.join(TEMPLATES)}), "
@@ -175,6 +180,24 @@ def _compiles(jinja: str, where: str) -> str:
         ImmutableSandboxedEnvironment(extensions=[loopcontrols]).parse(bare)
     except TemplateSyntaxError as e:
         raise UserError(f"{where}: Jinja syntax error on line {e.lineno} of the template: {e.message}") from None
+    return jinja
+
+
+def _prints_messages(jinja: str, where: str, tok) -> str:
+    """`jinja` once a rendered user/assistant exchange shows both messages' text. Jinja renders an undefined name as
+    nothing, so a misspelt field (message.contnt) trained on empty turns without a word; a template that refuses the
+    exchange itself is left to the data layer, which names the row."""
+    probe = [{"role": "user", "content": "tunelab probe question"},
+             {"role": "assistant", "content": "tunelab probe answer"}]
+    try:
+        rendered = tok.apply_chat_template(probe, chat_template=jinja, tokenize=False)
+    except Exception:  # noqa: BLE001  (raise_exception(), a role check: the data layer says it for the row it meets)
+        return jinja
+    missing = [m["content"] for m in probe if m["content"] not in str(rendered)]
+    if missing:
+        raise UserError(f"{where}: a user/assistant exchange renders without the text of its "
+                        f"{' and '.join(m['role'] for m in probe if m['content'] in missing)} message; the template "
+                        "must print each message's content (message['content']): a misspelt name renders as nothing")
     return jinja
 
 
