@@ -49,6 +49,20 @@ def test_inspect_json_report(capsys, tiny_model, tmp_path):
     assert "inserts its own system prompt into 2 conversation(s)" in warnings and "SmolLM" in warnings
 
 
+def test_inspect_says_which_over_long_samples_lose_their_reply(capsys, tiny_model, tmp_path):
+    """Truncation keeps the start: a sample whose prompt alone fills max_length has no reply left, and training
+    drops it; inspect says so rather than only that the sample is long."""
+    p = tmp_path / "long.jsonl"
+    rows = [[{"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "ok"}],
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "word " * 80}],
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]]
+    p.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+    rep = run_json(capsys, p, "--model", tiny_model, "--max-length", 60)
+    assert rep["tokens"]["overlong"] == 2 and rep["tokens"]["reply_cut_off"] == 1
+    assert ("2 samples are longer than max_length=60 tokens (data.overlong=truncate); in 1 of them the cut leaves no "
+            "reply to train, so training drops them") in rep["warnings"]
+
+
 def test_inspect_text_output_highlights_trained_tokens(capsys, tiny_model):
     assert main(["data", "inspect", str(FMT / "qa_gsm8k.jsonl"), "--model", tiny_model]) == 0
     out = capsys.readouterr().out

@@ -65,7 +65,7 @@ def inspect(source, tok, data_cfg, limit: int | None = None) -> dict:
         k = formats.kind_of(r)
         kinds[k] = kinds.get(k, 0) + 1
     sample = records[:limit] if limit else records
-    lengths, no_reply, eos_missing, overlong = [], 0, 0, 0
+    lengths, no_reply, eos_missing, overlong, reply_lost = [], 0, 0, 0, 0
     first = None
     for r in sample:
         enc = _prompt_encoding(tok, r) if formats.kind_of(r) == "prompt" else build.encode_record(tok, r)
@@ -74,6 +74,10 @@ def inspect(source, tok, data_cfg, limit: int | None = None) -> dict:
             n = max(n, len(render.encode_conversation(tok, r["prompt"] + r["rejected"]).input_ids))
         lengths.append(n)
         overlong += n > data_cfg.max_length
+        if n > data_cfg.max_length and data_cfg.overlong == "truncate" and formats.kind_of(r) != "prompt":
+            # cut where training cuts it: a prompt that fills max_length leaves no reply, and training drops it
+            cut = build.encode_record(tok, r, data_cfg.max_length)
+            reply_lost += all(lab == render.IGNORE for lab in cut.labels)
         trained = any(lab != render.IGNORE for lab in enc.labels)
         if not trained:
             no_reply += 1
@@ -92,7 +96,8 @@ def inspect(source, tok, data_cfg, limit: int | None = None) -> dict:
         "kinds": kinds,
         "rows": {"read": info["rows"], "valid": len(records), "invalid": info["invalid_skipped"],
                  "duplicates": info["duplicates"]},
-        "tokens": {"measured": len(lengths), "max_length": data_cfg.max_length, "overlong": overlong, **stats},
+        "tokens": {"measured": len(lengths), "max_length": data_cfg.max_length, "overlong": overlong,
+                   **({"reply_cut_off": reply_lost} if reply_lost else {}), **stats},
         "histogram": histogram(lengths),
         "invalid_examples": info["problems"],
         "warnings": [],
@@ -150,8 +155,10 @@ def inspect(source, tok, data_cfg, limit: int | None = None) -> dict:
     if info["duplicates"]:
         w.append(f"{info['duplicates']} exact duplicate rows; set data.dedupe: true to drop them")
     if overlong:
+        lost = report["tokens"].get("reply_cut_off", 0)
         w.append(f"{overlong} samples are longer than max_length={data_cfg.max_length} tokens "
-                 f"(data.overlong={data_cfg.overlong})")
+                 f"(data.overlong={data_cfg.overlong})" + (f"; in {lost} of them the cut leaves no reply to train, "
+                                                             "so training drops them" if lost else ""))
     return report
 
 
