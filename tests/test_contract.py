@@ -237,3 +237,6 @@ def test_python_api_drives_a_run(tmp_path, tiny_model, tiny_chat_data):
     # the same errors as the CLI: a typo is one line naming the nearest key
     with pytest.raises(UserError, match="did you mean 'learning_rate'"):
         tunelab.load_config(None, ["training.lerning_rate=1e-4"])
+    assert tunelab.load_config(None, "training.max_steps=3").training.max_steps == 3  # one override as a string
+    with pytest.raises(UserError, match=r"^export_run: unknown option 'qtpye' \(did you mean 'qtype'\?\)"):
+        tunelab.export_run(summary["run"], to="gguf", qtpye="f16")

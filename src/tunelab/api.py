@@ -24,8 +24,8 @@ from tunelab.config import RunConfig, read_config
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """A run config from a YAML file (or None: the defaults) and dotted overrides (`training.learning_rate=1e-4`),
-    fully checked. Unknown keys are errors naming the nearest valid key."""
-    return check_config(read_config(path, overrides))
+    fully checked. Unknown keys are errors naming the nearest valid key. One override may be given as a string."""
+    return check_config(read_config(path, [overrides] if isinstance(overrides, str) else overrides))
 
 
 def finetune(cfg: RunConfig | str | Path, overrides: list[str] | None = None, overwrite: bool = False, callbacks=(),
@@ -51,6 +51,13 @@ def evaluate(task: str, model: str | None = None, adapter: str | None = None, ru
 def export_run(run: str | Path, to: str = "merged", **options):
     """Export a finished run: to = merged | gguf | ollama | hub; options as the CLI flags (out, qtype, dtype,
     overwrite, repo, dry_run, private). Returns the output path (None for the hub)."""
+    import inspect
+
+    from tunelab.errors import UserError, suggest
     from tunelab.export import export as run_export
 
+    known = [p for p in inspect.signature(run_export).parameters if p not in ("run", "to")]
+    for name in options:  # as evaluate() does: a misspelt option is a UserError naming the valid ones
+        if name not in known:
+            raise UserError(f"export_run: unknown option '{name}'{suggest(name, known)}; options: {', '.join(known)}")
     return run_export(str(run), to, **options)
