@@ -70,6 +70,21 @@ def test_a_hub_id_that_is_not_cached_is_refused_in_one_line(tmp_path, tiny_chat_
     assert not (tmp_path / "runs").exists()
 
 
+def test_under_hf_hub_offline_an_uncached_hub_id_is_refused_with_the_download_command(tmp_path, tiny_chat_data,
+                                                                                       tiny_model):
+    """HF_HUB_OFFLINE=1 skips the probe, not the cache check: the libraries' own "OfflineModeIsEnabled" error named
+    no fix. A cached id still loads."""
+    env = {**offline_env(tmp_path), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "tunelab", "data", "inspect", tiny_chat_data, "--model",
+                          "acme/not-cached", "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert_refused_in_one_line(out, "model 'acme/not-cached'", "hf download acme/not-cached")
+    assert "HF_HUB_OFFLINE is set" in out.stderr
+    cache_snapshot(tmp_path / "hub", "acme/tiny", tiny_model)
+    out = subprocess.run([sys.executable, "-m", "tunelab", "data", "inspect", tiny_chat_data, "--model", "acme/tiny",
+                          "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and json.loads(out.stdout)["format"] == "messages", out.stderr
+
+
 def test_a_cached_hub_id_trains_from_the_cache_without_the_hub(tmp_path, tiny_model, tiny_chat_data):
     snapshot = cache_snapshot(tmp_path / "hub", "acme/tiny", tiny_model)
     out = train(tmp_path, "acme/tiny", tiny_chat_data)

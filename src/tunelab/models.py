@@ -151,7 +151,9 @@ def hub_or_cache(repo_id: str, revision: str | None = None, repo_type: str = "mo
     huggingface_hub cached for it, or a refusal naming what to do."""
     from huggingface_hub import constants, is_offline_mode, snapshot_download
 
-    if is_offline_mode() or hub_reachable(constants.ENDPOINT):
+    offline = is_offline_mode()
+    # offline, a dataset may also load from datasets' own cache of prepared files, which has no snapshot to look for
+    if (offline and repo_type != "model") or (not offline and hub_reachable(constants.ENDPOINT)):
         return repo_id
     try:
         path = snapshot_download(repo_id, repo_type=repo_type, revision=revision, local_files_only=True)
@@ -159,9 +161,12 @@ def hub_or_cache(repo_id: str, revision: str | None = None, repo_type: str = "mo
         get, instead = ((f"hf download {repo_id}", "point model.source at a local directory, or use "
                          "embedded:smollm2-135m-instruct") if repo_type == "model" else
                         (f"hf download {repo_id} --repo-type {repo_type}", "point the data at local files"))
-        raise UserError(f"{repo_type} '{repo_id}' is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the "
-                        f"Hub ({constants.ENDPOINT}) cannot be reached from here: download it where there is a "
-                        f"network (`{get}`), or {instead}") from None
+        why = ("HF_HUB_OFFLINE is set" if offline else
+               f"the Hub ({constants.ENDPOINT}) cannot be reached from here")
+        raise UserError(f"{repo_type} '{repo_id}' is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                        f"{why}: download it where there is a network (`{get}`), or {instead}") from None
+    if offline:  # the libraries read the cache themselves, as asked: nothing to note
+        return repo_id
     from tunelab.distributed import is_main
 
     if repo_id not in _noted_cached and is_main():  # once per job, not once per process
