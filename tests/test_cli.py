@@ -65,3 +65,7 @@ def test_estimate_json_is_json_only(tmp_path, tiny_model, tiny_chat_data, capsys
     out, err = capsys.readouterr()
     assert code in (0, 1) and "note: token lengths not measured" in err, err
     assert json.loads(out)["device"] == "cpu"
+    # a config mistake is not data the estimate can do without: refused as `tunelab train` refuses it
+    assert cli.main(["estimate", str(path), "model.chat_template=chatmll"]) == 2
+    out, err = capsys.readouterr()
+    assert not out and err.startswith("error: model.chat_template: 'chatmll'") and "did you mean 'chatml'" in err

@@ -700,9 +700,10 @@ def main(args) -> int:
     cfg = check_config(read_config(args.config, args.overrides))
     kind = methods.get(cfg.method.name).data
     stats = {}
+    # a config mistake (model.chat_template) is refused as train refuses it; data the estimate can do without is not
+    tokenizer = load_tokenizer(cfg.model.source, cfg.model.revision, cfg.model.trust_remote_code,
+                               cfg.model.chat_template)
     try:  # the rows `tunelab train` would prepare (tokenized ones through the data cache), measured the same way
-        tokenizer = load_tokenizer(cfg.model.source, cfg.model.revision, cfg.model.trust_remote_code,
-                                   cfg.model.chat_template)
         stats = token_stats(cfg, kind, prepare(kind, cfg.data, tokenizer)[0], tokenizer)
     except UserError as e:
         # on stderr: stdout carries only the estimate, so that --json output parses
