@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,68 @@ def test_problems_collected_instead_of_raised():
     problems: list[str] = []
     _, recs = formats.normalize_rows(read_source(str(path)), "auto", str(path), problems=problems)
     assert len(recs) == 1 and len(problems) == 1 and "role_order.jsonl:2" in problems[0]
+
+
+def _chat(q: str, a: str) -> dict:
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+
+@pytest.mark.parametrize("first, fragment", [
+    ({"text": 5}, "missing field(s) messages for format 'messages' (fields here: text;"),
+    ({"massages": _chat("a", "b")["messages"]}, "(fields here: massages; 'massages': did you mean 'messages'?;"),
+])
+def test_a_bad_first_row_is_one_invalid_row_not_the_files_format(tmp_path, first, fragment):
+    # the first row used to decide the format alone: one typo there made the whole file undetectable
+    p = tmp_path / "chat.jsonl"
+    rows = [first, _chat("1+1?", "2"), _chat("Hi", "Hello"), _chat("x", "y")]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    problems: list[str] = []
+    name, recs = formats.normalize_rows(read_source(str(p)), "auto", str(p), problems=problems)
+    assert name == "messages" and [r["origin"] for r in recs] == [f"{p}:2", f"{p}:3", f"{p}:4"]
+    assert len(problems) == 1 and problems[0].startswith(f"{p}:1: ") and fragment in problems[0]
+    assert err(p).startswith(f"{p}:1: missing field(s) messages")  # refused by its own line without skip
+    # alone in its file the row still cannot be detected, and says why its values do not fit
+    p.write_text(json.dumps(first) + "\n")
+    assert "could not detect the data format" in err(p)
+    p.write_text(json.dumps({"text": 5}) + "\n")
+    assert "nearly matched: text (values do not fit: 'text' must be text, got int)" in err(p)
+
+
+def test_rows_split_evenly_between_formats_are_not_guessed(tmp_path):
+    p = tmp_path / "mix.jsonl"
+    p.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" +
+                 json.dumps({"instruction": "c", "response": "d"}) + "\n")
+    assert err(p) == (f"{p}: its rows fit different formats equally often: alpaca (1 row, first {p}:1), dolly "
+                      f"(1 row, first {p}:2); set data.format to one of them (rows of the others are then reported "
+                      "as invalid)")
+
+
+def test_qa_answer_object_without_value_names_its_type():
+    rows = [Row({"question": "q", "answer": {"foo": "v"}}, "qa.jsonl:1")]
+    with pytest.raises(UserError) as e:
+        formats.normalize_rows(rows, "auto", "qa.jsonl")
+    assert str(e.value).startswith("qa.jsonl:1: 'answer' is a dict without 'value' or 'aliases' (keys: foo)")
+    for answer, fragment in ((None, "'answer' is empty or not text (got null)"), ([], "'answer' is an empty list"),
+                             (["", "x"], "'answer' (its first entry) is empty or not text (got '')")):
+        with pytest.raises(UserError, match=re.escape(fragment)):
+            formats.normalize_rows([Row({"question": "q", "answer": answer}, "qa.jsonl:2")], "qa", "qa.jsonl")
+
+
+def test_csv_cell_that_is_broken_json_says_why(tmp_path):
+    p = tmp_path / "chat.csv"
+    whole = json.dumps(_chat("x", "y")["messages"])
+    comma = whole.index(", {")
+    for cell, why in ((whole[:30], "Unterminated string starting at character 30 of 30: is it cut short?"),
+                      (whole[:comma], "Expecting ',' delimiter at the end of the cell: is it cut short?"),
+                      (whole.replace(", {", " {"), f"Expecting ',' delimiter at character {comma + 2} of "
+                                                   f"{len(whole) - 1}")):
+        with open(p, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["messages"])
+            w.writerow([json.dumps(_chat("2+2?", "4")["messages"])])
+            w.writerow([cell])
+        assert err(p) == (f"{p}:3: 'messages' must be a non-empty list of {{role, content}} objects; the cell could "
+                          f"not be parsed as JSON ({why})")
 
 
 # ------------------------------------------------------------------------------------ JSON-looking text, system

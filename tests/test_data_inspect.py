@@ -141,6 +141,25 @@ def test_inspect_refuses_unreadable_rows_in_one_line(capsys, tmp_path):
         assert code == 2 and fragment in err and "Traceback" not in err and err.count("\n") == 1
 
 
+def test_inspect_describes_a_file_whose_first_row_is_bad(capsys, tmp_path):
+    chat = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    p = tmp_path / "first_bad.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in [{"massages": chat}, {"messages": chat}, {"messages": chat}]))
+    rep = run_json(capsys, p, "--model", TOKENIZER)
+    assert rep["format"] == "messages" and rep["rows"]["invalid"] == 1 and rep["rows"]["valid"] == 2
+    assert rep["invalid_examples"][0].startswith(f"{p}:1: missing field(s) messages")
+    assert "'massages': did you mean 'messages'?" in rep["invalid_examples"][0]
+    assert main(["data", "inspect", str(p), "--model", str(TOKENIZER), "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {p}:1: missing field(s) messages") and err.count("\n") == 1
+    # pretty-printed objects in a .jsonl file: one line about the file, not one per line of it
+    p.write_text("".join(json.dumps({"messages": chat}, indent=2) + "\n" for _ in range(3)))
+    assert main(["data", "inspect", str(p), "--model", str(TOKENIZER)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {p}: pretty-printed JSON (3 objects over several lines each), not JSON Lines; write one "
+                   "object per line, or rename the file first_bad.json\n")
+
+
 def test_inspect_renders_with_the_runs_template_and_system_prompt(capsys, tiny_model):
     """--chat-template and --system-prompt show the data as a run with model.chat_template and data.system_prompt
     trains on it, not as the model's own template would render it."""

@@ -107,6 +107,41 @@ def test_not_utf8_and_bad_gzip(tmp_path):
         read_source(str(tmp_path / "fake.jsonl.gz"))
 
 
+def test_pretty_printed_json_in_a_jsonl_file_is_named_once(tmp_path):
+    objs = qa_rows(4)
+    p = tmp_path / "pretty.jsonl"
+    p.write_text("".join(json.dumps(o, indent=2) + "\n" for o in objs))
+    fix = "not JSON Lines; write one object per line, or rename the file pretty.json"
+    for problems in (None, []):  # a whole-file mistake, not 24 malformed lines, even when bad rows are skipped
+        with pytest.raises(UserError) as e:
+            read_source(str(p), problems)
+        assert str(e.value) == f"{p}: pretty-printed JSON (4 objects over several lines each), {fix}"
+    p.write_text(json.dumps(objs, indent=2))
+    with pytest.raises(UserError) as e:
+        read_source(str(p))
+    assert str(e.value) == f"{p}: a JSON array (4 objects) over 18 lines, {fix}"
+    # the same indented objects under a .json name are read, each named by the line it starts on
+    j = tmp_path / "pretty.json"
+    j.write_text("".join(json.dumps(o, indent=2) + "\n" for o in objs))
+    assert [r.origin for r in read_source(str(j))] == [f"{j}:{n}" for n in (1, 5, 9, 13)]
+    assert [r.data for r in read_source(str(j))] == objs
+    # a malformed first line of real JSON Lines is still that line's problem
+    p.write_text("{bad\n" + json.dumps(objs[0]) + "\n")
+    with pytest.raises(UserError, match=f"{p}:1: malformed JSON"):
+        read_source(str(p))
+
+
+def test_parquet_named_jsonl_says_what_it_is(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "qa.jsonl"
+    pq.write_table(pa.Table.from_pylist(qa_rows(2)), p)
+    with pytest.raises(UserError) as e:
+        build.load_records(str(p), DataConfig(train=str(p), on_invalid="skip"))
+    assert str(e.value) == f"{p}: a Parquet file (it starts with PAR1), not text; rename it qa.parquet"
+
+
 def test_fingerprint_follows_content(tmp_path):
     p = tmp_path / "a.jsonl"
     write_jsonl(p, qa_rows(2))
@@ -254,6 +289,13 @@ def test_config_source_errors_are_one_line():
         load_config(None, ["data.train=[{path: a.jsonl, wieght: 2}]"])
     with pytest.raises(UserError, match="unknown data format 'alpacca' \\(did you mean 'alpaca'\\?\\)"):
         load_config(None, ["data.format=alpacca"])
+    # the source's own key and value, not the whole list of sources
+    with pytest.raises(UserError) as e:
+        load_config(None, ["data.train=[a.jsonl, {path: b.jsonl, weight: 0}]"])
+    assert str(e.value) == "config key 'data.train[1].weight': Input should be greater than 0 (got 0)"
+    with pytest.raises(UserError) as e:
+        load_config(None, ["data.validation={path: b.jsonl, split: [1]}"])
+    assert str(e.value) == "config key 'data.validation.split': Input should be a valid string (got [1])"
     cfg = load_config(None, ["data.train=[a.jsonl, {path: b.jsonl, weight: 2, format: hh-rlhf}]"])
     assert isinstance(cfg.data.train[1], SourceConfig) and cfg.data.train[1].weight == 2
 

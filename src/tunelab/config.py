@@ -53,6 +53,15 @@ class SourceConfig(Section):
 Sources = str | SourceConfig | list[str | SourceConfig]
 
 
+class _SourceError(ValueError):
+    """A mistake inside one source of data.train/validation: `where` ('[0].weight') extends the config key, `value`
+    is the value at fault (pydantic would name the whole list)."""
+
+    def __init__(self, msg: str, where: str, value=None):
+        super().__init__(msg)
+        self.where, self.value = where, value
+
+
 class DataConfig(Section):
     train: Sources = Field(
         "bundled:gsm8k/train", description="training data: a path, dir, glob, bundled:NAME, hub id, or a list of "
@@ -94,20 +103,21 @@ class DataConfig(Section):
         if not isinstance(v, (list, dict)):
             return v
         out = []
-        for item in v if isinstance(v, list) else [v]:
+        for i, item in enumerate(v if isinstance(v, list) else [v]):
             if not isinstance(item, dict):
                 out.append(item)
                 continue
+            at = f"[{i}]" if isinstance(v, list) else ""
             unknown = [k for k in item if k not in SourceConfig.model_fields]
             if unknown:
-                raise ValueError(f"unknown source key '{unknown[0]}'{suggest(unknown[0], SourceConfig.model_fields)} "
-                                 f"(valid: {', '.join(SourceConfig.model_fields)})")
+                raise _SourceError(f"unknown source key '{unknown[0]}'{suggest(unknown[0], SourceConfig.model_fields)} "
+                                   f"(valid: {', '.join(SourceConfig.model_fields)})", at)
             try:
                 out.append(SourceConfig(**item))
             except ValidationError as e:
                 err = e.errors()[0]
                 where = ".".join(str(x) for x in err["loc"]) or "path"
-                raise ValueError(f"source {item.get('path', '(no path)')!r}: {where}: {err['msg']}") from None
+                raise _SourceError(err["msg"], f"{at}.{where}", err.get("input")) from None
         return out if isinstance(v, list) else out[0]
 
 
@@ -427,6 +437,9 @@ def explain_validation_error(err: ValidationError, prefix: str = "", model: type
             hint += "; an option of another method? method={name: NAME} on the command line replaces the whole section"
         return f"unknown config key '{key}'{hint}"
     got = e.get("input")
+    inner = (e.get("ctx") or {}).get("error")
+    if isinstance(inner, _SourceError):  # one source of a list: its own key and value, not the whole list
+        key, got = key + inner.where, inner.value
     got_s = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
     msg = e["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
     # a value of a union type (`bool | Literal["auto"]`) fails each member: pydantic reports one error per member,

@@ -23,7 +23,7 @@ from pathlib import Path
 # 2: every method's data is cached (kinds sft, preference, kto, prompts); stats carry eos_kept/eos_lost/template
 # 3: val_split holds out a fraction of the distinct rows; stats carry invalid_summary
 # 4: eos_kept/eos_lost count the end-of-turn token of templates that are not built in (templates.own_end_token)
-VERSION = 4
+VERSION = 5  # 5: formats detected from the first rows by majority, not the first row alone
 # settings that do not change the tokenized rows (they are applied later, by the trainer)
 _NOT_IN_KEY = {"packing", "padding_free", "cache", "cache_dir"}
 

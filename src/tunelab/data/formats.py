@@ -2,14 +2,16 @@
 
 Each format is a small class: the `fields` it needs, `optional` fields it understands, a `shape` check on values
 (used only by detection, e.g. hh-rlhf's `\\n\\nHuman:` transcripts vs. preference message lists), and
-`normalize(row) -> record` into one of the record kinds of `tunelab.data`. Detection takes every format whose
-fields and value shapes fit the first row and prefers the one that explains most of its fields (`text` and `prompt`
-only when nothing else fits); a tie is an error, never a guess. An explicit `data.format` skips detection. Every
-later row is checked against the chosen format, and every problem names the row's origin (`file:line`).
+`normalize(row) -> record` into one of the record kinds of `tunelab.data`. Detection takes, for each of the first
+rows, every format whose fields and value shapes fit it and prefers the one that explains most of its fields (`text`
+and `prompt` only when nothing else fits); the format that fits most rows wins, so one bad row (even the first) does
+not decide for the file. A tie is an error, never a guess. An explicit `data.format` skips detection. Every row is
+then checked against the chosen format, and every problem names the row's origin (`file:line`).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -66,6 +68,22 @@ def _cell(v, cells: bool):
     return v
 
 
+def _cell_note(v, cells: bool) -> str:
+    """Why a CSV cell meant to hold JSON (it starts with [ or {) did not decode, for the error that it is no list:
+    a truncated or badly quoted cell otherwise reads as if the column held the wrong kind of value."""
+    if cells and isinstance(v, str) and v.lstrip().startswith(("[", "{")):
+        try:
+            json.loads(v)
+        except json.JSONDecodeError as e:
+            at_end = e.pos >= len(v.rstrip())
+            where = "the end of the cell" if at_end else f"character {e.pos + 1} of {len(v)}"
+            # a string left open, or a value ending where the cell does: the usual mark of a cell cut short
+            cut = at_end or e.msg.startswith("Unterminated string")
+            return (f"; the cell could not be parsed as JSON ({e.msg.removesuffix(' at')} at {where}"
+                    f"{': is it cut short?' if cut else ''})")
+    return ""
+
+
 def _is_message_list(v) -> bool:
     return isinstance(v, list) and bool(v) and all(isinstance(m, dict) and "role" in m for m in v)
 
@@ -106,14 +124,15 @@ def _content(c, origin: str, where: str) -> str:
 
 
 def _check_messages(messages, origin: str, key: str = "messages", need_user_first: bool = True,
-                    weights: bool = False) -> list[dict]:
+                    weights: bool = False, note: str = "") -> list[dict]:
     """Validated [{role, content}] list: known roles, text content, system first only, user/assistant alternating.
 
     An empty system message is dropped (it says nothing; alpaca's empty `system` is treated the same way).
     `weights`: honour OpenAI's per-message `weight` (0: the assistant turn is context, marked `"train": False`).
+    `note`: appended to the error when `messages` is no list (see `_cell_note`).
     """
     if not isinstance(messages, list) or not messages:
-        raise UserError(f"{origin}: '{key}' must be a non-empty list of {{role, content}} objects")
+        raise UserError(f"{origin}: '{key}' must be a non-empty list of {{role, content}} objects{note}")
     out = []
     for i, m in enumerate(messages):
         if isinstance(m, dict) and (m.get("tool_calls") or m.get("function_call") or m.get("role") in _TOOL_ROLES):
@@ -253,7 +272,8 @@ class Messages(Format):
         return isinstance(_cell(row.data["messages"], row.cells), list)
 
     def normalize(self, row):
-        msgs = _check_messages(_cell(row.data["messages"], row.cells), row.origin, weights=True)
+        v = row.data["messages"]
+        msgs = _check_messages(_cell(v, row.cells), row.origin, weights=True, note=_cell_note(v, row.cells))
         return {"messages": _with_system(msgs, row.data, row.origin)}
 
 
@@ -269,7 +289,8 @@ class ShareGPT(Format):
     def normalize(self, row):
         conv = _cell(row.data["conversations"], row.cells)
         if not isinstance(conv, list) or not conv:
-            raise UserError(f"{row.origin}: 'conversations' must be a non-empty list of {{from, value}} objects")
+            raise UserError(f"{row.origin}: 'conversations' must be a non-empty list of {{from, value}} objects"
+                            f"{_cell_note(row.data['conversations'], row.cells)}")
         msgs = []
         for i, t in enumerate(conv):
             if isinstance(t, dict) and "role" in t and "content" in t:  # some ShareGPT dumps use OpenAI keys
@@ -365,7 +386,12 @@ class QuestionAnswer(Format):
         if isinstance(decoded, (list, dict)):
             a = decoded
         aliases = None
+        given = a  # named in the error when nothing usable comes out of it
         if isinstance(a, dict):  # TriviaQA: {"value": "Paris", "aliases": ["Paris", "paris, france"], ...}
+            if a.get("value") is None and not (a.get("aliases") or a.get("normalized_aliases")):
+                raise UserError(f"{o}: 'answer' is a dict without 'value' or 'aliases' (keys: "
+                                f"{', '.join(map(str, a)) or 'none'}); give the answer as text, a list of acceptable "
+                                'answers, or a TriviaQA-style {"value", "aliases"} object')
             aliases = a.get("aliases") or a.get("normalized_aliases") or []
             # checked before use: a string here would be read letter by letter
             if not isinstance(aliases, list) or not all(isinstance(x, str) for x in aliases):
@@ -378,7 +404,11 @@ class QuestionAnswer(Format):
             aliases, a = a, (a[0] if a else None)
         a = _number_text(a)  # {"answer": 42}
         if not isinstance(a, str) or not a.strip():
-            raise UserError(f"{o}: 'answer' is empty or not text (got {type(a).__name__})")
+            if given == []:
+                raise UserError(f"{o}: 'answer' is an empty list; give at least one acceptable answer")
+            got = "null" if a is None else repr(a) if isinstance(a, str) else type(a).__name__
+            where = {dict: "'answer' (its 'value', else its first alias)", list: "'answer' (its first entry)"}
+            raise UserError(f"{o}: {where.get(type(given), repr('answer'))} is empty or not text (got {got})")
         a = _CALC.sub("", a)
         rec = {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
         gold = final_number(a)
@@ -547,33 +577,88 @@ def _fits(f: Format, row: Row) -> bool:
         return False
 
 
-def detect(rows: list[Row], source: str) -> str:
-    """The format of a source, from the field names and value shapes of its first row (every row is then checked
-    against that format, so a row that differs is reported by its own file:line)."""
-    if not rows:
-        raise UserError(f"{source}: no rows (the dataset is empty)")
-    first = rows[0]
-    keys = set(first.data)
-    fits = [f for f in FORMATS.values() if _fits(f, first)]
+# Rows that detection looks at: enough that a bad first row (a typo, a value of the wrong type) is outvoted by the
+# rows after it, few enough that detection stays instant on a large file.
+DETECT_ROWS = 100
+
+
+def _row_formats(row: Row) -> list[str]:
+    """The formats that explain one row best: those whose fields and value shapes fit it, preferring the one that
+    reads most of its fields (`text` and `prompt` only when nothing else fits); several on a tie, none if none fit."""
+    fits = [f for f in FORMATS.values() if _fits(f, row)]
     if fits and not all(f.fallback for f in fits):
         fits = [f for f in fits if not f.fallback]
-    if fits:
-        score = {f.name: len((set(f.fields) | set(f.optional)) & _fields_of(f, first.data)) for f in fits}
-        best = max(score.values())
-        top = [n for n, s in score.items() if s == best]
-        if len(top) == 1:
-            return top[0]
-        raise UserError(f"{first.origin}: fields {sorted(keys)} fit several formats ({', '.join(top)}); "
+    score = {f.name: len((set(f.fields) | set(f.optional)) & _fields_of(f, row.data)) for f in fits}
+    best = max(score.values(), default=0)
+    return [n for n, s in score.items() if s == best]
+
+
+def _misspelt(keys, fields) -> list[str]:
+    """'massages' -> 'messages' hints for keys of a row that look like misspellings of `fields`."""
+    out = []
+    for k in sorted(keys):
+        if k not in fields:
+            match = difflib.get_close_matches(str(k), list(fields), n=1, cutoff=0.75)
+            if match:
+                out.append(f"'{k}': did you mean '{match[0]}'?")
+    return out
+
+
+def _why_not(f: Format, row: Row) -> str:
+    """': <the problem>' that format `f` finds in a row with its fields, to say why the values do not fit."""
+    try:
+        f.normalize(row)
+    except UserError as e:
+        return ": " + str(e).removeprefix(f"{row.origin}: ")
+    except Exception:  # noqa: BLE001 - a value of an unexpected type: the plain 'values do not fit' says enough
+        pass
+    return ""
+
+
+def detect(rows: list[Row], source: str) -> str:
+    """The format of a source: the one that fits most of its first rows (every row is then checked against it, so
+    a row that differs, even the first one, is reported or skipped by its own file:line). A tie is an error, never
+    a guess."""
+    if not rows:
+        raise UserError(f"{source}: no rows (the dataset is empty)")
+    looked = rows[:DETECT_ROWS]
+    per_row = [_row_formats(r) for r in looked]
+    support: dict[str, int] = {}
+    for names in per_row:
+        for n in names:
+            support[n] = support.get(n, 0) + 1
+    if not support:
+        first = rows[0]
+        keys = set(first.data)
+        near = []
+        for f in FORMATS.values():
+            have = [k for k in f.fields if k in keys]
+            if have:
+                missing = [k for k in f.fields if k not in keys]
+                near.append(f"{f.name} (missing {', '.join(missing)})" if missing
+                            else f"{f.name} (values do not fit{_why_not(f, first)})")
+        known = {k for f in FORMATS.values() for k in (*f.fields, *f.optional)}
+        typos = "".join(f" ({t})" for t in _misspelt(keys, known))
+        raise UserError(f"{first.origin}: could not detect the data format from fields {sorted(keys)}{typos}; "
+                        f"nearly matched: {'; '.join(near) or 'none'}; set data.format "
+                        f"(one of {', '.join(FORMATS)}) and data.columns to map your field names")
+    best = max(support.values())
+    top = [n for n in FORMATS if support.get(n) == best]
+    if len(top) > 1 and not all(FORMATS[n].fallback for n in top):
+        top = [n for n in top if not FORMATS[n].fallback]
+    if len(top) == 1:
+        return top[0]
+    # the same fields fit several formats (a row that has both `messages` and `conversations`)
+    both = next((r for r, names in zip(looked, per_row) if set(top) <= set(names)), None)
+    if both is not None:
+        raise UserError(f"{both.origin}: fields {sorted(both.data)} fit several formats ({', '.join(top)}); "
                         f"set data.format to one of them")
-    near = []
-    for f in FORMATS.values():
-        have = [k for k in f.fields if k in keys]
-        if have:
-            missing = [k for k in f.fields if k not in keys]
-            near.append(f"{f.name} (missing {', '.join(missing)})" if missing else f"{f.name} (values do not fit)")
-    raise UserError(f"{first.origin}: could not detect the data format from fields {sorted(keys)}; "
-                    f"nearly matched: {'; '.join(near) or 'none'}; set data.format "
-                    f"(one of {', '.join(FORMATS)}) and data.columns to map your field names")
+    # rows of different formats, as many of each
+    firsts = [next(r.origin for r, names in zip(looked, per_row) if n in names) for n in top]
+    split = ", ".join(f"{n} ({best} row{'s' * (best > 1)}, first {o})" for n, o in zip(top, firsts))
+    which = "its rows" if len(looked) == len(rows) else f"its first {len(looked)} rows"
+    raise UserError(f"{source}: {which} fit different formats equally often: {split}; "
+                    "set data.format to one of them (rows of the others are then reported as invalid)")
 
 
 def unknown_format(fmt: str | None) -> str | None:
@@ -666,8 +751,9 @@ def normalize_rows(rows: list[Row], fmt: str, source: str, columns: dict[str, st
         try:
             missing = [k for k in f.fields if k not in _fields_of(f, r.data)]
             if missing:
+                typos = "".join(f"; {t}" for t in _misspelt(r.data, missing))
                 raise UserError(f"{r.origin}: missing field(s) {', '.join(missing)} for format '{name}' "
-                                f"(fields here: {', '.join(sorted(r.data))}; map yours with data.columns)")
+                                f"(fields here: {', '.join(sorted(r.data))}{typos}; map yours with data.columns)")
             row, refs = _references(f, r)
             rec = f.normalize(row)
             if refs and "messages" in rec:  # evaluation scores against every reference; training uses the reply

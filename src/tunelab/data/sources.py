@@ -17,6 +17,7 @@ import glob
 import gzip
 import hashlib
 import json
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,35 +67,109 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8-sig", newline="")
 
 
+def _renamed(path: Path, suffix: str) -> str:
+    """The file's name with its type suffix (the one before any .gz) replaced: data.jsonl.gz -> data.json.gz."""
+    gz = path.suffix.lower() == ".gz"
+    return (path.with_suffix("") if gz else path).with_suffix(suffix).name + (".gz" if gz else "")
+
+
+def _not_text(path: Path, e: UnicodeDecodeError) -> str:
+    """Why a file is not UTF-8 text: what its first bytes say it is (a file saved under the wrong suffix is more
+    common than a wrong encoding), else where decoding failed."""
+    try:
+        with (gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")) as fh:
+            head = fh.read(4)
+    except (OSError, EOFError, zlib.error):
+        head = b""
+    if head == b"PAR1":
+        return f"{path}: a Parquet file (it starts with PAR1), not text; rename it {_renamed(path, '.parquet')}"
+    if head[:2] == b"\x1f\x8b" and path.suffix.lower() != ".gz":
+        return f"{path}: a gzip-compressed file, not text; rename it {path.name}.gz"
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); save the file as UTF-8"
+    return f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8"
+
+
 @contextlib.contextmanager
 def _reading(path: Path):
     """Turn decoding/decompression failures into one line naming the file."""
     try:
         yield
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from None
+        raise UserError(_not_text(path, e)) from None
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise UserError(f"{path}: not a valid gzip file ({e}); re-compress it or drop the .gz suffix") from None
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+
+
+def _json_values(text: str) -> list[tuple[int, int, object]] | None:
+    """(first line, last line, value) of each JSON value in `text`, one after another (JSON Lines, or objects
+    written with indent); None when the text is not such a sequence."""
+    dec, out, pos, line = json.JSONDecoder(), [], 0, 1
+    while True:
+        end = _SPACE.match(text, pos).end()
+        line, pos = line + text.count("\n", pos, end), end
+        if pos == len(text):
+            return out
+        try:
+            obj, end = dec.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return None
+        last = line + text.count("\n", pos, end)
+        out.append((line, last, obj))
+        line, pos = last, end
+
+
+def _count(items) -> str:
+    """'4 objects' (or '3 values' when not all are objects)."""
+    noun = "object" if all(isinstance(x, dict) for x in items) else "value"
+    return f"{len(items)} {noun}{'s' * (len(items) != 1)}"
+
+
+def _check_json_lines(path: Path) -> None:
+    """Called when the first line of a JSON Lines file is not an object: when the whole file is one JSON document
+    (an array, or objects written with indent), say so once, rather than call each of its lines malformed."""
+    with _reading(path), _open_text(path) as fh:
+        values = _json_values(fh.read())
+    if not values:
+        return
+    fix = f"not JSON Lines; write one object per line, or rename the file {_renamed(path, '.json')}"
+    if len(values) == 1 and isinstance(values[0][2], list):
+        first, last, items = values[0]
+        lines = f" over {last - first + 1} lines" if last > first else " on one line"
+        raise UserError(f"{path}: a JSON array ({_count(items)}){lines}, {fix}")
+    spread = sum(last > first for first, last, _ in values)
+    if spread:
+        if len(values) == 1:
+            each = f" over {values[0][1] - values[0][0] + 1} lines"
+        else:
+            each = " over several lines each" if spread == len(values) else f", {spread} of them over several lines"
+        raise UserError(f"{path}: pretty-printed JSON ({_count([v for _, _, v in values])}{each}), {fix}")
 
 
 def read_jsonl(path: Path, problems: list[str] | None = None) -> list[Row]:
     """One JSON object per line. Read by hand (not `datasets`) so a malformed line is named by its number.
 
-    With `problems` given, malformed lines are recorded there and skipped instead of raising.
+    With `problems` given, malformed lines are recorded there and skipped instead of raising. A file that is one
+    JSON document instead (an array, or indented objects) is refused as a whole, naming what it holds.
     """
-    rows = []
+    rows, seen = [], False
     with _reading(path), _open_text(path) as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
+                why = None if isinstance(obj, dict) else f"expected a JSON object per line, got {type(obj).__name__}"
             except json.JSONDecodeError as e:
-                _skip_or_raise(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno}); "
-                               "each line must be one JSON object", problems)
-                continue
-            if not isinstance(obj, dict):
-                _skip_or_raise(f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}", problems)
+                obj, why = None, f"malformed JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
+            if why and not seen:
+                _check_json_lines(path)
+            seen = True
+            if why:
+                _skip_or_raise(f"{path}:{n}: {why}", problems)
                 continue
             rows.append(Row(obj, f"{path}:{n}"))
     return rows
@@ -106,8 +181,8 @@ def _is_message(v) -> bool:
 
 def read_json(path: Path, problems: list[str] | None = None) -> list[Row]:
     """A JSON array of objects, an object holding exactly one such array (e.g. {"data": [...]}), or one object that
-    is itself a sample (e.g. {"messages": [...]}). A file of objects one after another is JSON Lines under a .json
-    name, read as such.
+    is itself a sample (e.g. {"messages": [...]}). Objects one after another (JSON Lines under a .json name, or
+    objects written with indent) are rows too, each named by the line it starts on.
     """
     with _reading(path), _open_text(path) as fh:
         text = fh.read()
@@ -116,10 +191,19 @@ def read_json(path: Path, problems: list[str] | None = None) -> list[Row]:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        # "Extra data" after a complete first value is the mark of JSON Lines; any other error is a real syntax
-        # error of a JSON document, reported at its own line
+        # "Extra data" after a complete first value is the mark of values one after another; any other error is a
+        # real syntax error of a JSON document, reported at its own line
         if e.msg == "Extra data":
-            return read_jsonl(path, problems)
+            values = _json_values(text)
+            if values is None:  # JSON Lines with a bad line: the line-by-line reader names (or skips) it
+                return read_jsonl(path, problems)
+            rows = []
+            for first, _, o in values:
+                if isinstance(o, dict):
+                    rows.append(Row(o, f"{path}:{first}"))
+                else:
+                    _skip_or_raise(f"{path}:{first}: expected a JSON object, got {type(o).__name__}", problems)
+            return rows
         raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}); "
                         "fix the file (a .json file holds one JSON value; JSON Lines hold one object per "
                         "line)") from None
