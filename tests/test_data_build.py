@@ -59,6 +59,23 @@ def test_overlong_truncate_drop_error(tok, tmp_path):
         build.prepare_sft(DataConfig(**base, overlong="error"), tok)
 
 
+def test_validation_data_is_scored_on_the_tokens_training_learns(tok, tmp_path):
+    """Plain text trains every token, a conversation its replies: validation data of the other kind would log an
+    eval_loss the training loss cannot be compared with, refused naming the file and the fix. Conversations of
+    another format (preference pairs: SFT learns the chosen reply) score the same tokens and are accepted."""
+    chats = write_chat(tmp_path / "chats.jsonl", 4)
+    text = str(FMT / "text.txt")
+    with pytest.raises(UserError, match=rf"^{text}:1: data.validation is plain text \(every token trained\), "
+                                        r"format text, but the training data is conversations"):
+        build.prepare_sft(DataConfig(train=chats, validation=text, cache=False), tok)
+    with pytest.raises(UserError, match=rf"^{chats}:1: data.validation is conversations .*training data is plain "
+                                        r"text.*data.val_split holds out training rows"):
+        build.prepare_sft(DataConfig(train=text, validation=chats, cache=False), tok)
+    _, val, _ = build.prepare_sft(DataConfig(train=chats, validation=str(FMT / "preference_messages.jsonl"),
+                                             cache=False), tok)
+    assert val
+
+
 def test_no_trainable_samples(tok, tmp_path):
     p = tmp_path / "prompts.jsonl"
     p.write_text(json.dumps({"messages": [{"role": "user", "content": "Only a question"}]}) + "\n")

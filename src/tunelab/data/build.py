@@ -334,6 +334,7 @@ def prepare_sft(data_cfg, tok) -> tuple[list[dict], list[dict], dict]:
 def _build_sft(data_cfg, tok) -> tuple[list[dict], list[dict], dict]:
     info = _new_info()
     train_rec, val_rec = train_val_records(data_cfg, info)
+    _same_loss(train_rec, val_rec, info)
     train, stats = encode_records(tok, train_rec, data_cfg, info.get("unused_fields"))
     val, val_stats = encode_records(tok, val_rec, data_cfg, part="validation") if val_rec else ([], {})
     stats["validation_samples"] = len(val)
@@ -345,12 +346,31 @@ def _build_sft(data_cfg, tok) -> tuple[list[dict], list[dict], dict]:
 
 # ------------------------------------------------------------------------------------ preference / KTO / prompts
 
+def _format_of(rec: dict, info: dict) -> str:
+    """The format detected for the source a record came from (its origin is SOURCE:LINE)."""
+    source = str(rec.get("origin", "")).rsplit(":", 1)[0]
+    return info["formats"].get(source) or ", ".join(sorted(set(info["formats"].values())))
+
+
+def _same_loss(train: list[dict], val: list[dict], info: dict) -> None:
+    """SFT scores plain text on every token and a conversation on its replies only: validation data of the other
+    kind than all the training data would report an eval_loss that the training loss cannot be compared with."""
+    text = {formats.kind_of(r) == "text" for r in train}
+    bad = next((r for r in val if len(text) == 1 and (formats.kind_of(r) == "text") not in text), None)
+    if bad is not None:
+        what = {True: "plain text (every token trained)", False: "conversations (replies trained)"}
+        raise UserError(f"{bad.get('origin', 'data.validation')}: data.validation is "
+                        f"{what[formats.kind_of(bad) == 'text']}, format {_format_of(bad, info)}, but the training "
+                        f"data is {what[text.pop()]}: eval_loss would measure other tokens than the training loss; "
+                        "give validation data of the training data's kind, or leave data.validation out "
+                        "(data.val_split holds out training rows)")
+
+
 def _need(records: list[dict], kinds: set[str], method_kind: str, info: dict) -> None:
     bad = next((r for r in records if formats.kind_of(r) not in kinds), None)
     if bad is not None:
-        found = ", ".join(sorted(set(info["formats"].values())))
         raise UserError(f"{bad.get('origin', 'data')}: this method needs {method_kind} data, but this is "
-                        f"{formats.kind_of(bad)} data (format {found}); see `tunelab data inspect`")
+                        f"{formats.kind_of(bad)} data (format {_format_of(bad, info)}); see `tunelab data inspect`")
 
 
 def _length_filter(tok, records: list[dict], data_cfg, parts, stats: dict, lengths: list[int]) -> list[dict]:
