@@ -74,6 +74,21 @@ def test_missing_file_and_unsupported_type(tmp_path):
     assert resolve_files("someone/some-dataset") is None  # a hub id: read through `datasets.load_dataset`
 
 
+def test_a_split_that_selects_nothing_is_refused(tmp_path):
+    """split/name/revision select within a hub dataset or a saved DatasetDict: on a local file or a saved Dataset
+    (no splits) they were ignored, and the whole data trained as if it were the asked-for split."""
+    import datasets
+
+    p = write_jsonl(tmp_path / "qa.jsonl", qa_rows(4))
+    with pytest.raises(UserError, match=rf"^{p}: split: test applies to a hub dataset .*local files have none"):
+        read_source(SourceConfig(path=str(p), split="test"))
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list([{"question": "q", "answer": "1"}]).save_to_disk(str(saved))
+    with pytest.raises(UserError, match=rf"^{saved}: the saved dataset is a single Dataset with no splits"):
+        read_source(SourceConfig(path=str(saved), split="test"))
+    assert len(read_source(SourceConfig(path=str(saved)))) == 1
+
+
 def test_hub_code_path(tmp_path):
     # `hub:` forces `datasets.load_dataset`, which also accepts a local dataset folder: the same code path a hub id
     # takes, exercised offline

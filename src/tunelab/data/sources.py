@@ -317,6 +317,9 @@ def read_saved(path: Path, split: str | None = None) -> list[Row]:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{path}: cannot read the saved dataset ({why}); save it again with save_to_disk") from None
     where = str(path)
+    if split and not isinstance(ds, datasets.DatasetDict):
+        raise UserError(f"{path}: the saved dataset is a single Dataset with no splits, so split: {split} selects "
+                        "nothing; drop the source's split")
     if isinstance(ds, datasets.DatasetDict):
         split = split or "train"
         if split not in ds:
@@ -381,6 +384,10 @@ def read_source(spec, problems: list[str] | None = None) -> list[Row]:
         return read_hub(path_s.removeprefix("hub:"), split or "train", name, revision)
     if saved_dataset(Path(path_s).expanduser()):
         return read_saved(Path(path_s).expanduser(), split)
+    given = [f"{k}: {v}" for k, v in (("split", split), ("name", name), ("revision", revision)) if v]
+    if given:  # they select within a hub dataset; a local file would be read whole whatever they say
+        raise UserError(f"{path_s}: {', '.join(given)} applies to a hub dataset (or a saved DatasetDict's splits); "
+                        "local files have none: drop it, or point at the file that holds that part")
     rows = []
     for f in files:
         rows += read_file(f, problems)
