@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 from tunelab.errors import UserError
-from tunelab.export.common import (CHAT_PROMPTS, EXACT_TOLERANCE, LLAMACPP_TYPES, PYTHON_TYPES, TOKENIZER_TEXTS,
+from tunelab.export.chat_formats import adds_bos, adds_eos, llamacpp_ids, tokenizer_adds_bos
+from tunelab.export.common import (EXACT_TOLERANCE, LLAMACPP_TYPES, PYTHON_TYPES, TOKENIZER_TEXTS,
                                    TOLERANCE, TYPES, ParityError, all_logits, atomic_path, check_target, print_table,
                                    prompt_ids, trained_end_of_turn)
 
@@ -275,55 +276,6 @@ def _add_tokenizer(writer, tok, config, n_vocab: int) -> None:
         eot = trained_end_of_turn(tok)
         if eot is not None:
             writer.add_eot_token_id(eot)
-
-
-# Whether BOS/EOS get added is taken from what the tokenizer actually does, not from config flags that may be absent:
-# llama.cpp's defaults differ by vocabulary type and a wrong BOS shifts every logit.
-def tokenizer_adds_bos(tok) -> bool:
-    """True when the tokenizer puts BOS before a text it encodes with its special tokens."""
-    return tok.bos_token_id is not None and tok("a").input_ids[:1] == [tok.bos_token_id]
-
-
-def adds_bos(tok) -> bool:
-    """The GGUF's add_bos_token: whether llama.cpp (and Ollama) put BOS before every prompt they tokenize.
-
-    Training encodes a plain `text` sample with the tokenizer's special tokens (data.build.encode_text: a BOS where the
-    tokenizer adds one) but a conversation without them (data.render.encode_conversation: a BOS only where the chat
-    template writes one). llama.cpp has one switch for both and applies it to chats too: Ollama adds its BOS before
-    the TEMPLATE's text, llama-server before the rendered Jinja (dropping a BOS that text starts with). So it is on
-    only where a chat was also trained with a BOS first, one that the template writes before its format (an Ollama
-    TEMPLATE can then leave it out: ollama.modelfile), or where there is no chat template to use. A template that
-    writes none over a tokenizer that adds one gets none: chats then match training, plain text lacks its BOS
-    (export_gguf says so)."""
-    if not tokenizer_adds_bos(tok):
-        return False
-    return not tok.chat_template or template_writes_bos(tok)
-
-
-def template_writes_bos(tok) -> bool:
-    """True when the chat template renders BOS before the conversation's own text: before the format for a format
-    ollama recognizes (SmolLM2's chatml, whose BOS is <|im_start|>, writes none), else any leading BOS."""
-    from tunelab.export.ollama import _match
-
-    name, _, _, writes = _match(tok)
-    if name is not None:
-        return writes
-    try:
-        text = tok.apply_chat_template(CHAT_PROMPTS[0], tokenize=False, add_generation_prompt=True)
-    except Exception:  # a template that rejects the probe: nothing to reproduce
-        return False
-    return bool(tok.bos_token) and text.startswith(tok.bos_token)
-
-
-def llamacpp_ids(tok, text: str) -> list[int]:
-    """The ids llama.cpp should make of `text` with its special tokens added (llama_tokenize's add_special), under
-    the GGUF's add_bos_token / add_eos_token: the source's tokens, BOS and EOS as adds_bos / adds_eos say."""
-    ids = tok.encode(text, add_special_tokens=False)
-    return [tok.bos_token_id] * adds_bos(tok) + ids + [tok.eos_token_id] * adds_eos(tok)
-
-
-def adds_eos(tok) -> bool:
-    return tok.eos_token_id is not None and tok("a").input_ids[-1:] == [tok.eos_token_id]
 
 
 def _tensor_plan(model, arch: str, qtype: str):

@@ -217,12 +217,12 @@ def verify(path: Path, model, tok, qtype: str) -> bool:
     import torch
 
     from tunelab.export.common import CHAT_PROMPTS, TOKENIZER_TEXTS, print_table, prompt_ids
-    from tunelab.export.gguf import llamacpp_ids
+    from tunelab.export.chat_formats import llamacpp_ids
 
     llm = load(path, n_ctx=512)
     rows, ok = [], True
     spm = _vocab_type(llm) == "spm"
-    for text in TOKENIZER_TEXTS:  # with the BOS / EOS the file tells llama.cpp to add (gguf.adds_bos)
+    for text in TOKENIZER_TEXTS:  # with the BOS / EOS the file tells llama.cpp to add (chat_formats.adds_bos)
         same = llm.tokenize(text.encode(), add_bos=True, special=True) == llamacpp_ids(tok, text)
         result = "yes" if same else "NO"
         if not same and spm and text[:1].isspace() and \
