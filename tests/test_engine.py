@@ -100,6 +100,12 @@ def test_partial_stop_and_context_length(lively):
     assert _partial_stop("ab##", ["###", "#x"]) == 2
     model, tok = lively
     assert context_length(model, tok) == 512  # the tiny config's max_position_embeddings
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config
+
+    gpt2 = SimpleNamespace(config=GPT2Config(n_positions=256))  # GPT-2 names its positions n_positions
+    assert context_length(gpt2, tok) == 256
 
 
 def test_finished_rows_leave_the_batch_and_replies_match_plain_generate(lively, monkeypatch):

@@ -52,8 +52,11 @@ def chat_prompts(tok, conversations: list[list[dict]]) -> list[str]:
 
 
 def context_length(model, tok) -> int:
-    """How many tokens (prompt + reply) the model can attend to."""
-    n = getattr(model.config, "max_position_embeddings", None)
+    """How many tokens (prompt + reply) the model can attend to: its positions (models.context_length; GPT-2's are
+    n_positions), narrowed by a limit its tokenizer records."""
+    from tunelab.models import context_length as positions
+
+    n = positions(model.config)
     tok_max = getattr(tok, "model_max_length", None)
     # Tokenizers without a recorded limit report a huge sentinel (1e30); only a real value narrows the model's.
     if isinstance(tok_max, int) and tok_max < 10**7:

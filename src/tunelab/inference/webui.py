@@ -196,6 +196,8 @@ def main(args) -> int:
     try:
         launch(demo, args.host, args.port)
     except OSError as e:
+        if "port" not in str(e).lower():
+            raise
         # taken while the model loaded: Gradio says so in a traceback ("Cannot find empty port in range")
         raise UserError(f"--port {args.port}: taken on {args.host} while the model loaded "
                         f"({str(e).splitlines()[0][:120]}); pick another --port") from None
